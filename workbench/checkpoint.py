@@ -1,0 +1,155 @@
+"""Checkpoints: written atomically, rebuilt from the architecture they record, refused clearly when they do not fit.
+
+A training checkpoint (``.pt``) holds the model config, weights, optimizer, scheduler, epoch/step, RNG states and
+the metric history.  A shipped model is a folder with ``model.safetensors`` and ``config.json``.  The model
+config is ``{"model": <timm name>, "model_kwargs": {...}, "upcycle": {...} | None}``: ``upcycle`` is set when a plain
+timm ViT (not a ``vimoe_*`` model) was turned into a ViMoE, and replays ``workbench.upcycle`` after creation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+
+from .moe import moe_modules
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message says which and what to do."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash leaves the old file (or none), never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path, text: str) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    atomic_write(path, write)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated/corrupt zips and pickles
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read ({type(err).__name__}: "
+                              f"{str(err)[:200]}); delete it to start over or point to an earlier copy") from err
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path} is not a workbench training checkpoint (no model/model_config entries)")
+    return state
+
+
+def model_config(name: str, model_kwargs: dict | None = None, upcycle: dict | None = None) -> dict:
+    return {"model": name, "model_kwargs": dict(model_kwargs or {}), "upcycle": dict(upcycle) if upcycle else None}
+
+
+def build_model(config: dict) -> nn.Module:
+    """Create the model a config describes (no weights loaded)."""
+    import workbench  # noqa: F401  (registers the vimoe_* models)
+    from .vimoe import upcycle
+
+    try:
+        model = timm.create_model(config["model"], **config.get("model_kwargs", {}))
+    except RuntimeError as err:
+        raise CheckpointError(f"unknown model {config['model']!r} in checkpoint config: {err}") from err
+    if config.get("upcycle"):
+        model = upcycle(model, inplace=True, **config["upcycle"])
+    return model
+
+
+def describe(config: dict) -> str:
+    kw = ", ".join(f"{k}={v!r}" for k, v in sorted({**config.get("model_kwargs", {}),
+                                                   **(config.get("upcycle") or {})}.items()))
+    return f"{config['model']}({kw})"
+
+
+def load_state_into(model: nn.Module, state_dict: dict, config: dict, source) -> None:
+    """load_state_dict with an error that names both architectures instead of a key dump."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        detail = "; ".join(filter(None, [
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}" if missing else "",
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
+            f"shape mismatch {shapes[:3]}" if shapes else ""]))
+        raise CheckpointError(f"{source} holds weights of another architecture ({describe(config)}) than the model "
+                              f"being loaded ({detail}); build the model from the checkpoint's own config "
+                              "(workbench.load_model) or pick a checkpoint of this architecture")
+    model.load_state_dict(state_dict)
+
+
+def save_model(model: nn.Module, config: dict, folder, extra: dict | None = None) -> Path:
+    """A shippable model: ``model.safetensors`` + ``config.json`` (weights only), both written atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
+    atomic_write_text(folder / "config.json", json.dumps({**config, **(extra or {})}, indent=2) + "\n")
+    return folder
+
+
+def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode, its config) from a shipped folder, a ``model.safetensors`` file or a training ``.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        cfg_path = path.with_name("config.json")
+        if not path.is_file() or not cfg_path.is_file():
+            raise CheckpointError(f"{path.parent} must hold model.safetensors and config.json")
+        try:
+            config = json.loads(cfg_path.read_text())
+            weights = load_file(str(path))
+        except Exception as err:
+            raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {str(err)[:200]})") from err
+    else:
+        state = read_checkpoint(path)
+        config, weights = state["model_config"], state["model"]
+    model = build_model(config)
+    load_state_into(model, weights, config, path)
+    model.workbench_config = config
+    return model.to(device).eval(), config
+
+
+def architecture_summary(model: nn.Module) -> list[dict]:
+    """One row per block: kind (dense/MoE) and parameters; used by ``info``."""
+    rows = []
+    moe = moe_modules(model)
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        layer = moe.get(i)
+        rows.append({"block": i, "ffn": "moe" if layer is not None else "dense",
+                     "experts": layer.num_experts if layer is not None else "",
+                     "top_k": layer.top_k if layer is not None else "",
+                     "shared": layer.shared_expert_mode if layer is not None else "",
+                     "params": sum(p.numel() for p in block.parameters())})
+    return rows

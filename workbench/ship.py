@@ -1,0 +1,40 @@
+"""Copy a finished run's model into ``experiments/checkpoints/<name>/`` with its metrics and provenance.
+
+    python -m workbench.ship RUN_DIR DEST_DIR
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .checkpoint import atomic_write_text, load_model
+from .provenance import provenance
+
+
+def ship(run: str | Path, dest: str | Path) -> Path:
+    run, dest = Path(run), Path(dest)
+    model, config = load_model(run / "model")  # refuses anything that does not rebuild
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "model" / "model.safetensors", dest / "model.safetensors.tmp")
+    (dest / "model.safetensors.tmp").replace(dest / "model.safetensors")
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_config = json.loads((run / "train_config.json").read_text())
+    pretrain = None
+    if train_config.get("init_from"):  # the dense run this model was upcycled from
+        dense_metrics = Path(train_config["init_from"]).parent / "metrics.jsonl"
+        if dense_metrics.is_file():
+            rows = [json.loads(line) for line in dense_metrics.read_text().splitlines() if line.strip()]
+            pretrain = {"from": train_config["init_from"], "metrics": rows[-1]}
+    record = {**config, "train_config": train_config, "metrics": history[-1], "pretrain": pretrain,
+              "provenance": provenance("cpu", wall_time_s=history[-1]["wall_time"])}
+    atomic_write_text(dest / "config.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(dest / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+    return dest
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m workbench.ship RUN_DIR DEST_DIR")
+    print(ship(sys.argv[1], sys.argv[2]))
