@@ -110,13 +110,10 @@ class MoEMlp(nn.Module):
                 nn.init.zeros_(self.shared_gate.weight)
                 nn.init.zeros_(self.shared_gate.bias)
 
-        # Per-forward state, overwritten every call (never appended).
+        # Per-forward state, overwritten every call (never appended): last_routing (when capture_routing is on),
+        # aux_loss (weighted, with graph), aux_terms (unweighted, detached), last_load, last_drop_rate.
         self.capture_routing = False
-        self.last_routing: dict[str, torch.Tensor] | None = None
-        self.aux_loss: torch.Tensor = torch.zeros(())
-        self.aux_terms: dict[str, torch.Tensor] = {}
-        self.last_load: torch.Tensor | None = None
-        self.last_drop_rate: torch.Tensor | None = None
+        self.__dict__.update(self._fresh_state())
 
     # -- routing ---------------------------------------------------------------------------------------------
     def _route(self, x: torch.Tensor) -> Routing:
@@ -176,6 +173,22 @@ class MoEMlp(nn.Module):
         return y.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else y
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
+    def _fresh_state(self) -> dict:
+        return {"last_routing": None, "aux_loss": torch.zeros(()), "aux_terms": {}, "last_load": None,
+                "last_drop_rate": None}
+
+    def __deepcopy__(self, memo):
+        """Copies weights and configuration, not the last forward's state (its aux loss holds an autograd graph,
+        which tensors refuse to deep-copy)."""
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        fresh = self._fresh_state()
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = fresh[key] if key in fresh else copy.deepcopy(value, memo)
+        return new
+
     def config(self) -> dict:
         """The keyword arguments that rebuild this layer (used by checkpoints and ``info``)."""
         return {"num_experts": self.num_experts, "top_k": self.top_k, "expert_hidden": self.expert_hidden,

@@ -1,0 +1,81 @@
+import json
+import shutil
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import timm
+import torch
+
+from workbench.data import TensorData, synthetic
+from workbench.flops import profile
+from workbench.palette import EXPERT_COLORS, expert_color, expert_rgb
+from workbench.routing import collect_routing, run_with_routing
+from workbench.specialisation import layer_report
+from workbench import viz
+
+
+@pytest.fixture(scope="module")
+def routed():
+    model = timm.create_model("vimoe_tiny_patch4_28", moe_layers="last-2", num_experts=4).eval()
+    images, labels = synthetic(40, 10, 28, 1, seed=0)
+    data = TensorData(images, labels, (0.5,), (0.25,), 10)
+    stats = collect_routing(model, data, batch_size=20, progress=False)
+    x = data.normalise(data.images[:2])
+    _, cache = run_with_routing(model, x)
+    return model, stats, x, cache
+
+
+def test_palette_is_stable():
+    assert expert_color(0) == EXPERT_COLORS[0] and expert_color(16) == expert_color(0)
+    assert expert_rgb(7) == (0, 0, 0)
+
+
+def test_heatmap_has_slider_and_fixed_range(routed):
+    _, stats, _, _ = routed
+    fig = viz.class_expert_heatmap(stats, class_names=[str(i) for i in range(10)])
+    assert isinstance(fig, go.Figure) and len(fig.data) == 2
+    assert all(t.zmin == 0 and t.zmax == 1 for t in fig.data)
+    assert len(fig.layout.sliders[0].steps) == 2
+
+
+def test_metrics_figure(routed):
+    _, stats, _, _ = routed
+    fig = viz.metrics_by_layer(layer_report(stats, repeats=3))
+    assert any(t.name == "nmi (null)" for t in fig.data)
+
+
+def test_overlay_colours_patches_by_expert(routed):
+    experts = np.array([[0, 1], [2, 3]])
+    rgb = viz.overlay_rgb(np.zeros((16, 16)), experts, alpha=1.0, scale=8)
+    assert rgb.shape == (16, 16, 3)
+    assert tuple(rgb[4, 4]) == expert_rgb(0) and tuple(rgb[12, 12]) == expert_rgb(3)
+    _, _, x, cache = routed
+    fig = viz.patch_overlay(x[0], cache[5])
+    assert isinstance(fig.data[0], go.Image) and len(fig.data) == 1 + 4
+
+
+def test_load_over_training(tmp_path):
+    rows = [{"epoch": e, "moe_train": {"5": {"load": [0.5, 0.5], "load_cv": 0, "drop_rate": 0}}} for e in (1, 2)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fig = viz.load_over_training(path)
+    assert len(fig.data) == 2 and list(fig.data[0].x) == [1, 2]
+    dense = tmp_path / "dense.jsonl"
+    dense.write_text(json.dumps({"epoch": 1, "moe_train": {}}) + "\n")
+    with pytest.raises(ValueError, match="dense run"):
+        viz.load_over_training(dense)
+
+
+def test_flops_breakdown_and_html_export(routed, tmp_path):
+    model = routed[0]
+    fig = viz.flops_breakdown(profile(model))
+    assert fig.layout.barmode == "stack"
+    written = viz.save_figure(fig, tmp_path / "flops", png=False)
+    assert written[0].suffix == ".html" and written[0].stat().st_size > 10000
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium for PNG export (make setup installs it)")
+def test_png_export(routed, tmp_path):
+    written = viz.save_figure(viz.flops_breakdown(profile(routed[0])), tmp_path / "flops", png=True)
+    assert written[1].suffix == ".png" and written[1].read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,183 @@
+"""Plotly figures for routing and cost, all in the one expert palette (``workbench.palette``).
+
+Every function returns a ``plotly.graph_objects.Figure``; :func:`save_figure` writes HTML always and PNG when a
+Chromium is available for kaleido.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from .palette import NULL_COLOR, expert_color, expert_name, expert_rgb
+
+LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
+
+
+def class_expert_heatmap(stats, class_names=None, normalise: str = "class") -> go.Figure:
+    """P(expert | class) per MoE layer, a slider across layers; the colour range is fixed to [0, 1] so layers
+    compare by eye."""
+    blocks = list(stats.layers)
+    class_names = list(class_names or range(stats.num_classes))
+    frames = []
+    for b in blocks:
+        table = stats.layers[b].class_expert.float()
+        if normalise == "class":
+            table = table / table.sum(1, keepdim=True).clamp(min=1)
+        frames.append(table.numpy())
+    E = frames[0].shape[1]
+    fig = go.Figure()
+    for i, (b, z) in enumerate(zip(blocks, frames)):
+        fig.add_trace(go.Heatmap(z=z, x=[f"e{e}" for e in range(z.shape[1])], y=[str(c) for c in class_names],
+                                 zmin=0, zmax=1, colorscale="Blues", visible=i == 0, name=f"block {b}",
+                                 colorbar=dict(title="P(e|c)"),
+                                 hovertemplate="class %{y}<br>expert %{x}<br>P=%{z:.3f}<extra>block " + str(b) + "</extra>"))
+    steps = [dict(method="update", label=f"block {b}",
+                  args=[{"visible": [j == i for j in range(len(blocks))]},
+                        {"title": f"Class x expert routing, block {b}"}]) for i, b in enumerate(blocks)]
+    fig.update_layout(**LAYOUT, title=f"Class x expert routing, block {blocks[0]}",
+                      sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="layer: "))],
+                      xaxis=dict(title="expert", tickmode="array", tickvals=[f"e{e}" for e in range(E)]),
+                      yaxis=dict(title="class", autorange="reversed"))
+    for e in range(E):  # colour key on the axis: each expert's tick in its palette colour
+        fig.add_shape(type="rect", xref="x", yref="paper", x0=e - 0.5, x1=e + 0.5, y0=1.0, y1=1.03,
+                      fillcolor=expert_color(e), line_width=0)
+    return fig
+
+
+def metrics_by_layer(report: pd.DataFrame, metrics=("nmi", "purity", "consistency")) -> go.Figure:
+    """Each specialisation metric by block with its label-permutation null as a band (mean +/- 3 std)."""
+    r = report.sort_values("block")
+    x = [str(b) for b in r["block"]]
+    fig = go.Figure()
+    palette = ("#0072B2", "#D55E00", "#009E73", "#CC79A7")
+    for color, m in zip(palette, metrics):
+        lo = r[f"null_{m}"] - 3 * r[f"null_{m}_std"]
+        hi = r[f"null_{m}"] + 3 * r[f"null_{m}_std"]
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=list(hi) + list(lo)[::-1], fill="toself", fillcolor=NULL_COLOR,
+                                 line=dict(width=0), hoverinfo="skip", showlegend=False, legendgroup=m))
+        fig.add_trace(go.Scatter(x=x, y=r[f"null_{m}"], mode="lines", line=dict(color=color, dash="dot"),
+                                 name=f"{m} (null)", legendgroup=m))
+        fig.add_trace(go.Scatter(x=x, y=r[m], mode="lines+markers", line=dict(color=color), name=m,
+                                 legendgroup=m))
+    fig.update_layout(**LAYOUT, title="Routing specialisation by layer (band: label-permutation null, ±3 std)",
+                      xaxis=dict(title="block", type="category"), yaxis=dict(title="metric", range=[0, 1.02]))
+    return fig
+
+
+def overlay_rgb(image: np.ndarray, experts: np.ndarray, gates: np.ndarray | None = None, *, scale: int = 8,
+                alpha: float = 0.6) -> np.ndarray:
+    """An RGB uint8 picture: the image (H, W) or (H, W, 3) in [0, 1] with each patch tinted by its expert's colour,
+    opacity proportional to its gate (when given).  ``experts`` (gh, gw) is the patch grid.  Shared by the figure
+    and the app."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    gh, gw = experts.shape
+    h, w = img.shape[:2]
+    # resample the image to a whole number of pixels per patch, at least `scale`
+    ph = max(scale, int(np.ceil(h / gh)))
+    pw = max(scale, int(np.ceil(w / gw)))
+    ys = (np.arange(gh * ph) * h / (gh * ph)).astype(int)
+    xs = (np.arange(gw * pw) * w / (gw * pw)).astype(int)
+    base = img[ys][:, xs]
+    colors = np.array([expert_rgb(int(e)) for e in experts.reshape(-1)], dtype=np.float32).reshape(gh, gw, 3) / 255
+    a = np.full((gh, gw), alpha, dtype=np.float32)
+    if gates is not None:
+        g = np.asarray(gates, dtype=np.float32)
+        a = alpha * (0.25 + 0.75 * g / max(float(g.max()), 1e-6))
+    tint = np.repeat(np.repeat(colors, ph, 0), pw, 1)
+    amap = np.repeat(np.repeat(a, ph, 0), pw, 1)[..., None]
+    rgb = base * (1 - amap) + tint * amap
+    rgb[::ph, :, :] *= 0.7  # faint patch grid
+    rgb[:, ::pw, :] *= 0.7
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def patch_overlay(image, layer_routing, index: int = 0, *, use_gates: bool = True, title: str | None = None,
+                  num_experts: int | None = None) -> go.Figure:
+    """Per-patch expert overlay of one image from a :class:`~workbench.routing.LayerRouting` (token routing), with
+    a legend of the experts present; image routing shows the image tinted by its one expert."""
+    img = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, np.float32)
+    if img.ndim == 3 and img.shape[0] in (1, 3):
+        img = img.transpose(1, 2, 0)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[..., 0]
+    img = (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+    if layer_routing.routing == "image":
+        e = int(layer_routing.experts[index, 0])
+        experts = np.full((1, 1), e)
+        gates = None
+    else:
+        experts = layer_routing.top1()[index].cpu().numpy()
+        gates = layer_routing.gates[index, ..., 0].cpu().numpy() if use_gates else None
+    rgb = overlay_rgb(img, experts, gates)
+    fig = go.Figure(go.Image(z=rgb, hoverinfo="skip"))
+    E = num_experts or layer_routing.num_experts
+    present = sorted(set(int(e) for e in experts.reshape(-1)))
+    for e in range(E):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", marker=dict(size=12, color=expert_color(e),
+                                                                                 symbol="square"),
+                                 name=expert_name(e) + ("" if e in present else " (unused)")))
+    fig.update_layout(**LAYOUT, title=title or "Expert per patch", xaxis=dict(visible=False),
+                      yaxis=dict(visible=False, scaleanchor="x"), legend=dict(itemclick=False))
+    return fig
+
+
+def load_over_training(metrics_path, split: str = "moe_train") -> go.Figure:
+    """Expert load share per MoE layer over epochs, from a run's ``metrics.jsonl`` (one panel row per layer)."""
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    if not rows or not rows[0].get(split):
+        raise ValueError(f"{metrics_path} has no per-layer MoE load ({split}); was this a dense run?")
+    from plotly.subplots import make_subplots
+
+    blocks = list(rows[0][split])
+    fig = make_subplots(rows=len(blocks), cols=1, shared_xaxes=True, subplot_titles=[f"block {b}" for b in blocks])
+    epochs = [r["epoch"] for r in rows]
+    for i, b in enumerate(blocks, start=1):
+        E = len(rows[0][split][b]["load"])
+        for e in range(E):
+            fig.add_trace(go.Scatter(x=epochs, y=[r[split][b]["load"][e] for r in rows], mode="lines+markers",
+                                     line=dict(color=expert_color(e)), name=expert_name(e), legendgroup=str(e),
+                                     showlegend=i == 1), row=i, col=1)
+        fig.add_hline(y=1 / E, line=dict(color="grey", dash="dot"), row=i, col=1)
+    fig.update_layout(**LAYOUT, title="Expert load share over training (dotted: uniform)",
+                      height=220 * len(blocks) + 100)
+    fig.update_xaxes(title_text="epoch", row=len(blocks), col=1)
+    return fig
+
+
+def flops_breakdown(prof) -> go.Figure:
+    """Activated MACs per block, stacked by part (attention, FFN / experts, router, shared expert)."""
+    b = prof.blocks
+    x = [f"{r.block} ({r.kind})" for r in b.itertuples()]
+    fig = go.Figure()
+    for col, name, color in (("attn_macs", "attention", "#56B4E9"), ("ffn_macs", "FFN / routed experts", "#0072B2"),
+                             ("router_macs", "router", "#D55E00"), ("shared_macs", "shared expert", "#7F7F7F")):
+        fig.add_trace(go.Bar(x=x, y=b[col] / 1e6, name=name, marker_color=color))
+    fig.add_trace(go.Scatter(x=x, y=b["dense_macs"] / 1e6, mode="markers", name="dense-equivalent block",
+                             marker=dict(symbol="line-ew-open", size=24, color="black")))
+    fig.update_layout(**LAYOUT, barmode="stack", title="Activated MMACs per image, by block",
+                      yaxis=dict(title="MMACs"), xaxis=dict(title="block"))
+    return fig
+
+
+def save_figure(fig: go.Figure, path, png: bool | None = None) -> list[Path]:
+    """Write ``path`` as .html (always, self-contained, no CDN) and .png when Chromium is present."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    html = path.with_suffix(".html")
+    fig.write_html(str(html), include_plotlyjs=True)
+    written = [html]
+    if png is None:
+        png = shutil.which("chromium") is not None or shutil.which("chromium-browser") is not None
+    if png:
+        target = path.with_suffix(".png")
+        fig.write_image(str(target))
+        written.append(target)
+    return written
