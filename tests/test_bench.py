@@ -50,3 +50,15 @@ def test_bench_cli_rejects_bad_top_k(capsys):
     with pytest.raises(SystemExit) as err:
         main(["bench", "moe", "--num-experts", "2", "--top-k", "3"])
     assert err.value.code == 2
+
+
+def test_bench_app(tmp_path):
+    import timm
+    from workbench.checkpoint import model_config, save_model
+
+    model = timm.create_model("vimoe_tiny_patch4_28", moe_layers="last-1", num_experts=2)
+    save_model(model, model_config("vimoe_tiny_patch4_28", {"moe_layers": "last-1", "num_experts": 2}), tmp_path)
+    from workbench.bench import bench_app
+
+    result = bench_app(tmp_path, reps=2)
+    assert result["total_ms"] >= result["forward_ms"] > 0

@@ -178,6 +178,20 @@ def bench_train(*, model: str = "vimoe_tiny_patch4_28", dense_model: str | None 
             "params_dense": sum(p.numel() for p in dense.parameters())}
 
 
+def bench_app(checkpoint=None, reps: int = 30) -> dict:
+    """Per-request latency of the routing explorer (decode + preprocess, forward with capture, first overlay),
+    over the shipped example images, after one warm-up request that loads the checkpoint."""
+    from .explorer import DEFAULT_CHECKPOINT, Explorer, example_images
+
+    explorer = Explorer()
+    examples = example_images()
+    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+    explorer.analyse(examples[0], checkpoint)
+    timings = [explorer.analyse(examples[i % len(examples)], checkpoint).timings for i in range(reps)]
+    med = {k: round(statistics.median(t[k] for t in timings), 2) for k in timings[0]}
+    return {"checkpoint": str(checkpoint), "reps": reps, "threads": torch.get_num_threads(), **med}
+
+
 def format_moe_table(rows: list[dict]) -> str:
     lines = [f"{'top_k':>5} {'shared':<6} {'dispatch':<8} {'ms':>9} {'dense ms':>9} {'ratio':>6} {'mem MB':>8} "
              f"{'dense MB':>8} {'mem x':>6}"]
@@ -246,6 +260,28 @@ def register_cli(sub) -> None:
     t.add_argument("--json", action="store_true")
     t.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench")
     t.set_defaults(func=_cmd_train)
+    a = bsub.add_parser("app", help="per-request latency of the routing explorer (preprocess, forward, overlay)")
+    a.add_argument("--checkpoint", help="default: the shipped checkpoint")
+    a.add_argument("--reps", type=int, default=30)
+    a.add_argument("--threads", type=int)
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench")
+    a.set_defaults(func=_cmd_app)
+
+
+def _cmd_app(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = bench_app(args.checkpoint, args.reps)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"routing explorer, {result['checkpoint']} ({result['threads']} threads, median of {result['reps']}):\n"
+              f"  request {result['total_ms']:.1f} ms = decode+preprocess {result['preprocess_ms']:.1f} ms + "
+              f"forward {result['forward_ms']:.1f} ms + overlay {result['total_ms'] - result['preprocess_ms'] - result['forward_ms']:.1f} ms")
+    if args.save:
+        print(f"saved {write_result('app', result, args.save)}")
+    return 0
 
 
 def _cmd_moe(args) -> int:

@@ -1,0 +1,203 @@
+"""What the routing explorer computes, independent of the UI: safe image decoding, preprocessing from the model's
+pretrained config, one forward with routing capture, and per-layer overlays.  ``app.py`` puts a Gradio face on it.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .checkpoint import CheckpointError, load_model
+from .routing import run_with_routing
+from .viz import overlay_rgb
+
+MAX_PIXELS = 64_000_000  # decoded pixels allowed before we refuse (PIL's bomb guard is on top of this)
+WORKING_SIZE = 1024  # large images are reduced to this before preprocessing
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "experiments" / "checkpoints"
+DEFAULT_CHECKPOINT = CHECKPOINTS / "vimoe_tiny_fmnist"
+
+
+class BadImage(ValueError):
+    """An upload we cannot use; the message is shown to the user as it is."""
+
+
+def read_image(path) -> Image.Image:
+    """Decode an upload safely: PNG, JPEG, WebP, GIF (first frame), ...; RGB, RGBA, grayscale, palette; any size."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadImage(f"no file at {path}")
+    if path.stat().st_size == 0:
+        raise BadImage("the file is empty: upload an image (PNG, JPEG, WebP or GIF)")
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        img = Image.open(path)
+        if img.width * img.height > MAX_PIXELS:
+            raise BadImage(f"the image is {img.width}x{img.height}, more than {MAX_PIXELS // 1_000_000} megapixels")
+        img.draft("RGB", (WORKING_SIZE, WORKING_SIZE))  # JPEG: decode at reduced size directly
+        img.seek(0)  # GIF / animated WebP: the first frame
+        img.load()
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("this file is not an image we can read: upload a PNG, JPEG, WebP or GIF") from None
+    except Image.DecompressionBombError:
+        raise BadImage(f"the image is too large to decode safely (over {MAX_PIXELS // 1_000_000} megapixels)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise BadImage(f"the image is corrupt or truncated and cannot be decoded ({err})") from None
+    img = ImageOps.exif_transpose(img)
+    if img.width < 2 or img.height < 2:
+        raise BadImage(f"the image is {img.width}x{img.height} pixels: too small to route (use at least 2x2)")
+    img.thumbnail((WORKING_SIZE, WORKING_SIZE))
+    return img
+
+
+def to_model_input(img: Image.Image, cfg: dict, invert: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """(normalised tensor (1, C, H, W), the picture the model sees in [0, 1] (H, W[, 3])).
+
+    Grayscale models (Fashion-MNIST style: a bright object on black) get transparency composited on black (on white
+    when ``invert``, for dark objects photographed on a light background, which are then inverted), and the image
+    padded to a square on black so its aspect is kept.  RGB models get timm's eval view: transparency on white,
+    shorter side resized, centre crop."""
+    chans, height, width = cfg["input_size"]
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        img = img.convert("RGBA")
+        shade = 255 if (invert or chans == 3) else 0
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (shade, shade, shade, 255)), img)
+    if chans == 1:
+        img = img.convert("L")
+        if invert:
+            img = ImageOps.invert(img)
+        side = max(img.size)
+        square = Image.new("L", (side, side), 0)
+        square.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+        view = square.resize((width, height), Image.Resampling.BILINEAR)
+    else:
+        img = img.convert("RGB")
+        if invert:
+            img = ImageOps.invert(img)
+        view = ImageOps.fit(img, (width, height), Image.Resampling.BICUBIC)
+    seen = np.asarray(view, dtype=np.float32) / 255.0
+    x = torch.from_numpy(seen.copy())
+    x = x.unsqueeze(0) if chans == 1 else x.permute(2, 0, 1)
+    mean = torch.tensor(cfg["mean"]).view(-1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(-1, 1, 1)
+    return ((x - mean) / std).unsqueeze(0), seen
+
+
+def input_config(model) -> dict:
+    """Input size from the model itself (``create_model`` kwargs such as img_size / in_chans do not update
+    ``pretrained_cfg``), mean/std and labels from its pretrained config when they fit."""
+    cfg = dict(model.pretrained_cfg)
+    chans = model.patch_embed.proj.in_channels
+    cfg["input_size"] = (chans, *model.patch_embed.img_size)
+    if len(cfg.get("mean") or ()) != chans:
+        cfg["mean"], cfg["std"] = (0.5,) * chans, (0.5,) * chans
+    if cfg.get("label_names") and len(cfg["label_names"]) != getattr(model, "num_classes", 0):
+        cfg["label_names"] = None
+    return cfg
+
+
+@dataclass
+class Analysis:
+    """One image through one model: what the UI shows."""
+
+    seen: np.ndarray  # the model's view in [0, 1]
+    top5: dict[str, float]
+    layers: list[int]
+    routing: str  # 'token' or 'image'
+    experts: dict[int, np.ndarray]  # block -> (gh, gw) first-choice expert ((1, 1) for image routing)
+    gates: dict[int, np.ndarray]
+    probs: dict[int, np.ndarray]  # block -> (gh, gw, E) router probabilities ((1, 1, E) for image routing)
+    num_experts: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def overlay(self, block: int, scale: int = 32, use_gates: bool = True) -> np.ndarray:
+        return overlay_rgb(self.seen, self.experts[block], self.gates[block] if use_gates else None, scale=scale)
+
+    def load(self) -> dict[int, np.ndarray]:
+        """Per layer, the share of this image's patches whose first choice is each expert."""
+        out = {}
+        for b, e in self.experts.items():
+            counts = np.bincount(e.reshape(-1), minlength=self.num_experts).astype(float)
+            out[b] = counts / counts.sum()
+        return out
+
+    def patch_at(self, x: float, y: float, width: int, height: int) -> tuple[int, int]:
+        """(row, col) of the patch under pixel (x, y) of a width x height rendering of the overlay."""
+        gh, gw = next(iter(self.experts.values())).shape
+        return min(gh - 1, max(0, int(y * gh / height))), min(gw - 1, max(0, int(x * gw / width)))
+
+
+class Explorer:
+    """Loads checkpoints (cached) and analyses images; one lock per model, because MoE layers keep the last
+    forward's routing on themselves and concurrent requests must not interleave between forward and read."""
+
+    def __init__(self):
+        self._models: dict[str, tuple] = {}
+        self._lock = threading.Lock()
+
+    def model(self, checkpoint) -> tuple:
+        key = str(Path(checkpoint).resolve())
+        with self._lock:
+            if key not in self._models:
+                try:
+                    model, config = load_model(checkpoint)
+                except CheckpointError:
+                    raise
+                except (OSError, ValueError, KeyError, RuntimeError) as err:  # what else a bad file can raise
+                    raise CheckpointError(f"cannot load {checkpoint}: {type(err).__name__}: {err}") from err
+                if not hasattr(model, "patch_embed"):
+                    raise CheckpointError(f"{checkpoint} is not a ViT/ViMoE checkpoint")
+                self._models[key] = (model, config, threading.Lock())
+            return self._models[key]
+
+    def analyse(self, image_path, checkpoint=DEFAULT_CHECKPOINT, invert: bool = False) -> Analysis:
+        t0 = time.perf_counter()
+        model, _, lock = self.model(checkpoint)
+        cfg = input_config(model)
+        img = read_image(image_path)
+        x, seen = to_model_input(img, cfg, invert)
+        t1 = time.perf_counter()
+        with lock:
+            logits, cache = run_with_routing(model, x)
+        t2 = time.perf_counter()
+        probs = logits.softmax(-1)[0]
+        names = cfg.get("label_names") or [str(i) for i in range(len(probs))]
+        top = probs.topk(min(5, len(probs)))
+        top5 = {str(names[i]): float(p) for p, i in zip(top.values, top.indices)}
+        experts, gates, router = {}, {}, {}
+        routing = "token"
+        num_experts = 0
+        for b, lr in cache.items():
+            num_experts = max(num_experts, lr.num_experts)
+            if lr.routing == "image":
+                routing = "image"
+                experts[b] = lr.experts[0, :1].numpy().reshape(1, 1)
+                gates[b] = lr.gates[0, :1].numpy().reshape(1, 1)
+                router[b] = lr.probs[0].numpy().reshape(1, 1, -1)
+            else:
+                experts[b] = lr.top1()[0].numpy()
+                gates[b] = lr.gates[0, ..., 0].numpy()
+                router[b] = lr.probs[0].numpy()
+        result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts)
+        if result.layers:
+            result.overlay(result.layers[0])  # the first overlay is part of the request's cost
+        result.timings = {"preprocess_ms": (t1 - t0) * 1e3, "forward_ms": (t2 - t1) * 1e3,
+                          "total_ms": (time.perf_counter() - t0) * 1e3}
+        return result
+
+
+def list_checkpoints(root: Path = CHECKPOINTS) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(str(p) for p in root.iterdir() if (p / "model.safetensors").is_file() and (p / "config.json").is_file())
+
+
+def example_images(root: Path | None = None) -> list[str]:
+    root = root or CHECKPOINTS.parent / "examples"
+    return sorted(str(p) for p in root.glob("*.png"))
