@@ -1,15 +1,21 @@
 """Copy a finished run's model into ``experiments/checkpoints/<name>/`` with its metrics and provenance.
 
     python -m workbench.ship RUN_DIR DEST_DIR
+
+Weights are stored in fp16 (loaded back into fp32); the shipped file is evaluated again on the full test set and
+that accuracy is recorded as ``shipped_test``.
 """
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_write_text, load_model
+from safetensors.torch import save_file
+
+from .checkpoint import atomic_write, atomic_write_text, load_model
+from .data import build_datasets
+from .train import evaluate
 from .provenance import provenance
 
 
@@ -17,8 +23,8 @@ def ship(run: str | Path, dest: str | Path) -> Path:
     run, dest = Path(run), Path(dest)
     model, config = load_model(run / "model")  # refuses anything that does not rebuild
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "model" / "model.safetensors", dest / "model.safetensors.tmp")
-    (dest / "model.safetensors.tmp").replace(dest / "model.safetensors")
+    half = {k: v.detach().half().contiguous() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    atomic_write(dest / "model.safetensors", lambda tmp: save_file(half, tmp))  # fp16 storage: half the size
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_config = json.loads((run / "train_config.json").read_text())
     pretrain = None
@@ -29,6 +35,10 @@ def ship(run: str | Path, dest: str | Path) -> Path:
             pretrain = {"from": train_config["init_from"], "metrics": rows[-1]}
     record = {**config, "train_config": train_config, "metrics": history[-1], "pretrain": pretrain,
               "provenance": provenance("cpu", wall_time_s=history[-1]["wall_time"])}
+    atomic_write_text(dest / "config.json", json.dumps(record, indent=2) + "\n")
+    shipped, _ = load_model(dest)  # what is shipped, after the fp16 round trip, on the full test set
+    _, test = build_datasets(train_config["dataset"], root=train_config.get("data_root"), model=shipped)
+    record["shipped_test"] = {k: v for k, v in evaluate(shipped, test).items() if k != "moe"}
     atomic_write_text(dest / "config.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(dest / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     return dest
