@@ -30,7 +30,7 @@ app: setup
 	$(PY) app.py
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
