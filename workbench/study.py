@@ -57,8 +57,8 @@ def load_study(path) -> dict:
     return study
 
 
-def result_path(study: dict, config: str, seed: int) -> Path:
-    return RESULTS / study["name"] / f"{config}__seed{seed}.json"
+def result_path(study: dict, config: str, seed: int, results: Path | None = None) -> Path:
+    return Path(results or RESULTS) / study["name"] / f"{config}__seed{seed}.json"
 
 
 def plan(study: dict, only=None, seeds=None) -> list[tuple[str, int]]:
@@ -71,7 +71,8 @@ def plan(study: dict, only=None, seeds=None) -> list[tuple[str, int]]:
     return [(name, seed) for seed in (seeds or study["seeds"]) for name in names]
 
 
-def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True) -> dict:
+def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
+            results: Path | None = None) -> dict:
     """Fine-tune one config from the study's dense base and record the result (atomically)."""
     from .flops import profile
     from .train import TrainConfig, train
@@ -79,7 +80,7 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     kwargs = {**study["common"], **study["configs"][config]}
     if kwargs.get("moe_layers", "none") == "none":
         kwargs = {"moe_layers": "none"}
-    out = RUNS / study["name"] / config / f"seed{seed}"
+    out = (Path(results).parent / "runs" if results else RUNS) / study["name"] / config / f"seed{seed}"
     cfg = TrainConfig.from_dict({"quiet": quiet, "device": device, **study["train"], "seed": seed,
                                  "init_from": str(ROOT / study["base"]), "model_kwargs": kwargs,
                                  "output": str(out)})
@@ -96,32 +97,32 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
               "provenance": provenance(device if device != "auto" else None,
                                        wall_time_s=round(time.time() - started, 1),
                                        train_wall_time_s=last["wall_time"])}
-    atomic_write_text(result_path(study, config, seed), json.dumps(record, indent=1) + "\n")
+    atomic_write_text(result_path(study, config, seed, results), json.dumps(record, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)  # the record holds what matters; weights of every variant would bloat
     return record
 
 
-def run_study(path, only=None, seeds=None, device: str = "auto") -> list[dict]:
+def run_study(path, only=None, seeds=None, device: str = "auto", results: Path | None = None) -> list[dict]:
     study = load_study(path)
     todo = plan(study, only, seeds)
     done = []
     for i, (config, seed) in enumerate(todo, 1):
-        target = result_path(study, config, seed)
+        target = result_path(study, config, seed, results)
         if target.exists():
             print(f"[{i}/{len(todo)}] {config} seed {seed}: recorded, skipped", flush=True)
             continue
         t0 = time.time()
-        record = run_one(study, config, seed, device)
+        record = run_one(study, config, seed, device, results=results)
         print(f"[{i}/{len(todo)}] {config} seed {seed}: test acc {record['test_acc']:.4f} "
               f"({time.time() - t0:.0f}s)", flush=True)
         done.append(record)
     return done
 
 
-def load_results(study_or_path) -> pd.DataFrame:
+def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
     study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
     rows = []
-    for path in sorted((RESULTS / study["name"]).glob("*.json")):
+    for path in sorted((Path(results or RESULTS) / study["name"]).glob("*.json")):
         r = json.loads(path.read_text())
         rows.append({"config": r["config"], "seed": r["seed"], "test_acc": r["test_acc"], "params": r["params"],
                      "active_params": r["active_params"], "gmacs": r["gmacs"],
@@ -130,10 +131,10 @@ def load_results(study_or_path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summary(study_or_path) -> pd.DataFrame:
+def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:
     """Mean and std of test accuracy over seeds per config (in the study's order), params and GMACs beside."""
     study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
-    df = load_results(study)
+    df = load_results(study, results)
     if df.empty:
         return pd.DataFrame(columns=["config", "n", "acc_mean", "acc_std", "params_M", "gmacs"])
     g = df.groupby("config")
