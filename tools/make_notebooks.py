@@ -88,6 +88,101 @@ print("experts used by its patches in block 5:", sorted(set(cache[5].top1()[0].f
     ]
 
 
+STUDY = """from workbench.study import load_study, summary, load_results, run_one
+import plotly.graph_objects as go
+from workbench.palette import expert_color
+def study(name):
+    return load_study(os.path.join(ROOT, "experiments/studies", name + ".yaml"))
+def seed_plot(frames, title):
+    fig = go.Figure()
+    for i, (label, df) in enumerate(frames):
+        fig.add_trace(go.Box(x=df["config"], y=df["test_acc"], name=label, boxpoints="all", marker_color=expert_color(i)))
+    fig.update_layout(template="plotly_white", boxmode="group", title=title, yaxis_title="test accuracy (10k images)")
+    return fig"""
+
+LIVE = """import tempfile
+from pathlib import Path
+def live_check(st, config, seed, tolerance=0.005):
+    recorded = load_results(st).query("config == @config and seed == @seed")
+    if recorded.empty:
+        print(f"{config} seed {seed} is not recorded yet: nothing to compare")
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the recorded runs used one thread: same float summation order
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rerun = run_one(st, config, seed, device="cpu", results=Path(tmp) / "results")["test_acc"]
+    finally:
+        torch.set_num_threads(threads)
+    rec = float(recorded["test_acc"].iloc[0])
+    print(f"{config} seed {seed}: recorded {rec:.3f}, re-run {rerun:.3f}, within {tolerance}: {abs(rec - rerun) <= tolerance}")"""
+
+
+@notebook("01_layer_placement")
+def _():
+    return [
+        ("md", "# 01 Layer placement\n\nThe paper: ViMoE accuracy is sensitive to how many MoE layers there are and "
+               "where; too many early MoE layers hurt. Every variant here is upcycled from the same dense tiny ViT "
+               "(84.98% on Fashion-MNIST) and fine-tuned with the same budget (4,000 training images, 2 epochs; "
+               "`experiments/studies/placement.yaml`), 3 seeds each, evaluated on the full 10k test set. "
+               "No shared expert; 8 experts; V-MoE gates (unnormalised)."),
+        ("code", SETUP),
+        ("code", STUDY + """
+placement = study("placement")
+table = summary(placement)
+print(table.round(4).to_string(index=False))"""),
+        ("code", """seed_plot([("no shared expert", load_results(placement))], "Layer placement: test accuracy per seed")"""),
+        ("md", "## Live slice\n\nOne recorded run is re-run here, deterministically on the CPU, and compared with "
+               "its record (tolerance 0.005: thread scheduling may change float sums)."),
+        ("code", LIVE + """
+live_check(placement, "last-2", 0)"""),
+        ("md", "## Finding"),
+        ("code", """full = table[table["n"] >= 3]
+dense = full[full["config"] == "dense"]
+moe = full[full["config"] != "dense"]
+if len(moe) >= 2 and len(dense):
+    best, worst = moe.loc[moe["acc_mean"].idxmax()], moe.loc[moe["acc_mean"].idxmin()]
+    print(f"Across {len(moe)} MoE placements (3 seeds each) mean accuracy ranges from {worst.acc_mean:.4f} "
+          f"({worst.config}) to {best.acc_mean:.4f} ({best.config}), a spread of {best.acc_mean - worst.acc_mean:.4f}; "
+          f"the dense control reaches {float(dense.acc_mean.iloc[0]):.4f}.")
+    print("Placement matters (spread larger than 2x the mean seed std):",
+          bool(best.acc_mean - worst.acc_mean > 2 * moe["acc_std"].mean()))
+else:
+    print(f"Only {len(full)} configs have 3 seeds recorded so far: no finding yet.")"""),
+    ]
+
+
+@notebook("02_shared_expert")
+def _():
+    return [
+        ("md", "# 02 Shared expert\n\nThe paper: an always-on shared expert makes ViMoE stable across "
+               "configurations, so no repeated trials are needed. The same placements as notebook 01, now with a "
+               "DeepSeekMoE-style shared expert (`shared_expert='add'`, initialised from the dense FFN). "
+               "Note the confound: with unnormalised top-1 gates an upcycled block starts as gate x FFN without the "
+               "shared expert but as FFN + gate x FFN with it, much closer to the dense function it came from."),
+        ("code", SETUP),
+        ("code", STUDY + """
+without, with_shared = summary(study("placement")), summary(study("shared_expert"))
+both = without[without["config"] != "dense"].merge(with_shared, on="config", how="outer", suffixes=("", "_shared"))
+print(both[["config", "n", "acc_mean", "acc_std", "n_shared", "acc_mean_shared", "acc_std_shared"]].round(4).to_string(index=False))"""),
+        ("code", """seed_plot([("no shared expert", load_results(study("placement")).query("config != 'dense'")),
+           ("shared expert", load_results(study("shared_expert")))], "Shared expert vs none, per placement")"""),
+        ("code", LIVE + """
+live_check(study("shared_expert"), "last-2", 0)"""),
+        ("md", "## Finding"),
+        ("code", """done = both[(both["n"] >= 3) & (both["n_shared"] >= 3)]
+if len(done) >= 2:
+    print(f"Over the {len(done)} placements recorded with 3 seeds in both studies:")
+    print(f"  mean accuracy  without {done.acc_mean.mean():.4f}, with shared expert {done.acc_mean_shared.mean():.4f}")
+    print(f"  spread across placements (std of means)  without {done.acc_mean.std():.4f}, with {done.acc_mean_shared.std():.4f}")
+    print(f"  mean seed std  without {done.acc_std.mean():.4f}, with {done.acc_std_shared.mean():.4f}")
+    print("Shared expert raises the mean and shrinks the spread across placements:",
+          bool(done.acc_mean_shared.mean() > done.acc_mean.mean() and done.acc_mean_shared.std() < done.acc_mean.std()))
+else:
+    print(f"Only {len(done)} placements have 3 seeds in both studies so far: no finding yet.")"""),
+    ]
+
+
 @notebook("03_routing_analysis")
 def _():
     return [

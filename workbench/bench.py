@@ -269,19 +269,22 @@ def register_cli(sub) -> None:
     a.set_defaults(func=_cmd_app)
 
 
+def _emit(args, kind: str, payload, text: str) -> int:
+    """Print a benchmark's table (or JSON) and, with --save, record it with provenance."""
+    print(json.dumps(payload, indent=2) if args.json else text)
+    if args.save:
+        print(f"saved {write_result(kind, payload, args.save)}")
+    return 0
+
+
 def _cmd_app(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = bench_app(args.checkpoint, args.reps)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"routing explorer, {result['checkpoint']} ({result['threads']} threads, median of {result['reps']}):\n"
-              f"  request {result['total_ms']:.1f} ms = decode+preprocess {result['preprocess_ms']:.1f} ms + "
-              f"forward {result['forward_ms']:.1f} ms + overlay {result['total_ms'] - result['preprocess_ms'] - result['forward_ms']:.1f} ms")
-    if args.save:
-        print(f"saved {write_result('app', result, args.save)}")
-    return 0
+    r = bench_app(args.checkpoint, args.reps)
+    overlay = r["total_ms"] - r["preprocess_ms"] - r["forward_ms"]
+    return _emit(args, "app", r, f"routing explorer, {r['checkpoint']} ({r['threads']} threads, median of "
+                                 f"{r['reps']}):\n  request {r['total_ms']:.1f} ms = decode+preprocess "
+                                 f"{r['preprocess_ms']:.1f} ms + forward {r['forward_ms']:.1f} ms + overlay {overlay:.1f} ms")
 
 
 def _cmd_moe(args) -> int:
@@ -292,10 +295,7 @@ def _cmd_moe(args) -> int:
     rows = bench_moe(batch=args.batch, tokens=args.tokens, dim=args.dim, expert_hidden=args.expert_hidden,
                      num_experts=args.num_experts, top_ks=args.top_k, dispatches=args.dispatch, shared=args.shared,
                      reps=args.reps, device=args.device, dtype=args.dtype)
-    print(json.dumps(rows, indent=2) if args.json else format_moe_table(rows))
-    if args.save:
-        print(f"saved {write_result('moe', rows, args.save)}")
-    return 0
+    return _emit(args, "moe", rows, format_moe_table(rows))
 
 
 def _cmd_train(args) -> int:
@@ -304,7 +304,4 @@ def _cmd_train(args) -> int:
     result = bench_train(model=args.model, dense_model=args.dense_model, moe_layers=args.moe_layers,
                          num_experts=args.num_experts, top_k=args.top_k, batch=args.batch, steps=args.steps,
                          device=args.device, compile=args.compile)
-    print(json.dumps(result, indent=2) if args.json else format_train(result))
-    if args.save:
-        print(f"saved {write_result('train', result, args.save)}")
-    return 0
+    return _emit(args, "train", result, format_train(result))

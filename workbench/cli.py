@@ -122,17 +122,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_info(args) -> int:
+def model_from_args(args):
+    """(model, name): the model of ``--checkpoint`` if given, else ``--model`` built with the MoE flags."""
     import timm
-    import workbench  # noqa: F401
-    from .checkpoint import architecture_summary, load_model
 
-    if args.checkpoint:
+    import workbench  # noqa: F401
+    from .checkpoint import load_model
+
+    if getattr(args, "checkpoint", None):
         model, config = load_model(args.checkpoint)
-        name = config["model"]
-    else:
-        name = args.model
-        model = timm.create_model(name, **_model_kwargs(args))
+        return model, config["model"]
+    return timm.create_model(args.model, **_model_kwargs(args)), args.model
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import architecture_summary
+
+    model, name = model_from_args(args)
     rows = architecture_summary(model)
     total = sum(p.numel() for p in model.parameters())
     if args.json:

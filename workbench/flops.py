@@ -198,17 +198,9 @@ def register_cli(sub) -> None:
 def _cmd_profile(args) -> int:
     import json
 
-    import timm
+    from .cli import model_from_args
 
-    from .checkpoint import load_model
-    from .cli import _model_kwargs
-
-    if args.checkpoint:
-        model, config = load_model(args.checkpoint)
-        name = config["model"]
-    else:
-        name = args.model
-        model = timm.create_model(name, **_model_kwargs(args))
+    model, name = model_from_args(args)
     prof = profile(model)
     if args.json:
         print(json.dumps({"model": name, **prof.summary(), "blocks": prof.blocks.to_dict("records")}, indent=2))
