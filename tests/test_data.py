@@ -72,10 +72,15 @@ def test_batches_are_a_function_of_seed_and_epoch():
 
 
 def test_ranks_take_disjoint_shares():
-    data = _data()
-    seen = [torch.cat([y for _, y in data.batches(8, seed=0, epoch=0, rank=r, world=2, drop_last=True)])
-            for r in range(2)]
-    assert len(seen[0]) == len(seen[1]) == 32
+    images, labels = synthetic(65, 10, 28, 1, seed=0)
+    data = TensorData(images, torch.arange(65), (0.5,), (0.25,), 10)
+    train = [torch.cat([y for _, y in data.batches(8, seed=0, epoch=0, rank=r, world=2, drop_last=True)])
+             for r in range(2)]
+    assert len(train[0]) == len(train[1]) == 32 and not set(train[0].tolist()) & set(train[1].tolist())
+    assert data.num_batches(8, world=2, drop_last=True) == 4
+    evals = [torch.cat([y for _, y in data.batches(8, shuffle=False, rank=r, world=2)]) for r in range(2)]
+    assert sorted(torch.cat(evals).tolist()) == list(range(65))  # evaluation sees every image exactly once
+    assert data.num_batches(8, world=2) == 5
 
 
 def test_augmentation_keeps_shape_and_changes_pixels():

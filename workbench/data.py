@@ -156,9 +156,10 @@ class TensorData:
         under DDP each rank takes an equal, disjoint share of the permutation."""
         n = len(self)
         order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
-        if world > 1:
-            per_rank = n // world
-            order = order[rank * per_rank:(rank + 1) * per_rank]
+        if world > 1:  # interleaved shares; training truncates them to equal length (same step count per rank)
+            order = order[rank::world]
+            if drop_last:
+                order = order[:n // world]
         n_batches = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
         g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
         for i in range(n_batches):
@@ -174,8 +175,13 @@ class TensorData:
             yield x, self.labels[idx]
 
     def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
-        n = len(self) // world if world > 1 else len(self)
-        return n // batch_size if drop_last else -(-n // batch_size)
+        return _num_batches(len(self), batch_size, world, drop_last)
+
+
+def _num_batches(n: int, batch_size: int, world: int, drop_last: bool) -> int:
+    """Batches per rank: training shares are truncated to n // world, evaluation shares are ceil(n / world)."""
+    share = n // world if drop_last else -(-n // world)
+    return share // batch_size if drop_last else -(-share // batch_size)
 
 
 def _crop(padded: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -220,15 +226,16 @@ class FolderData:
         return self
 
     def num_batches(self, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
-        n = len(self) // world if world > 1 else len(self)
-        return n // batch_size if drop_last else -(-n // batch_size)
+        return _num_batches(len(self), batch_size, world, drop_last)
 
     def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, start: int = 0,
                 rank: int = 0, world: int = 1, drop_last: bool = False):
         order = epoch_permutation(len(self), seed, epoch) if shuffle else torch.arange(len(self))
         if world > 1:
-            per_rank = len(order) // world
-            order = order[rank * per_rank:(rank + 1) * per_rank]
+            n = len(order)
+            order = order[rank::world]
+            if drop_last:
+                order = order[:n // world]
         order = order[start * batch_size:]
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, sampler=order.tolist(),
                                              num_workers=self.num_workers, drop_last=drop_last,
