@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn as nn
 from functools import partial
 from timm.models.vision_transformer import VisionTransformer
 

@@ -5,7 +5,6 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 import timm
-import torch
 
 from workbench.data import TensorData, synthetic
 from workbench.flops import profile

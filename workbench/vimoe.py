@@ -10,8 +10,8 @@ N-1, 2N-1, ...), ``"vmoe-last-L"`` (the last L odd-indexed blocks, as V-MoE plac
 """
 from __future__ import annotations
 
+import copy
 import inspect
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -138,7 +138,7 @@ def upcycle(dense: VisionTransformer, moe_layers: str | Sequence[int] = "last-2"
     if not isinstance(dense, VisionTransformer):
         raise ValueError(f"upcycle expects a timm VisionTransformer, got {type(dense).__name__}")
     validate_moe_kwargs(moe_kwargs)
-    model = dense if inplace else _deepcopy(dense)
+    model = dense if inplace else copy.deepcopy(dense)
     indices = resolve_moe_layers(moe_layers, len(model.blocks))
     for i in indices:
         mlp = model.blocks[i].mlp
@@ -183,11 +183,6 @@ def copy_dense_into_moe(moe: MoEMlp, fc1_w, fc1_b, fc2_w, fc2_b, shared_init: st
         shared.fc2.weight.zero_()
         if shared.fc2.bias is not None:
             shared.fc2.bias.zero_()
-
-
-def _deepcopy(model: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(model)
 
 
 def checkpoint_filter_fn(state_dict: dict, model: ViMoE, **kwargs) -> dict:
@@ -269,4 +264,3 @@ def vimoe_base_patch14_dinov2(pretrained: bool = False, **kwargs) -> ViMoE:
 
 
 MODEL_NAMES = ("vimoe_tiny_patch4_28", "vimoe_small_patch16_224", "vimoe_base_patch14_dinov2")
-REPO_ROOT = Path(__file__).resolve().parents[1]

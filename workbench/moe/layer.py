@@ -7,7 +7,6 @@ Experts are stacked parameters ``w1 (E, d, h)``, ``w2 (E, h, d)`` with biases, s
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
