@@ -187,7 +187,14 @@ def bench_app(checkpoint=None, reps: int = 30) -> dict:
     examples = example_images()
     checkpoint = checkpoint or DEFAULT_CHECKPOINT
     explorer.analyse(examples[0], checkpoint)
-    timings = [explorer.analyse(examples[i % len(examples)], checkpoint).timings for i in range(reps)]
+    timings = []
+    for i in range(reps):
+        analysis = explorer.analyse(examples[i % len(examples)], checkpoint)
+        t0 = time.perf_counter()
+        analysis.overlay(analysis.layers[-1])  # what the page shows first
+        overlay_ms = (time.perf_counter() - t0) * 1e3
+        t = analysis.timings
+        timings.append({**t, "overlay_ms": overlay_ms, "total_ms": t["total_ms"] + overlay_ms})
     med = {k: round(statistics.median(t[k] for t in timings), 2) for k in timings[0]}
     return {"checkpoint": str(checkpoint), "reps": reps, "threads": torch.get_num_threads(), **med}
 
@@ -281,10 +288,10 @@ def _cmd_app(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     r = bench_app(args.checkpoint, args.reps)
-    overlay = r["total_ms"] - r["preprocess_ms"] - r["forward_ms"]
     return _emit(args, "app", r, f"routing explorer, {r['checkpoint']} ({r['threads']} threads, median of "
                                  f"{r['reps']}):\n  request {r['total_ms']:.1f} ms = decode+preprocess "
-                                 f"{r['preprocess_ms']:.1f} ms + forward {r['forward_ms']:.1f} ms + overlay {overlay:.1f} ms")
+                                 f"{r['preprocess_ms']:.1f} ms + forward {r['forward_ms']:.1f} ms + overlay "
+                                 f"{r['overlay_ms']:.1f} ms")
 
 
 def _cmd_moe(args) -> int:
