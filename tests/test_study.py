@@ -5,7 +5,7 @@ import timm
 import yaml
 
 from workbench.checkpoint import model_config, save_model
-from workbench.study import load_study, plan, run_study, summary
+from workbench.study import load_pruning, load_routing, load_study, plan, routing_tables, run_study, summary
 
 
 @pytest.fixture()
@@ -56,3 +56,56 @@ def test_shipped_study_files_are_valid():
         study = load_study(path)
         assert len(study["seeds"]) >= 3, f"{path.name}: accuracy claims need at least 3 seeds"
         assert plan(study)
+
+
+def test_study_analysis_records_routing_and_pruning_controls(tmp_path):
+    dense = timm.create_model("vimoe_tiny_patch4_28", moe_layers="none", depth=4, embed_dim=32, num_heads=2)
+    kw = {"moe_layers": "none", "depth": 4, "embed_dim": 32, "num_heads": 2}
+    save_model(dense, model_config("vimoe_tiny_patch4_28", kw), tmp_path / "dense")
+    study = {"name": "an", "base": str(tmp_path / "dense"), "seeds": [3],
+             "train": {"dataset": "synthetic", "train_subset": 64, "test_subset": 40, "epochs": 1, "batch_size": 32},
+             "common": {"num_experts": 4}, "analysis": {"routing": True, "prune_fraction": 0.5},
+             "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
+                         "last-2": {"moe_layers": "last-2"}}}
+    path = tmp_path / "an.yaml"
+    path.write_text(yaml.safe_dump(study))
+    run_study(path, results=tmp_path / "results")
+    read = lambda name: json.loads((tmp_path / "results" / "an" / f"{name}__seed3.json").read_text())  # noqa: E731
+    assert "routing" not in read("dense") and "pruning" not in read("dense")
+    rec = read("all")
+    assert sorted(rec["routing"], key=int) == ["0", "1", "2", "3"]
+    layer = rec["routing"]["3"]
+    assert len(layer["class_expert"]) == 10 and len(layer["class_expert"][0]) == 4
+    assert sum(map(sum, layer["class_expert"])) == 40 * 49  # every patch of every test image, first choice
+    assert len(layer["position_expert"]) == 49
+    assert 0 <= layer["nmi"] <= 1 and layer["recommend"] in ("keep", "densify")
+    rows = {r["densified"]: r for r in rec["pruning"]}
+    assert rows["none"]["test_acc"] == rec["test_acc"] and rows["none"]["blocks"] == []
+    ranked = sorted(rec["routing"], key=lambda b: -rec["routing"][b]["nmi_excess"])
+    assert rows["most specialised"]["blocks"] == sorted(int(b) for b in ranked[:2])
+    assert rows["least specialised"]["blocks"] == sorted(int(b) for b in ranked[-2:])
+    assert len(rows["random"]["blocks"]) == 2
+    for name in ("least specialised", "most specialised", "random"):
+        assert rows[name]["params"] < rows["none"]["params"]
+    # last-2 has fewer MoE layers than prune_min_layers (4): routing recorded, no pruning
+    assert "routing" in read("last-2") and "pruning" not in read("last-2")
+    # the loaders the notebooks read
+    routing = load_routing(path, results=tmp_path / "results")
+    assert sorted(set(routing["config"])) == ["all", "last-2"] and len(routing) == 4 + 2
+    assert routing.query("config == 'all' and block == 3")["nmi"].item() == layer["nmi"]
+    assert routing_tables(path, "all", 3, results=tmp_path / "results")[3] == layer["class_expert"]
+    assert len(routing_tables(path, "all", 3, "position_expert", results=tmp_path / "results")) == 4
+    with pytest.raises(ValueError, match="no routing analysis"):
+        routing_tables(path, "dense", 3, results=tmp_path / "results")
+    pruning = load_pruning(path, results=tmp_path / "results")
+    assert pruning["densified"].tolist() == ["none", "least specialised", "most specialised", "random"]
+
+
+def test_study_analysis_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nconfigs: {a: {}}\nbase: y\nanalysis: {prune: 2}\n")
+    with pytest.raises(ValueError, match="unknown analysis keys"):
+        load_study(bad)
+    bad.write_text("name: x\nconfigs: {a: {}}\nbase: y\nanalysis: {prune_fraction: 1.5}\n")
+    with pytest.raises(ValueError, match="prune_fraction"):
+        load_study(bad)

@@ -38,6 +38,36 @@ def test_heatmap_has_slider_and_fixed_range(routed):
     assert len(fig.layout.sliders[0].steps) == 2
 
 
+def test_heatmap_from_recorded_tables_matches_stats(routed):
+    _, stats, _, _ = routed
+    tables = {b: s.class_expert.int().tolist() for b, s in stats.layers.items()}
+    a, b = viz.class_expert_heatmap(stats), viz.class_expert_heatmap(tables)
+    for ta, tb in zip(a.data, b.data):
+        np.testing.assert_allclose(np.asarray(ta.z), np.asarray(tb.z))
+
+
+def test_position_maps_colour_each_position_by_its_dominant_expert():
+    counts = np.zeros((4, 3))
+    counts[[0, 1, 2, 3], [2, 0, 0, 1]] = 10  # positions 0..3 -> experts 2, 0, 0, 1
+    fig = viz.position_maps({5: counts.tolist()}, (2, 2))
+    img = np.asarray(fig.data[0].z)
+    h, w = img.shape[0] // 2, img.shape[1] // 2
+    for pos, e in enumerate([2, 0, 0, 1]):  # full share: the patch centre is the expert's colour
+        r, c = divmod(pos, 2)
+        assert tuple(img[r * h + h // 2, c * w + w // 2]) == expert_rgb(e)
+    assert sorted(t.name for t in fig.data[1:]) == ["expert 0", "expert 1", "expert 2"]
+
+
+def test_specialisation_by_depth_means_over_seeds():
+    import pandas as pd
+
+    rows = pd.DataFrame({"group": ["a"] * 4, "seed": [0, 1, 0, 1], "block": [0, 0, 1, 1],
+                         "nmi": [0.1, 0.3, 0.5, 0.7], "null_nmi": [0.01] * 4})
+    fig = viz.specialisation_by_depth(rows)
+    assert list(fig.data[0].y) == pytest.approx([0.2, 0.6]) and fig.data[0].name == "a (n=2)"
+    assert list(fig.data[0].error_y.array) == pytest.approx([0.1, 0.1])
+
+
 def test_metrics_figure(routed):
     _, stats, _, _ = routed
     fig = viz.metrics_by_layer(layer_report(stats, repeats=3))

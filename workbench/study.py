@@ -36,7 +36,8 @@ from .provenance import provenance
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs" / "studies"
-STUDY_KEYS = {"name", "profile", "base", "train", "seeds", "common", "configs", "description"}
+STUDY_KEYS = {"name", "profile", "base", "train", "seeds", "common", "configs", "description", "analysis"}
+ANALYSIS_KEYS = {"routing", "prune_fraction", "prune_min_layers", "null_repeats"}
 
 
 def load_study(path) -> dict:
@@ -54,6 +55,13 @@ def load_study(path) -> dict:
     study.setdefault("common", {})
     study.setdefault("train", {})
     study.setdefault("profile", "cpu")
+    analysis = study.setdefault("analysis", {})
+    unknown = set(analysis) - ANALYSIS_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown analysis keys {sorted(unknown)}; allowed: {sorted(ANALYSIS_KEYS)}")
+    fraction = analysis.get("prune_fraction", 0)
+    if not 0 <= fraction < 1:
+        raise ValueError(f"{path}: analysis.prune_fraction={fraction} must be in [0, 1)")
     return study
 
 
@@ -89,17 +97,75 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     model, model_cfg = load_model(out / "model")
     prof = profile(model)
     last = history[-1]
+    analysis = analyse_run(model, cfg, study.get("analysis", {}), seed)
     record = {"study": study["name"], "config": config, "seed": seed, "model_config": model_cfg,
               "train_config": {k: v for k, v in cfg.__dict__.items() if k not in ("quiet", "output")},
               "test_acc": last["test_acc"], "test_loss": last["test_loss"], "test_n": last["test_n"],
               "train_acc": last["train_acc"], "params": prof.params, "active_params": prof.active_params,
-              "gmacs": prof.macs / 1e9, "moe_test": last["moe_test"], "history": history,
+              "gmacs": prof.macs / 1e9, "moe_test": last["moe_test"], "history": history, **analysis,
               "provenance": provenance(device if device != "auto" else None,
                                        wall_time_s=round(time.time() - started, 1),
                                        train_wall_time_s=last["wall_time"])}
     atomic_write_text(result_path(study, config, seed, results), json.dumps(record, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)  # the record holds what matters; weights of every variant would bloat
     return record
+
+
+def analyse_run(model, cfg, analysis: dict, seed: int) -> dict:
+    """What a study's ``analysis`` block asks of a trained run, computed before its weights are deleted:
+
+    * ``routing: true``: per MoE layer on the full test set, the specialisation metrics against the
+      label-permutation null (``layer_report``) and the class x expert / position x expert count tables.
+    * ``prune_fraction: f`` (runs with at least ``prune_min_layers`` MoE layers, default 4): densify
+      round(f x layers) MoE layers three ways, the least specialised, the most specialised and a seeded random
+      choice, and record test accuracy, parameters and MACs of each (no fine-tuning after the merge).
+    """
+    from .data import build_datasets
+    from .moe import moe_modules
+
+    blocks = sorted(moe_modules(model))
+    if not blocks or not (analysis.get("routing") or analysis.get("prune_fraction")):
+        return {}
+    from .routing import collect_routing
+    from .specialisation import layer_report
+
+    _, test = build_datasets(cfg.dataset, root=cfg.data_root, model=model, augment=False, test_subset=cfg.test_subset)
+    stats = collect_routing(model, test, progress=False)
+    report = layer_report(stats, repeats=int(analysis.get("null_repeats", 20)))
+    out = {}
+    if analysis.get("routing"):
+        tables = {b: {"class_expert": s.class_expert.round().int().tolist(),
+                      "position_expert": s.position_expert.round().int().tolist()
+                      if s.position_expert is not None else None} for b, s in stats.layers.items()}
+        out["routing"] = {str(int(r["block"])): {**{k: (round(v, 5) if isinstance(v, float) else v)
+                                                   for k, v in r.items() if k != "block"}, **tables[int(r["block"])]}
+                          for r in report.to_dict("records")}
+    k = round(analysis.get("prune_fraction", 0) * len(blocks))
+    if k and len(blocks) >= analysis.get("prune_min_layers", 4):
+        out["pruning"] = prune_controls(model, stats, report, test, k, seed)
+    return out
+
+
+def prune_controls(model, stats, report, test, count: int, seed: int) -> list[dict]:
+    """Densify ``count`` MoE layers chosen by specialisation (least, most) and at random; evaluate each."""
+    import random
+
+    from .densify import densify
+    from .flops import profile
+    from .specialisation import layers_to_densify
+    from .train import evaluate
+
+    ranked = report["block"].tolist()  # most specialised first
+    choices = [("none", []), ("least specialised", layers_to_densify(report, count=count)),
+               ("most specialised", sorted(ranked[:count])),
+               ("random", sorted(random.Random(seed).sample(sorted(stats.layers), count)))]
+    rows = []
+    for name, chosen in choices:
+        m = densify(model, chosen, "merge", stats=stats) if chosen else model
+        p = profile(m)
+        rows.append({"densified": name, "blocks": [int(b) for b in chosen], "test_acc": evaluate(m, test)["acc"],
+                     "params": p.params, "gmacs": round(p.macs / 1e9, 6)})
+    return rows
 
 
 def run_study(path, only=None, seeds=None, device: str = "auto", results: Path | None = None) -> list[dict]:
@@ -120,15 +186,55 @@ def run_study(path, only=None, seeds=None, device: str = "auto", results: Path |
 
 
 def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
-    study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
     rows = []
-    for path in sorted((Path(results or RESULTS) / study["name"]).glob("*.json")):
-        r = json.loads(path.read_text())
+    for r in _records(study_or_path, results):
         rows.append({"config": r["config"], "seed": r["seed"], "test_acc": r["test_acc"], "params": r["params"],
                      "active_params": r["active_params"], "gmacs": r["gmacs"],
                      "wall_time_s": r["provenance"]["wall_time_s"], "device": r["provenance"]["device"],
                      "commit": r["provenance"]["commit"]})
     return pd.DataFrame(rows)
+
+
+def _records(study_or_path, results: Path | None = None):
+    study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
+    for path in sorted((Path(results or RESULTS) / study["name"]).glob("*.json")):
+        yield json.loads(path.read_text())
+
+
+def load_routing(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
+    """The recorded routing analyses: one row per (config, seed, MoE block) with the specialisation metrics and
+    their nulls (runs recorded without ``analysis.routing`` are absent)."""
+    rows = []
+    for r in _records(study_or_path, results):
+        if "routing" not in r or (configs and r["config"] not in configs):
+            continue
+        for block, layer in r["routing"].items():
+            rows.append({"config": r["config"], "seed": r["seed"], "block": int(block),
+                         **{k: v for k, v in layer.items() if k not in ("class_expert", "position_expert")}})
+    if not rows:
+        return pd.DataFrame(columns=["config", "seed", "block"])
+    return pd.DataFrame(rows).sort_values(["config", "seed", "block"]).reset_index(drop=True)
+
+
+def routing_tables(study_or_path, config: str, seed: int, kind: str = "class_expert",
+                   results: Path | None = None) -> dict[int, list]:
+    """One recorded run's count tables per MoE block: ``class_expert`` or ``position_expert``."""
+    study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
+    path = result_path(study, config, seed, results)
+    if not path.is_file():
+        raise ValueError(f"{config} seed {seed} is not recorded in study {study['name']} ({path})")
+    record = json.loads(path.read_text())
+    if "routing" not in record:
+        raise ValueError(f"{path} has no routing analysis: it was recorded without analysis.routing")
+    return {int(b): layer[kind] for b, layer in record["routing"].items() if layer[kind] is not None}
+
+
+def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
+    """The recorded pruning controls: one row per (config, seed, choice of densified layers)."""
+    rows = [{"config": r["config"], "seed": r["seed"], **row}
+            for r in _records(study_or_path, results) if "pruning" in r and (not configs or r["config"] in configs)
+            for row in r["pruning"]]
+    return pd.DataFrame(rows, columns=["config", "seed", "densified", "blocks", "test_acc", "params", "gmacs"])
 
 
 def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:

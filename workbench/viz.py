@@ -19,14 +19,22 @@ from .palette import NULL_COLOR, expert_color, expert_name, expert_rgb
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
 
-def class_expert_heatmap(stats, class_names=None, normalise: str = "class") -> go.Figure:
+def _class_tables(stats) -> dict[int, torch.Tensor]:
+    if hasattr(stats, "layers"):  # RoutingStats
+        return {int(b): s.class_expert.float() for b, s in stats.layers.items()}
+    return {int(b): torch.as_tensor(np.asarray(t), dtype=torch.float32) for b, t in stats.items()}
+
+
+def class_expert_heatmap(stats, class_names=None, normalise: str = "class", title: str = "Class x expert routing"
+                         ) -> go.Figure:
     """P(expert | class) per MoE layer, a slider across layers; the colour range is fixed to [0, 1] so layers
-    compare by eye."""
-    blocks = list(stats.layers)
-    class_names = list(class_names or range(stats.num_classes))
+    compare by eye.  ``stats``: a RoutingStats, or recorded (classes, experts) count tables keyed by block."""
+    tables = _class_tables(stats)
+    blocks = sorted(tables)
+    class_names = list(class_names or range(next(iter(tables.values())).shape[0]))
     frames = []
     for b in blocks:
-        table = stats.layers[b].class_expert.float()
+        table = tables[b]
         if normalise == "class":
             table = table / table.sum(1, keepdim=True).clamp(min=1)
         frames.append(table.numpy())
@@ -39,8 +47,8 @@ def class_expert_heatmap(stats, class_names=None, normalise: str = "class") -> g
                                  hovertemplate="class %{y}<br>expert %{x}<br>P=%{z:.3f}<extra>block " + str(b) + "</extra>"))
     steps = [dict(method="update", label=f"block {b}",
                   args=[{"visible": [j == i for j in range(len(blocks))]},
-                        {"title": f"Class x expert routing, block {b}"}]) for i, b in enumerate(blocks)]
-    fig.update_layout(**LAYOUT, title=f"Class x expert routing, block {blocks[0]}",
+                        {"title": f"{title}, block {b}"}]) for i, b in enumerate(blocks)]
+    fig.update_layout(**LAYOUT, title=f"{title}, block {blocks[0]}",
                       sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="layer: "))],
                       xaxis=dict(title="expert", tickmode="array", tickvals=[f"e{e}" for e in range(E)]),
                       yaxis=dict(title="class", autorange="reversed"))
@@ -67,6 +75,52 @@ def metrics_by_layer(report: pd.DataFrame, metrics=("nmi", "purity", "consistenc
                                  legendgroup=m))
     fig.update_layout(**LAYOUT, title="Routing specialisation by layer (band: label-permutation null, ±3 std)",
                       xaxis=dict(title="block", type="category"), yaxis=dict(title="metric", range=[0, 1.02]))
+    return fig
+
+
+def specialisation_by_depth(rows: pd.DataFrame, metric: str = "nmi", group: str = "group") -> go.Figure:
+    """A metric by block, mean over seeds with a min-max bar, one line per ``group``, beside its
+    label-permutation null (dotted).  ``rows``: one row per (group, seed, block) with ``metric`` and
+    ``null_<metric>`` columns (as ``study.load_routing`` returns)."""
+    fig = go.Figure()
+    for i, (name, df) in enumerate(rows.groupby(group, sort=False)):
+        g = df.groupby("block")
+        mean, lo, hi, null = g[metric].mean(), g[metric].min(), g[metric].max(), g[f"null_{metric}"].mean()
+        x = [str(b) for b in mean.index]
+        color = expert_color(i)
+        fig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=f"{name} (n={df['seed'].nunique()})",
+                                 line=dict(color=color), legendgroup=name,
+                                 error_y=dict(type="data", symmetric=False, array=hi - mean, arrayminus=mean - lo)))
+        fig.add_trace(go.Scatter(x=x, y=null, mode="lines", name=f"{name}, null", legendgroup=name,
+                                 line=dict(color=color, dash="dot")))
+    fig.update_layout(**LAYOUT, title=f"Routing specialisation ({metric}) by depth: mean over seeds, bars min-max",
+                      xaxis=dict(title="block", type="category"), yaxis=dict(title=metric, rangemode="tozero"))
+    return fig
+
+
+def position_maps(tables: dict, grid: tuple[int, int], title: str = "Dominant expert per patch position"
+                  ) -> go.Figure:
+    """For each block (token routing), each patch position tinted by the expert most of its patches go to over a
+    dataset, opacity by that expert's share.  ``tables``: (positions, experts) counts keyed by block."""
+    from plotly.subplots import make_subplots
+
+    blocks = sorted(tables, key=int)
+    fig = make_subplots(rows=1, cols=len(blocks), subplot_titles=[f"block {b}" for b in blocks],
+                        horizontal_spacing=0.02)
+    used = set()
+    for j, b in enumerate(blocks, 1):
+        counts = np.asarray(tables[b], dtype=np.float64)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        top = share.argmax(1)
+        used.update(int(e) for e in top)
+        rgb = overlay_rgb(np.ones(grid, np.float32), top.reshape(grid), share.max(1).reshape(grid), alpha=1.0)
+        fig.add_trace(go.Image(z=rgb, hoverinfo="skip"), row=1, col=j)
+    for e in sorted(used):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=expert_name(e),
+                                 marker=dict(size=12, color=expert_color(e), symbol="square")))
+    fig.update_layout(**LAYOUT, title=title, legend=dict(itemclick=False))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
     return fig
 
 
