@@ -192,7 +192,8 @@ def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
                      "active_params": r["active_params"], "gmacs": r["gmacs"],
                      "wall_time_s": r["provenance"]["wall_time_s"], "device": r["provenance"]["device"],
                      "commit": r["provenance"]["commit"]})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["config", "seed", "test_acc", "params", "active_params", "gmacs",
+                                       "wall_time_s", "device", "commit"])
 
 
 def _records(study_or_path, results: Path | None = None):

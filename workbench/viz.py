@@ -80,19 +80,20 @@ def metrics_by_layer(report: pd.DataFrame, metrics=("nmi", "purity", "consistenc
 
 def specialisation_by_depth(rows: pd.DataFrame, metric: str = "nmi", group: str = "group") -> go.Figure:
     """A metric by block, mean over seeds with a min-max bar, one line per ``group``, beside its
-    label-permutation null (dotted).  ``rows``: one row per (group, seed, block) with ``metric`` and
+    label-permutation null (dotted) when there is one.  ``rows``: one row per (group, seed, block) with ``metric`` and
     ``null_<metric>`` columns (as ``study.load_routing`` returns)."""
     fig = go.Figure()
     for i, (name, df) in enumerate(rows.groupby(group, sort=False)):
         g = df.groupby("block")
-        mean, lo, hi, null = g[metric].mean(), g[metric].min(), g[metric].max(), g[f"null_{metric}"].mean()
+        mean, lo, hi = g[metric].mean(), g[metric].min(), g[metric].max()
         x = [str(b) for b in mean.index]
         color = expert_color(i)
         fig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=f"{name} (n={df['seed'].nunique()})",
                                  line=dict(color=color), legendgroup=name,
                                  error_y=dict(type="data", symmetric=False, array=hi - mean, arrayminus=mean - lo)))
-        fig.add_trace(go.Scatter(x=x, y=null, mode="lines", name=f"{name}, null", legendgroup=name,
-                                 line=dict(color=color, dash="dot")))
+        if f"null_{metric}" in df:  # position_nmi has no permutation null
+            fig.add_trace(go.Scatter(x=x, y=g[f"null_{metric}"].mean(), mode="lines", name=f"{name}, null",
+                                     legendgroup=name, line=dict(color=color, dash="dot")))
     fig.update_layout(**LAYOUT, title=f"Routing specialisation ({metric}) by depth: mean over seeds, bars min-max",
                       xaxis=dict(title="block", type="category"), yaxis=dict(title=metric, rangemode="tozero"))
     return fig
