@@ -52,10 +52,37 @@ def test_study_file_errors(tmp_path, study_file):
 def test_shipped_study_files_are_valid():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "experiments" / "studies").glob("*.yaml")):
+    root = Path(__file__).resolve().parents[1]
+    paths = sorted((root / "experiments" / "studies").rglob("*.yaml"))
+    profiles = {}
+    for path in paths:
         study = load_study(path)
         assert len(study["seeds"]) >= 3, f"{path.name}: accuracy claims need at least 3 seeds"
         assert plan(study)
+        profiles.setdefault(study["profile"], set()).add(study["name"].removesuffix("_gpu"))
+    assert profiles["cpu"] == profiles["gpu"] == {"placement", "shared_expert", "routing"}
+    import timm
+
+    base = yaml.safe_load((root / "experiments" / "gpu" / "dense.yaml").read_text())
+    model = timm.create_model(base["model"], **base["model_kwargs"])
+    assert model.embed_dim == 384 and len(model.blocks) == 12
+
+
+def test_study_run_errors_name_the_fix(tmp_path, study_file, monkeypatch):
+    study = yaml.safe_load(study_file.read_text())
+    missing = tmp_path / "nobase.yaml"
+    missing.write_text(yaml.safe_dump({**study, "base": str(tmp_path / "no-such-dense")}))
+    with pytest.raises(ValueError, match="does not exist; train it first"):
+        run_study(missing, results=tmp_path / "r")
+    gpu = tmp_path / "gpu.yaml"
+    gpu.write_text(yaml.safe_dump({**study, "profile": "gpu"}))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ValueError, match="gpu-profile study and this machine has no CUDA GPU"):
+        run_study(gpu, results=tmp_path / "r")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**study, "profile": "tpu"}))
+    with pytest.raises(ValueError, match="profile='tpu'"):
+        load_study(bad)
 
 
 def test_study_analysis_records_routing_and_pruning_controls(tmp_path):

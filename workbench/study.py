@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs" / "studies"
 STUDY_KEYS = {"name", "profile", "base", "train", "seeds", "common", "configs", "description", "analysis"}
+PROFILES = ("cpu", "gpu")  # cpu: tiny ViMoE, Fashion-MNIST subset; gpu: ViT-S width/depth, full data, on a GPU
 ANALYSIS_KEYS = {"routing", "prune_fraction", "prune_min_layers", "null_repeats"}
 
 
@@ -55,6 +56,8 @@ def load_study(path) -> dict:
     study.setdefault("common", {})
     study.setdefault("train", {})
     study.setdefault("profile", "cpu")
+    if study["profile"] not in PROFILES:
+        raise ValueError(f"{path}: profile={study['profile']!r} is not one of {PROFILES}")
     analysis = study.setdefault("analysis", {})
     unknown = set(analysis) - ANALYSIS_KEYS
     if unknown:
@@ -171,6 +174,17 @@ def prune_controls(model, stats, report, test, count: int, seed: int) -> list[di
 def run_study(path, only=None, seeds=None, device: str = "auto", results: Path | None = None) -> list[dict]:
     study = load_study(path)
     todo = plan(study, only, seeds)
+    base = ROOT / study["base"]
+    if not base.exists():
+        raise ValueError(f"{path}: the dense base {study['base']} does not exist; train it first "
+                         f"(experiments/default/train.sh for the cpu profile, experiments/gpu/train_base.sh "
+                         f"for the gpu profile)")
+    if study["profile"] == "gpu" and device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{path} is a gpu-profile study and this machine has no CUDA GPU; run it on one, "
+                             f"or pass --device cpu to run it here anyway (slowly)")
     done = []
     for i, (config, seed) in enumerate(todo, 1):
         target = result_path(study, config, seed, results)
