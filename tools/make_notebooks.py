@@ -93,6 +93,10 @@ import plotly.graph_objects as go
 from workbench.palette import expert_color
 def study(name):
     return load_study(os.path.join(ROOT, "experiments/studies", name + ".yaml"))
+def all_runs(loader):
+    \"\"\"A loader's table for the 'all' runs (MoE in every block) of both studies, labelled by shared expert.\"\"\"
+    return pd.concat([loader(study("placement"), ["all"]).assign(group="all, no shared expert"),
+                      loader(study("shared_expert"), ["all"]).assign(group="all + shared expert")])
 def seed_plot(frames, title):
     fig = go.Figure()
     for i, (label, df) in enumerate(frames):
@@ -226,8 +230,7 @@ print(f"most specialised: block {int(best.block)} (NMI {best.nmi:.3f} vs null {b
                "re-runs one and checks it regenerates)."),
         ("code", STUDY + """
 from workbench.study import load_routing, routing_tables
-depth = pd.concat([load_routing(study("placement"), ["all"]).assign(group="all, no shared expert"),
-                   load_routing(study("shared_expert"), ["all"]).assign(group="all + shared expert")])
+depth = all_runs(load_routing)
 by_block = (depth.groupby(["group", "block"], sort=False)
             .agg(seeds=("seed", "nunique"), nmi=("nmi", "mean"), null_nmi=("null_nmi", "mean"),
                  position_nmi=("position_nmi", "mean"), purity=("purity", "mean"), load_cv=("load_cv", "mean"),
@@ -287,16 +290,15 @@ def _():
                "densified), 3 seeds each; `tests/test_recorded_results.py` re-runs one and checks it regenerates."),
         ("code", STUDY + """
 from workbench.study import load_pruning
-pruning = pd.concat([load_pruning(study("placement"), ["all"]).assign(model="all, no shared expert"),
-                     load_pruning(study("shared_expert"), ["all"]).assign(model="all + shared expert")])
-controls = (pruning.groupby(["model", "densified"], sort=False)
+pruning = all_runs(load_pruning)
+controls = (pruning.groupby(["group", "densified"], sort=False)
             .agg(seeds=("seed", "nunique"), acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
                  params_M=("params", lambda p: p.iloc[0] / 1e6), gmacs=("gmacs", "first")).reset_index())
 print(controls.round(4).to_string(index=False))
 print("layers densified as least specialised, per seed:",
-      {f"{m} s{s}": b for m, s, b in pruning.query("densified == 'least specialised'")[["model", "seed", "blocks"]].values})"""),
+      {f"{g} s{s}": b for g, s, b in pruning.query("densified == 'least specialised'")[["group", "seed", "blocks"]].values})"""),
         ("code", """fig = go.Figure()
-for i, (model_name, g) in enumerate(controls.groupby("model", sort=False)):
+for i, (model_name, g) in enumerate(controls.groupby("group", sort=False)):
     fig.add_trace(go.Bar(x=g["densified"], y=g["acc_mean"], error_y=dict(type="data", array=g["acc_std"]),
                          name=model_name, marker_color=expert_color(i)))
 fig.update_layout(template="plotly_white", barmode="group", yaxis=dict(title="test accuracy (mean of seeds)", range=[0.7, 0.85]),
@@ -327,7 +329,7 @@ table = pd.DataFrame(rows)
 print(table.to_string(index=False))"""),
         ("md", "## Finding\n\nThe paper's claim holds here if densifying the least specialised layers keeps "
                "accuracy (within 0.005 of the ViMoE) while cutting parameters, and loses no more than the controls."),
-        ("code", """for model_name, g in controls.groupby("model", sort=False):
+        ("code", """for model_name, g in controls.groupby("group", sort=False):
     acc = g.set_index("densified")["acc_mean"]
     params = g.set_index("densified")["params_M"]
     print(f"{model_name} ({int(g.seeds.min())} seeds): accuracy {acc['none']:.4f} -> {acc['least specialised']:.4f} "
