@@ -153,6 +153,10 @@ if len(moe) >= 2 and len(dense):
           f"the dense control reaches {float(dense.acc_mean.iloc[0]):.4f}.")
     print("Placement matters (spread larger than 2x the mean seed std):",
           bool(best.acc_mean - worst.acc_mean > 2 * moe["acc_std"].mean()))
+    early = moe[moe["config"].isin(["first-2", "all"])]["acc_mean"].mean()
+    late = moe[moe["config"].isin(["last-2", "last-4"])]["acc_mean"].mean()
+    print(f"MoE in the early blocks (first-2, all) {early:.4f} vs only in late blocks (last-2, last-4) {late:.4f}: "
+          f"early MoE layers hurt (the paper's direction): {bool(early < late)}")
 else:
     print(f"Only {len(full)} configs have 3 seeds recorded so far: no finding yet.")"""),
     ]
