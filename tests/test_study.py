@@ -61,8 +61,6 @@ def test_shipped_study_files_are_valid():
         assert plan(study)
         profiles.setdefault(study["profile"], set()).add(study["name"].removesuffix("_gpu"))
     assert profiles["cpu"] == profiles["gpu"] == {"placement", "shared_expert", "routing"}
-    import timm
-
     base = yaml.safe_load((root / "experiments" / "gpu" / "dense.yaml").read_text())
     model = timm.create_model(base["model"], **base["model_kwargs"])
     assert model.embed_dim == 384 and len(model.blocks) == 12

@@ -68,6 +68,11 @@ def load_study(path) -> dict:
     return study
 
 
+def _as_study(study_or_path) -> dict:
+    """A loaded study as it is, or the study file at a path, loaded."""
+    return study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
+
+
 def result_path(study: dict, config: str, seed: int, results: Path | None = None) -> Path:
     return Path(results or RESULTS) / study["name"] / f"{config}__seed{seed}.json"
 
@@ -211,7 +216,7 @@ def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
 
 
 def _records(study_or_path, results: Path | None = None):
-    study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
+    study = _as_study(study_or_path)
     for path in sorted((Path(results or RESULTS) / study["name"]).glob("*.json")):
         yield json.loads(path.read_text())
 
@@ -234,7 +239,7 @@ def load_routing(study_or_path, configs=None, results: Path | None = None) -> pd
 def routing_tables(study_or_path, config: str, seed: int, kind: str = "class_expert",
                    results: Path | None = None) -> dict[int, list]:
     """One recorded run's count tables per MoE block: ``class_expert`` or ``position_expert``."""
-    study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
+    study = _as_study(study_or_path)
     path = result_path(study, config, seed, results)
     if not path.is_file():
         raise ValueError(f"{config} seed {seed} is not recorded in study {study['name']} ({path})")
@@ -254,7 +259,7 @@ def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd
 
 def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:
     """Mean and std of test accuracy over seeds per config (in the study's order), params and GMACs beside."""
-    study = study_or_path if isinstance(study_or_path, dict) else load_study(study_or_path)
+    study = _as_study(study_or_path)
     df = load_results(study, results)
     if df.empty:
         return pd.DataFrame(columns=["config", "n", "acc_mean", "acc_std", "params_M", "gmacs"])

@@ -222,15 +222,16 @@ def _cfg(**kwargs) -> dict:
             "license": "apache-2.0", **kwargs}
 
 
+# the 28x28 grayscale models: Fashion-MNIST's preprocessing and labels, 4x4 patches
+FMNIST_CFG = dict(num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, interpolation="bilinear",
+                  mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, label_names=FASHION_MNIST_LABELS)
+FMNIST_ARGS = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)
+
 default_cfgs = generate_default_cfgs({
     "vimoe_tiny_patch4_28.untrained": _cfg(
-        num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, interpolation="bilinear", mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD, label_names=FASHION_MNIST_LABELS,
-        description="Tiny ViMoE for 28x28 grayscale images (the Fashion-MNIST scale)"),
+        **FMNIST_CFG, description="Tiny ViMoE for 28x28 grayscale images (the Fashion-MNIST scale)"),
     "vimoe_small_patch4_28.untrained": _cfg(
-        num_classes=10, input_size=(1, 28, 28), crop_pct=1.0, interpolation="bilinear", mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD, label_names=FASHION_MNIST_LABELS,
-        description="ViT-S width and depth on 28x28 grayscale images (the studies' gpu profile)"),
+        **FMNIST_CFG, description="ViT-S width and depth on 28x28 grayscale images (the studies' gpu profile)"),
     "vimoe_small_patch16_224.untrained": _cfg(description="ViT-S/16 shape with MoE layers"),
     "vimoe_base_patch14_dinov2.untrained": _cfg(
         crop_pct=1.0, description="DINOv2 ViT-B/14 shape (the paper's backbone); DINOv2 weights load through "
@@ -249,14 +250,14 @@ def _create_vimoe(variant: str, pretrained: bool = False, **kwargs) -> ViMoE:
 @register_model
 def vimoe_tiny_patch4_28(pretrained: bool = False, **kwargs) -> ViMoE:
     """Tiny ViMoE: 28x28x1 input, 4x4 patches (7x7 grid + CLS = 50 tokens), d=192, 6 blocks, 3 heads."""
-    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6, num_heads=3)
+    args = dict(FMNIST_ARGS, embed_dim=192, depth=6, num_heads=3)
     return _create_vimoe("vimoe_tiny_patch4_28", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vimoe_small_patch4_28(pretrained: bool = False, **kwargs) -> ViMoE:
     """ViT-S width and depth (d=384, 12 blocks, 6 heads) on 28x28x1 input with 4x4 patches: the gpu profile."""
-    args = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=384, depth=12, num_heads=6)
+    args = dict(FMNIST_ARGS, embed_dim=384, depth=12, num_heads=6)
     return _create_vimoe("vimoe_small_patch4_28", pretrained, **dict(args, **kwargs))
 
 
