@@ -1,10 +1,25 @@
 """The benchmark runs and reports what it claims to; speed itself is never asserted here."""
 import json
+from pathlib import Path, PureWindowsPath
 
 import pytest
 import torch
 
-from workbench.bench import bench_moe, bench_train, saved_bytes
+from workbench.bench import bench_moe, bench_train, saved_bytes, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDED = sorted((ROOT / "experiments" / "results" / "bench").glob("*.json"))
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
 from workbench.cli import main
 from workbench.moe import MoEMlp
 
@@ -62,3 +77,22 @@ def test_bench_app(tmp_path):
 
     result = bench_app(tmp_path, reps=2)
     assert result["total_ms"] >= result["forward_ms"] > 0
+
+
+def test_recorded_bench_files_hold_no_absolute_paths():
+    assert RECORDED, "no recorded bench results under experiments/results/bench"
+    for path in RECORDED:
+        record = json.loads(path.read_text())
+        absolute = [s for s in _strings(record) if Path(s).is_absolute() or PureWindowsPath(s).is_absolute()]
+        assert absolute == [], f"{path.name} records absolute paths: {absolute}"
+        assert str(ROOT) not in path.read_text()
+
+
+def test_write_result_stores_repo_relative_paths(tmp_path):
+    checkpoint = ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist"
+    payload = {"checkpoint": str(checkpoint), "runs": [checkpoint / "model.safetensors"], "threads": 2,
+               "device": "cpu", "outside": "/elsewhere/model"}
+    record = json.loads(write_result("app", payload, tmp_path).read_text())
+    assert record["results"] == {"checkpoint": "experiments/checkpoints/vimoe_tiny_fmnist",
+                                 "runs": ["experiments/checkpoints/vimoe_tiny_fmnist/model.safetensors"],
+                                 "threads": 2, "device": "cpu", "outside": "/elsewhere/model"}

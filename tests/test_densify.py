@@ -58,3 +58,25 @@ def test_densify_errors():
         densify(moe, [5], "average")
     with pytest.raises(ValueError, match="needs a shared expert"):
         densify(moe, [5], "shared")
+
+
+def test_top2_merge_scales_by_the_sum_of_kept_gates():
+    """An upcycled renormalised top-2 layer (identical experts, gates summing to 1) densifies exactly; an
+    unnormalised top-2 layer is scaled by the mean of g1 + g2, not by the first gate alone."""
+    from workbench.routing import collect_routing
+    from workbench.data import synthetic, TensorData
+
+    images, labels = synthetic(64, 10, 28, 1, seed=0)
+    data = TensorData(images, labels, (0.5,), (0.25,), 10)
+    dense = timm.create_model("vimoe_tiny_patch4_28", moe_layers="none").eval()
+    x = data.normalise(images[:8])
+    renorm = workbench.upcycle(dense, "last-2", num_experts=4, top_k=2, renormalize=True).eval()
+    stats = collect_routing(renorm, data, progress=False)
+    assert stats.layers[5].mean_gate_sum == pytest.approx(1.0)
+    assert (densify(renorm, [4, 5], "merge", stats=stats)(x) - dense(x)).abs().max() < 1e-4
+    raw = workbench.upcycle(dense, [5], num_experts=4, top_k=2).eval()
+    stats = collect_routing(raw, data, progress=False)
+    s = stats.layers[5]
+    assert s.mean_gate < s.mean_gate_sum <= 1.0
+    merged = densify(raw, [5], "merge", stats=stats).blocks[5].mlp
+    torch.testing.assert_close(merged.fc2.weight, raw.blocks[5].mlp.w2[0].t() * s.mean_gate_sum)

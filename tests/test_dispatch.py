@@ -26,6 +26,9 @@ CASES = [
     dict(num_experts=4, top_k=2, routing="image", image_pool="cls", capacity_factor=0.5),
     dict(num_experts=4, top_k=1, shared_expert="add"),
     dict(num_experts=4, top_k=2, shared_expert="gated", shared_hidden=12),
+    dict(num_experts=4, top_k=2, bias=False),  # bias-free experts (and shared expert)
+    dict(num_experts=5, top_k=1, bias=False, capacity_factor=0.5, shared_expert="add"),
+    dict(num_experts=3, top_k=2, bias=False, routing="image"),
 ]
 
 
@@ -47,6 +50,24 @@ def test_paths_agree(kwargs, seed):
         for key in g0:
             torch.testing.assert_close(g[key], g0[key], atol=1e-5, rtol=1e-5, msg=f"grad of {key} ({name})")
         torch.testing.assert_close(layer.last_load, layer0.last_load)
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "loop", "einsum"])
+def test_bias_free_experts_compute_the_bias_free_ffn(dispatch):
+    torch.manual_seed(0)
+    layer = MoEMlp(16, 24, num_experts=4, top_k=2, bias=False, dispatch=dispatch)
+    assert layer.b1 is None and layer.b2 is None
+    layer.capture_routing = True
+    x = torch.randn(2, 5, 16)
+    y = layer(x).detach()
+    r = layer.last_routing
+    flat = x.reshape(-1, 16)
+    expected = torch.zeros_like(flat)
+    for t in range(flat.shape[0]):
+        for j in range(2):
+            e = r["experts"][t, j]
+            expected[t] += r["gates"][t, j] * (layer.act(flat[t] @ layer.w1[e]) @ layer.w2[e])
+    torch.testing.assert_close(y, expected.view(2, 5, 16).detach(), atol=1e-6, rtol=1e-5)
 
 
 def test_empty_experts_are_fine():

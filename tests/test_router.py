@@ -53,7 +53,28 @@ def test_balance_loss_penalises_collapse():
     probs = torch.zeros(8, 4)
     probs[:, 0] = 1.0
     experts = torch.zeros(8, 1, dtype=torch.long)
-    assert balance_loss(probs, experts).item() == pytest.approx(4.0)
+    assert balance_loss(probs, experts).item() == 4.0  # E: every unit to one expert with probability 1
+
+
+@pytest.mark.parametrize("num_experts, k", [(2, 1), (4, 1), (4, 2), (8, 2), (8, 8)])
+def test_balance_loss_is_exactly_one_for_uniform_routing_and_e_for_collapse(num_experts, k):
+    units = 2 * num_experts
+    uniform = torch.full((units, num_experts), 1.0 / num_experts)
+    spread = torch.stack([(torch.arange(units) + j) % num_experts for j in range(k)], dim=1)
+    assert balance_loss(uniform, spread).item() == 1.0
+    collapsed = torch.zeros(units, num_experts)
+    collapsed[:, 0] = 1.0
+    assert balance_loss(collapsed, torch.zeros(units, 1, dtype=torch.long)).item() == num_experts
+
+
+def test_balance_loss_can_be_below_one():
+    """Not an invariant that it is >= 1: 3 experts, unit 0 has probabilities (.4, .3, .3) and goes to expert 0,
+    unit 1 has (0, .5, .5) and goes to expert 1.  f = (1/2, 1/2, 0), P = (.2, .4, .4):
+    3 * (1/2 * .2 + 1/2 * .4) = 0.9."""
+    probs = torch.tensor([[0.4, 0.3, 0.3], [0.0, 0.5, 0.5]])
+    experts = torch.tensor([[0], [1]])
+    assert balance_loss(probs, experts).item() == pytest.approx(0.9, abs=1e-6)
+    assert balance_loss(probs, experts).item() < 1
 
 
 def test_importance_and_load_are_zero_when_balanced_and_positive_when_not():

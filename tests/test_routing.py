@@ -109,8 +109,15 @@ def test_report_ranks_and_recommends():
     spec = torch.nn.functional.one_hot(labels % 8, 8).float()
     rand = torch.nn.functional.one_hot(torch.randint(0, 8, (2000,), generator=g), 8).float()
     report = layer_report(_stats(spec, rand, labels), repeats=5)
-    assert report["block"].tolist() == [5, 2]
+    assert report["block"].tolist() == [5, 2] and "recommend" not in report  # no calls without a baseline
+    assert layers_to_densify(report, count=1) == [2] and layers_to_densify(report, count=2) == [2, 5]
+    baseline = {2: {"random_nmi": 0.0, "random_nmi_std": 0.01, "p_random": 0.6, "nmi": 0.0,
+                    "random_position_nmi": float("nan")},
+                5: {"random_nmi": 0.1, "random_nmi_std": 0.01, "p_random": 0.01, "nmi": 0.9,
+                    "random_position_nmi": float("nan")}}
+    report = layer_report(_stats(spec, rand, labels), baseline=baseline, repeats=5)
     assert report.set_index("block").loc[5, "recommend"] == "keep"
     assert report.set_index("block").loc[2, "recommend"] == "densify"
-    assert layers_to_densify(report) == [2] and layers_to_densify(report, count=2) == [2, 5]
+    assert report.set_index("block").loc[5, "p_holm"] == pytest.approx(0.02)
+    assert layers_to_densify(report) == [2]
     assert math.isnan(report.loc[0, "position_nmi"])

@@ -7,10 +7,21 @@ import timm
 import torch
 
 from workbench.checkpoint import load_model
+from workbench.data import DatasetNotFound, build_datasets
 from workbench.explorer import DEFAULT_CHECKPOINT, Explorer, example_images
+from workbench.train import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [DEFAULT_CHECKPOINT, ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist_dense"]
+# What ship.py recorded: the shipped (fp16-stored) weights on the full 10k Fashion-MNIST test set, and the last
+# training epoch's test accuracy before the fp16 round trip.
+RECORDED_TEST_ACC = {"vimoe_tiny_fmnist": 0.8622, "vimoe_tiny_fmnist_dense": 0.8498}
+LAST_EPOCH_TEST_ACC = {"vimoe_tiny_fmnist": 0.8619, "vimoe_tiny_fmnist_dense": 0.8498}
+# The shipped weights on a fixed 500-image subset of the test set (build_datasets(test_subset=500), seed 0), CPU,
+# fp32, one thread: correct predictions, computed once (the full 10k take a minute; these take seconds).
+SUBSET = 500
+SUBSET_CORRECT = {"vimoe_tiny_fmnist": 434, "vimoe_tiny_fmnist_dense": 423}
+SUBSET_LOSS = {"vimoe_tiny_fmnist": 0.42604998779296877, "vimoe_tiny_fmnist_dense": 0.4629532470703125}
 
 
 @pytest.mark.parametrize("folder", SHIPPED, ids=lambda p: p.name)
@@ -19,9 +30,43 @@ def test_shipped_checkpoint_loads_with_provenance(folder):
     record = json.loads((folder / "config.json").read_text())
     assert record["provenance"]["commit"] and record["provenance"]["device"]
     assert record["train_config"]["dataset"] == "fashion-mnist" and record["train_config"]["train_subset"] is None
-    assert 0.1 < record["shipped_test"]["acc"] <= 1 and record["shipped_test"]["n"] == 10000
     lines = (folder / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == record["train_config"]["epochs"]
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=lambda p: p.name)
+def test_shipped_record_holds_the_accuracy_it_was_shipped_with(folder):
+    record = json.loads((folder / "config.json").read_text())
+    shipped = record["shipped_test"]
+    assert shipped["n"] == 10000 and shipped["acc"] == RECORDED_TEST_ACC[folder.name]
+    assert shipped["acc"] * shipped["n"] == pytest.approx(round(shipped["acc"] * shipped["n"]), abs=1e-6)
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == record["metrics"] and last["test_n"] == 10000
+    assert last["test_acc"] == LAST_EPOCH_TEST_ACC[folder.name]
+    # the fp16 storage changes at most a handful of the 10k predictions
+    assert abs(shipped["acc"] - last["test_acc"]) * 10000 <= 5
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU results are bit-reproducible only at a fixed thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("folder", SHIPPED, ids=lambda p: p.name)
+def test_shipped_weights_reproduce_their_accuracy_on_a_fixed_subset(folder, one_thread):
+    model, _ = load_model(folder)
+    try:
+        _, test = build_datasets("fashion-mnist", model=model, test_subset=SUBSET, num_workers=0)
+    except DatasetNotFound as err:
+        pytest.skip(f"Fashion-MNIST is not installed: {err}")
+    result = evaluate(model, test)
+    assert result["n"] == SUBSET
+    assert round(result["acc"] * SUBSET) == SUBSET_CORRECT[folder.name]
+    # bit-identical on this machine's torch build; a tolerance for other CPUs' kernels
+    assert result["loss"] == pytest.approx(SUBSET_LOSS[folder.name], rel=1e-6)
 
 
 def test_default_is_a_vimoe_and_loads_through_timm_too():

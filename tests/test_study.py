@@ -5,48 +5,188 @@ import timm
 import yaml
 
 from workbench.checkpoint import model_config, save_model
-from workbench.study import load_pruning, load_routing, load_study, plan, routing_tables, run_study, summary
+from workbench.study import (StudyError, contrasts, evaluate_claims, load_pruning, load_results, load_routing,
+                             load_study, parse_shard, plan, routing_tables, run_one, run_study, summary)
+
+TRAIN = {"dataset": "synthetic", "train_subset": 96, "val_size": 64, "test_subset": 48, "epochs": 1,
+         "batch_size": 32}
+MICRO = {"embed_dim": 32, "num_heads": 2}
 
 
-@pytest.fixture()
-def study_file(tmp_path):
-    dense = timm.create_model("vimoe_tiny_patch4_28", moe_layers="none", depth=2, embed_dim=32, num_heads=2)
-    save_model(dense, model_config("vimoe_tiny_patch4_28", {"moe_layers": "none", "depth": 2, "embed_dim": 32,
-                                                            "num_heads": 2}), tmp_path / "dense")
-    study = {"name": "tiny", "base": str(tmp_path / "dense"), "seeds": [0, 1],
-             "train": {"dataset": "synthetic", "train_subset": 64, "test_subset": 32, "epochs": 1, "batch_size": 32},
-             "common": {"num_experts": 2},
-             "configs": {"dense": {"moe_layers": "none"}, "last-1": {"moe_layers": "last-1"}}}
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(study))
+def _write(tmp_path, name, study):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
 
-def test_study_runs_records_provenance_and_resumes(study_file, tmp_path, capsys):
+@pytest.fixture()
+def scratch_file(tmp_path):
+    return _write(tmp_path, "tiny", {
+        "name": "tiny", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "train": TRAIN, "seeds": [0, 1, 2],
+        "common": {"num_experts": 2, **MICRO},
+        "configs": {"dense": {"moe_layers": "none"}, "last-1": {"moe_layers": "last-1"}},
+        "claims": [{"id": "c1", "says": "MoE helps", "treatment": "last-1", "expect": "greater"},
+                   {"id": "c2", "says": "spread", "kind": "spread", "treatment": "last-1", "expect": "less"}]})
+
+
+def test_scratch_study_records_provenance_predictions_and_resumes(scratch_file, tmp_path, capsys):
     results = tmp_path / "results"
-    done = run_study(study_file, results=results)
-    assert len(done) == 4
+    done = run_study(scratch_file, results=results, allow_dirty=True)
+    assert len(done) == 6
     record = json.loads((results / "tiny" / "last-1__seed1.json").read_text())
-    assert record["config"] == "last-1" and record["seed"] == 1 and record["test_n"] == 32
+    assert record["config"] == "last-1" and record["seed"] == 1 and record["test_n"] == 48
+    assert record["protocol"] == "scratch" and record["val_acc"] is not None
+    assert len(record["test_predictions"]) == 48
     prov = record["provenance"]
     assert prov["commit"] and prov["device"].startswith(("cpu", "cuda")) and prov["wall_time_s"] > 0
+    assert prov["threads"] == 1
     assert record["model_config"]["model_kwargs"]["moe_layers"] == "last-1"
     assert record["params"] > json.loads((results / "tiny" / "dense__seed0.json").read_text())["params"]
-    assert run_study(study_file, results=results) == []  # everything recorded: nothing re-run
-    assert "recorded, skipped" in capsys.readouterr().out
-    table = summary(study_file, results=results)
-    assert table["config"].tolist() == ["dense", "last-1"] and table["n"].tolist() == [2, 2]
+    assert run_study(scratch_file, results=results, allow_dirty=True) == []  # all recorded: nothing re-run
+    assert "6 of 6 runs recorded, 0 to run" in capsys.readouterr().out
+    table = summary(scratch_file, results=results)
+    assert table["config"].tolist() == ["dense", "last-1"] and table["n"].tolist() == [3, 3]
+    c = contrasts(scratch_file, results=results)
+    df = load_results(scratch_file, results=results).pivot(index="seed", columns="config", values="test_acc")
+    assert c["delta"].item() == pytest.approx(100 * (df["last-1"] - df["dense"]).mean())
+    claims = evaluate_claims(scratch_file, results=results)
+    assert claims["id"].tolist() == ["c1", "c2"]
+    assert claims.loc[0, "estimate"] == pytest.approx(c["delta"].item())
+    assert set(claims["verdict"]) <= {"agrees", "disagrees", "inconclusive"}
 
 
-def test_study_file_errors(tmp_path, study_file):
+def test_runs_are_deterministic_and_paired_by_seed(scratch_file, tmp_path):
+    """Two runs of one config and seed give the identical record; one seed gives every config one data order."""
+    study = load_study(scratch_file)
+    a = run_one(study, "last-1", 0, device="cpu", results=tmp_path / "a", allow_dirty=True)
+    b = run_one(study, "last-1", 0, device="cpu", results=tmp_path / "b", allow_dirty=True)
+    assert a["test_predictions"] == b["test_predictions"] and a["history"][-1]["train_loss"] == \
+        b["history"][-1]["train_loss"]
+
+
+def test_jobs_and_shards_split_the_work(scratch_file, tmp_path):
+    study = load_study(scratch_file)
+    everything = plan(study)
+    shards = [plan(study, shard=(i, 3)) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(everything) and all(shards)
+    assert not set(shards[0]) & set(shards[1])
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(StudyError, match="use i/N"):
+        parse_shard("x")
+    with pytest.raises(StudyError, match="0 <= i < N"):
+        plan(study, shard=(3, 3))
+    results = tmp_path / "results"
+    assert len(run_study(scratch_file, results=results, jobs=2, shard=(0, 2), allow_dirty=True)) == 3
+    assert len(run_study(scratch_file, results=results, jobs=2, allow_dirty=True)) == 3  # the other shard
+
+
+def test_dirty_tree_is_refused(scratch_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("workbench.provenance.git_commit", lambda: "abc+dirty")
+    with pytest.raises(StudyError, match="clean commit"):
+        run_study(scratch_file, results=tmp_path / "r")
+    with pytest.raises(StudyError, match="clean commit"):
+        run_one(load_study(scratch_file), "dense", 0, results=tmp_path / "r")
+
+
+def _dense_base(tmp_path, depth=4):
+    kw = {"moe_layers": "none", "depth": depth, **MICRO}
+    dense = timm.create_model("vimoe_micro_patch7_28", **kw)
+    save_model(dense, model_config("vimoe_micro_patch7_28", kw), tmp_path / "dense")
+    return str(tmp_path / "dense")
+
+
+def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_path):
+    study = {"name": "up", "protocol": "upcycle", "base": _dense_base(tmp_path), "train": TRAIN, "seeds": [0],
+             "common": {"num_experts": 4, "renormalize": True},
+             "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
+                         "all-top2": {"moe_layers": "all", "top_k": 2},
+                         "shared-zero": {"moe_layers": "all", "shared_expert": "add", "shared_init": "zero"},
+                         "fine": {"moe_layers": "all", "shared_expert": "add", "shared_init": "split",
+                                  "shared_hidden": 64, "expert_hidden": 64},
+                         "unnormalised": {"moe_layers": "all", "renormalize": False}}}
+    path = _write(tmp_path, "up", study)
+    results = tmp_path / "results"
+    run_study(path, results=results, only=["dense", "all", "all-top2", "shared-zero", "fine"], allow_dirty=True)
+    base = json.loads((results / "up" / "_base.json").read_text())
+    df = load_results(path, results=results)
+    assert (df["step0_test_acc"] == base["test_acc"]).all() and len(df) == 5
+    with pytest.raises(StudyError, match="does not start function-preserving"):
+        run_study(path, results=results, only=["unnormalised"], allow_dirty=True)
+
+
+def test_analysis_records_random_router_test_and_every_pruning_subset(tmp_path):
+    path = _write(tmp_path, "an", {
+        "name": "an", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "train": TRAIN, "seeds": [3],
+        "common": {"num_experts": 4, **MICRO},
+        "analysis": {"routing": True, "prune_fraction": 0.5, "random_routers": 30, "random_subsets": 7},
+        "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
+                    "last-2": {"moe_layers": "last-2"}}})
+    results = tmp_path / "results"
+    run_study(path, results=results, allow_dirty=True)
+    read = lambda name: json.loads((results / "an" / f"{name}__seed3.json").read_text())  # noqa: E731
+    assert "routing" not in read("dense") and "pruning" not in read("dense")
+    rec = read("all")
+    assert sorted(rec["routing"], key=int) == ["0", "1", "2", "3"]
+    layer = rec["routing"]["3"]
+    assert len(layer["class_expert"]) == 10 and len(layer["class_expert"][0]) == 4
+    assert sum(map(sum, layer["class_expert"])) == 64 * 16  # every patch of every validation image
+    assert len(layer["position_expert"]) == 16
+    assert 0 <= layer["nmi"] <= 1 and layer["recommend"] in ("keep", "densify")
+    assert 0 < layer["p_random"] <= 1 and layer["p_holm"] >= layer["p_random"]
+    p = rec["pruning"]
+    assert p["count"] == 2 and len(p["subsets"]) == 1 + 6 and len(p["random_draws"]) == 7
+    assert p["subsets"][0]["blocks"] == [] and p["subsets"][0]["test_acc"] == pytest.approx(rec["test_acc"], abs=1e-6)
+    ranked = sorted(rec["routing"], key=lambda b: rec["routing"][b]["excess"])
+    assert p["least_specialised"] == sorted(int(b) for b in ranked[:2])
+    assert all(s["params"] < p["subsets"][0]["params"] for s in p["subsets"][1:])
+    assert "routing" in read("last-2") and "pruning" not in read("last-2")  # fewer than prune_min_layers
+    routing = load_routing(path, results=results)
+    assert sorted(set(routing["config"])) == ["all", "last-2"] and len(routing) == 4 + 2
+    assert routing_tables(path, "all", 3, results=results)[3] == layer["class_expert"]
+    with pytest.raises(StudyError, match="no routing analysis"):
+        routing_tables(path, "dense", 3, results=results)
+    pr = load_pruning(path, results=results)
+    row = pr.iloc[0]
+    assert row["subsets"] == 6 and 1 <= row["least_rank"] <= 6
+    assert min(s["test_acc"] for s in p["subsets"][1:]) <= row["all_mean_test"] <= max(
+        s["test_acc"] for s in p["subsets"][1:])
+
+
+def test_study_file_errors(tmp_path, scratch_file):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nconfigs: {}\nbase: y\nsurprise: 1\n")
-    with pytest.raises(ValueError, match="surprise"):
-        load_study(bad)
-    with pytest.raises(ValueError, match="does not exist"):
+    for text, message in [("name: x\nconfigs: {}\nbase: y\nsurprise: 1\n", "surprise"),
+                          ("name: x\nconfigs: {a: {}}\nprotocol: scratch\n", "needs 'model'"),
+                          ("name: x\nconfigs: {a: {}}\nprotocol: upcycle\n", "needs 'base'"),
+                          ("name: x\nconfigs: {a: {}}\nbase: y\nprotocol: magic\n", "protocol='magic'"),
+                          ("name: x\nconfigs: {a: {}}\nbase: y\nanalysis: {prune: 2}\n", "unknown analysis keys"),
+                          ("name: x\nconfigs: {a: {}}\nbase: y\nanalysis: {prune_fraction: 1.5}\n", "prune_fraction"),
+                          ("name: x\nconfigs: {a: {}}\nbase: y\nclaims: [{id: c, says: s, treatment: b, "
+                           "expect: greater}]\n", "'b' is not a config"),
+                          ("name: x\nconfigs: {a: {}}\nbase: y\nclaims: [{id: c, says: s, treatment: o/a, "
+                           "expect: greater}]\n", "list it under 'references'"),
+                          ("name: x\nconfigs: {a: {}}\nbase: y\nclaims: [{id: c, says: s, treatment: a, "
+                           "expect: better}]\n", "expect='better'")]:
+        bad.write_text(text)
+        with pytest.raises(StudyError, match=message):
+            load_study(bad)
+    with pytest.raises(StudyError, match="does not exist"):
         load_study(tmp_path / "missing.yaml")
-    with pytest.raises(ValueError, match="not in this study"):
-        plan(load_study(study_file), only=["last-9"])
+    with pytest.raises(StudyError, match="not in this study"):
+        plan(load_study(scratch_file), only=["last-9"])
+
+
+def test_study_run_errors_name_the_fix(tmp_path, scratch_file, monkeypatch):
+    missing = _write(tmp_path, "nobase", {"name": "n", "protocol": "upcycle", "base": str(tmp_path / "no-such"),
+                                          "configs": {"a": {}}})
+    with pytest.raises(StudyError, match="does not exist; train it first"):
+        run_study(missing, results=tmp_path / "r")
+    study = yaml.safe_load(scratch_file.read_text())
+    gpu = _write(tmp_path, "gpu", {**study, "profile": "gpu"})
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(StudyError, match="gpu-profile study and this machine has no CUDA GPU"):
+        run_study(gpu, results=tmp_path / "r")
+    with pytest.raises(StudyError, match="has no records yet"):
+        contrasts(scratch_file, results=tmp_path / "empty")
 
 
 def test_shipped_study_files_are_valid():
@@ -54,83 +194,12 @@ def test_shipped_study_files_are_valid():
 
     root = Path(__file__).resolve().parents[1]
     paths = sorted((root / "experiments" / "studies").rglob("*.yaml"))
-    profiles = {}
+    names = {}
     for path in paths:
         study = load_study(path)
-        assert len(study["seeds"]) >= 3, f"{path.name}: accuracy claims need at least 3 seeds"
         assert plan(study)
-        profiles.setdefault(study["profile"], set()).add(study["name"].removesuffix("_gpu"))
-    assert profiles["cpu"] == profiles["gpu"] == {"placement", "shared_expert", "routing"}
-    base = yaml.safe_load((root / "experiments" / "gpu" / "dense.yaml").read_text())
-    model = timm.create_model(base["model"], **base["model_kwargs"])
-    assert model.embed_dim == 384 and len(model.blocks) == 12
-
-
-def test_study_run_errors_name_the_fix(tmp_path, study_file, monkeypatch):
-    study = yaml.safe_load(study_file.read_text())
-    missing = tmp_path / "nobase.yaml"
-    missing.write_text(yaml.safe_dump({**study, "base": str(tmp_path / "no-such-dense")}))
-    with pytest.raises(ValueError, match="does not exist; train it first"):
-        run_study(missing, results=tmp_path / "r")
-    gpu = tmp_path / "gpu.yaml"
-    gpu.write_text(yaml.safe_dump({**study, "profile": "gpu"}))
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with pytest.raises(ValueError, match="gpu-profile study and this machine has no CUDA GPU"):
-        run_study(gpu, results=tmp_path / "r")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({**study, "profile": "tpu"}))
-    with pytest.raises(ValueError, match="profile='tpu'"):
-        load_study(bad)
-
-
-def test_study_analysis_records_routing_and_pruning_controls(tmp_path):
-    dense = timm.create_model("vimoe_tiny_patch4_28", moe_layers="none", depth=4, embed_dim=32, num_heads=2)
-    kw = {"moe_layers": "none", "depth": 4, "embed_dim": 32, "num_heads": 2}
-    save_model(dense, model_config("vimoe_tiny_patch4_28", kw), tmp_path / "dense")
-    study = {"name": "an", "base": str(tmp_path / "dense"), "seeds": [3],
-             "train": {"dataset": "synthetic", "train_subset": 64, "test_subset": 40, "epochs": 1, "batch_size": 32},
-             "common": {"num_experts": 4}, "analysis": {"routing": True, "prune_fraction": 0.5},
-             "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
-                         "last-2": {"moe_layers": "last-2"}}}
-    path = tmp_path / "an.yaml"
-    path.write_text(yaml.safe_dump(study))
-    run_study(path, results=tmp_path / "results")
-    read = lambda name: json.loads((tmp_path / "results" / "an" / f"{name}__seed3.json").read_text())  # noqa: E731
-    assert "routing" not in read("dense") and "pruning" not in read("dense")
-    rec = read("all")
-    assert sorted(rec["routing"], key=int) == ["0", "1", "2", "3"]
-    layer = rec["routing"]["3"]
-    assert len(layer["class_expert"]) == 10 and len(layer["class_expert"][0]) == 4
-    assert sum(map(sum, layer["class_expert"])) == 40 * 49  # every patch of every test image, first choice
-    assert len(layer["position_expert"]) == 49
-    assert 0 <= layer["nmi"] <= 1 and layer["recommend"] in ("keep", "densify")
-    rows = {r["densified"]: r for r in rec["pruning"]}
-    assert rows["none"]["test_acc"] == rec["test_acc"] and rows["none"]["blocks"] == []
-    ranked = sorted(rec["routing"], key=lambda b: -rec["routing"][b]["nmi_excess"])
-    assert rows["most specialised"]["blocks"] == sorted(int(b) for b in ranked[:2])
-    assert rows["least specialised"]["blocks"] == sorted(int(b) for b in ranked[-2:])
-    assert len(rows["random"]["blocks"]) == 2
-    for name in ("least specialised", "most specialised", "random"):
-        assert rows[name]["params"] < rows["none"]["params"]
-    # last-2 has fewer MoE layers than prune_min_layers (4): routing recorded, no pruning
-    assert "routing" in read("last-2") and "pruning" not in read("last-2")
-    # the loaders the notebooks read
-    routing = load_routing(path, results=tmp_path / "results")
-    assert sorted(set(routing["config"])) == ["all", "last-2"] and len(routing) == 4 + 2
-    assert routing.query("config == 'all' and block == 3")["nmi"].item() == layer["nmi"]
-    assert routing_tables(path, "all", 3, results=tmp_path / "results")[3] == layer["class_expert"]
-    assert len(routing_tables(path, "all", 3, "position_expert", results=tmp_path / "results")) == 4
-    with pytest.raises(ValueError, match="no routing analysis"):
-        routing_tables(path, "dense", 3, results=tmp_path / "results")
-    pruning = load_pruning(path, results=tmp_path / "results")
-    assert pruning["densified"].tolist() == ["none", "least specialised", "most specialised", "random"]
-
-
-def test_study_analysis_errors(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nconfigs: {a: {}}\nbase: y\nanalysis: {prune: 2}\n")
-    with pytest.raises(ValueError, match="unknown analysis keys"):
-        load_study(bad)
-    bad.write_text("name: x\nconfigs: {a: {}}\nbase: y\nanalysis: {prune_fraction: 1.5}\n")
-    with pytest.raises(ValueError, match="prune_fraction"):
-        load_study(bad)
+        if study["profile"] == "cpu":
+            assert len(study["seeds"]) >= 5, f"{path.name}: headline claims need at least 5 seeds"
+            assert study["claims"], f"{path.name}: claims are stated before the runs"
+        names.setdefault((study["profile"], study["protocol"]), set()).add(study["name"])
+    assert names[("cpu", "scratch")] == {"scratch-placement", "scratch-shared-expert", "scratch-routing"}

@@ -42,7 +42,8 @@ def test_loss_decreases_and_metrics_written(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     moe = rows[-1]["moe_train"]
     assert set(moe) == {"0", "1"} and len(moe["0"]["load"]) == 4 and moe["0"]["drop_rate"] == 0
-    assert rows[-1]["aux_balance"] >= 1.0 - 1e-6 and rows[-1]["img_per_s"] > 0
+    # Switch balance loss: E * sum_e f_e P_e lies in (0, E] (4 experts); it is not bounded below by 1
+    assert 0 < rows[-1]["aux_balance"] <= 4 + 1e-6 and rows[-1]["img_per_s"] > 0
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 

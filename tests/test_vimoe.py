@@ -9,7 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import workbench
 from workbench import resolve_moe_layers, upcycle
-from workbench.moe import MoEMlp
+from workbench.moe import MoEMlp, moe_aux_loss, moe_modules
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -153,3 +153,111 @@ def test_dense_checkpoint_upcycles_on_load_through_timm():
     x = torch.randn(3, 1, 28, 28)
     assert (moe(x) - dense(x)).abs().max().item() < 1e-5
     torch.testing.assert_close(moe.blocks[5].mlp.w1[3], dense.blocks[5].mlp.fc1.weight.t())
+
+
+# -- timm's generic model checks (its tests/test_models.py), run on a ViMoE with MoE layers ---------------------
+# torchscript is not covered: timm treats it as optional, and routing (dataclasses, autograd Functions) is not
+# scriptable.
+TIMM_NAME = "vimoe_tiny_patch4_28"
+TIMM_KWARGS = dict(moe_layers="every-2", num_experts=4, top_k=2, shared_expert="add")
+
+
+def _timm_input(model, batch=2, **kw):
+    return torch.randn(batch, *model.pretrained_cfg["input_size"], **kw)
+
+
+def test_timm_generic_forward_and_backward():
+    model = timm.create_model(TIMM_NAME, num_classes=42, **TIMM_KWARGS).train()
+    assert model.moe_layer_indices == [1, 3, 5]
+    out = model(_timm_input(model))
+    out.mean().backward()
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []  # router, experts, shared expert too
+    assert sum(p.numel() for p in model.parameters()) == sum(p.grad.numel() for p in model.parameters())
+
+
+def test_timm_generic_default_cfg_and_classifier():
+    model = timm.create_model(TIMM_NAME, **TIMM_KWARGS).eval()
+    cfg, state = model.pretrained_cfg, model.state_dict()
+    assert cfg["classifier"] + ".weight" in state and cfg["first_conv"] + ".weight" in state
+    x = _timm_input(model, 1)
+    assert model.forward_features(x).shape == (1, 50, model.num_features)
+    assert model.get_classifier() is model.head and model.head.out_features == 10
+    model.reset_classifier(5)
+    assert model.get_classifier().out_features == 5 and model.num_classes == 5
+    assert model(_timm_input(model)).shape == (2, 5)
+    model.reset_classifier(0)  # pooled features, no classifier
+    assert model(x).shape == (1, model.num_features)
+    model.reset_classifier(0, "")  # no pooling either: every token
+    assert model(x).shape == (1, 50, model.num_features)
+
+
+@pytest.mark.parametrize("out_indices", [None, (1, 3, 5)])
+def test_timm_generic_features_only(out_indices):
+    extra = {} if out_indices is None else {"out_indices": out_indices}
+    model = timm.create_model(TIMM_NAME, features_only=True, **TIMM_KWARGS, **extra).eval()
+    channels = model.feature_info.channels()
+    outputs = model(_timm_input(model))
+    assert len(outputs) == len(channels) == 3
+    for c, o in zip(channels, outputs):
+        assert o.shape == (2, c, 7, 7) and not torch.isnan(o).any()
+    assert len(moe_modules(model)) >= 2  # the feature net keeps the MoE layers
+
+
+def test_timm_generic_forward_intermediates():
+    model = timm.create_model(TIMM_NAME, **TIMM_KWARGS).eval()
+    x = _timm_input(model)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 6 and all(t.shape == (2, 192, 7, 7) for t in inter)
+    torch.testing.assert_close(final, model.forward_features(x))
+    only = model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    torch.testing.assert_close(only, [inter[1], inter[3]])
+    pruned = model.prune_intermediate_layers(indices=[3])  # drops blocks 4, 5 (an MoE layer) and the head
+    assert pruned == [3] and len(model.blocks) == 4
+    torch.testing.assert_close(model.forward_intermediates(x, indices=[3], intermediates_only=True)[0], inter[3])
+
+
+def test_timm_generic_grad_checkpointing_gives_the_same_gradients():
+    model = timm.create_model(TIMM_NAME, balance_weight=1.0, **TIMM_KWARGS).train()
+    x = _timm_input(model)
+    grads = {}
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        assert model.grad_checkpointing is enable
+        model.zero_grad()
+        loss = model(x).square().mean() + moe_aux_loss(model)  # the aux loss keeps its graph under checkpointing
+        loss.backward()
+        grads[enable] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, g in grads[False].items():
+        torch.testing.assert_close(grads[True][name], g, msg=name)
+
+
+@pytest.mark.parametrize("kwargs", [
+    TIMM_KWARGS, dict(moe_layers="last-2", dispatch="loop", capacity_factor=0.5),
+    dict(moe_layers="last-2", dispatch="einsum", top_k=2, capacity_factor=1.0, priority="gate"),
+    dict(moe_layers="last-2", routing="image", shared_expert="gated"),
+], ids=["grouped", "loop", "einsum", "image"])
+def test_meta_device_creation_and_forward(kwargs):
+    with torch.device("meta"):
+        model = timm.create_model(TIMM_NAME, **kwargs)
+    assert all(p.is_meta for p in model.parameters())
+    out = model(torch.randn(3, 1, 28, 28, device="meta"))
+    assert out.shape == (3, 10) and out.is_meta and out.dtype == torch.float32
+    assert moe_aux_loss(model).is_meta
+    # init_empty_weights-style loading: materialise, load real weights, compute what the source computes
+    source = timm.create_model(TIMM_NAME, **kwargs).eval()
+    model.to_empty(device="cpu").load_state_dict(source.state_dict())
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(model.eval()(x), source(x))
+
+
+def test_timm_device_and_dtype_arguments_reach_the_moe_layers():
+    meta = timm.create_model(TIMM_NAME, device="meta", **TIMM_KWARGS)
+    assert {p.device.type for p in meta.parameters()} == {"meta"}
+    assert meta(torch.randn(1, 1, 28, 28, device="meta")).shape == (1, 10)
+    bf16 = timm.create_model(TIMM_NAME, dtype=torch.bfloat16, **TIMM_KWARGS)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    assert "device" not in bf16.moe_kwargs and "dtype" not in bf16.moe_kwargs
+    vit = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=16, depth=2, num_heads=2,
+                            mlp_layer=MoEMlp, device="meta")  # timm hands device= to its mlp_layer
+    assert {p.device.type for p in vit.parameters()} == {"meta"}

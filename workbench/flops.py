@@ -104,11 +104,20 @@ class Profile:
                 "macs_x": round(self.macs / self.dense_macs, 3), "input_size": list(self.input_size)}
 
 
-@torch.no_grad()
 def profile(model: nn.Module, x: torch.Tensor | None = None) -> Profile:
     """Parameters and activated MACs per image of ``model`` on ``x`` (default: one zero image of the model's
-    input size).  A batch gives the per-image mean, which is what capacity drops make input dependent."""
-    model = model.eval()
+    input size).  A batch gives the per-image mean, which is what capacity drops make input dependent.
+    The model is counted in eval mode; every module's own training flag is put back afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            return _profile(model.eval(), x)
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _profile(model: nn.Module, x: torch.Tensor | None) -> Profile:
     if x is None:
         x = torch.zeros(1, *model.pretrained_cfg["input_size"])
     x = x.to(next(model.parameters()).device)

@@ -91,11 +91,56 @@ def specialisation_by_depth(rows: pd.DataFrame, metric: str = "nmi", group: str 
         fig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=f"{name} (n={df['seed'].nunique()})",
                                  line=dict(color=color), legendgroup=name,
                                  error_y=dict(type="data", symmetric=False, array=hi - mean, arrayminus=mean - lo)))
-        if f"null_{metric}" in df:  # position_nmi has no permutation null
-            fig.add_trace(go.Scatter(x=x, y=g[f"null_{metric}"].mean(), mode="lines", name=f"{name}, null",
+        baseline = f"random_{metric}" if f"random_{metric}" in df else f"null_{metric}"
+        if baseline in df:  # the random-router baseline where recorded, else the label-permutation null
+            label = "random routers" if baseline.startswith("random") else "permutation null"
+            fig.add_trace(go.Scatter(x=x, y=g[baseline].mean(), mode="lines", name=f"{name}, {label}",
                                      legendgroup=name, line=dict(color=color, dash="dot")))
-    fig.update_layout(**LAYOUT, title=f"Routing specialisation ({metric}) by depth: mean over seeds, bars min-max",
+    fig.update_layout(**LAYOUT, title=f"Routing specialisation ({metric}) by depth: mean over seeds, bars min-max; "
+                                      "dotted: the same layer inputs routed by random routers",
                       xaxis=dict(title="block", type="category"), yaxis=dict(title=metric, rangemode="tozero"))
+    return fig
+
+
+def forest_plot(tables: dict, title: str = "Paired difference from the control (95% CI)",
+                unit: str = "accuracy points") -> go.Figure:
+    """Forest plot of paired differences: ``tables`` maps a panel name (e.g. a protocol) to a table with
+    ``config``, ``delta``, ``low``, ``high`` (as ``study.contrasts`` returns; optional ``gmacs``, ``p_holm``).
+    Configs keep the study's order, top to bottom; the zero line is the control."""
+    fig = go.Figure()
+    symbols = ("circle", "diamond", "square", "triangle-up")
+    for i, (name, t) in enumerate(tables.items()):
+        t = t.iloc[::-1]
+        labels = [f"{c}" + (f"  ({g:.4f} GMACs)" if "gmacs" in t else "") for c, g in
+                  zip(t["config"], t["gmacs"] if "gmacs" in t else [None] * len(t))]
+        hover = [f"{c}: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (f", Holm p {p:.3g}" if "p_holm" in t else "")
+                 for c, d, lo, hi, p in zip(t["config"], t["delta"], t["low"], t["high"],
+                                            t["p_holm"] if "p_holm" in t else [None] * len(t))]
+        fig.add_trace(go.Scatter(x=t["delta"], y=labels, mode="markers", name=name, hovertext=hover,
+                                 hoverinfo="text", marker=dict(size=9, color=expert_color(i), symbol=symbols[i % 4]),
+                                 error_x=dict(type="data", symmetric=False, array=t["high"] - t["delta"],
+                                              arrayminus=t["delta"] - t["low"])))
+    fig.add_vline(x=0, line=dict(color="#444", dash="dash"))
+    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title=f"difference from the control ({unit})"),
+                      yaxis=dict(title=""), height=120 + 40 * max(len(t) for t in tables.values()))
+    return fig
+
+
+def pruning_subsets(record_pruning: dict, title: str = "Every 2-of-4 densified subset") -> go.Figure:
+    """One run's pruning analysis: validation vs test accuracy of every densified subset, the metric's choice
+    (least specialised on validation) and the unpruned model marked."""
+    subsets = record_pruning["subsets"]
+    full, rest = subsets[0], subsets[1:]
+    least = tuple(record_pruning["least_specialised"])
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[s["val_acc"] for s in rest], y=[s["test_acc"] for s in rest], mode="markers+text",
+                             text=[str(s["blocks"]) for s in rest], textposition="top center", name="densified subset",
+                             marker=dict(size=10, color=[expert_color(1) if tuple(s["blocks"]) == least
+                                                         else expert_color(0) for s in rest])))
+    fig.add_trace(go.Scatter(x=[full["val_acc"]], y=[full["test_acc"]], mode="markers", name="unpruned",
+                             marker=dict(size=12, symbol="star", color=expert_color(2))))
+    fig.update_layout(**LAYOUT, title=title + f" (orange: the least specialised {list(least)})",
+                      xaxis=dict(title="validation accuracy"), yaxis=dict(title="test accuracy"))
     return fig
 
 

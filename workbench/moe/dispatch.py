@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .router import autocast_enabled
+
 DISPATCH_MODES = ("grouped", "loop", "einsum")
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -34,7 +36,7 @@ def _combine(per_assignment: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -183,8 +185,13 @@ def dispatch_loop(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act) -> tor
         idx = (flat == e).nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        h = drop(act(torch.addmm(b1[e].to(dtype), x[idx // k].to(dtype), w1[e].to(dtype))))
-        per_assignment.index_copy_(0, idx, torch.addmm(b2[e].to(dtype), h, w2[e].to(dtype)))
+        rows = x[idx // k].to(dtype)
+        if b1 is not None:
+            h = drop(act(torch.addmm(b1[e].to(dtype), rows, w1[e].to(dtype))))
+            per_assignment.index_copy_(0, idx, torch.addmm(b2[e].to(dtype), h, w2[e].to(dtype)))
+        else:  # bias-free experts
+            h = drop(act(rows @ w1[e].to(dtype)))
+            per_assignment.index_copy_(0, idx, h @ w2[e].to(dtype))
     return _combine(per_assignment, gates.to(dtype))
 
 
@@ -205,9 +212,27 @@ def dispatch_einsum(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act,
     dispatch = torch.einsum("tke,tkc->tec", expert_onehot.to(dtype), slot.to(dtype))
     combine = torch.einsum("tke,tkc,tk->tec", expert_onehot.to(dtype), slot.to(dtype), gates.to(dtype))
     expert_in = torch.einsum("td,tec->ecd", x.to(dtype), dispatch)
-    h = drop(act(torch.einsum("ecd,edh->ech", expert_in, w1.to(dtype)) + b1.to(dtype).unsqueeze(1)))
-    expert_out = torch.einsum("ech,ehd->ecd", h, w2.to(dtype)) + b2.to(dtype).unsqueeze(1)
+    pre = torch.einsum("ecd,edh->ech", expert_in, w1.to(dtype))
+    if b1 is not None:
+        pre = pre + b1.to(dtype).unsqueeze(1)
+    expert_out = torch.einsum("ech,ehd->ecd", drop(act(pre)), w2.to(dtype))
+    if b2 is not None:
+        expert_out = expert_out + b2.to(dtype).unsqueeze(1)
     return torch.einsum("ecd,tec->td", expert_out, combine)
+
+
+def dispatch_meta(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act, **unused) -> torch.Tensor:
+    """Shapes and dtypes only, for tensors without data (the ``meta`` device, as used by ``init_empty_weights``-style
+    loaders and timm's tooling): the real paths read expert counts, ``nonzero`` or ``item()``, which meta tensors
+    cannot answer.  Every token goes through expert 0, scaled by the sum of its gates."""
+    dtype = _matmul_dtype(x)
+    h = x.to(dtype) @ w1[0].to(dtype)
+    if b1 is not None:
+        h = h + b1[0].to(dtype)
+    out = drop(act(h)) @ w2[0].to(dtype)
+    if b2 is not None:
+        out = out + b2[0].to(dtype)
+    return out * gates.sum(dim=-1, keepdim=True).to(dtype)
 
 
 DISPATCHERS = {"grouped": dispatch_grouped, "loop": dispatch_loop, "einsum": dispatch_einsum}

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from . import losses
-from .dispatch import DISPATCH_MODES, DISPATCHERS
-from .router import IMAGE_POOLS, PRIORITIES, ROUTING_MODES, Router, Routing, assign_slots, expert_capacity, \
-    slot_positions
+from .dispatch import DISPATCH_MODES, DISPATCHERS, dispatch_meta
+from .router import IMAGE_POOLS, PRIORITIES, ROUTING_MODES, Router, Routing, assign_slots, autocast_enabled, \
+    expert_capacity, slot_positions
 
 SHARED_EXPERT_MODES = ("none", "add", "gated")
 
@@ -27,12 +27,13 @@ def _check(cond: bool, field: str, value, allowed: str) -> None:
 class FeedForward(nn.Module):
     """The shared expert: a plain FFN (fc1, act, fc2) with the same layout as timm's ``Mlp``."""
 
-    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, bias: bool = True, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, bias: bool = True, drop: float = 0.0,
+                 device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias, device=device, dtype=dtype)
         self.act = act_layer()
         self.drop = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x):
         return self.fc2(self.drop(self.act(self.fc1(x))))
@@ -47,7 +48,8 @@ class MoEMlp(nn.Module):
     ``num_prefix_tokens``, ``capacity_factor`` (None: dropless), ``priority`` ('position' | 'gate': V-MoE's Batch
     Prioritized Routing), ``shared_expert`` ('none' | 'add' | 'gated'), ``shared_hidden``, ``dispatch``
     ('grouped' | 'loop' | 'einsum'), and one weight per auxiliary loss: ``balance_weight``, ``importance_weight``,
-    ``load_weight``, ``zloss_weight``.
+    ``load_weight``, ``zloss_weight``.  ``device`` and ``dtype`` place the parameters, as in timm's layers (timm
+    passes them to ``mlp_layer``).
     """
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
@@ -57,8 +59,9 @@ class MoEMlp(nn.Module):
                  image_pool: str = "mean", num_prefix_tokens: int = 1, capacity_factor: float | None = None,
                  priority: str = "position", shared_expert: str = "none", shared_hidden: int | None = None,
                  dispatch: str = "grouped", balance_weight: float = 0.01, importance_weight: float = 0.0,
-                 load_weight: float = 0.0, zloss_weight: float = 0.0, **kwargs):
+                 load_weight: float = 0.0, zloss_weight: float = 0.0, device=None, dtype=None, **kwargs):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         out_features = out_features or in_features
         hidden = expert_hidden or hidden_features or in_features * 4
         _check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts, "use an integer >= 1")
@@ -88,11 +91,11 @@ class MoEMlp(nn.Module):
         self.aux_weights = {"balance": balance_weight, "importance": importance_weight, "load": load_weight,
                             "zloss": zloss_weight}
 
-        self.router = Router(in_features, num_experts, top_k, renormalize=renormalize, noise_std=router_noise)
-        self.w1 = nn.Parameter(torch.empty(num_experts, in_features, hidden))
-        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden)) if bias else None
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_features))
-        self.b2 = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
+        self.router = Router(in_features, num_experts, top_k, renormalize=renormalize, noise_std=router_noise, **dd)
+        self.w1 = nn.Parameter(torch.empty(num_experts, in_features, hidden, **dd))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden, **dd)) if bias else None
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_features, **dd))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, out_features, **dd)) if bias else None
         nn.init.trunc_normal_(self.w1, std=0.02)
         nn.init.trunc_normal_(self.w2, std=0.02)
         self.act = act_layer()
@@ -103,9 +106,9 @@ class MoEMlp(nn.Module):
         if shared_expert != "none":
             _check(out_features == in_features, "shared_expert", shared_expert,
                    "a shared expert needs out_features == in_features")
-            self.shared = FeedForward(in_features, shared_hidden or hidden, act_layer, bias, drop)
+            self.shared = FeedForward(in_features, shared_hidden or hidden, act_layer, bias, drop, **dd)
             if shared_expert == "gated":
-                self.shared_gate = nn.Linear(in_features, 1, bias=True)
+                self.shared_gate = nn.Linear(in_features, 1, bias=True, **dd)
                 nn.init.zeros_(self.shared_gate.weight)
                 nn.init.zeros_(self.shared_gate.bias)
 
@@ -158,18 +161,18 @@ class MoEMlp(nn.Module):
             gates = gates.repeat_interleave(tokens, dim=0)
         flat = x.reshape(-1, dim)
         kwargs = {}
+        dispatcher = dispatch_meta if flat.is_meta else DISPATCHERS[self.dispatch]  # meta: shapes only
         if self.dispatch == "einsum" and self.routing == "token" and self.capacity_factor is not None:
             order = torch.argsort(r.gates[:, 0], descending=True, stable=True) if self.priority == "gate" else None
             kwargs["positions"] = slot_positions(r.experts, self.num_experts, order)
-        y = DISPATCHERS[self.dispatch](flat, experts, gates, self.w1, self.b1, self.w2, self.b2, self.act,
-                                       self.drop, **kwargs)
+        y = dispatcher(flat, experts, gates, self.w1, self.b1, self.w2, self.b2, self.act, self.drop, **kwargs)
         y = self.drop(y).view(batch, tokens, -1)
         if self.shared is not None:
             shared = self.shared(x)
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(x)) * shared
             y = y + self.drop(shared).to(y.dtype)
-        return y.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else y
+        return y.to(x.dtype) if not autocast_enabled(x.device.type) else y
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def _fresh_state(self) -> dict:

@@ -6,6 +6,7 @@ top-k unstable), followed by a softmax and a top-k.  Capacity is applied afterwa
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -16,6 +17,20 @@ import torch.nn.functional as F
 ROUTING_MODES = ("token", "image")
 IMAGE_POOLS = ("mean", "cls")
 PRIORITIES = ("position", "gate")
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for device types autocast does not know (``meta``), where
+    ``torch.is_autocast_enabled`` and ``torch.autocast`` raise."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off for ``device_type`` where it is on; otherwise a no-op (nothing to undo, and
+    devices such as ``meta`` have no autocast to enter)."""
+    if autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -53,18 +68,18 @@ class Router(nn.Module):
     """Linear (no bias) + softmax + top-k, always in fp32."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, renormalize: bool = False,
-                 noise_std: float = 0.0):
+                 noise_std: float = 0.0, device=None, dtype=None):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
         self.noise_std = noise_std
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.weight = nn.Parameter(torch.empty(num_experts, dim, device=device, dtype=dtype))
         nn.init.trunc_normal_(self.weight, std=0.02)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (U, d) -> (clean logits (U, E), probs (U, E), experts (U, k), gates (U, k))."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             logits = F.linear(x.float(), self.weight.float())
             noisy = logits
             if self.training and self.noise_std > 0:

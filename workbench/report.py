@@ -1,0 +1,118 @@
+"""What the study notebooks show, kept here rather than in cells: both protocols of one study side by side, each
+pre-registered claim with its interval and verdict, and a live, deterministic re-run that nbval checks digit for
+digit.
+
+    from workbench import report
+    report.show_summary("placement")        # per protocol: means, seed SD, params, GMACs, paired deltas
+    report.show_claims("placement")         # per protocol: estimate [95% CI], Holm p, verdict
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from . import study as st
+
+STUDIES = st.ROOT / "experiments" / "studies"
+PROTOCOLS = ("scratch", "upcycle")
+
+
+def study_file(kind: str, protocol: str) -> Path:
+    return STUDIES / protocol / f"{kind}.yaml"
+
+
+def progress(path) -> tuple[int, int]:
+    """(recorded, planned) runs of a study."""
+    s = st.load_study(path)
+    todo = st.plan(s)
+    return sum(st.result_path(s, c, seed).exists() for c, seed in todo), len(todo)
+
+
+def _status(kind: str, protocol: str) -> tuple[Path, int, int]:
+    path = study_file(kind, protocol)
+    done, planned = progress(path)
+    return path, done, planned
+
+
+def show_summary(kind: str) -> dict[str, pd.DataFrame]:
+    """Print each protocol's summary and its paired contrasts against the control; return the contrasts."""
+    out = {}
+    for protocol in PROTOCOLS:
+        path, done, planned = _status(kind, protocol)
+        s = st.load_study(path)
+        print(f"== {protocol} protocol: {s['name']} ({done} of {planned} runs recorded)")
+        if not done:
+            print("   not recorded yet: python -m workbench study run", path.relative_to(st.ROOT), "\n")
+            continue
+        print(st.format_summary(st.summary(s)))
+        try:
+            table = st.contrasts(s)
+        except st.StudyError as e:
+            print(f"   (no paired contrasts: {e})\n")
+            continue
+        print(f"paired by seed against {s['control']} (delta in accuracy points, 95% t-interval, Holm across configs):")
+        print(st.format_contrasts(table), "\n")
+        out[protocol] = table
+    return out
+
+
+def claims(kind: str, protocol: str) -> pd.DataFrame | None:
+    path, done, planned = _status(kind, protocol)
+    return st.evaluate_claims(path) if done else None
+
+
+def show_claims(kind: str) -> dict[str, pd.DataFrame]:
+    """Print every pre-registered claim of both protocols with its estimate, interval and verdict."""
+    out = {}
+    for protocol in PROTOCOLS:
+        path, done, planned = _status(kind, protocol)
+        print(f"== {protocol} protocol ({done} of {planned} runs recorded)")
+        if done < planned:
+            print(f"   incomplete: the verdicts below use the {done} recorded runs" if done else
+                  "   no verdicts: not recorded yet")
+        if not done:
+            print()
+            continue
+        table = st.evaluate_claims(path)
+        print(st.format_claims(table), "\n")
+        out[protocol] = table
+    return out
+
+
+def verdict_counts(tables: dict[str, pd.DataFrame]) -> str:
+    parts = []
+    for protocol, t in tables.items():
+        counts = t["verdict"].value_counts()
+        parts.append(f"{protocol}: " + ", ".join(f"{counts.get(v, 0)} {v}" for v in ("agrees", "disagrees",
+                                                                                       "inconclusive")))
+    return "; ".join(parts)
+
+
+def half_widths(tables: dict[str, pd.DataFrame], kinds=("paired",)) -> str:
+    """The widest 95% interval among the accuracy claims of each protocol (the brief asks <= 0.5 points each side)."""
+    parts = []
+    for protocol, t in tables.items():
+        t = t[t["kind"].isin(kinds)]
+        if len(t):
+            widest = ((t["high"] - t["low"]) / 2).max()
+            parts.append(f"{protocol}: widest half-width {widest:.3f} points over {len(t)} accuracy claims")
+    return "; ".join(parts)
+
+
+def live_slice(kind: str, protocol: str, config: str, seed: int = 0, *, train_subset: int = 2000,
+               epochs: int = 1) -> dict:
+    """A fresh, deterministic run of one config at a tiny budget (one thread, CPU), for nbval to compare exactly:
+    the same code on the same machine kind gives the same digits, so a change that moves results shows here."""
+    import torch
+
+    s = st.load_study(study_file(kind, protocol))
+    s = {**s, "name": f"{s['name']}-slice", "train": {**s["train"], "train_subset": train_subset, "epochs": epochs},
+         "analysis": {}}
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        record = st.run_one(s, config, seed, device="cpu", results=Path(tmp) / "results", threads=1,
+                            allow_dirty=True)
+    torch.set_num_threads(threads)
+    return record
