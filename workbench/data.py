@@ -243,6 +243,31 @@ class FolderData:
         yield from loader
 
 
+VAL_SEED = 2410_15732  # the validation split is the same for every run seed, so configs and seeds share it
+
+
+def build_splits(name: str, *, val_size: int = 0, root=None, model=None, train_subset: int | None = None,
+                 test_subset: int | None = None, augment: bool = True, seed: int = 0, num_workers: int = 4):
+    """(train, validation, test): ``val_size`` images carved out of the training set by a fixed draw (independent
+    of ``seed``), never augmented, never trained on; ``train_subset`` then samples what is left.  With
+    ``val_size=0`` the validation split is None.  Choose layers, thresholds and hyperparameters on it, not on test."""
+    train, test = build_datasets(name, root=root, model=model, augment=augment, test_subset=test_subset,
+                                 seed=seed, num_workers=num_workers)
+    if not val_size:
+        return train.subset(train_subset, seed), None, test
+    if not isinstance(train, TensorData):
+        raise ValueError(f"val_size={val_size}: a validation split is carved only from in-memory datasets "
+                         f"(fashion-mnist, cifar, synthetic); an imagefolder dataset uses its own val/ folder")
+    if not 0 < val_size < len(train):
+        raise ValueError(f"val_size={val_size} must be between 1 and {len(train) - 1} (the training set has "
+                         f"{len(train)} images)")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED)).to(train.labels.device)
+    pick = lambda idx, aug: TensorData(train.images[idx], train.labels[idx], train.mean, train.std,  # noqa: E731
+                                       train.num_classes, aug, train.pad, train.flip)
+    val, rest = pick(order[:val_size], False), pick(order[val_size:], train.augment)
+    return rest.subset(train_subset, seed), val, test
+
+
 def build_datasets(name: str, *, root=None, model=None, train_subset: int | None = None,
                    test_subset: int | None = None, augment: bool = True, seed: int = 0, num_workers: int = 4):
     """(train, test) for a dataset name; mean/std come from the model's pretrained config when there is one."""

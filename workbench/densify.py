@@ -6,14 +6,18 @@ routed expert's: one Mlp of width h_shared + h that computes exactly shared(x) +
 
 * ``shared``: keep the shared expert only (the layer needs ``shared_expert='add'``).
 * ``top``: keep the most used expert.
-* ``merge``: average the experts' weights, weighted by how often each is used.
+* ``merge``: average the experts' weights, weighted by the gate mass each receives (how often it is chosen
+  times the gates it is given; the load when no gates are known).
 
-Routed outputs were scaled by their gate; the dense copy scales the routed part by ``gate_scale`` (default: the
-layer's mean first-choice gate when given routing statistics, else 1, exact for renormalised top-1).
+Routed outputs were scaled by their gates; the dense copy scales the routed part by ``gate_scale``: with routing
+statistics, the mean over tokens of the sum of their kept gates (all k choices: a renormalised top-k layer
+gets 1, an unnormalised top-2 layer the mean of g1 + g2), else 1.  For a layer whose experts are still identical
+(just upcycled) and whose kept gates sum to 1, the dense copy computes exactly the MoE layer.
 """
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -78,9 +82,14 @@ def densify(model: nn.Module, layers, method: str = "merge", stats=None, inplace
         layer = out_moe[i]
         usage, scale = moe[i].last_load, 1.0  # the copy has no forward state: read the original's
         if stats is not None and i in stats.layers:
-            usage = stats.layers[i].load
-            if not (layer.router.renormalize and layer.top_k == 1):
-                scale = stats.layers[i].mean_gate
+            s = stats.layers[i]
+            usage = s.gate_mass if s.gate_mass is not None else s.load
+            if s.gate_mass is not None and s.gate_mass.sum() <= 0:
+                usage = s.load
+            if not math.isnan(s.mean_gate_sum):
+                scale = s.mean_gate_sum
+            else:  # statistics recorded before gate sums were kept
+                scale = 1.0 if (layer.router.renormalize and layer.top_k == 1) else s.mean_gate
         out.blocks[i].mlp = dense_from_moe(layer, method, usage, scale)
     if hasattr(out, "moe_kwargs"):
         out.moe_layers_spec = sorted(k for k in moe_modules(out) if isinstance(k, int))

@@ -118,6 +118,8 @@ class LayerStats:
     load: torch.Tensor  # (E,) kept assignments (all k choices)
     drop_rate: float
     mean_gate: float  # mean first-choice gate of kept assignments
+    mean_gate_sum: float = float("nan")  # mean over units of the sum of their kept gates (all k choices)
+    gate_mass: torch.Tensor | None = None  # (E,) summed kept gates per expert
 
 
 @dataclass
@@ -162,7 +164,8 @@ def collect_routing(model: nn.Module, data, *, batch_size: int = 500, device=Non
                                    "position_expert": torch.zeros(grid[0] * grid[1], E, device=device)
                                    if lr.routing == "token" else None,
                                    "image_hist": [], "load": torch.zeros(E, device=device), "drop": 0.0,
-                                   "kept": 0.0, "gate": 0.0, "units": 0, "routing": lr.routing, "E": E})
+                                   "kept": 0.0, "gate": 0.0, "units": 0, "routing": lr.routing, "E": E,
+                                   "gate_sum": 0.0, "routed": 0, "mass": torch.zeros(E, device=device)})
             first = torch.nn.functional.one_hot(lr.top1(), E).float()  # (B, [gh, gw,] E)
             if lr.routing == "token":
                 per_image = first.flatten(1, 2).sum(1)  # (B, E)
@@ -179,10 +182,15 @@ def collect_routing(model: nn.Module, data, *, batch_size: int = 500, device=Non
             kept_first = keep[..., 0]
             a["gate"] += float((lr.gates[..., 0] * kept_first).sum())
             a["kept"] += float(kept_first.sum())
+            kept_gates = lr.gates * keep
+            a["gate_sum"] += float(kept_gates.sum())
+            a["routed"] += kept_first.numel()
+            a["mass"] += (torch.nn.functional.one_hot(lr.experts, E).float() * kept_gates.unsqueeze(-1)).reshape(
+                -1, E).sum(0)
     layers = {i: LayerStats(a["E"], a["routing"], a["class_expert"].cpu(),
                             a["position_expert"].cpu() if a["position_expert"] is not None else None,
                             torch.cat(a["image_hist"]).float(), a["load"].cpu(), a["drop"] / max(1, a["units"]),
-                            a["gate"] / max(1.0, a["kept"]))
+                            a["gate"] / max(1.0, a["kept"]), a["gate_sum"] / max(1, a["routed"]), a["mass"].cpu())
               for i, a in sorted(acc.items())}
     return RoutingStats(layers, torch.cat(labels_all), torch.cat(preds_all), num_classes, grid,
                         seconds=time.time() - started)

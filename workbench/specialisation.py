@@ -5,20 +5,29 @@ From P(expert | class) over a labelled set (first-choice experts of patch tokens
 * ``entropy``: mean over classes (weighted by class size) of H(e | c) / log E.  1 = every class spread over all
   experts; 0 = each class uses one expert.
 * ``purity``: mean over classes of max_e P(e | c).
-* ``nmi``: I(class; expert) / min(H(class), H(expert)), in [0, 1].
+* ``nmi``: I(class; expert) / mean(H(class), H(expert)) (arithmetic normalisation, as scikit-learn's default: the
+  min-entropy form inflates layers with unbalanced loads), in [0, 1].
 * ``consistency``: share of images whose majority expert is their class's most used expert.
 * ``position_nmi``: the same mutual information between patch position and expert (token routing): does routing
   follow *where* a patch is rather than *what* the image is?
 * ``load_cv`` (std / mean of expert load) and ``drop_rate``: health, not specialisation.
 
-The null is a **label permutation**: class labels shuffled across images, each image keeping its own routing.
-It keeps everything about routing (load imbalance, images routed wholesale to one expert) except its relation to
-the class, so a metric beating it says routing carries class information.  A layer counts as *specialised* when its
-NMI exceeds the null mean by at least ``margin`` and by ``z`` null standard deviations.
+Two baselines:
+
+* The **label permutation** (``null_*`` columns): labels shuffled across images, each image keeping its routing.
+  Beating it only says routing carries *some* class information, which any partition of class-clustered
+  features does: routers that were never trained beat it in every layer.  It is kept as a description.
+* The **random router** (``random_*`` columns, the test that decides): ``draws`` Gaussian routers with the trained
+  router's norm, applied to the *same* layer inputs.  Whatever class information a random split of the features
+  carries for free, they carry too; a trained router is *specialised* only when its NMI beats them: one-sided
+  p = (1 + #{random >= trained}) / (1 + draws), Holm-corrected across the layers of a model, at ``alpha``.
+  A router that was never trained is one more draw from that distribution, so it is rejected with probability
+  at most alpha (tests/test_specialisation.py shows untrained routers coming out not specialised).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -40,9 +49,10 @@ def mutual_information(joint_counts: torch.Tensor) -> tuple[float, float, float]
     return hx + hy - hxy, hx, hy
 
 
-def nmi(joint_counts: torch.Tensor) -> float:
+def nmi(joint_counts: torch.Tensor, average: str = "arithmetic") -> float:
+    """Normalised mutual information of a count table: I / mean(H(X), H(Y)) (``average='min'``: I / min)."""
     i, hx, hy = mutual_information(joint_counts)
-    denom = min(hx, hy)
+    denom = min(hx, hy) if average == "min" else (hx + hy) / 2
     return max(0.0, i / denom) if denom > 1e-12 else 0.0
 
 
@@ -74,10 +84,103 @@ def null_metrics(image_hist: torch.Tensor, labels: torch.Tensor, num_classes: in
     return {m: (float(torch.tensor(v).mean()), float(torch.tensor(v).std())) for m, v in values.items()}
 
 
-def layer_report(stats: RoutingStats, *, repeats: int = 20, margin: float = 0.05, z: float = 3.0,
-                 seed: int = 0) -> pd.DataFrame:
-    """One row per MoE layer: metrics, their nulls, the excess over the null, and a keep / densify call.
-    Layers are ranked by NMI excess (most specialised first)."""
+@dataclass
+class RouterInputs:
+    """What one MoE layer's router saw over a dataset: units (patch tokens or images) and their labels."""
+
+    x: torch.Tensor  # (U, d) router inputs, fp32
+    labels: torch.Tensor  # (U,) class of each unit's image
+    positions: torch.Tensor | None  # (U,) patch index (token routing), None for image routing
+    weight: torch.Tensor  # (E, d) the router's weight
+
+
+@torch.no_grad()
+def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int = 500) -> dict[int, RouterInputs]:
+    """Capture each MoE layer's router inputs over the first ``max_images`` images of ``data`` (prefix tokens
+    dropped: routing is measured on patches)."""
+    from .moe import moe_modules
+
+    layers = {i: m for i, m in moe_modules(model).items() if isinstance(i, int)}
+    seen: dict[int, list] = {i: [] for i in layers}
+    hooks = [m.router.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(args[0].detach().float()))
+             for i, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    labels, count = [], 0
+    device = next(model.parameters()).device
+    try:
+        for images, y in data.batches(batch_size, shuffle=False):
+            if max_images is not None and count >= max_images:
+                break
+            if max_images is not None:
+                images, y = images[: max_images - count], y[: max_images - count]
+            model(images.to(device))
+            labels.append(y.cpu())
+            count += len(y)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    y = torch.cat(labels)
+    out = {}
+    for i, layer in layers.items():
+        x = torch.cat(seen[i]).cpu()
+        if layer.routing == "image":
+            out[i] = RouterInputs(x, y, None, layer.router.weight.detach().float().cpu())
+            continue
+        tokens = x.shape[0] // len(y)
+        prefix = layer.num_prefix_tokens
+        x = x.view(len(y), tokens, -1)[:, prefix:]
+        n = x.shape[1]
+        out[i] = RouterInputs(x.reshape(-1, x.shape[-1]), y.repeat_interleave(n), torch.arange(n).repeat(len(y)),
+                              layer.router.weight.detach().float().cpu())
+    return out
+
+
+def _table(rows: torch.Tensor, experts: torch.Tensor, num_rows: int, num_experts: int) -> torch.Tensor:
+    return torch.bincount(rows * num_experts + experts, minlength=num_rows * num_experts).view(
+        num_rows, num_experts).float()
+
+
+def random_router_test(inputs: RouterInputs, num_classes: int, *, draws: int = 100, seed: int = 0) -> dict:
+    """Class (and position) NMI of the trained router's first choices on ``inputs`` against ``draws`` random
+    routers with the same norm on the same inputs."""
+    E = inputs.weight.shape[0]
+    n_pos = int(inputs.positions.max()) + 1 if inputs.positions is not None else 0
+
+    def scores(weight: torch.Tensor) -> tuple[float, float]:
+        experts = (inputs.x @ weight.t()).argmax(-1)
+        cls = nmi(_table(inputs.labels, experts, num_classes, E))
+        pos = nmi(_table(inputs.positions, experts, n_pos, E)) if n_pos else float("nan")
+        return cls, pos
+
+    trained = scores(inputs.weight)
+    g = torch.Generator().manual_seed(seed)
+    norm = inputs.weight.norm()
+    rand = []
+    for _ in range(draws):
+        w = torch.randn(inputs.weight.shape, generator=g)
+        rand.append(scores(w * norm / w.norm()))
+    cls_draws = torch.tensor([r[0] for r in rand])
+    pos_draws = torch.tensor([r[1] for r in rand])
+    from .stats import empirical_p
+
+    return {"nmi": trained[0], "random_nmi": float(cls_draws.mean()), "random_nmi_std": float(cls_draws.std()),
+            "random_nmi_max": float(cls_draws.max()), "p_random": empirical_p(trained[0], cls_draws.numpy()),
+            "excess": trained[0] - float(cls_draws.mean()),
+            "position_nmi": trained[1], "random_position_nmi": float(pos_draws.mean()) if n_pos else float("nan"),
+            "p_position_random": empirical_p(trained[1], pos_draws.numpy()) if n_pos else float("nan"),
+            "draws": draws, "units": int(inputs.x.shape[0])}
+
+
+def layer_report(stats: RoutingStats, *, baseline: dict[int, dict] | None = None, repeats: int = 20,
+                 alpha: float = 0.05, seed: int = 0) -> pd.DataFrame:
+    """One row per MoE layer: descriptive metrics and their label-permutation nulls and, with ``baseline``
+    (from :func:`random_router_baseline`), the random-router test: ``p_random``, its Holm correction ``p_holm``
+    across the layers, ``specialised`` (p_holm < alpha) and a keep / densify recommendation.  Layers are ranked
+    by ``excess`` (NMI over the random routers' mean; without a baseline, NMI over the permutation null)."""
+    from .stats import holm
+
     rows = []
     for block, s in stats.layers.items():
         metrics = class_metrics(s.class_expert, s.image_hist, stats.labels)
@@ -87,23 +190,54 @@ def layer_report(stats: RoutingStats, *, repeats: int = 20, margin: float = 0.05
         for m in METRICS:
             row[f"null_{m}"], row[f"null_{m}_std"] = null[m]
         row["nmi_excess"] = metrics["nmi"] - null["nmi"][0]
-        row["nmi_z"] = row["nmi_excess"] / max(null["nmi"][1], 1e-9)
         row["purity_excess"] = metrics["purity"] - null["purity"][0]
         row["position_nmi"] = nmi(s.position_expert) if s.position_expert is not None else float("nan")
         row["load_cv"] = float(load.std(unbiased=False) / load.mean().clamp(min=1e-9))
         row["drop_rate"] = s.drop_rate
         row["mean_gate"] = s.mean_gate
-        row["specialised"] = bool(row["nmi_excess"] >= margin and row["nmi_z"] >= z)
+        if baseline is not None:
+            b = baseline[block]
+            row.update({"random_nmi": b["random_nmi"], "random_nmi_std": b["random_nmi_std"],
+                        "p_random": b["p_random"], "excess": b["nmi"] - b["random_nmi"],
+                        "random_position_nmi": b["random_position_nmi"]})
         rows.append(row)
-    report = pd.DataFrame(rows).sort_values("nmi_excess", ascending=False).reset_index(drop=True)
+    report = pd.DataFrame(rows)
+    if baseline is not None:
+        report["p_holm"] = holm(report["p_random"])
+        report["specialised"] = report["p_holm"] < alpha
+        report["recommend"] = ["keep" if s else "densify" for s in report["specialised"]]
+    else:
+        report["excess"] = report["nmi_excess"]
+    report = report.sort_values("excess", ascending=False).reset_index(drop=True)
     report["rank"] = range(1, len(report) + 1)
-    report["recommend"] = ["keep" if s else "densify" for s in report["specialised"]]
     return report
+
+
+def random_router_baseline(model, data, *, draws: int = 100, max_images: int | None = 2000, seed: int = 0,
+                           num_classes: int | None = None) -> dict[int, dict]:
+    """:func:`random_router_test` for every MoE layer of ``model`` on (the first ``max_images`` of) ``data``."""
+    inputs = router_inputs(model, data, max_images=max_images)
+    classes = num_classes or getattr(model, "num_classes", None) or getattr(data, "num_classes")
+    return {i: random_router_test(inp, classes, draws=draws, seed=seed + i) for i, inp in inputs.items()}
+
+
+def specialisation_report(model, data, *, draws: int = 100, max_images: int | None = 2000, repeats: int = 20,
+                          alpha: float = 0.05, seed: int = 0, stats: RoutingStats | None = None,
+                          progress: bool = False) -> tuple[pd.DataFrame, RoutingStats]:
+    """Routing statistics over ``data`` and the per-layer report with the random-router test."""
+    from .routing import collect_routing
+
+    stats = stats or collect_routing(model, data, progress=progress)
+    baseline = random_router_baseline(model, data, draws=draws, max_images=max_images, seed=seed)
+    return layer_report(stats, baseline=baseline, repeats=repeats, alpha=alpha, seed=seed), stats
 
 
 def layers_to_densify(report: pd.DataFrame, count: int | None = None) -> list[int]:
     """The least specialised layers: those recommended for densifying, or the ``count`` lowest ranked."""
-    ranked = report.sort_values("nmi_excess")["block"].tolist()
+    ranked = report.sort_values("excess")["block"].tolist()
     if count is None:
+        if "recommend" not in report:
+            raise ValueError("this report has no keep / densify calls: build it with a random-router baseline "
+                             "(specialisation_report) or pass count=")
         return sorted(report.loc[report["recommend"] == "densify", "block"].tolist())
     return sorted(ranked[:count])

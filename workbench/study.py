@@ -1,28 +1,49 @@
-"""Studies: every config x seed of a YAML study, upcycled from one dense model and fine-tuned (the paper's
-procedure), each recorded with its provenance.  Resumable: a run already recorded is skipped; a run interrupted
-mid-way resumes from its own checkpoint.
+"""Studies: every config x seed of a YAML study, trained under one of two protocols, recorded with provenance, and
+judged by claims written into the study file before it runs.
 
-    python -m workbench study run experiments/studies/placement.yaml [--only NAME ...] [--seeds 0 1 2]
-    python -m workbench study summary experiments/studies/placement.yaml
+    python -m workbench study run experiments/studies/scratch/placement.yaml [--jobs 2] [--shard 0/4]
+    python -m workbench study summary experiments/studies/scratch/placement.yaml
+    python -m workbench study claims experiments/studies/scratch/placement.yaml
+
+Protocols:
+
+* ``scratch``: every config is trained from random initialisation with the same budget (``model`` names the
+  architecture).  No initialisation confound: the "sweet spot" protocol.
+* ``upcycle`` (the paper's): every config starts from the dense ``base`` (experts = copies of its FFNs) and is
+  fine-tuned with the same schedule; the dense control continues the base with that identical schedule.  Every arm
+  must start *function-preserving* (renormalised gates, a zero-initialised or split shared expert): its step-0
+  test accuracy is measured and must equal the base's, or the run stops before training.
 
 A study file::
 
-    name: placement
-    profile: cpu                       # cpu: tiny ViMoE on a Fashion-MNIST subset; gpu: larger, full data
-    base: experiments/checkpoints/vit_tiny_fmnist_dense      # the dense model every variant starts from
-    train: {dataset: fashion-mnist, train_subset: 4000, epochs: 2, batch_size: 128, lr: 5.0e-4}
-    seeds: [0, 1, 2]
+    name: scratch-placement
+    protocol: scratch                  # or upcycle (then base: <dense checkpoint folder>)
+    model: vimoe_micro_patch7_28
+    train: {dataset: fashion-mnist, val_size: 10000, epochs: 3, batch_size: 128, lr: 2.0e-3}
+    seeds: [0, 1, 2, 3, 4]
+    control: dense                     # every config is compared with it, paired by seed
+    references: [scratch-routing]      # other studies whose configs claims may name as "study/config"
     common: {num_experts: 8}           # MoE switches shared by every config
     configs:
       dense: {moe_layers: none}
       last-2: {moe_layers: last-2}
+    claims:                            # decided before the runs; see workbench.stats.verdict
+      - id: late-moe-helps
+        says: MoE in the last two blocks beats the dense model
+        treatment: last-2
+        expect: greater
 
-Results: ``experiments/results/<name>/<config>__seed<k>.json`` (config, seed, commit, device, wall time, test
-accuracy on the full test set, parameters and activated MACs).
+Seeds pair configs: with one seed every config sees the same training subset and data order.  Records:
+``<results>/<name>/<config>__seed<k>.json`` with the config, seed, commit (a clean tree is required unless
+``--allow-dirty``), device, thread count, wall time, final validation and test accuracy, every test prediction
+(for McNemar tests), parameters, activated MACs and what the ``analysis`` block asks for.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import random
 import shutil
 import time
 from pathlib import Path
@@ -30,42 +51,87 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from .checkpoint import atomic_write_text, load_model
-from .provenance import provenance
+from .checkpoint import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs" / "studies"
-STUDY_KEYS = {"name", "profile", "base", "train", "seeds", "common", "configs", "description", "analysis"}
-PROFILES = ("cpu", "gpu")  # cpu: tiny ViMoE, Fashion-MNIST subset; gpu: ViT-S width/depth, full data, on a GPU
-ANALYSIS_KEYS = {"routing", "prune_fraction", "prune_min_layers", "null_repeats"}
+STUDY_KEYS = {"name", "description", "protocol", "profile", "model", "base", "train", "seeds", "control",
+              "references", "common", "configs", "analysis", "claims"}
+PROTOCOLS = ("scratch", "upcycle")
+PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
+ANALYSIS_KEYS = {"routing", "prune_fraction", "prune_min_layers", "random_routers", "max_images", "random_subsets"}
+CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning")
+CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare"}
 
 
+class StudyError(ValueError):
+    """A study file, or a request about one, that cannot be carried out; the message names the fix."""
+
+
+# -- study files ------------------------------------------------------------------------------------------------
 def load_study(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"study file {path} does not exist")
+        raise StudyError(f"study file {path} does not exist")
     study = yaml.safe_load(path.read_text()) or {}
     unknown = set(study) - STUDY_KEYS
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(STUDY_KEYS)}")
-    for key in ("name", "base", "configs"):
+        raise StudyError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(STUDY_KEYS)}")
+    for key in ("name", "configs"):
         if key not in study:
-            raise ValueError(f"{path}: '{key}' is required")
-    study.setdefault("seeds", [0, 1, 2])
+            raise StudyError(f"{path}: '{key}' is required")
+    study.setdefault("protocol", "upcycle" if "base" in study else "scratch")
+    if study["protocol"] not in PROTOCOLS:
+        raise StudyError(f"{path}: protocol={study['protocol']!r} is not one of {PROTOCOLS}")
+    if study["protocol"] == "upcycle" and "base" not in study:
+        raise StudyError(f"{path}: an upcycle study needs 'base' (the dense checkpoint folder every arm starts from)")
+    if study["protocol"] == "scratch" and "model" not in study:
+        raise StudyError(f"{path}: a scratch study needs 'model' (the timm name every arm is built from)")
+    study.setdefault("seeds", [0, 1, 2, 3, 4])
     study.setdefault("common", {})
     study.setdefault("train", {})
     study.setdefault("profile", "cpu")
+    study.setdefault("control", "dense")
+    study.setdefault("references", [])
+    study.setdefault("claims", [])
+    study["_path"] = str(path)
     if study["profile"] not in PROFILES:
-        raise ValueError(f"{path}: profile={study['profile']!r} is not one of {PROFILES}")
+        raise StudyError(f"{path}: profile={study['profile']!r} is not one of {PROFILES}")
     analysis = study.setdefault("analysis", {})
     unknown = set(analysis) - ANALYSIS_KEYS
     if unknown:
-        raise ValueError(f"{path}: unknown analysis keys {sorted(unknown)}; allowed: {sorted(ANALYSIS_KEYS)}")
+        raise StudyError(f"{path}: unknown analysis keys {sorted(unknown)}; allowed: {sorted(ANALYSIS_KEYS)}")
     fraction = analysis.get("prune_fraction", 0)
     if not 0 <= fraction < 1:
-        raise ValueError(f"{path}: analysis.prune_fraction={fraction} must be in [0, 1)")
+        raise StudyError(f"{path}: analysis.prune_fraction={fraction} must be in [0, 1)")
+    for claim in study["claims"]:
+        _check_claim(path, study, claim)
     return study
+
+
+def _check_claim(path, study: dict, claim: dict) -> None:
+    from .stats import DIRECTIONS
+
+    where = f"{path}: claim {claim.get('id', '?')!r}"
+    unknown = set(claim) - CLAIM_KEYS
+    if unknown:
+        raise StudyError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(CLAIM_KEYS)}")
+    for key in ("id", "says", "treatment", "expect"):
+        if key not in claim:
+            raise StudyError(f"{where}: '{key}' is required")
+    claim.setdefault("kind", "paired")
+    if claim["kind"] not in CLAIM_KINDS:
+        raise StudyError(f"{where}: kind={claim['kind']!r} is not one of {CLAIM_KINDS}")
+    if claim["expect"] not in DIRECTIONS:
+        raise StudyError(f"{where}: expect={claim['expect']!r} is not one of {DIRECTIONS}")
+    names = [claim["treatment"]] + ([claim["control"]] if "control" in claim else [])
+    for name in names:
+        other, _, config = name.rpartition("/")
+        if other and other not in study["references"]:
+            raise StudyError(f"{where}: {name!r} names study {other!r}; list it under 'references'")
+        if not other and config not in study["configs"]:
+            raise StudyError(f"{where}: {config!r} is not a config of this study ({list(study['configs'])})")
 
 
 def _as_study(study_or_path) -> dict:
@@ -77,153 +143,316 @@ def result_path(study: dict, config: str, seed: int, results: Path | None = None
     return Path(results or RESULTS) / study["name"] / f"{config}__seed{seed}.json"
 
 
-def plan(study: dict, only=None, seeds=None) -> list[tuple[str, int]]:
+def plan(study: dict, only=None, seeds=None, shard: tuple[int, int] | None = None) -> list[tuple[str, int]]:
+    """The (config, seed) runs, seed-major; ``shard=(i, n)`` keeps every n-th run from the i-th, so n machines
+    sharing one results folder run disjoint slices."""
     names = list(study["configs"])
     if only:
         missing = sorted(set(only) - set(names))
         if missing:
-            raise ValueError(f"--only {missing}: not in this study (configs: {names})")
+            raise StudyError(f"--only {missing}: not in this study (configs: {names})")
         names = [n for n in names if n in only]
-    return [(name, seed) for seed in (seeds or study["seeds"]) for name in names]
+    todo = [(name, seed) for seed in (seeds or study["seeds"]) for name in names]
+    if shard is not None:
+        i, n = shard
+        if not (n >= 1 and 0 <= i < n):
+            raise StudyError(f"--shard {i}/{n} is invalid: use i/N with 0 <= i < N")
+        todo = todo[i::n]
+    return todo
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise StudyError(f"--shard {text!r} is invalid: use i/N, e.g. 0/4 for the first of four machines") from None
+    return i, n
+
+
+# -- one run ----------------------------------------------------------------------------------------------------
+def _train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
+    from .train import TrainConfig
+
+    from .vimoe import split_moe_kwargs
+
+    kwargs = {**study["common"], **study["configs"][config]}
+    init_kwargs = {"shared_init": kwargs.pop("shared_init")} if "shared_init" in kwargs else {}
+    if study["protocol"] == "scratch":
+        init_kwargs = {}
+    moe, other = split_moe_kwargs(kwargs)
+    if other.get("moe_layers", "none") == "none":
+        kwargs = {"moe_layers": "none", **other}  # a dense arm: MoE switches mean nothing to it
+    values = {"quiet": quiet, "device": device, **study["train"], **init_kwargs, "seed": seed,
+              "model_kwargs": kwargs, "output": str(out)}
+    if study["protocol"] == "upcycle":
+        values["init_from"] = str(ROOT / study["base"])
+        values["eval_at_start"] = True
+    else:
+        values["model"] = study["model"]
+    return TrainConfig.from_dict(values)
+
+
+def base_accuracy(study: dict, results: Path | None = None) -> dict:
+    """The dense base's test (and validation) accuracy, measured once per study and cached beside its records."""
+    from .checkpoint import load_model
+    from .data import build_splits
+    from .train import evaluate
+
+    path = Path(results or RESULTS) / study["name"] / "_base.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    train = study["train"]
+    model, _ = load_model(ROOT / study["base"])
+    _, val, test = build_splits(train.get("dataset", "fashion-mnist"), val_size=train.get("val_size", 0),
+                                root=train.get("data_root"), model=model, augment=False,
+                                test_subset=train.get("test_subset"))
+    out = {"base": study["base"], "test_acc": round(evaluate(model, test)["acc"], 6)}
+    if val is not None:
+        out["val_acc"] = round(evaluate(model, val)["acc"], 6)
+    atomic_write_text(path, json.dumps(out) + "\n")
+    return out
+
+
+def check_clean_start(study: dict, config: str, cfg, results: Path | None = None) -> dict:
+    """Upcycle protocol: build the arm exactly as training will, measure its step-0 test accuracy, and refuse to
+    train an arm that does not start where the dense base is."""
+    from .data import build_splits
+    from .train import build_training_model, evaluate
+
+    base = base_accuracy(study, results)
+    model, _ = build_training_model(cfg)
+    _, _, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model, augment=False,
+                              test_subset=cfg.test_subset)
+    step0 = round(evaluate(model, test)["acc"], 6)
+    if step0 != base["test_acc"]:
+        raise StudyError(f"{study['name']}/{config}: step-0 test accuracy {step0} differs from the dense base's "
+                         f"{base['test_acc']}: this arm does not start function-preserving. Use renormalize: true "
+                         f"(gates summing to 1) and shared_init zero or split for a shared expert")
+    return {"step0_test_acc": step0, "base_test_acc": base["test_acc"]}
 
 
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
-            results: Path | None = None) -> dict:
-    """Fine-tune one config from the study's dense base and record the result (atomically)."""
-    from .flops import profile
-    from .train import TrainConfig, train
+            results: Path | None = None, threads: int | None = 1, allow_dirty: bool = False) -> dict:
+    """Train one config with one seed under the study's protocol and record the result (atomically)."""
+    import torch
 
-    kwargs = {**study["common"], **study["configs"][config]}
-    if kwargs.get("moe_layers", "none") == "none":
-        kwargs = {"moe_layers": "none"}
+    from .checkpoint import load_model
+    from .data import build_splits
+    from .flops import profile
+    from .provenance import git_commit, provenance
+    from .train import train
+
+    commit = git_commit()
+    if commit.endswith("+dirty") and not allow_dirty:
+        raise StudyError("the working tree has uncommitted changes: a study record must come from a clean commit; "
+                         "commit first (or pass --allow-dirty for a throw-away run)")
+    if threads:
+        torch.set_num_threads(threads)
     out = (Path(results).parent / "runs" if results else RUNS) / study["name"] / config / f"seed{seed}"
-    cfg = TrainConfig.from_dict({"quiet": quiet, "device": device, **study["train"], "seed": seed,
-                                 "init_from": str(ROOT / study["base"]), "model_kwargs": kwargs,
-                                 "output": str(out)})
+    cfg = _train_config(study, config, seed, out, device, quiet)
     started = time.time()
-    history = train(cfg, resume=(out / "checkpoint.pt").exists())["history"]
+    resume = (out / "checkpoint.pt").exists()
+    start = check_clean_start(study, config, cfg, results) if study["protocol"] == "upcycle" and not resume else {}
+    result = train(cfg, resume=resume)
+    history = result["history"]
+    if result.get("step0") is not None:
+        start.setdefault("step0_test_acc", result["step0"]["test_acc"])
     model, model_cfg = load_model(out / "model")
+    model.eval()
     prof = profile(model)
     last = history[-1]
-    analysis = analyse_run(model, cfg, study.get("analysis", {}), seed)
-    record = {"study": study["name"], "config": config, "seed": seed, "model_config": model_cfg,
+    _, val, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model, augment=False,
+                                test_subset=cfg.test_subset)
+    predictions = _predict(model, test)
+    analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test)
+    record = {"study": study["name"], "protocol": study["protocol"], "config": config, "seed": seed,
+              "model_config": model_cfg,
               "train_config": {k: v for k, v in cfg.__dict__.items() if k not in ("quiet", "output")},
               "test_acc": last["test_acc"], "test_loss": last["test_loss"], "test_n": last["test_n"],
-              "train_acc": last["train_acc"], "params": prof.params, "active_params": prof.active_params,
-              "gmacs": prof.macs / 1e9, "moe_test": last["moe_test"], "history": history, **analysis,
-              "provenance": provenance(device if device != "auto" else None,
+              "val_acc": last.get("val_acc"), "train_acc": last["train_acc"], **start,
+              "params": prof.params, "active_params": prof.active_params, "gmacs": prof.macs / 1e9,
+              "moe_test": last["moe_test"], "history": history, "test_predictions": predictions, **analysis,
+              "provenance": provenance(device if device != "auto" else None, threads=torch.get_num_threads(),
                                        wall_time_s=round(time.time() - started, 1),
                                        train_wall_time_s=last["wall_time"])}
+    if record["provenance"]["commit"] != commit:
+        raise StudyError("the commit changed while the run trained; record again from one clean commit")
     atomic_write_text(result_path(study, config, seed, results), json.dumps(record, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)  # the record holds what matters; weights of every variant would bloat
     return record
 
 
-def analyse_run(model, cfg, analysis: dict, seed: int) -> dict:
-    """What a study's ``analysis`` block asks of a trained run, computed before its weights are deleted:
+def _predict(model, data) -> str:
+    """Every test prediction as one string of class indices (10 classes: one digit each)."""
+    import torch
 
-    * ``routing: true``: per MoE layer on the full test set, the specialisation metrics against the
-      label-permutation null (``layer_report``) and the class x expert / position x expert count tables.
+    preds = []
+    with torch.no_grad():
+        for x, _ in data.batches(500, shuffle=False):
+            preds.append(model(x).argmax(-1))
+    preds = torch.cat(preds).tolist()
+    return "".join(map(str, preds)) if max(preds, default=0) < 10 else ",".join(map(str, preds))
+
+
+def decode_predictions(text: str) -> list[int]:
+    return [int(v) for v in (text.split(",") if "," in text else text)]
+
+
+# -- analyses ---------------------------------------------------------------------------------------------------
+def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
+    """What a study's ``analysis`` block asks of a trained run, before its weights are deleted.  Everything that
+    *chooses* (which layers are specialised, which to densify) is measured on the validation split; test
+    accuracy is only reported.
+
+    * ``routing: true``: per MoE layer, the specialisation report (random-router test with ``random_routers``
+      draws, default 100, on the first ``max_images`` validation images; label-permutation null beside it) and
+      the class x expert / position x expert count tables.
     * ``prune_fraction: f`` (runs with at least ``prune_min_layers`` MoE layers, default 4): densify
-      round(f x layers) MoE layers three ways, the least specialised, the most specialised and a seeded random
-      choice, and record test accuracy, parameters and MACs of each (no fine-tuning after the merge).
+      k = round(f x layers) layers: *every* k-subset is densified and scored on validation and test, so the
+      specialisation metric's choice (the k least specialised on validation) can be ranked among all subsets and
+      against ``random_subsets`` (default 20) seeded random draws.
     """
-    from .data import build_datasets
     from .moe import moe_modules
 
-    blocks = sorted(moe_modules(model))
+    blocks = sorted(k for k in moe_modules(model) if isinstance(k, int))
     if not blocks or not (analysis.get("routing") or analysis.get("prune_fraction")):
         return {}
+    if val is None:
+        raise StudyError("the analysis block needs a validation split: set train.val_size (e.g. 10000)")
     from .routing import collect_routing
-    from .specialisation import layer_report
+    from .specialisation import specialisation_report
 
-    _, test = build_datasets(cfg.dataset, root=cfg.data_root, model=model, augment=False, test_subset=cfg.test_subset)
-    stats = collect_routing(model, test, progress=False)
-    report = layer_report(stats, repeats=int(analysis.get("null_repeats", 20)))
+    stats = collect_routing(model, val, progress=False)
+    report, _ = specialisation_report(model, val, draws=int(analysis.get("random_routers", 100)),
+                                      max_images=analysis.get("max_images", 2000), seed=seed, stats=stats)
     out = {}
     if analysis.get("routing"):
         tables = {b: {"class_expert": s.class_expert.round().int().tolist(),
                       "position_expert": s.position_expert.round().int().tolist()
                       if s.position_expert is not None else None} for b, s in stats.layers.items()}
-        out["routing"] = {str(int(r["block"])): {**{k: (round(v, 5) if isinstance(v, float) else v)
+        out["routing"] = {str(int(r["block"])): {**{k: (round(v, 6) if isinstance(v, float) else v)
                                                    for k, v in r.items() if k != "block"}, **tables[int(r["block"])]}
                           for r in report.to_dict("records")}
     k = round(analysis.get("prune_fraction", 0) * len(blocks))
     if k and len(blocks) >= analysis.get("prune_min_layers", 4):
-        out["pruning"] = prune_controls(model, stats, report, test, k, seed)
+        out["pruning"] = prune_subsets(model, stats, report, val, test, k, seed,
+                                       int(analysis.get("random_subsets", 20)))
     return out
 
 
-def prune_controls(model, stats, report, test, count: int, seed: int) -> list[dict]:
-    """Densify ``count`` MoE layers chosen by specialisation (least, most) and at random; evaluate each."""
-    import random
-
+def prune_subsets(model, stats, report, val, test, count: int, seed: int, random_draws: int = 20) -> dict:
+    """Densify every ``count``-subset of the MoE layers (usage-weighted merge, no fine-tuning after); score each on
+    validation and test.  The metric's choice is the ``count`` least specialised layers on validation."""
     from .densify import densify
     from .flops import profile
     from .specialisation import layers_to_densify
     from .train import evaluate
 
-    ranked = report["block"].tolist()  # most specialised first
-    choices = [("none", []), ("least specialised", layers_to_densify(report, count=count)),
-               ("most specialised", sorted(ranked[:count])),
-               ("random", sorted(random.Random(seed).sample(sorted(stats.layers), count)))]
-    rows = []
-    for name, chosen in choices:
-        m = densify(model, chosen, "merge", stats=stats) if chosen else model
+    blocks = sorted(stats.layers)
+    full = profile(model)
+    rows = [{"blocks": [], "val_acc": evaluate(model, val)["acc"], "test_acc": evaluate(model, test)["acc"],
+             "params": full.params, "gmacs": round(full.macs / 1e9, 6)}]
+    for subset in itertools.combinations(blocks, count):
+        m = densify(model, list(subset), "merge", stats=stats)
         p = profile(m)
-        rows.append({"densified": name, "blocks": [int(b) for b in chosen], "test_acc": evaluate(m, test)["acc"],
+        rows.append({"blocks": list(subset), "val_acc": evaluate(m, val)["acc"], "test_acc": evaluate(m, test)["acc"],
                      "params": p.params, "gmacs": round(p.macs / 1e9, 6)})
-    return rows
+    least = layers_to_densify(report, count=count)
+    most = sorted(report.sort_values("excess", ascending=False)["block"].tolist()[:count])
+    rng = random.Random(seed)
+    subsets = [r["blocks"] for r in rows[1:]]
+    draws = [subsets[rng.randrange(len(subsets))] for _ in range(random_draws)]
+    return {"count": count, "subsets": rows, "least_specialised": least, "most_specialised": most,
+            "random_draws": draws}
 
 
-def run_study(path, only=None, seeds=None, device: str = "auto", results: Path | None = None) -> list[dict]:
-    study = load_study(path)
-    todo = plan(study, only, seeds)
-    base = ROOT / study["base"]
-    if not base.exists():
-        raise ValueError(f"{path}: the dense base {study['base']} does not exist; train it first "
-                         f"(experiments/default/train.sh for the cpu profile, experiments/gpu/train_base.sh "
+# -- running a study --------------------------------------------------------------------------------------------
+def _check_can_run(study: dict, path, device: str) -> None:
+    if study["protocol"] == "upcycle" and not (ROOT / study["base"]).exists():
+        raise StudyError(f"{path}: the dense base {study['base']} does not exist; train it first "
+                         f"(experiments/upcycle/train_base.sh for the cpu profile, experiments/gpu/train_base.sh "
                          f"for the gpu profile)")
     if study["profile"] == "gpu" and device == "auto":
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"{path} is a gpu-profile study and this machine has no CUDA GPU; run it on one, "
+            raise StudyError(f"{path} is a gpu-profile study and this machine has no CUDA GPU; run it on one, "
                              f"or pass --device cpu to run it here anyway (slowly)")
+
+
+def _worker(args) -> tuple[str, int, float, float]:
+    path, config, seed, device, results, allow_dirty = args
+    t0 = time.time()
+    record = run_one(load_study(path), config, seed, device, results=results, threads=1, allow_dirty=allow_dirty)
+    return config, seed, record["test_acc"], time.time() - t0
+
+
+def run_study(path, only=None, seeds=None, device: str = "auto", results: Path | None = None, jobs: int = 1,
+              shard: tuple[int, int] | None = None, allow_dirty: bool = False) -> list[dict]:
+    """Run every (config, seed) not yet recorded; ``jobs`` single-thread workers in parallel on this machine,
+    ``shard`` a disjoint slice for one of several machines.  Returns the new records' (config, seed, acc)."""
+    study = load_study(path)
+    _check_can_run(study, path, device)
+    todo = plan(study, only, seeds, shard)
+    pending = [(c, s) for c, s in todo if not result_path(study, c, s, results).exists()]
+    print(f"{study['name']}: {len(todo) - len(pending)} of {len(todo)} runs recorded, {len(pending)} to run "
+          f"({jobs} worker{'s' if jobs > 1 else ''})", flush=True)
+    if not pending:
+        return []
+    from .provenance import git_commit
+
+    if git_commit().endswith("+dirty") and not allow_dirty:
+        raise StudyError("the working tree has uncommitted changes: a study record must come from a clean commit; "
+                         "commit first (or pass --allow-dirty for a throw-away run)")
+    if study["protocol"] == "upcycle":
+        base_accuracy(study, results)  # measured once, before workers race to cache it
+    tasks = [(str(path), c, s, device, results, allow_dirty) for c, s in pending]
     done = []
-    for i, (config, seed) in enumerate(todo, 1):
-        target = result_path(study, config, seed, results)
-        if target.exists():
-            print(f"[{i}/{len(todo)}] {config} seed {seed}: recorded, skipped", flush=True)
-            continue
-        t0 = time.time()
-        record = run_one(study, config, seed, device, results=results)
-        print(f"[{i}/{len(todo)}] {config} seed {seed}: test acc {record['test_acc']:.4f} "
-              f"({time.time() - t0:.0f}s)", flush=True)
-        done.append(record)
+    if jobs <= 1:
+        results_iter = map(_worker, tasks)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+        results_iter = (f.result() for f in as_completed([pool.submit(_worker, t) for t in tasks]))
+    for i, (config, seed, acc, seconds) in enumerate(results_iter, 1):
+        print(f"[{i}/{len(pending)}] {config} seed {seed}: test acc {acc:.4f} ({seconds:.0f}s)", flush=True)
+        done.append({"config": config, "seed": seed, "test_acc": acc})
     return done
 
 
-def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
-    rows = []
-    for r in _records(study_or_path, results):
-        rows.append({"config": r["config"], "seed": r["seed"], "test_acc": r["test_acc"], "params": r["params"],
-                     "active_params": r["active_params"], "gmacs": r["gmacs"],
-                     "wall_time_s": r["provenance"]["wall_time_s"], "device": r["provenance"]["device"],
-                     "commit": r["provenance"]["commit"]})
-    return pd.DataFrame(rows, columns=["config", "seed", "test_acc", "params", "active_params", "gmacs",
-                                       "wall_time_s", "device", "commit"])
-
-
+# -- reading records --------------------------------------------------------------------------------------------
 def _records(study_or_path, results: Path | None = None):
     study = _as_study(study_or_path)
-    for path in sorted((Path(results or RESULTS) / study["name"]).glob("*.json")):
+    for path in sorted((Path(results or RESULTS) / study["name"]).glob("*__seed*.json")):
         yield json.loads(path.read_text())
 
 
+def load_record(study_or_path, config: str, seed: int, results: Path | None = None) -> dict:
+    study = _as_study(study_or_path)
+    path = result_path(study, config, seed, results)
+    if not path.is_file():
+        raise StudyError(f"{config} seed {seed} is not recorded in study {study['name']} ({path})")
+    return json.loads(path.read_text())
+
+
+def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
+    cols = ["config", "seed", "test_acc", "val_acc", "step0_test_acc", "params", "active_params", "gmacs",
+            "wall_time_s", "threads", "device", "commit"]
+    rows = [{"config": r["config"], "seed": r["seed"], "test_acc": r["test_acc"], "val_acc": r.get("val_acc"),
+             "step0_test_acc": r.get("step0_test_acc"), "params": r["params"], "active_params": r["active_params"],
+             "gmacs": r["gmacs"], "wall_time_s": r["provenance"]["wall_time_s"],
+             "threads": r["provenance"].get("threads"), "device": r["provenance"]["device"],
+             "commit": r["provenance"]["commit"]} for r in _records(study_or_path, results)]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def load_routing(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
-    """The recorded routing analyses: one row per (config, seed, MoE block) with the specialisation metrics and
-    their nulls (runs recorded without ``analysis.routing`` are absent)."""
+    """The recorded routing analyses: one row per (config, seed, MoE block) with the specialisation metrics, the
+    random-router test and the label-permutation null (runs recorded without ``analysis.routing`` are absent)."""
     rows = []
     for r in _records(study_or_path, results):
         if "routing" not in r or (configs and r["config"] not in configs):
@@ -239,26 +468,60 @@ def load_routing(study_or_path, configs=None, results: Path | None = None) -> pd
 def routing_tables(study_or_path, config: str, seed: int, kind: str = "class_expert",
                    results: Path | None = None) -> dict[int, list]:
     """One recorded run's count tables per MoE block: ``class_expert`` or ``position_expert``."""
-    study = _as_study(study_or_path)
-    path = result_path(study, config, seed, results)
-    if not path.is_file():
-        raise ValueError(f"{config} seed {seed} is not recorded in study {study['name']} ({path})")
-    record = json.loads(path.read_text())
+    record = load_record(study_or_path, config, seed, results)
     if "routing" not in record:
-        raise ValueError(f"{path} has no routing analysis: it was recorded without analysis.routing")
+        raise StudyError(f"{config} seed {seed} has no routing analysis: it was recorded without analysis.routing")
     return {int(b): layer[kind] for b, layer in record["routing"].items() if layer[kind] is not None}
 
 
 def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
-    """The recorded pruning controls: one row per (config, seed, choice of densified layers)."""
-    rows = [{"config": r["config"], "seed": r["seed"], **row}
-            for r in _records(study_or_path, results) if "pruning" in r and (not configs or r["config"] in configs)
-            for row in r["pruning"]]
-    return pd.DataFrame(rows, columns=["config", "seed", "densified", "blocks", "test_acc", "params", "gmacs"])
+    """Per (config, seed): the unpruned model, the metric's choice (least specialised on validation), the most
+    specialised, the mean over every subset and over the random draws, and where the metric's choice ranks
+    among all subsets by validation accuracy (1 = best)."""
+    rows = []
+    for r in _records(study_or_path, results):
+        if "pruning" not in r or (configs and r["config"] not in configs):
+            continue
+        p = r["pruning"]
+        full, subsets = p["subsets"][0], p["subsets"][1:]
+        by_blocks = {tuple(s["blocks"]): s for s in subsets}
+        least, most = by_blocks[tuple(p["least_specialised"])], by_blocks[tuple(p["most_specialised"])]
+        ranked = sorted(subsets, key=lambda s: -s["val_acc"])
+        rank = 1 + sum(s["val_acc"] > least["val_acc"] for s in subsets)
+        draws = [by_blocks[tuple(b)] for b in p["random_draws"]]
+        rows.append({"config": r["config"], "seed": r["seed"], "count": p["count"], "subsets": len(subsets),
+                     "full_test": full["test_acc"], "full_val": full["val_acc"],
+                     "least_blocks": p["least_specialised"], "least_test": least["test_acc"],
+                     "least_val": least["val_acc"], "least_rank": rank,
+                     "most_test": most["test_acc"], "best_val_blocks": ranked[0]["blocks"],
+                     "best_val_test": ranked[0]["test_acc"],
+                     "all_mean_test": sum(s["test_acc"] for s in subsets) / len(subsets),
+                     "random_mean_test": sum(s["test_acc"] for s in draws) / max(1, len(draws)),
+                     "full_params": full["params"], "pruned_params": least["params"],
+                     "full_gmacs": full["gmacs"], "pruned_gmacs": least["gmacs"]})
+    return pd.DataFrame(rows)
+
+
+def config_values(study: dict, name: str, results: Path | None = None, metric: str = "test_acc") -> pd.Series:
+    """One config's metric by seed; ``name`` may be ``other-study/config`` for a study named in references."""
+    other, _, config = name.rpartition("/")
+    source = study if not other else _referenced(study, other)
+    df = load_results(source, results)
+    df = df[df["config"] == config]
+    return df.set_index("seed")[metric].sort_index()
+
+
+def _referenced(study: dict, name: str) -> dict:
+    folder = Path(study.get("_path", ROOT / "experiments" / "studies" / "x.yaml")).parent
+    for path in sorted(folder.glob("*.yaml")):
+        other = load_study(path)
+        if other["name"] == name:
+            return other
+    raise StudyError(f"study {name!r} (named in references of {study['name']}) has no file in {folder}")
 
 
 def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:
-    """Mean and std of test accuracy over seeds per config (in the study's order), params and GMACs beside."""
+    """Per config (in the study's order): seeds, mean and seed SD of test accuracy, params and GMACs beside."""
     study = _as_study(study_or_path)
     df = load_results(study, results)
     if df.empty:
@@ -271,6 +534,91 @@ def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:
     return table.loc[order].reset_index()
 
 
+def contrasts(study_or_path, results: Path | None = None) -> pd.DataFrame:
+    """Every config against the study's control, paired by seed: delta of test accuracy in points with its 95%
+    t-interval, two-sided p and Holm-adjusted p across the configs; params and GMACs beside."""
+    from .stats import holm, paired
+
+    study = _as_study(study_or_path)
+    control = study["control"]
+    base = config_values(study, control, results)
+    if base.empty:
+        raise StudyError(f"the control {control!r} of {study['name']} has no records yet: run the study first")
+    s = summary(study, results).set_index("config")
+    rows = []
+    for config in study["configs"]:
+        if config == control or config not in s.index:
+            continue
+        values = config_values(study, config, results)
+        seeds = sorted(set(values.index) & set(base.index))
+        d = paired(values[seeds] * 100, base[seeds] * 100)
+        rows.append({"config": config, "n": d.n, "delta": d.mean, "low": d.low, "high": d.high, "p": d.p,
+                     "params_M": s.loc[config, "params_M"], "gmacs": s.loc[config, "gmacs"]})
+    table = pd.DataFrame(rows, columns=["config", "n", "delta", "low", "high", "p", "params_M", "gmacs"])
+    table.insert(6, "p_holm", holm(table["p"]))
+    return table
+
+
+def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
+    """Each pre-registered claim: its estimate with a 95% interval, p (and Holm across the study's claims that
+    have one), and the verdict from :func:`workbench.stats.verdict`."""
+    from .stats import bootstrap_sd_difference, holm, paired, slope_interval, verdict
+
+    study = _as_study(study_or_path)
+    rows = []
+    for claim in study["claims"]:
+        kind, expect, margin = claim["kind"], claim["expect"], float(claim.get("margin", 0.0))
+        row = {"id": claim["id"], "says": claim["says"], "kind": kind, "expect": expect, "margin": margin}
+        if kind in ("paired", "spread"):
+            control = claim.get("control", study["control"])
+            a, b = config_values(study, claim["treatment"], results), config_values(study, control, results)
+            seeds = sorted(set(a.index) & set(b.index))
+            row["contrast"] = f"{claim['treatment']} vs {control}"
+            if kind == "paired":
+                d = paired(a[seeds] * 100, b[seeds] * 100)
+                row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+            else:
+                est, low, high = bootstrap_sd_difference(a[seeds] * 100, b[seeds] * 100)
+                row.update(n=len(seeds), estimate=est, low=low, high=high, p=math.nan)
+        elif kind in ("excess", "depth_trend"):
+            routing = load_routing(study, [claim["treatment"]], results)
+            if claim.get("blocks") is not None:
+                routing = routing[routing["block"].isin(claim["blocks"])]
+            row["contrast"] = f"{claim['treatment']}: {'NMI over random routers' if kind == 'excess' else 'slope of NMI excess over random routers per block'}"
+            if kind == "excess":
+                per_seed = routing.groupby("seed")["excess"].mean()
+                d = paired(per_seed.values, [0.0] * len(per_seed))
+            else:
+                d = slope_interval({s: (g["block"].values, g["excess"].values) for s, g in routing.groupby("seed")})
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        else:  # pruning
+            pr = load_pruning(study, [claim["treatment"]], results)
+            compare = claim.get("compare", "all_mean")
+            column = {"all_mean": "all_mean_test", "random": "random_mean_test", "unpruned": "full_test",
+                      "most": "most_test"}[compare]
+            row["contrast"] = f"{claim['treatment']}: densify least specialised vs {compare.replace('_', ' ')}"
+            d = paired(pr["least_test"] * 100, pr[column] * 100)
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["id", "says", "kind", "contrast", "n", "estimate", "low", "high", "p",
+                                        "expect", "margin"])
+    table["p_holm"] = holm(table["p"])
+    table["verdict"] = [verdict(r.low, r.high, r.p_holm if r.kind != "spread" else 0.0, r.expect, r.margin)
+                        for r in table.itertuples()]
+    return table
+
+
+def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
+    """One line per claim: estimate [95% CI], p (Holm), verdict."""
+    lines = []
+    for r in table.itertuples():
+        p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
+        unit = " pts" if r.kind in ("paired", "pruning", "spread") else ""
+        lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} [{r.low:+.3f}, {r.high:+.3f}] (n={r.n}{p}) "
+                     f"expect {r.expect}{f' (margin {r.margin:g})' if r.margin else ''} -> {r.verdict}")
+    return "\n".join(lines)
+
+
 def format_summary(table: pd.DataFrame) -> str:
     lines = [f"{'config':<16} {'n':>2} {'acc mean':>9} {'acc std':>8} {'params M':>9} {'GMACs':>7}"]
     for r in table.itertuples():
@@ -278,22 +626,47 @@ def format_summary(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def format_contrasts(table: pd.DataFrame) -> str:
+    lines = [f"{'config':<16} {'n':>2} {'delta pts':>9} {'95% CI':>17} {'p_holm':>8} {'params M':>9} {'GMACs':>7}"]
+    for r in table.itertuples():
+        lines.append(f"{r.config:<16} {r.n:>2} {r.delta:>+9.3f} [{r.low:+7.3f},{r.high:+7.3f}] {r.p_holm:>8.3g} "
+                     f"{r.params_M:>9.3f} {r.gmacs:>7.4f}")
+    return "\n".join(lines)
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
 def register_cli(sub) -> None:
-    p = sub.add_parser("study", help="run a study (configs x seeds, resumable) or print its summary")
+    p = sub.add_parser("study", help="run a study (configs x seeds, resumable), print its summary or its claims")
     ssub = p.add_subparsers(dest="study_command", required=True)
-    r = ssub.add_parser("run")
-    r.add_argument("study")
-    r.add_argument("--only", nargs="+", help="config names to run")
-    r.add_argument("--seeds", nargs="+", type=int)
-    r.add_argument("--device", default="auto")
-    r.set_defaults(func=lambda a: (run_study(a.study, a.only, a.seeds, a.device), 0)[1])
-    s = ssub.add_parser("summary")
+    r = ssub.add_parser("run", help="train every (config, seed) not yet recorded")
+    r.add_argument("study", help="study YAML file")
+    r.add_argument("--only", nargs="+", help="config names to run (default: all)")
+    r.add_argument("--seeds", nargs="+", type=int, help="seeds to run (default: the study's)")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    r.add_argument("--jobs", type=int, default=1, help="parallel single-thread workers on this machine (default 1)")
+    r.add_argument("--shard", help="i/N: run only the i-th of N disjoint slices (N machines, one results folder)")
+    r.add_argument("--allow-dirty", action="store_true",
+                   help="record from a tree with uncommitted changes (throw-away runs only)")
+    r.set_defaults(func=lambda a: (run_study(a.study, a.only, a.seeds, a.device, jobs=a.jobs,
+                                             shard=parse_shard(a.shard), allow_dirty=a.allow_dirty), 0)[1])
+    s = ssub.add_parser("summary", help="per config: mean, seed SD, params, GMACs; then deltas vs the control")
     s.add_argument("study")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_cmd_summary)
+    c = ssub.add_parser("claims", help="each pre-registered claim: estimate, 95%% CI, Holm p, verdict")
+    c.add_argument("study")
+    c.set_defaults(func=lambda a: (print(format_claims(evaluate_claims(a.study))), 0)[1])
 
 
 def _cmd_summary(args) -> int:
     table = summary(args.study)
-    print(table.to_json(orient="records", indent=1) if args.json else format_summary(table))
+    if args.json:
+        print(table.to_json(orient="records", indent=1))
+        return 0
+    print(format_summary(table))
+    try:
+        print("\npaired by seed against the control (delta in accuracy points):")
+        print(format_contrasts(contrasts(args.study)))
+    except StudyError as e:
+        print(f"\n(no contrasts: {e})")
     return 0

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data import build_datasets
+from .data import build_splits
 from .moe import moe_aux_loss, moe_modules
 from .vimoe import ViMoE, split_moe_kwargs
 
@@ -56,6 +56,8 @@ class TrainConfig:
     augment: bool = True
     train_subset: int | None = None
     test_subset: int | None = None
+    val_size: int = 0  # images held out of the training set (fixed draw, same for every seed) as a validation split
+    eval_at_start: bool = False  # evaluate before the first step (step-0 accuracy: is an upcycled start clean?)
     seed: int = 0
     init_from: str | None = None  # dense checkpoint to upcycle (folder, .safetensors or .pt)
     shared_init: str = "copy"  # upcycling only: see workbench.upcycle
@@ -180,8 +182,9 @@ def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float
 # -- evaluation -------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", amp: bool = False,
-             d: Dist = Dist()) -> dict:
-    """Accuracy, loss and per-MoE-layer expert load over a whole dataset (sharded across DDP ranks)."""
+             d: Dist = Dist(), progress: bool = False) -> dict:
+    """Accuracy, loss and per-MoE-layer expert load over a whole dataset (sharded across DDP ranks);
+    ``progress``: a tqdm bar on stderr (main rank only)."""
     core = getattr(model, "module", model)
     was_training = core.training
     core.eval()
@@ -191,7 +194,9 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", amp
     drops = {i: torch.zeros((), device=device) for i in layers}
     totals = torch.zeros(3, device=device, dtype=torch.float64)  # correct, count, loss sum
     batches = 0
-    for x, y in data.batches(batch_size, shuffle=False, rank=d.rank, world=d.world):
+    loader = data.batches(batch_size, shuffle=False, rank=d.rank, world=d.world)
+    for x, y in tqdm(loader, total=data.num_batches(batch_size, d.world), desc="eval", unit="batch", leave=False,
+                     disable=not (progress and d.main)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = core(x)
@@ -265,8 +270,8 @@ class Trainer:
             self.model, self.model_config = build_training_model(cfg)
         self.model.to(self.device).train()
 
-        self.train_data, self.test_data = build_datasets(
-            cfg.dataset, root=cfg.data_root, model=self.model, train_subset=cfg.train_subset,
+        self.train_data, self.val_data, self.test_data = build_splits(
+            cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=self.model, train_subset=cfg.train_subset,
             test_subset=cfg.test_subset, augment=cfg.augment, seed=cfg.seed, num_workers=cfg.num_workers)
         head = getattr(self.model, "num_classes", None)
         if head is not None and head != self.train_data.num_classes:
@@ -274,6 +279,8 @@ class Trainer:
                              f"pass --model-arg num_classes={self.train_data.num_classes}")
         self.train_data.to(self.device)
         self.test_data.to(self.device)
+        if self.val_data is not None:
+            self.val_data.to(self.device)
         if cfg.batch_size % self.d.world:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes "
                              f"({self.d.world})")
@@ -288,13 +295,22 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total, warmup, cfg.lr,
                                                                                     cfg.min_lr))
         self.epoch, self.step, self.history, self.acc = 0, 0, [], None
+        self.step0 = None
         self.wall_offset = 0.0
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
             self.acc, self.wall_offset = state.get("accumulators"), state.get("wall_time", 0.0)
+            self.step0 = state.get("step0")
             _set_rng_state(state["rng"], self.device)
+            if self.d.main and not cfg.quiet:
+                print(f"resumed from epoch {self.epoch}"
+                      + (f", step {self.step} of {self.steps_per_epoch}" if self.step else "") + f" ({self.ckpt_path})"
+                      + (f"; training to epoch {cfg.epochs}" if self.epoch < cfg.epochs
+                         else f"; all {cfg.epochs} epochs are done"), flush=True)
+        elif resume and self.d.main and not cfg.quiet:
+            print(f"no checkpoint in {self.out} to resume: starting a new run", flush=True)
 
         self.forward_model = self.model
         if self.d.world > 1:
@@ -325,7 +341,7 @@ class Trainer:
         state = {"model": self.model.state_dict(), "model_config": self.model_config,
                  "train_config": dataclasses.asdict(self.cfg), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
-                 "history": self.history, "accumulators": self.acc, "rng": _rng_state(self.device),
+                 "history": self.history, "step0": self.step0, "accumulators": self.acc, "rng": _rng_state(self.device),
                  "wall_time": self.wall_offset + (time.time() - self.started)}
         ckpt.save_checkpoint(self.ckpt_path, state)
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
@@ -388,6 +404,19 @@ class Trainer:
             acc["load"][key] = [a + b for a, b in zip(acc["load"][key], loads[i].tolist())]
             acc["drop"][key] += float(drops[i])
 
+    def _evaluate(self, data) -> dict:
+        return evaluate(self.forward_model, data, batch_size=self.cfg.eval_batch_size, device=self.device,
+                        amp=self.amp, d=self.d)
+
+    def _evaluate_start(self) -> dict:
+        """Accuracy before any training step: for an upcycled run, the test of a function-preserving start."""
+        test = self._evaluate(self.test_data)
+        out = {"test_acc": round(test["acc"], 6), "test_loss": round(test["loss"], 6), "test_n": test["n"]}
+        if self.val_data is not None:
+            val = self._evaluate(self.val_data)
+            out.update(val_acc=round(val["acc"], 6), val_loss=round(val["loss"], 6))
+        return out
+
     def _epoch_metrics(self, test: dict) -> dict:
         acc, world = self.acc, self.d.world
         sums = _all_reduce(torch.tensor([acc["task"], acc["aux"], acc["correct"], acc["seen"]], dtype=torch.float64,
@@ -403,6 +432,8 @@ class Trainer:
                 **{f"aux_{k}": round(v / steps, 6) for k, v in sorted(acc["terms"].items())},
                 "train_acc": round(correct / seen, 6), "test_loss": round(test["loss"], 6),
                 "test_acc": round(test["acc"], 6), "test_n": test["n"],
+                **({"val_loss": round(test["val"]["loss"], 6), "val_acc": round(test["val"]["acc"], 6)}
+                   if "val" in test else {}),
                 "lr": self.scheduler.get_last_lr()[0], "img_per_s": round(seen / max(acc["train_time"], 1e-9), 1),
                 "wall_time": round(self.wall_offset + time.time() - self.started, 1),
                 "moe_train": moe, "moe_test": test["moe"]}
@@ -415,10 +446,15 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.out / "train_config.json",
                                    json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if cfg.eval_at_start and self.step0 is None and self.epoch == 0 and self.step == 0:
+            self.step0 = self._evaluate_start()
+            if self.d.main and not cfg.quiet:
+                tqdm.write(f"step 0: test {self.step0['test_acc']:.4f}")
         while self.epoch < cfg.epochs:
             self._train_epoch()
-            test = evaluate(self.forward_model, self.test_data, batch_size=cfg.eval_batch_size, device=self.device,
-                            amp=self.amp, d=self.d)
+            test = self._evaluate(self.test_data)
+            if self.val_data is not None:
+                test["val"] = self._evaluate(self.val_data)
             row = self._epoch_metrics(test)
             self.history.append(row)
             self.epoch, self.step, self.acc = self.epoch + 1, 0, None
@@ -427,10 +463,15 @@ class Trainer:
                 tqdm.write(f"epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                            f"train {row['train_acc']:.4f}  test {row['test_acc']:.4f}  "
                            f"{row['img_per_s']:.0f} img/s  {row['wall_time']:.0f}s")
+                if row["moe_train"]:
+                    tqdm.write("    expert load CV / drop rate (train): " + "  ".join(
+                        f"block {block} {stats['load_cv']:.2f} / {stats['drop_rate']:.3f}"
+                        for block, stats in row["moe_train"].items()))
         if self.d.main:
             ckpt.save_model(self.model, self.model_config, self.out / "model",
                             {"metrics": self.history[-1] if self.history else None})
-        return {"history": self.history, "output": str(self.out), "model_config": self.model_config}
+        return {"history": self.history, "step0": self.step0, "output": str(self.out),
+                "model_config": self.model_config}
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:

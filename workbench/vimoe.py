@@ -29,7 +29,7 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 
 MOE_ARGS = tuple(name for name, p in inspect.signature(MoEMlp.__init__).parameters.items()
                  if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "num_prefix_tokens")
-SHARED_INITS = ("copy", "zero", "random")
+SHARED_INITS = ("copy", "zero", "random", "split")
 
 
 def resolve_moe_layers(spec: str | Sequence[int], depth: int) -> list[int]:
@@ -131,6 +131,11 @@ def upcycle(dense: VisionTransformer, moe_layers: str | Sequence[int] = "last-2"
       * ``'zero'``: the shared expert is a copy whose output projection is zeroed: the function is preserved
         exactly (with gates summing to 1) and the shared expert grows from zero during fine-tuning;
       * ``'random'``: freshly initialised (also used when the shared width differs from the dense width).
+      * ``'split'`` (fine-grained, DeepSeekMoE-style, at the dense FLOPs): the dense FFN's hidden units are split
+        in two; the shared expert takes the first ``shared_hidden`` units and every routed expert (width
+        ``expert_hidden`` = the rest) a copy of the others.  With gates summing to 1 the block computes exactly
+        the dense FFN, since an FFN is a sum over its hidden units.  Needs ``shared_hidden + expert_hidden``
+        equal to the dense width.
     ``expert_noise`` adds Gaussian noise (relative to each weight's std) to the expert copies to break symmetry.
     """
     if shared_init not in SHARED_INITS:
@@ -145,6 +150,13 @@ def upcycle(dense: VisionTransformer, moe_layers: str | Sequence[int] = "last-2"
         if isinstance(mlp, MoEMlp):
             raise ValueError(f"block {i} is already an MoE layer; upcycle a dense model or choose other moe_layers")
         hidden = mlp.fc1.out_features
+        if shared_init == "split":
+            _check_split(moe_kwargs, hidden)
+            moe = moe_from_mlp(mlp, model.num_prefix_tokens, **moe_kwargs).to(mlp.fc1.weight.device,
+                                                                               mlp.fc1.weight.dtype)
+            split_dense_into_moe(moe, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+            model.blocks[i].mlp = moe
+            continue
         if moe_kwargs.get("expert_hidden") not in (None, hidden):
             raise ValueError(f"expert_hidden={moe_kwargs['expert_hidden']} differs from the dense FFN width "
                              f"{hidden}: upcycled experts are copies, leave expert_hidden unset")
@@ -183,6 +195,31 @@ def copy_dense_into_moe(moe: MoEMlp, fc1_w, fc1_b, fc2_w, fc2_b, shared_init: st
         shared.fc2.weight.zero_()
         if shared.fc2.bias is not None:
             shared.fc2.bias.zero_()
+
+
+def _check_split(moe_kwargs: dict, hidden: int) -> None:
+    shared, routed = moe_kwargs.get("shared_hidden"), moe_kwargs.get("expert_hidden")
+    if moe_kwargs.get("shared_expert", "none") != "add" or shared is None or routed is None \
+            or shared + routed != hidden:
+        raise ValueError(f"shared_init='split' needs shared_expert='add' and shared_hidden + expert_hidden equal to "
+                         f"the dense FFN width {hidden} (e.g. shared_hidden={hidden // 2}, "
+                         f"expert_hidden={hidden - hidden // 2}); got shared_hidden={shared}, expert_hidden={routed}")
+
+
+@torch.no_grad()
+def split_dense_into_moe(moe: MoEMlp, fc1_w, fc1_b, fc2_w, fc2_b) -> None:
+    """Fine-grained upcycling: hidden units [0, s) to the shared expert, [s, h) to every routed expert; the
+    output bias goes to the shared expert (always on), so shared(x) + expert(x) = FFN(x) for a gate of 1."""
+    s = moe.shared.fc1.out_features
+    moe.shared.fc1.weight.copy_(fc1_w[:s])
+    moe.shared.fc2.weight.copy_(fc2_w[:, :s])
+    moe.w1.copy_(fc1_w[s:].t().unsqueeze(0).expand_as(moe.w1))
+    moe.w2.copy_(fc2_w[:, s:].t().unsqueeze(0).expand_as(moe.w2))
+    if moe.b1 is not None:
+        moe.shared.fc1.bias.copy_(fc1_b[:s])
+        moe.shared.fc2.bias.copy_(fc2_b)
+        moe.b1.copy_(fc1_b[s:].unsqueeze(0).expand_as(moe.b1))
+        moe.b2.zero_()
 
 
 def checkpoint_filter_fn(state_dict: dict, model: ViMoE, **kwargs) -> dict:
@@ -230,6 +267,8 @@ FMNIST_ARGS = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10)
 default_cfgs = generate_default_cfgs({
     "vimoe_tiny_patch4_28.untrained": _cfg(
         **FMNIST_CFG, description="Tiny ViMoE for 28x28 grayscale images (the Fashion-MNIST scale)"),
+    "vimoe_micro_patch7_28.untrained": _cfg(
+        **FMNIST_CFG, description="Micro ViMoE for 28x28 grayscale images: the studies' fast protocol models"),
     "vimoe_small_patch4_28.untrained": _cfg(
         **FMNIST_CFG, description="ViT-S width and depth on 28x28 grayscale images (the studies' gpu profile)"),
     "vimoe_small_patch16_224.untrained": _cfg(description="ViT-S/16 shape with MoE layers"),
@@ -255,6 +294,14 @@ def vimoe_tiny_patch4_28(pretrained: bool = False, **kwargs) -> ViMoE:
 
 
 @register_model
+def vimoe_micro_patch7_28(pretrained: bool = False, **kwargs) -> ViMoE:
+    """Micro ViMoE: 28x28x1 input, 7x7 patches (4x4 grid + CLS = 17 tokens), d=64, 4 blocks, 2 heads: one
+    Fashion-MNIST epoch in about 20-40 s on one CPU thread, so a study's runs take minutes."""
+    args = dict(FMNIST_ARGS, patch_size=7, embed_dim=64, depth=4, num_heads=2)
+    return _create_vimoe("vimoe_micro_patch7_28", pretrained, **dict(args, **kwargs))
+
+
+@register_model
 def vimoe_small_patch4_28(pretrained: bool = False, **kwargs) -> ViMoE:
     """ViT-S width and depth (d=384, 12 blocks, 6 heads) on 28x28x1 input with 4x4 patches: the gpu profile."""
     args = dict(FMNIST_ARGS, embed_dim=384, depth=12, num_heads=6)
@@ -275,5 +322,5 @@ def vimoe_base_patch14_dinov2(pretrained: bool = False, **kwargs) -> ViMoE:
     return _create_vimoe("vimoe_base_patch14_dinov2", pretrained, **dict(args, **kwargs))
 
 
-MODEL_NAMES = ("vimoe_tiny_patch4_28", "vimoe_small_patch4_28", "vimoe_small_patch16_224",
+MODEL_NAMES = ("vimoe_micro_patch7_28", "vimoe_tiny_patch4_28", "vimoe_small_patch4_28", "vimoe_small_patch16_224",
                "vimoe_base_patch14_dinov2")
