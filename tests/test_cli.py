@@ -1,4 +1,7 @@
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +21,154 @@ ROOT = Path(__file__).resolve().parents[1]
     (["train", "--moe-layers", "middle-2", "--quiet"], "moe_layers='middle-2'"),
     (["train", "--config", "/nonexistent.yaml"], "does not exist"),
     (["info", "--num-experts", "2", "--top-k", "3"], "top_k=3"),
+    # an unknown model keyword names the key and lists the known ones; a wrong type names the type wanted
+    (["train", "--model-arg", "foo=1", "--quiet"], "unknown model argument 'foo'"),
+    (["train", "--model-arg", "dept=3", "--quiet"], "did you mean 'depth'?"),
+    (["info", "--model-arg", "foo=1"], "takes: "),
+    (["train", "--model-arg", "depth=abc", "--quiet"], "depth='abc' is invalid: depth takes an integer"),
+    (["info", "--model-arg", "renormalize=3"], "renormalize takes true or false"),
+    (["info", "--model", "no_such_model"], "is not a timm model"),
+    # moe_layers: the error shows the accepted list forms
+    (["info", "--moe-layers", "[1, x]"], "1,3 or '1 3' or '[1, 3]'"),
+    (["info", "--moe-layers", "middle-2"], "--moe-layers 1,3 or '1 3' or '[1, 3]'"),
+    # the new train flags are range-checked before anything heavy runs
+    (["train", "--label-smoothing", "1"], "--label-smoothing 1.0 is invalid: use a number in [0, 1)"),
+    (["train", "--warmup-epochs", "-1"], "--warmup-epochs -1.0 is invalid"),
+    (["train", "--weight-decay", "-0.1"], "--weight-decay -0.1 is invalid"),
+    (["train", "--clip-grad", "abc"], "--clip-grad: 'abc' is not a number"),
+    (["train", "--test-subset", "0"], "--test-subset 0 is invalid"),
+    (["eval", "--checkpoint", "experiments/checkpoints/vimoe_tiny_fmnist", "--test-subset", "0"],
+     "--test-subset 0 is invalid: use an integer >= 1"),
+    (["train", "--shared-expert", "both"], "invalid choice: 'both'"),
 ])
 def test_usage_errors_exit_2(argv, message, capsys, tmp_path):
     argv = argv + (["--output", str(tmp_path / "o")] if argv[0] == "train" else [])
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2
-    assert message in capsys.readouterr().err
+    text = capsys.readouterr().err
+    assert message in text
+    assert text.strip().count("\n") == 0 and "Traceback" not in text  # one line, no usage block or traceback
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[1, 3]", [1, 3]), ("1,3", [1, 3]), ("1 3", [1, 3]), (" -1 , 2 ", [-1, 2]), ("[1,3]", [1, 3]), ("2", [2]),
+    ("[]", []), ("last-2", "last-2"), ("none", "none"), ("every-2", "every-2"),
+])
+def test_moe_layers_forms(text, expected):
+    from workbench.cli import parse_moe_layers
+
+    assert parse_moe_layers(text) == expected
+
+
+def test_moe_layers_list_form_reaches_the_model(capsys):
+    assert main(["info", "--moe-layers", "[1, 3]", "--json"]) == 0
+    blocks = json.loads(capsys.readouterr().out)["blocks"]
+    assert [b["block"] for b in blocks if b["ffn"] == "moe"] == [1, 3]
+
+
+def test_train_help_shows_defaults_of_train_config():
+    """The help's defaults come from TrainConfig's source (no torch import): they must match the dataclass."""
+    import dataclasses
+
+    from workbench.cli import _train_defaults
+    from workbench.train import TrainConfig
+
+    parsed = _train_defaults()
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    assert {"warmup_epochs", "weight_decay", "label_smoothing", "min_lr", "clip_grad"} <= set(parsed)
+    assert parsed == {k: v for k, v in fields.items() if k in parsed}
+    assert set(fields) - set(parsed) == set()
+
+
+def test_help_is_quick_and_imports_no_torch():
+    # importing workbench (which workbench.cli does) and building the parser load neither torch nor timm
+    code = "import workbench.cli as c, sys; c.build_parser(); print('torch' in sys.modules, 'timm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+    for argv in (["--help"], ["train", "--help"], ["eval", "--help"]):
+        run = subprocess.run([sys.executable, "-X", "importtime", "-m", "workbench", *argv], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in run.stderr.splitlines() if "|" in line}
+        assert not imported & {"torch", "timm", "fvcore", "pandas"}, argv
+    train_help = subprocess.run([sys.executable, "-m", "workbench", "train", "--help"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=120).stdout
+    for flag in ("--warmup-epochs", "--weight-decay", "--label-smoothing", "--min-lr", "--clip-grad"):
+        assert flag in train_help
+    assert "(default: 1.0)" in " ".join(train_help.split())  # warmup_epochs, from TrainConfig
+
+
+def test_deferred_commands_still_parse():
+    """bench / profile / study are imported only when asked for; their parsers then work as before."""
+    from workbench.cli import build_parser
+
+    args = build_parser().parse_args(["study", "summary", "some.yaml", "--json"])
+    assert args.command == "study" and args.study == "some.yaml" and args.json and callable(args.func)
+    args = build_parser().parse_args(["profile", "--moe-layers", "last-2"])
+    assert args.command == "profile" and args.moe_layers == "last-2" and callable(args.func)
+
+
+@pytest.mark.parametrize("order", ["import workbench, timm", "import timm, workbench"])
+def test_import_workbench_registers_models_lazily(order):
+    code = (f"{order}; m = timm.create_model('vimoe_tiny_patch4_28'); "
+            "print(type(m).__name__, workbench.upcycle.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["ViMoE", "upcycle"], out.stderr[-2000:]
+
+
+def test_workbench_unknown_attribute_is_an_attribute_error():
+    import workbench
+
+    with pytest.raises(AttributeError):
+        workbench.no_such_thing  # noqa: B018
+
+
+def _write_bytes(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_not_a_checkpoint_vs_truncated_checkpoint(tmp_path, capsys):
+    import torch
+
+    from workbench.checkpoint import CheckpointError, read_checkpoint
+
+    text = _write_bytes(tmp_path / "text.pt", b"just some notes\n")
+    png = _write_bytes(tmp_path / "png.pt", b"\x89PNG\r\n\x1a\n" + bytes(100))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    real = tmp_path / "real.pt"
+    torch.save({"model": {"w": torch.zeros(2000)}, "model_config": {"model": "x"}}, real)
+    truncated = _write_bytes(tmp_path / "truncated.pt", real.read_bytes()[: real.stat().st_size // 2])
+    for path, kind in ((text, "a text file"), (png, "a PNG image"), (other, "without model/model_config")):
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint(path)
+        message = str(err.value)
+        assert "is not a workbench checkpoint" in message and kind in message
+        assert "model.safetensors and config.json" in message and "\n" not in message
+        assert "weights_only" not in message and "truncated" not in message
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(truncated)
+    assert "truncated or corrupt" in str(err.value) and "not a workbench checkpoint" not in str(err.value)
+    assert "\n" not in str(err.value)
+    assert read_checkpoint(real)["model_config"] == {"model": "x"}
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--checkpoint", str(text)])
+    assert exit_.value.code == 1
+    assert "is not a workbench checkpoint (a text file)" in capsys.readouterr().err
+
+
+def test_pickled_objects_are_not_a_checkpoint(tmp_path):
+    import torch
+
+    from workbench.checkpoint import CheckpointError, read_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "model_config": Path("x")}, path)  # a Python object: not weights
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    assert "is not a workbench checkpoint" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unknown_flag_exits_2(capsys):
@@ -40,19 +184,110 @@ def test_missing_checkpoint_exits_1(capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_train_eval_info_end_to_end(tmp_path):
+def test_train_eval_info_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "workbench"]
     common = ["--dataset", "synthetic", "--train-subset", "128", "--test-subset", "64"]
-    subprocess.run(cmd + ["train", *common, "--epochs", "1", "--batch-size", "32", "--output", str(out),
-                          "--quiet", "--moe-layers", "1", "--num-experts", "2", "--model-arg", "depth=2",
-                          "--model-arg", "embed_dim=32", "--model-arg", "num_heads=2"],
-                   check=True, cwd=ROOT, timeout=300)
-    result = subprocess.run(cmd + ["eval", "--checkpoint", str(out / "checkpoint.pt"), "--json", *
-                                   ["--dataset", "synthetic", "--test-subset", "64"]],
+    tiny = ["--moe-layers", "1", "--num-experts", "2", "--model-arg", "depth=2", "--model-arg", "embed_dim=32",
+            "--model-arg", "num_heads=2"]
+    first = subprocess.run(cmd + ["train", *common, "--epochs", "1", "--batch-size", "32", "--output", str(out),
+                                  "--warmup-epochs", "0.25", "--weight-decay", "0.01", "--label-smoothing", "0",
+                                  "--min-lr", "0", "--clip-grad", "none", *tiny],
+                           check=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert "expert load CV / drop rate (train): block 1 " in first.stdout  # per epoch, per MoE layer
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["warmup_epochs"], saved["weight_decay"], saved["label_smoothing"], saved["min_lr"],
+            saved["clip_grad"]) == (0.25, 0.01, 0.0, 0.0, None)
+    assert main(["train", "--resume", "--output", str(out), "--epochs", "2"]) == 0
+    assert f"resumed from epoch 1 ({out / 'checkpoint.pt'}); training to epoch 2" in capsys.readouterr().out
+    result = subprocess.run(cmd + ["eval", "--checkpoint", str(out / "checkpoint.pt"), "--json", "--batch-size",
+                                   "16", "--dataset", "synthetic", "--test-subset", "64"],
                             check=True, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    data = json.loads(result.stdout)
+    data = json.loads(result.stdout)  # the progress bar goes to stderr, the JSON alone to stdout
     assert data["n"] == 64 and set(data["moe"]) == {"1"}
+    assert re.search(r"eval: .*\d/4 \[", result.stderr)  # a progress bar: 64 images / 16 per batch
+    assert main(["eval", "--checkpoint", str(out), "--quiet", "--dataset", "synthetic", "--test-subset", "64"]) == 0
+    quiet = capsys.readouterr()
+    assert "accuracy" in quiet.out and "eval" not in quiet.err  # a run folder works as --checkpoint too
     info = subprocess.run(cmd + ["info", "--checkpoint", str(out / "model")], check=True, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert "MoE blocks [1]" in info.stdout
+
+
+def test_pyproject_license_is_an_spdx_string():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(project["project"]["license"], str)  # the table form makes setuptools warn three times
+    (req,) = [r.replace(" ", "") for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    assert req.startswith("setuptools>=") and int(req.split(">=")[1].split(".")[0]) >= 77  # SPDX strings: >= 77
+
+
+def _fake_bin(folder: Path, name: str, log: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(f"#!/bin/sh\necho \"{name} $*\" >> {log}\nexit 1\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_lab_passes_allow_root_only_as_root(tmp_path):
+    log = tmp_path / "log"
+    _fake_bin(tmp_path / "venv" / "bin", "jupyter", log)
+    subprocess.run(["make", "-o", "setup", "lab", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, check=False,
+                   capture_output=True, text=True, timeout=60)
+    assert log.read_text().startswith("jupyter lab notebooks/")
+    assert ("--allow-root" in log.read_text()) == (os.getuid() == 0)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_data_says_what_it_installs_and_never_fails(tmp_path):
+    log = tmp_path / "log"
+    _fake_bin(tmp_path / "bin", "apt-get", log)  # an apt-get that always fails
+    env = {k: v for k, v in os.environ.items() if k != "WORKBENCH_DATA"}
+    env["PATH"] = f"{tmp_path / 'bin'}:/usr/bin:/bin"
+    run = subprocess.run(["make", "data", f"FMNIST={tmp_path / 'absent.gz'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "dataset-fashion-mnist" in run.stdout
+    if os.getuid() == 0:
+        assert "installing Debian's dataset-fashion-mnist with apt-get" in run.stdout
+        assert "apt-get could not install" in run.stdout
+    else:
+        assert not log.exists() and "sudo apt-get install dataset-fashion-mnist" in run.stdout
+
+
+@pytest.mark.parametrize("how, ships", [([], False), (["--ship"], True), (["SHIP=1"], True)])
+def test_default_train_script_ships_only_when_asked(tmp_path, how, ships):
+    log = tmp_path / "log"
+    py = tmp_path / "py"
+    py.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\n")
+    py.chmod(0o755)
+    env = {**os.environ, "PY": str(py)}
+    args = [a for a in how if a.startswith("--")]
+    env.update(a.split("=", 1) for a in how if "=" in a)
+    run = subprocess.run(["bash", str(ROOT / "experiments/default/train.sh"), *args], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    calls = log.read_text()
+    assert calls.count("workbench train --config") == 2
+    assert ("workbench.ship" in calls) == ships
+    if not ships:
+        assert "unchanged" in run.stdout
+
+
+def test_readme_upcycling_example_runs_and_says_to_use_the_venv():
+    readme = (ROOT / "README.md").read_text()
+    assert "source .venv/bin/activate" in readme
+    using = readme.split("## Using it", 1)[1]
+    example = using.split("```python", 1)[1].split("```", 1)[0]
+    assert "vimoe_tiny_fmnist_dense" in example
+    scope = {}
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)  # the README's paths are relative to the repository root
+        exec(compile(example, "README.md", "exec"), scope)
+    finally:
+        os.chdir(cwd)
+    assert scope["moe"].moe_layer_indices == [4, 5]

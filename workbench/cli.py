@@ -2,10 +2,16 @@
 
 Usage errors (a bad flag, a bad value, a config that does not validate) exit with code 2 and one line naming the
 value and what is allowed; a failed run (missing data, unreadable checkpoint, non-finite loss) exits with 1.
+
+Building the parser imports nothing heavy: torch, timm and the command modules are imported inside the command that
+needs them (and the bench / profile / study parsers only when that command is asked for), so ``--help`` is quick.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import importlib.util
 import json
 import re
 import sys
@@ -13,11 +19,24 @@ from pathlib import Path
 
 import yaml
 
-MOE_FLAGS = {  # flag -> (model kwarg, type)
-    "--moe-layers": ("moe_layers", str), "--num-experts": ("num_experts", int), "--top-k": ("top_k", int),
-    "--shared-expert": ("shared_expert", str), "--routing": ("routing", str),
-    "--capacity-factor": ("capacity_factor", float), "--dispatch": ("dispatch", str),
+DEFAULT_MODEL = "vimoe_tiny_patch4_28"
+MOE_FLAGS = {  # flag -> (model kwarg, type, choices, help)
+    "--moe-layers": ("moe_layers", str, None,
+                     "which blocks get experts: none, all, last-L, first-L, every-N, vmoe-last-L, or block indices "
+                     "as 1,3 or '1 3' or '[1, 3]' (negative count from the end) (default: last-2)"),
+    "--num-experts": ("num_experts", int, None, "routed experts per MoE layer, >= 1 (default: 8)"),
+    "--top-k": ("top_k", int, None, "experts per token, 1 <= top_k <= num_experts (default: 1)"),
+    "--shared-expert": ("shared_expert", str, ("none", "add", "gated"),
+                        "an always-on expert beside the routed ones (default: none)"),
+    "--routing": ("routing", str, ("token", "image"), "route each patch, or one choice per image (default: token)"),
+    "--capacity-factor": ("capacity_factor", float, None,
+                          "tokens per expert as a multiple of the even share, > 0 (default: none, dropless)"),
+    "--dispatch": ("dispatch", str, ("grouped", "loop", "einsum"),
+                   "how tokens reach experts; same numbers, different cost (default: grouped)"),
 }
+MOE_LAYERS_FORMS = "give block indices as 1,3 or '1 3' or '[1, 3]', or one of none, all, last-L, first-L, " \
+                   "every-N, vmoe-last-L"
+_INDEX_LIST = re.compile(r"\s*\[?\s*(-?\d+(?:\s*[,\s]\s*-?\d+)*)?\s*,?\s*\]?\s*")
 
 
 class UsageError(ValueError):
@@ -41,26 +60,155 @@ def parse_model_args(pairs: list[str]) -> dict:
     return out
 
 
+def parse_moe_layers(text):
+    """``--moe-layers`` text -> a spec: a list of ints for '1,3', '1 3' or '[1, 3]', else the text (a named spec)."""
+    if not isinstance(text, str):
+        return text
+    match = _INDEX_LIST.fullmatch(text)
+    bracketed = text.strip().startswith("[") or text.strip().endswith("]")
+    if match and (match.group(1) is not None or bracketed):
+        if bracketed and not (text.strip().startswith("[") and text.strip().endswith("]")):
+            raise UsageError(f"--moe-layers {text!r} is invalid: {MOE_LAYERS_FORMS}")
+        return [int(i) for i in re.split(r"[,\s]+", match.group(1) or "") if i]
+    if bracketed or re.fullmatch(r"[\s,\d-]+", text):
+        raise UsageError(f"--moe-layers {text!r} is invalid: {MOE_LAYERS_FORMS}")
+    return text
+
+
 def _moe_args(parser: argparse.ArgumentParser) -> None:
-    for flag, (_, kind) in MOE_FLAGS.items():
-        parser.add_argument(flag, type=kind, default=None)
+    for flag, (_, kind, choices, text) in MOE_FLAGS.items():
+        parser.add_argument(flag, type=kind, default=None, choices=choices, help=text)
     parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", default=[],
-                        help="any other model keyword (timm ViT or MoE switch), YAML-typed")
+                        help="any other model keyword (timm ViT or MoE switch), YAML-typed, e.g. depth=4, "
+                             "drop_path_rate=0.1, renormalize=true; repeat the flag for several")
 
 
 def _model_kwargs(args) -> dict:
     kwargs = parse_model_args(args.model_arg)
-    for flag, (key, _) in MOE_FLAGS.items():
+    for flag, (key, *_) in MOE_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             kwargs[key] = value
-    layers = kwargs.get("moe_layers")
-    if isinstance(layers, str) and re.fullmatch(r"\s*-?\d+(\s*,\s*-?\d+)*\s*", layers):  # "1" or "0,3,-1"
-        kwargs["moe_layers"] = [int(i) for i in layers.split(",")]
+    if "moe_layers" in kwargs:
+        kwargs["moe_layers"] = parse_moe_layers(kwargs["moe_layers"])
     return kwargs
 
 
+def _kind_ok(value, annotation) -> str | None:
+    """None if ``value`` fits a plain annotation (int, float, bool, str or a Literal), else what is wanted; other
+    annotations (unions, tuples, classes) are left to the model."""
+    import typing
+
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(annotation, annotation)
+    if typing.get_origin(kind) is typing.Literal:
+        options = typing.get_args(kind)
+        return None if value in options else f"one of {', '.join(map(repr, options))}"
+    if kind is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if kind is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def check_model_kwargs(name: str | None, kwargs: dict) -> None:
+    """One-line UsageError for an unknown model keyword or one of the wrong type (instead of a traceback from deep
+    inside timm).  Checked for the ViT family (``vimoe_*`` and timm's ``vit_*``); other timm models pass through."""
+    import inspect
+
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .moe import MoEMlp
+    from .vimoe import ViMoE
+
+    name = name or DEFAULT_MODEL
+    if not timm.is_model(name):
+        raise UsageError(f"--model {name!r} is not a timm model: use e.g. {DEFAULT_MODEL} "
+                         "(python -c \"import timm, workbench; print(timm.list_models('vimoe_*'))\")")
+    entry = timm.models.model_entrypoint(name)
+    if entry.__module__ not in ("timm.models.vision_transformer", "workbench.vimoe"):
+        return
+    params = {}
+    for fn in (VisionTransformer.__init__, ViMoE.__init__, MoEMlp.__init__):
+        for key, p in inspect.signature(fn).parameters.items():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and key != "self":
+                params.setdefault(key, (p.default, p.annotation))
+    for key in ("in_features", "hidden_features", "out_features", "num_prefix_tokens", "device", "dtype"):
+        params.pop(key, None)  # set by the model itself
+    for key, value in kwargs.items():
+        if key not in params:
+            import difflib
+
+            close = difflib.get_close_matches(key, params, n=1)
+            raise UsageError(f"unknown model argument {key!r} (--model-arg or the config's model_kwargs)"
+                             + (f"; did you mean {close[0]!r}?" if close else "")
+                             + f" ({name} takes: {', '.join(sorted(params))})")
+        default, annotation = params[key]
+        wanted = _kind_ok(value, annotation)
+        if wanted:
+            example = str(default).lower() if isinstance(default, bool) else default
+            raise UsageError(f"model argument {key}={value!r} is invalid: {key} takes {wanted}, "
+                             f"e.g. --model-arg {key}={example}")
+
+
+def _train_defaults() -> dict:
+    """TrainConfig's literal field defaults, read from train.py's source so that ``--help`` need not import torch."""
+    tree = ast.parse(Path(__file__).with_name("train.py").read_text())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "TrainConfig":
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None:
+                    try:
+                        out[stmt.target.id] = ast.literal_eval(stmt.value)
+                    except ValueError:
+                        pass
+    return out
+
+
+def _clip_grad(text: str) -> float:
+    """``--clip-grad``: a max gradient norm; 0, none or off turn clipping off (stored as 0.0)."""
+    if text.strip().lower() in ("none", "off"):
+        return 0.0
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: use a max gradient norm > 0, or 0 / none "
+                                         "to turn clipping off") from None
+
+
+TRAIN_RANGES = {  # flag destination -> (test, what is allowed)
+    "min_lr": (lambda v: v >= 0, "a learning rate >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "warmup_epochs": (lambda v: v >= 0, "a number of epochs >= 0 (fractions allowed)"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "clip_grad": (lambda v: v >= 0, "a max gradient norm > 0, or 0 / none to turn clipping off"),
+    "expert_noise": (lambda v: v >= 0, "a std >= 0"),
+    "train_subset": (lambda v: v >= 1, "an integer >= 1"),
+    "test_subset": (lambda v: v >= 1, "an integer >= 1"),
+    "save_every": (lambda v: v >= 0, "an integer >= 0 (0: only at the end of each epoch)"),
+    "val_size": (lambda v: v >= 0, "an integer >= 0 (0: no validation split)"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def _check_ranges(args, names) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        test, allowed = TRAIN_RANGES[name]
+        if not test(value):
+            raise UsageError(f"--{name.replace('_', '-')} {value} is invalid: use {allowed}")
+
+
 def cmd_train(args) -> int:
+    _check_ranges(args, TRAIN_RANGES)  # plain-value checks first: no torch import for a typo
+    kwargs = _model_kwargs(args)
     from .train import TrainConfig, train
 
     values = {}
@@ -72,19 +220,30 @@ def cmd_train(args) -> int:
         if not isinstance(values, dict):
             raise UsageError(f"--config {path} must hold a mapping of TrainConfig fields")
     flags = {"model": args.model, "dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
-             "batch_size": args.batch_size, "lr": args.lr, "train_subset": args.train_subset,
-             "test_subset": args.test_subset, "seed": args.seed, "init_from": args.init_from, "output": args.output,
-             "device": args.device, "save_every": args.save_every, "shared_init": args.shared_init}
+             "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.min_lr, "weight_decay": args.weight_decay,
+             "warmup_epochs": args.warmup_epochs, "label_smoothing": args.label_smoothing,
+             "train_subset": args.train_subset, "test_subset": args.test_subset, "seed": args.seed,
+             "init_from": args.init_from, "output": args.output, "device": args.device, "save_every": args.save_every,
+             "shared_init": args.shared_init, "expert_noise": args.expert_noise}
     values.update({k: v for k, v in flags.items() if v is not None})
+    if args.clip_grad is not None:
+        values["clip_grad"] = args.clip_grad or None  # 0 / none: no clipping
     if args.quiet:
         values["quiet"] = True
     if args.compile:
         values["compile"] = True
     if args.no_amp:
         values["amp"] = False
-    kwargs = _model_kwargs(args)
+    if args.no_augment:
+        values["augment"] = False
+    if getattr(args, "val_size", None) is not None:
+        values["val_size"] = args.val_size
+    if getattr(args, "eval_at_start", False):
+        values["eval_at_start"] = True
     if kwargs:
-        values["model_kwargs"] = {**values.get("model_kwargs", {}), **kwargs}
+        values["model_kwargs"] = {**(values.get("model_kwargs") or {}), **kwargs}
+    if isinstance(values.get("model_kwargs"), dict):
+        check_model_kwargs(values.get("model"), values["model_kwargs"])
     try:
         cfg = TrainConfig.from_dict(values)
         cfg.validate()
@@ -98,6 +257,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.test_subset is not None and args.test_subset < 1:
+        raise UsageError(f"--test-subset {args.test_subset} is invalid: use an integer >= 1, or leave it out to "
+                         "evaluate on the whole test set")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size} is invalid: use an integer >= 1")
     from .checkpoint import load_model
     from .data import build_datasets
     from .train import evaluate, resolve_device, Dist
@@ -107,7 +271,7 @@ def cmd_eval(args) -> int:
     _, test = build_datasets(args.dataset, root=args.data_root, model=model, test_subset=args.test_subset,
                              augment=False)
     test.to(device)
-    result = evaluate(model, test, batch_size=args.batch_size, device=device)
+    result = evaluate(model, test, batch_size=args.batch_size, device=device, progress=not args.quiet)
     result["checkpoint"], result["model_config"] = str(args.checkpoint), config
     if args.json:
         print(json.dumps(result, indent=2))
@@ -132,7 +296,9 @@ def model_from_args(args):
     if getattr(args, "checkpoint", None):
         model, config = load_model(args.checkpoint)
         return model, config["model"]
-    return timm.create_model(args.model, **_model_kwargs(args)), args.model
+    kwargs = _model_kwargs(args)
+    check_model_kwargs(args.model, kwargs)
+    return timm.create_model(args.model, **kwargs), args.model
 
 
 def cmd_info(args) -> int:
@@ -153,83 +319,159 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m workbench", description="ViMoE Workbench")
-    sub = parser.add_subparsers(dest="command", required=True)
+    D = _train_defaults()
 
-    p = sub.add_parser("train", help="train (or upcycle and fine-tune) a model")
+    def dflt(name, note=""):
+        value = D.get(name)
+        return f" (default: {'none' if value is None else value}{note})"
+
+    parser = _Parser(prog="python -m workbench", description="ViMoE Workbench")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train (or upcycle and fine-tune) a model",
+                       description="Train a model, or upcycle a dense checkpoint (--init-from) and fine-tune it. "
+                                   "Flags override --config; unset flags keep the config's (or TrainConfig's) "
+                                   "default shown here.")
     p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
-    p.add_argument("--model", help="timm model name (default vimoe_tiny_patch4_28)")
-    p.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic")
-    p.add_argument("--data-root")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--train-subset", type=int)
-    p.add_argument("--test-subset", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--init-from", help="dense checkpoint to upcycle (folder, .safetensors or .pt)")
-    p.add_argument("--shared-init", choices=["copy", "zero", "random"])
-    p.add_argument("--output", help="run folder (checkpoint.pt, metrics.jsonl, model/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--save-every", type=int, help="also checkpoint every N steps")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--model", help=f"timm model name (default: {DEFAULT_MODEL}, or the --init-from checkpoint's)")
+    p.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic" + dflt("dataset"))
+    p.add_argument("--data-root", metavar="DIR",
+                   help="folder with the dataset's files (default: $WORKBENCH_DATA, then Debian's dataset package)")
+    p.add_argument("--epochs", type=int, help="epochs, >= 1" + dflt("epochs"))
+    p.add_argument("--batch-size", type=int, help="global batch (split across torchrun processes), >= 1"
+                   + dflt("batch_size"))
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW), > 0" + dflt("lr"))
+    p.add_argument("--min-lr", type=float, help="learning rate at the end of the cosine decay, >= 0" + dflt("min_lr"))
+    p.add_argument("--warmup-epochs", type=float,
+                   help="linear warmup to --lr, in epochs (fractions allowed), >= 0" + dflt("warmup_epochs"))
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay, >= 0" + dflt("weight_decay"))
+    p.add_argument("--label-smoothing", type=float, help="in [0, 1)" + dflt("label_smoothing"))
+    p.add_argument("--clip-grad", type=_clip_grad, metavar="NORM",
+                   help="max gradient norm; 0 or none: no clipping" + dflt("clip_grad"))
+    p.add_argument("--train-subset", type=int, metavar="N",
+                   help="train on a fixed random N images, >= 1 (default: all)")
+    p.add_argument("--test-subset", type=int, metavar="N",
+                   help="evaluate on a fixed random N images, >= 1 (default: all)")
+    if "val_size" in D:
+        p.add_argument("--val-size", type=int, metavar="N",
+                       help="hold N training images out as a validation split, >= 0" + dflt("val_size"))
+    if "eval_at_start" in D:
+        p.add_argument("--eval-at-start", action="store_true",
+                       help="also evaluate before the first step (the step-0 accuracy of an upcycled model)")
+    p.add_argument("--seed", type=int, help="seed of init, data order, augmentation and noise" + dflt("seed"))
+    p.add_argument("--init-from", metavar="PATH",
+                   help="dense checkpoint to upcycle: a model folder, .safetensors or checkpoint.pt (default: none, "
+                        "train from scratch)")
+    p.add_argument("--shared-init", metavar="MODE",
+                   help="upcycling only: how the shared expert starts: copy | zero | random | split (see "
+                        "workbench.upcycle)" + dflt("shared_init"))
+    p.add_argument("--expert-noise", type=float, metavar="STD",
+                   help="upcycling only: Gaussian noise on the expert copies (relative to each weight's std), >= 0"
+                   + dflt("expert_noise"))
+    p.add_argument("--output", metavar="DIR",
+                   help="run folder (checkpoint.pt, metrics.jsonl, model/)" + dflt("output"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its checkpoint (its config wins, except --epochs, "
+                        "--device, --quiet)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N" + dflt("device"))
+    p.add_argument("--save-every", type=int, metavar="N",
+                   help="also checkpoint every N steps; 0: only at the end of each epoch" + dflt("save_every"))
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (CPU always runs fp32)")
+    p.add_argument("--no-augment", action="store_true", help="no random flips / shifts of training images")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _moe_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy and per-layer routing statistics of a checkpoint")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-root")
-    p.add_argument("--test-subset", type=int)
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a model folder (model.safetensors + config.json), .safetensors or a run's checkpoint.pt")
+    p.add_argument("--dataset", default="fashion-mnist", help="the test set (default: fashion-mnist)")
+    p.add_argument("--data-root", metavar="DIR")
+    p.add_argument("--test-subset", type=int, metavar="N", help="a fixed random N test images, >= 1 (default: all)")
+    p.add_argument("--batch-size", type=int, default=500, help="(default: 500)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="architecture summary: which blocks are MoE, parameters")
-    p.add_argument("--model", default="vimoe_tiny_patch4_28")
-    p.add_argument("--checkpoint")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"timm model name (default: {DEFAULT_MODEL})")
+    p.add_argument("--checkpoint", metavar="PATH", help="summarise a checkpoint's model instead of --model")
     p.add_argument("--json", action="store_true")
     _moe_args(p)
     p.set_defaults(func=cmd_info)
 
-    for register in _extensions():
-        register(sub)
+    plain = sub._parser_class
+    for name, (module, text) in EXTENSIONS.items():
+        if importlib.util.find_spec(module) is not None:
+            sub._parser_class = lambda module=module, **kw: _DeferredParser(module=module, **kw)
+            sub.add_parser(name, help=text)
+    sub._parser_class = plain
     return parser
 
 
-def _extensions():
-    """Commands defined next to the code they run (bench, profile, study), when present."""
+EXTENSIONS = {  # command -> (module with register_cli, one-line help); the module is imported only when used
+    "bench": ("workbench.bench", "speed and memory of MoE layers and ViMoE training vs dense equivalents"),
+    "profile": ("workbench.flops", "parameters and activated MACs (per image), dense-equivalent, per block"),
+    "study": ("workbench.study", "run a study (configs x seeds, resumable) or print its summary"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block): the problem, and where the allowed values are."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _DeferredParser(_Parser):
+    """A subcommand whose module (bench, flops, study: torch, pandas ...) is imported only when the command runs:
+    the first parse imports it, lets its ``register_cli`` build the real parser and hands the arguments over."""
+
+    def __init__(self, *a, module: str, **kw):
+        super().__init__(*a, add_help=False, **kw)
+        self._module, self._real = module, None
+
+    def real(self) -> argparse.ArgumentParser:
+        if self._real is None:
+            name = self.prog.rsplit(" ", 1)[-1]
+            holder = _Parser(prog=self.prog.rsplit(" ", 1)[0])
+            importlib.import_module(self._module).register_cli(holder.add_subparsers())
+            self._real = holder._subparsers._group_actions[0].choices[name]
+        return self._real
+
+    def parse_known_args(self, args=None, namespace=None):
+        return self.real().parse_known_args(args, namespace)
+
+
+def _failures() -> tuple:
+    """Exception types of a failed run (exit 1), from the modules that are loaded (none can be raised otherwise)."""
     found = []
-    for module in ("workbench.bench", "workbench.flops", "workbench.study"):
-        try:
-            mod = __import__(module, fromlist=["register_cli"])
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
-            continue
-        found.append(mod.register_cli)
-    return found
+    for module, name in (("workbench.checkpoint", "CheckpointError"), ("workbench.data", "DatasetNotFound"),
+                         ("workbench.train", "NonFiniteLoss")):
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DatasetNotFound
-    from .train import NonFiniteLoss
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UsageError as err:
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
-    except (ValueError, FileExistsError) as err:
-        parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
-    except (DatasetNotFound, CheckpointError, NonFiniteLoss) as err:
-        parser.exit(1, f"{parser.prog} {args.command}: error: {err}\n")
+    except Exception as err:
+        failures = _failures()
+        if failures and isinstance(err, failures):
+            parser.exit(1, f"{parser.prog} {args.command}: error: {err}\n")
+        if isinstance(err, (ValueError, FileExistsError)):
+            text = str(err)
+            if "moe_layers=" in text:
+                text += " (on the command line a list is --moe-layers 1,3 or '1 3' or '[1, 3]')"
+            parser.exit(2, f"{parser.prog} {args.command}: error: {text}\n")
+        raise
 
 
 if __name__ == "__main__":
