@@ -3,14 +3,23 @@
     python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860]
 
 Upload an image (PNG, JPEG, WebP, GIF; any size) or pick a Fashion-MNIST example; see the model's view, its top-5
-classes, the expert of every patch in every MoE layer (one colour per expert, opacity by gate), each layer's expert
-load, and, on clicking a patch, its router distribution in every layer.  Nothing leaves the machine: analytics are
-off and no share link is made.
+classes, the expert of every patch in every MoE layer (one colour per expert; opacity by gate, or plain), each
+layer's expert load, and, on clicking a patch, its router distribution in every layer.  Nothing leaves the machine:
+analytics are off and no share link is made.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
+import base64
+import hashlib
+import io
+import logging
+import math
 import os
+import shutil
+import tempfile
+import threading
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,13 +28,78 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from workbench.checkpoint import CheckpointError  # noqa: E402
-from workbench.explorer import DEFAULT_CHECKPOINT, BadImage, Explorer, example_images, list_checkpoints  # noqa: E402
+from workbench.explorer import (DEFAULT_CHECKPOINT, BadImage, Explorer, example_images, list_checkpoints,  # noqa: E402
+                                one_line)
 from workbench.palette import expert_color, expert_name  # noqa: E402
 
+LOG = logging.getLogger("workbench.app")
 EXPLORER = Explorer()
-OVERLAY_PX = 32  # pixels per patch in the overlays
+OVERLAY_PX = 336  # the overlay's side in pixels (at least; whole pixels per patch)
+PANEL_PX = 200  # the side of each panel of "All MoE layers"
+GATE, PLAIN = "gate", "plain"
+NO_IMAGE = "Upload an image or pick an example first."
+_OUT = {"dir": None}
+_OUT_LOCK = threading.Lock()
+
+
+def _output_dir() -> str:
+    with _OUT_LOCK:
+        if _OUT["dir"] is None:
+            _OUT["dir"] = tempfile.mkdtemp(prefix="vimoe-explorer-")
+            atexit.register(shutil.rmtree, _OUT["dir"], True)
+        return _OUT["dir"]
+
+
+def _png_bytes(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_file(rgb: np.ndarray) -> str:
+    """An image as a PNG file named by its content, written once and atomically; its path.
+
+    Gradio encodes returned arrays into a content-named file of its cache and rewrites that file on every request,
+    so when concurrent requests have identical outputs (many users on one example) one request's download reads the
+    file while another rewrites it and fails ("peer closed connection").  A returned file is copied into the cache
+    only when no copy with its content is there yet, atomically, so identical outputs share one finished file."""
+    data = _png_bytes(rgb)
+    path = os.path.join(_output_dir(), hashlib.sha256(data).hexdigest()[:40] + ".png")
+    if not os.path.exists(path):
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
+
+
+def _scale(analysis, side: int) -> int:
+    """Pixels per patch so that the picture is at least ``side`` pixels and holds every image pixel whole."""
+    (gh, gw), (h, w) = analysis.grid, analysis.seen.shape[:2]
+    return max(math.ceil(side / max(gh, gw)), math.ceil(h / gh), math.ceil(w / gw))
+
+
+def _overlay(analysis, block: int, mode: str, picked) -> str:
+    picked = tuple(picked) if picked is not None and analysis.routing == "token" else None
+    return _png_file(analysis.overlay(block, scale=_scale(analysis, OVERLAY_PX), use_gates=mode != PLAIN,
+                                      picked=picked))
+
+
+def _layers_html(analysis, mode: str) -> str:
+    """Every MoE layer's overlay, whole, with its caption: inline PNGs (no files to share), scaled without blur."""
+    figures = []
+    for b in analysis.layers:
+        rgb = analysis.overlay(b, scale=_scale(analysis, PANEL_PX), use_gates=mode != PLAIN)
+        src = "data:image/png;base64," + base64.b64encode(_png_bytes(rgb)).decode()
+        figures.append(f'<figure style="margin:0"><img src="{src}" alt="block {b}" style="width:100%;height:auto;'
+                       f'image-rendering:pixelated;display:block"><figcaption style="text-align:center;'
+                       f'font-size:0.9em;padding-top:2px">block {b}</figcaption></figure>')
+    return ('<div><div style="font-weight:600;margin-bottom:4px">All MoE layers</div><div style="display:grid;'
+            'grid-template-columns:repeat(auto-fill,minmax(140px,200px));gap:10px">' + "".join(figures)
+            + "</div></div>")
 
 
 def _legend_html(num_experts: int) -> str:
@@ -69,48 +143,89 @@ def _choices(current: str | None = None) -> list[str]:
     return found
 
 
-def analyse(image_path, checkpoint, layer, invert):
+OUTPUTS = ("seen", "top5", "layer", "overlay", "layers", "load_plot", "router_plot", "legend", "status", "state",
+           "picked")
+
+
+def _refuse(message: str) -> tuple:
+    """A user error: one log line on the server, a warning toast and the status line on the page; every earlier
+    result stays as it is."""
+    LOG.warning("refused a request: %s", message)
+    gr.Warning(message)
+    return tuple(f"**{message}**" if name == "status" else gr.skip() for name in OUTPUTS)
+
+
+def analyse(image_path, checkpoint, layer, invert, mode=GATE):
     """The main request: everything the page shows for one image."""
     if not image_path:
-        raise gr.Error("Upload an image or pick an example first.")
+        return _refuse(NO_IMAGE)
     try:
         a = EXPLORER.analyse(image_path, checkpoint or DEFAULT_CHECKPOINT, bool(invert))
     except BadImage as err:
-        raise gr.Error(f"Cannot use this image: {err}") from None
+        return _refuse(f"Cannot use this image: {err}")
     except CheckpointError as err:
-        raise gr.Error(f"Cannot load the checkpoint: {err}") from None
+        return _refuse(f"Cannot load the checkpoint: {one_line(err)}")
+    seen = (np.clip(a.seen, 0, 1) * 255).astype(np.uint8)
+    seen = _png_file(np.kron(seen, np.ones((8, 8) + (() if seen.ndim == 2 else (1,)), dtype=np.uint8)))
+    note = ""
+    if a.warning:
+        LOG.info("warned about an image: %s", a.warning)
+        gr.Warning(f"Check the image: {a.warning}.")
+        note = f"**Warning: {a.warning}.** "
     if not a.layers:
-        raise gr.Error("This checkpoint has no MoE layers, so there is no routing to show.")
+        status = note + "This checkpoint is dense (no MoE layers): there is no routing to show, only its top-5."
+        return (seen, a.top5, gr.update(choices=[], value=None), None, "", None, None, "", status, a, None)
     layer_choices = [str(b) for b in a.layers]
     block = int(layer) if layer in layer_choices else a.layers[-1]
-    seen = (np.clip(a.seen, 0, 1) * 255).astype(np.uint8)
-    seen = np.kron(seen, np.ones((8, 8) + (() if seen.ndim == 2 else (1,)), dtype=np.uint8))
-    gallery = [(a.overlay(b, scale=OVERLAY_PX // 2), f"block {b}") for b in a.layers]
-    mid = next(iter(a.experts.values())).shape
+    gh, gw = a.grid
     if a.routing == "image":
+        picked = None
         chosen = ", ".join(f"block {b}: {expert_name(int(a.experts[b][0, 0]))}" for b in a.layers)
-        status = f"Image-level routing: one expert per image per layer ({chosen})."
+        status = note + f"Image-level routing: one expert per image per layer ({chosen})."
     else:
-        status = (f"Token routing on a {mid[0]}x{mid[1]} patch grid. Click a patch in the overlay to see its router "
-                  f"distribution. Request took {a.timings['total_ms']:.0f} ms.")
-    return (seen, a.top5, gr.update(choices=layer_choices, value=str(block)), a.overlay(block, scale=OVERLAY_PX),
-            gallery, _load_figure(a), _router_figure(a, mid[0] // 2, mid[1] // 2), _legend_html(a.num_experts),
-            status, a)
+        picked = (gh // 2, gw // 2)
+        status = note + (f"Token routing on a {gh}x{gw} patch grid. Click a patch in the overlay to see its router "
+                         f"distribution (the framed patch). Request took {a.timings['total_ms']:.0f} ms.")
+    return (seen, a.top5, gr.update(choices=layer_choices, value=str(block)), _overlay(a, block, mode, picked),
+            _layers_html(a, mode), _load_figure(a), _router_figure(a, *(picked or (0, 0))),
+            _legend_html(a.num_experts), status, a, picked)
 
 
-def show_layer(state, layer):
-    if state is None or layer is None:
-        return gr.update()
-    return state.overlay(int(layer), scale=OVERLAY_PX)
+def on_upload(image_path, checkpoint, layer, invert, mode):
+    """A new upload or example is analysed; clearing the upload keeps the page as it is, quietly."""
+    if not image_path:
+        return tuple(gr.skip() for _ in OUTPUTS)
+    return analyse(image_path, checkpoint, layer, invert, mode)
 
 
-def click_patch(state, evt: gr.SelectData):
-    if state is None:
-        return gr.update()
+def _block(state, layer) -> int | None:
+    if state is None or not state.layers:
+        return None
+    return int(layer) if layer is not None and str(layer) in {str(b) for b in state.layers} else state.layers[-1]
+
+
+def show_layer(state, layer, mode, picked):
+    block = _block(state, layer)
+    return gr.skip() if block is None else _overlay(state, block, mode, picked)
+
+
+def change_mode(state, layer, mode, picked):
+    block = _block(state, layer)
+    if block is None:
+        return gr.skip(), gr.skip()
+    return _overlay(state, block, mode, picked), _layers_html(state, mode)
+
+
+def click_patch(state, layer, mode, evt: gr.SelectData):
+    block = _block(state, layer)
+    if block is None or evt.index is None:
+        return gr.skip(), gr.skip(), gr.skip()
     x, y = evt.index
-    gh, gw = next(iter(state.experts.values())).shape
-    row, col = state.patch_at(x, y, gw * OVERLAY_PX, gh * OVERLAY_PX)
-    return _router_figure(state, row, col)
+    gh, gw = state.grid
+    side = _scale(state, OVERLAY_PX)
+    row, col = state.patch_at(x, y, gw * side, gh * side)
+    picked = (row, col) if state.routing == "token" else None
+    return _router_figure(state, row, col), _overlay(state, block, mode, picked), picked
 
 
 def build_app(checkpoint=None) -> gr.Blocks:
@@ -118,6 +233,7 @@ def build_app(checkpoint=None) -> gr.Blocks:
     with gr.Blocks(title="ViMoE routing explorer", analytics_enabled=False) as demo:
         gr.Markdown("# ViMoE routing explorer\nWhich expert does each patch go to, in every MoE layer?")
         state = gr.State(None)
+        picked = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Image (PNG, JPEG, WebP, GIF)", type="filepath", elem_id="upload")
@@ -131,19 +247,22 @@ def build_app(checkpoint=None) -> gr.Blocks:
                 top5 = gr.Label(num_top_classes=5, label="Top-5 classes")
             with gr.Column(scale=1):
                 layer = gr.Dropdown([], label="MoE layer", elem_id="layer")
-                overlay = gr.Image(label="Expert per patch (opacity: gate); click a patch", interactive=False,
-                                   elem_id="overlay")
-                legend = gr.HTML()
+                mode = gr.Radio([("by gate (paler: lower gate)", GATE), ("plain (opaque)", PLAIN)], value=GATE,
+                                label="Overlay opacity", elem_id="mode")
+                gr.Markdown("Expert per patch: click a patch to see its router distribution")
+                overlay = gr.Image(show_label=False, interactive=False, buttons=[], elem_id="overlay")
+                legend = gr.HTML(elem_id="legend")
         status = gr.Markdown(elem_id="status")
-        gallery = gr.Gallery(label="All MoE layers", columns=6, height=260, object_fit="contain", elem_id="gallery")
+        layers = gr.HTML(elem_id="gallery")
         with gr.Row():
             load_plot = gr.Plot(label="Expert load")
             router_plot = gr.Plot(label="Router distribution")
-        outputs = [seen, top5, layer, overlay, gallery, load_plot, router_plot, legend, status, state]
-        run.click(analyse, [upload, ckpt, layer, invert], outputs, api_name="analyse")
-        upload.change(analyse, [upload, ckpt, layer, invert], outputs, api_name=False)
-        layer.input(show_layer, [state, layer], overlay, api_name=False)
-        overlay.select(click_patch, [state], router_plot, api_name=False)
+        outputs = [seen, top5, layer, overlay, layers, load_plot, router_plot, legend, status, state, picked]
+        run.click(analyse, [upload, ckpt, layer, invert, mode], outputs, api_name="analyse")
+        upload.change(on_upload, [upload, ckpt, layer, invert, mode], outputs, api_name=False)
+        layer.input(show_layer, [state, layer, mode, picked], overlay, api_name=False)
+        mode.input(change_mode, [state, layer, mode, picked], [overlay, layers], api_name=False)
+        overlay.select(click_patch, [state, layer, mode], [router_plot, overlay, picked], api_name=False)
     demo.queue(default_concurrency_limit=4)
     return demo
 
@@ -154,11 +273,17 @@ def main(argv=None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     args = parser.parse_args(argv)
+    if not LOG.handlers:  # one line per refused request or warned image; user errors print no traceback
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        LOG.addHandler(handler)
+        LOG.setLevel(logging.INFO)
+        LOG.propagate = False
     try:
         EXPLORER.model(args.checkpoint)  # fail fast, with the reason, before serving
     except CheckpointError as err:
-        parser.exit(1, f"app.py: error: {err}\n(train the default with experiments/default/train.sh, or pass "
-                       "--checkpoint)\n")
+        parser.exit(1, f"app.py: error: {one_line(err)}\n(train the default with experiments/default/train.sh, or "
+                       "pass --checkpoint)\n")
     build_app(args.checkpoint).launch(server_name=args.host, server_port=args.port, share=False,
                                       show_error=True)
 

@@ -1,8 +1,13 @@
-"""The routing explorer: image decoding, the Gradio app driven with gradio_client, and one browser run."""
+"""The routing explorer: image decoding, the palette and overlays, the Gradio app driven with gradio_client, and
+one browser run."""
+import base64
 import io
+import itertools
+import logging
 import os
-import shutil
+import re
 import socket
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,8 +18,9 @@ import timm
 import torch
 from PIL import Image
 
-from workbench.checkpoint import model_config, save_model
-from workbench.explorer import BadImage, Explorer, example_images, read_image, to_model_input
+from workbench.checkpoint import CheckpointError, model_config, save_model
+from workbench.explorer import BadImage, Explorer, example_images, read_image, render_overlay, to_model_input
+from workbench.palette import EXPERT_COLORS, SHARED_COLOR, expert_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = example_images()[0]
@@ -33,6 +39,12 @@ def checkpoints(tmp_path_factory):
     rgb = timm.create_model("vimoe_tiny_patch4_28", moe_layers="last-1", num_experts=2, in_chans=3, img_size=32)
     save_model(rgb, model_config("vimoe_tiny_patch4_28", {"moe_layers": "last-1", "num_experts": 2, "in_chans": 3,
                                                           "img_size": 32}), root / "rgb")
+    dense = timm.create_model("vimoe_tiny_patch4_28", moe_layers="none")
+    save_model(dense, model_config("vimoe_tiny_patch4_28", {"moe_layers": "none"}), root / "dense")
+    (root / "run" / "model").mkdir(parents=True)  # a training run's folder: the model sits in model/
+    save_model(token, model_config("vimoe_tiny_patch4_28", {"moe_layers": "last-2", "num_experts": 4,
+                                                            "shared_expert": "add"}), root / "run" / "model")
+    (root / "notes.txt").write_text("not a checkpoint\n")
     (root / "broken").mkdir()
     (root / "broken" / "model.safetensors").write_bytes(b"garbage")
     (root / "broken" / "config.json").write_text('{"model": "vimoe_tiny_patch4_28", "model_kwargs": {}}')
@@ -112,6 +124,79 @@ def test_explorer_analysis(checkpoints):
     assert rgb.seen.shape == (32, 32, 3) and rgb.experts[5].shape == (8, 8)
 
 
+def _lab(rgb):
+    """CIELAB (D65) of an sRGB triple in 0..255."""
+    c = np.asarray(rgb, dtype=float) / 255
+    c = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    t = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ c
+    t = t / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16 / 116)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_palette_colours_stand_apart_from_black_grey_and_each_other():
+    labs = [_lab(expert_rgb(e)) for e in range(len(EXPERT_COLORS))]
+    assert all(lab[0] >= 45 for lab in labs), "an expert colour is too dark to tell from a black background"
+    assert all(np.hypot(lab[1], lab[2]) >= 25 for lab in labs), "an expert colour is too grey (the shared expert)"
+    gaps = [np.linalg.norm(a - b) for a, b in itertools.combinations(labs, 2)]
+    assert min(gaps) >= 25, "two expert colours are too close to tell apart"
+    assert np.linalg.norm(_lab(expert_rgb(0)) - _lab((0, 0, 0))) >= 45
+    assert SHARED_COLOR not in EXPERT_COLORS
+
+
+def test_overlay_colours_match_the_legend_and_frame_the_picked_patch():
+    experts = np.arange(16).reshape(4, 4)
+    black = np.zeros((28, 28), np.float32)
+    plain = render_overlay(black, experts, scale=10)
+    assert plain.shape == (40, 40, 3)
+    for e in range(16):  # opaque over black: exactly the legend colour (patch centres, away from the grid lines)
+        r, c = divmod(e, 4)
+        assert tuple(plain[r * 10 + 5, c * 10 + 5]) == expert_rgb(e)
+    gates = np.linspace(0.1, 1.0, 16).reshape(4, 4)
+    faded = render_overlay(black, experts, gates, scale=10).astype(float)
+    for e in range(16):  # by gate: a lighter tint of the same colour, never darker (no olive yellow, brown orange)
+        r, c = divmod(e, 4)
+        px, legend = faded[r * 10 + 5, c * 10 + 5], np.array(expert_rgb(e), float)
+        assert np.all(px >= legend - 1)
+        share = (255 - px) / np.maximum(255 - legend, 1e-9)
+        assert np.ptp(share[legend < 250]) < 0.03  # every channel faded by the same share: the same hue
+    assert tuple(faded[35, 35]) == expert_rgb(15)  # the largest gate is drawn at full strength
+    picked = render_overlay(black, experts, scale=10, picked=(1, 2))
+    changed = np.argwhere(np.any(picked != plain, axis=-1))
+    assert changed.min(0).tolist() == [10, 20] and changed.max(0).tolist() == [19, 29]  # only inside that patch
+    assert tuple(picked[10, 25]) == (0, 0, 0) and tuple(picked[12, 25]) == (255, 255, 255)
+    bright = render_overlay(np.ones((28, 28), np.float32), experts, scale=10)
+    assert np.all(bright[5, 5].astype(int) > np.array(expert_rgb(0)))  # the image shows through as a light veil
+
+
+@pytest.mark.parametrize("img, problem", [
+    (Image.new("RGBA", (30, 30), (200, 10, 10, 0)), "fully transparent"),
+    (Image.new("L", (30, 30), 140), "one flat colour"),
+])
+def test_images_without_visible_content_are_flagged(checkpoints, tmp_path, img, problem):
+    a = Explorer().analyse(_write(tmp_path, "blank.png", img), checkpoints / "token")
+    assert a.warning and problem in a.warning and len(a.top5) == 5
+    assert Explorer().analyse(EXAMPLE, checkpoints / "token").warning is None
+
+
+def test_checkpoint_problems_are_one_line_messages(checkpoints, tmp_path):
+    ex = Explorer()
+    cases = [(checkpoints / "notes.txt", "notes.txt is not a workbench checkpoint"),
+             (EXAMPLE, "is not a workbench checkpoint"), (tmp_path, "is not a model folder"),
+             (tmp_path / "nope", "does not exist"), ("", "no checkpoint given")]
+    for path, message in cases:
+        with pytest.raises(CheckpointError, match=message) as info:
+            ex.model(path)
+        text = str(info.value)
+        assert "\n" not in text and len(text) <= 200 and "weights_only" not in text and "delete it" not in text
+    with pytest.raises(CheckpointError) as info:
+        ex.model(checkpoints / "broken")
+    assert "\n" not in str(info.value) and len(str(info.value)) <= 200
+    assert ex.analyse(EXAMPLE, checkpoints / "run").layers == [4, 5]  # a run folder resolves to its model/
+    dense = ex.analyse(EXAMPLE, checkpoints / "dense")
+    assert dense.layers == [] and len(dense.top5) == 5 and dense.grid == (0, 0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,69 +216,149 @@ def served(checkpoints):
     demo.close()
 
 
-def _predict(client, path, ckpt, layer=None):
+def _predict(client, path, ckpt, layer=None, mode="gate"):
     from gradio_client import handle_file
 
-    return client.predict(handle_file(str(path)), str(ckpt), layer, False, api_name="/analyse")
+    return client.predict(handle_file(str(path)), str(ckpt), layer, False, mode, api_name="/analyse")
+
+
+def _skipped(output) -> bool:
+    """Whether gradio_client got "left as it was" for an output (an update carrying no value)."""
+    return isinstance(output, dict) and output.get("__type__") == "update" and "value" not in output \
+        and "value" not in output.get("props", {})
+
+
+def _panels(html):
+    """(caption, decoded PNG) of each panel of the "All MoE layers" HTML."""
+    found = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', html)
+    return [(alt, np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))) for data, alt in found]
 
 
 def test_app_predicts_an_example(served, checkpoints):
+    import app
+
     _, client = served
     out = _predict(client, EXAMPLE, checkpoints / "token")
-    seen, top5, layer, overlay, gallery, load_plot, router_plot, legend, status = out
+    seen, top5, layer, overlay, layers, load_plot, router_plot, legend, status = out
     assert len(top5["confidences"]) == 5 and layer["value"] == "5"
-    assert Path(overlay).is_file() and Path(seen).is_file() and len(gallery) == 2
-    assert "expert 3" in legend and "7x7 patch grid" in status
+    assert Path(overlay).is_file() and Path(seen).is_file()
+    assert "expert 3" in legend and "7x7 patch grid" in status and "Warning" not in status
+    a = Explorer().analyse(EXAMPLE, checkpoints / "token")
+    panels = _panels(layers)  # every layer's whole overlay, with its caption, inline at full size
+    assert [alt for alt, _ in panels] == ["block 4", "block 5"] and "block 4</figcaption>" in layers
+    for (_, png), b in zip(panels, a.layers):
+        np.testing.assert_array_equal(png, a.overlay(b, scale=app._scale(a, app.PANEL_PX)))
+    assert "image-rendering:pixelated" in layers and "height:auto" in layers
+    middle = np.asarray(Image.open(overlay).convert("RGB"))
+    plain = np.asarray(Image.open(_predict(client, EXAMPLE, checkpoints / "token", mode="plain")[3]).convert("RGB"))
+    assert middle.shape == plain.shape and not np.array_equal(middle, plain)  # the opaque mode draws differently
+    np.testing.assert_array_equal(plain, a.overlay(5, scale=app._scale(a, app.OVERLAY_PX), use_gates=False,
+                                                   picked=(3, 3)))  # opaque, the shown patch framed
     image = _predict(client, EXAMPLE, checkpoints / "image")
     assert "Image-level routing" in image[-1]
+
+
+def test_identical_outputs_are_written_once(checkpoints):
+    """Identical outputs are shared finished files, never rewritten in place (what lost concurrent downloads)."""
+    import app
+
+    first = app.analyse(EXAMPLE, str(checkpoints / "token"), None, False)
+    files = [first[0], first[3]]
+    stamps = [os.stat(f).st_mtime_ns for f in files]
+    again = app.analyse(EXAMPLE, str(checkpoints / "token"), None, False)
+    assert [again[0], again[3]] == files and [os.stat(f).st_mtime_ns for f in files] == stamps
+
+
+def test_app_dense_checkpoint_shows_its_top5(served, checkpoints):
+    _, client = served
+    seen, top5, layer, overlay, layers, load_plot, router_plot, legend, status = _predict(client, EXAMPLE,
+                                                                                         checkpoints / "dense")
+    assert len(top5["confidences"]) == 5 and Path(seen).is_file() and "dense (no MoE layers)" in status
+    assert overlay is None and layer["choices"] == [] and not _panels(layers)
+
+
+def test_app_warns_about_an_image_without_visible_content(served, checkpoints, tmp_path):
+    _, client = served
+    out = _predict(client, _write(tmp_path, "clear.png", Image.new("RGBA", (40, 40), (0, 0, 0, 0))),
+                   checkpoints / "token")
+    assert "fully transparent" in out[-1] and len(out[1]["confidences"]) == 5
+
+
+def _assert_refused(out, message, caplog, capfd):
+    """A user error: the message in the status line, every other output left as it was, one log line, no
+    traceback."""
+    *rest, status = out
+    assert re.search(message, status) and "\n" not in status.strip() and "weights_only" not in status
+    assert all(_skipped(o) for o in rest)
+    logged = [r.getMessage() for r in caplog.records if r.name == "workbench.app"]
+    assert logged and re.search(message, logged[-1]) and "\n" not in logged[-1]
+    captured = capfd.readouterr()
+    assert "Traceback" not in captured.out + captured.err + caplog.text
 
 
 @pytest.mark.parametrize("content, message", [
     (b"", "empty"), (b"not an image at all", "not an image"), (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "corrupt"),
 ])
-def test_app_bad_files_get_clear_messages_and_app_keeps_serving(served, checkpoints, tmp_path, content, message):
-    from gradio_client.exceptions import AppError
-
+def test_app_bad_files_get_clear_messages_and_app_keeps_serving(served, checkpoints, tmp_path, content, message,
+                                                                caplog, capfd):
     _, client = served
     bad = tmp_path / "upload.png"
     bad.write_bytes(content)
-    with pytest.raises(AppError, match=message):
-        _predict(client, bad, checkpoints / "token")
+    with caplog.at_level(logging.INFO, logger="workbench.app"):
+        _assert_refused(_predict(client, bad, checkpoints / "token"), f"Cannot use this image: .*{message}", caplog,
+                        capfd)
     assert len(_predict(client, EXAMPLE, checkpoints / "token")[1]["confidences"]) == 5
 
 
-def test_app_bad_checkpoint_message(served, checkpoints):
-    from gradio_client.exceptions import AppError
-
+@pytest.mark.parametrize("ckpt, message", [
+    ("broken", "Cannot load the checkpoint"), ("/nonexistent/model", "does not exist"),
+    ("notes.txt", "notes.txt is not a workbench checkpoint"),
+])
+def test_app_bad_checkpoint_message(served, checkpoints, ckpt, message, caplog, capfd):
     _, client = served
-    with pytest.raises(AppError, match="Cannot load the checkpoint"):
-        _predict(client, EXAMPLE, checkpoints / "broken")
-    with pytest.raises(AppError, match="Cannot load the checkpoint"):
-        _predict(client, EXAMPLE, "/nonexistent/model")
+    with caplog.at_level(logging.INFO, logger="workbench.app"):
+        _assert_refused(_predict(client, EXAMPLE, checkpoints / ckpt), message, caplog, capfd)
 
 
-def test_twenty_concurrent_requests(served, checkpoints):
+def test_clearing_the_upload_is_quiet_and_running_without_an_image_says_why(checkpoints):
+    import gradio as gr
+
+    import app
+
+    cleared = app.on_upload(None, str(checkpoints / "token"), "5", False, "gate")
+    assert len(cleared) == len(app.OUTPUTS) and all(o == gr.skip() for o in cleared)
+    with pytest.warns(UserWarning, match="Upload an image"):
+        out = app.analyse(None, str(checkpoints / "token"), "5", False)
+    assert "Upload an image or pick an example first." in out[app.OUTPUTS.index("status")]
+    assert all(o == gr.skip() for name, o in zip(app.OUTPUTS, out) if name != "status")
+
+
+def test_twenty_concurrent_clients_on_one_image(served, checkpoints):
+    """Many users clicking the same example: identical outputs, all 20 downloads must succeed."""
     url, _ = served
     from gradio_client import Client
 
-    examples = example_images()
+    start = threading.Barrier(20)
 
-    def one(i):
+    def one(_):
         client = Client(url, verbose=False)
-        return _predict(client, examples[i % len(examples)], checkpoints / "token")[1]
+        start.wait(timeout=60)  # every client connected; now all ask at once
+        return _predict(client, EXAMPLE, checkpoints / "token")
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         results = list(pool.map(one, range(20)))
-    assert len(results) == 20 and all(len(r["confidences"]) == 5 for r in results)
+    assert len(results) == 20
+    assert all(len(r[1]["confidences"]) == 5 and Path(r[3]).is_file() and Path(r[0]).is_file() for r in results)
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (make setup does)")
 def test_browser_upload_shows_overlay(served, tmp_path):
-    from playwright.sync_api import sync_playwright
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("Debian's chromium (/usr/bin/chromium) is not installed (make setup installs it)")
 
     url, _ = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=[
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
@@ -201,9 +366,34 @@ def test_browser_upload_shows_overlay(served, tmp_path):
         page.locator("#upload input[type=file]").set_input_files(EXAMPLE)
         page.locator("#overlay img").first.wait_for(state="visible", timeout=60_000)
         page.locator("#status").get_by_text("patch grid").wait_for(timeout=60_000)
-        src = page.locator("#overlay img").first.get_attribute("src")
+        overlay = page.locator("#overlay img").first
+        src = overlay.get_attribute("src")
+        # no label chip or tool button drawn over the overlay (Gradio's label chip used to cover its top row)
+        covering = page.evaluate("""() => { const img = document.querySelector('#overlay img');
+            const r = img.getBoundingClientRect();
+            return [...document.querySelectorAll('#overlay label, #overlay button')].filter(e => {
+                const q = e.getBoundingClientRect();
+                return !e.contains(img) && q.width > 0 && q.height > 0 && q.left < r.right && q.right > r.left
+                    && q.top < r.bottom && q.bottom > r.top; }).map(e => e.tagName); }""")
+        panels = page.locator("#gallery figure img")
+        assert panels.count() == 2
+        shapes = page.evaluate("() => [...document.querySelectorAll('#gallery figure img')].map(i => "
+                               "[i.naturalWidth / i.naturalHeight, i.clientWidth / i.clientHeight])")
+        captions = [page.locator("#gallery figcaption").nth(i).is_visible() for i in range(2)]
         shot = Path(os.environ.get("WORKBENCH_SCREENSHOT", tmp_path / "explorer.png"))
         page.screenshot(path=str(shot), full_page=True)
+        overlay.click(position={"x": 3, "y": 3})  # the top-left patch: framed, its router distribution shown
+        page.locator("#status").get_by_text("patch grid").wait_for(timeout=10_000)
+        page.wait_for_function("src => document.querySelector('#overlay img').src !== src", arg=src,
+                               timeout=30_000)
+        page.get_by_text("Router distribution of patch (row 0, col 0)").wait_for(timeout=30_000)
+        page.locator("#upload button[aria-label='Clear']").first.click()  # clearing: quiet, results stay
+        page.wait_for_timeout(1500)
+        errors = page.locator(".error, .toast-body.error").count()
+        still = page.locator("#overlay img").first.is_visible()
         browser.close()
     assert src and ("/file=" in src or "gradio_api" in src or src.startswith("data:"))
-    assert shot.stat().st_size > 10_000
+    assert covering == []
+    assert all(abs(natural - shown) < 0.02 for natural, shown in shapes)  # whole panels, not cropped
+    assert all(captions) and shot.stat().st_size > 10_000
+    assert errors == 0 and still

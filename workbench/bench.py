@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from .moe import MoEMlp, moe_aux_loss
-from .provenance import provenance
+from .provenance import ROOT as REPO_ROOT, provenance
 
 
 def _sync(device: torch.device) -> None:
@@ -221,6 +221,20 @@ def format_train(result: dict) -> str:
             f"  one-image forward latency: ViMoE {r['moe_latency_ms']:.2f} ms   dense {r['dense_latency_ms']:.2f} ms")
 
 
+def repo_relative(value):
+    """``value`` with every absolute path inside the repository (a string or a Path, in dicts and lists at any
+    depth) written relative to the repository root, so a recorded result names no machine's folders."""
+    if isinstance(value, dict):
+        return {k: repo_relative(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [repo_relative(v) for v in value]
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        for candidate in (Path(value), Path(value).resolve()):  # REPO_ROOT is resolved; the path may not be
+            if candidate.is_relative_to(REPO_ROOT):
+                return candidate.relative_to(REPO_ROOT).as_posix()
+    return str(value) if isinstance(value, Path) else value
+
+
 def write_result(kind: str, payload, folder: str | Path) -> Path:
     from .checkpoint import atomic_write_text
 
@@ -228,8 +242,8 @@ def write_result(kind: str, payload, folder: str | Path) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     path = folder / f"{kind}-{dev}-{stamp}.json"
-    atomic_write_text(path, json.dumps({"kind": kind, "results": payload, "provenance": provenance()}, indent=2)
-                      + "\n")
+    record = {"kind": kind, "results": repo_relative(payload), "provenance": provenance()}
+    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
 

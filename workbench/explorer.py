@@ -13,8 +13,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import CheckpointError, load_model
+from .palette import expert_rgb_array, paint
 from .routing import run_with_routing
-from .viz import overlay_rgb
 
 MAX_PIXELS = 64_000_000  # decoded pixels allowed before we refuse (PIL's bomb guard is on top of this)
 WORKING_SIZE = 1024  # large images are reduced to this before preprocessing
@@ -24,6 +24,89 @@ DEFAULT_CHECKPOINT = CHECKPOINTS / "vimoe_tiny_fmnist"
 
 class BadImage(ValueError):
     """An upload we cannot use; the message is shown to the user as it is."""
+
+
+GATE_FLOOR = 0.3  # in gate mode, the weakest gate of an image still shows its colour at this strength
+
+
+def render_overlay(image: np.ndarray, experts: np.ndarray, gates: np.ndarray | None = None, *, scale: int = 32,
+                   picked: tuple[int, int] | None = None) -> np.ndarray:
+    """An RGB uint8 picture of the patch grid ``experts`` (gh, gw) over ``image`` ((H, W) or (H, W, 3) in [0, 1]),
+    each patch in its expert's palette colour drawn with :func:`~workbench.palette.paint`: opaque (the legend colour
+    exactly, over black) without ``gates``, else with strength from the patch's gate relative to the image's largest.
+    Thin dark lines mark the patch grid; ``picked`` (row, col) gets a black-and-white frame."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    gh, gw = experts.shape
+    h, w = img.shape[:2]
+    ph, pw = max(scale, int(np.ceil(h / gh))), max(scale, int(np.ceil(w / gw)))  # whole pixels per patch
+    base = img[(np.arange(gh * ph) * h // (gh * ph))][:, (np.arange(gw * pw) * w // (gw * pw))]
+    strength = np.ones((gh, gw), dtype=np.float32)
+    if gates is not None:
+        g = np.asarray(gates, dtype=np.float32)
+        strength = GATE_FLOOR + (1 - GATE_FLOOR) * g / max(float(g.max()), 1e-6)
+    color = np.repeat(np.repeat(expert_rgb_array(experts), ph, 0), pw, 1)
+    rgb = paint(base, color, np.repeat(np.repeat(strength, ph, 0), pw, 1))
+    rgb[::ph] = rgb[::ph] * 0.6 + 0.05  # faint patch grid, dark over any colour
+    rgb[:, ::pw] = rgb[:, ::pw] * 0.6 + 0.05
+    if picked is not None:
+        r, c = picked
+        t = max(2, min(ph, pw) // 12)
+        y0, y1, x0, x1 = r * ph, (r + 1) * ph, c * pw, (c + 1) * pw
+        rgb[y0:y1, x0:x1][:t] = rgb[y0:y1, x0:x1][-t:] = 0.0
+        rgb[y0:y1, x0:x1][:, :t] = rgb[y0:y1, x0:x1][:, -t:] = 0.0
+        inner = rgb[y0 + t:y1 - t, x0 + t:x1 - t]
+        inner[:t] = inner[-t:] = 1.0
+        inner[:, :t] = inner[:, -t:] = 1.0
+    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def resolve_checkpoint(path) -> Path:
+    """The model path the explorer loads for ``path``, or a :class:`CheckpointError` with a one-line reason, found
+    without reading any weights.  A training run's folder resolves to its ``model/`` subfolder."""
+    p = Path(path).expanduser()
+    fix = "give a model folder (model.safetensors + config.json) or a checkpoint.pt from `python -m workbench train`"
+    if not str(path).strip():
+        raise CheckpointError(f"no checkpoint given: {fix}")
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: {fix}")
+    if p.is_dir():
+        if not (p / "model.safetensors").is_file() and (p / "model" / "model.safetensors").is_file():
+            p = p / "model"
+        if not ((p / "model.safetensors").is_file() and (p / "config.json").is_file()):
+            raise CheckpointError(f"{p} is not a model folder: it must hold model.safetensors and config.json")
+        return p
+    if p.suffix == ".safetensors":
+        if not p.with_name("config.json").is_file():
+            raise CheckpointError(f"{p} has no config.json beside it: keep the two files of a model folder together")
+        return p
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):  # torch.save writes a zip (or, once, a pickle)
+        raise CheckpointError(f"{p.name} is not a workbench checkpoint: {fix}")
+    return p
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message, without a library's parenthesised details once it runs long."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "weights_only" in text.lower() or "weights only" in text.lower():  # torch's advice, not ours to give
+        text = text.split(" (", 1)[0]
+    if len(text) > limit and "; " in text:  # keep the whole first clause rather than cut a sentence
+        text = text.split("; ", 1)[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def visible_content_problem(img: Image.Image, seen: np.ndarray) -> str | None:
+    """Why an image shows the model nothing (fully transparent, or one flat colour as the model sees it), or None."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if img.convert("RGBA").getchannel("A").getextrema()[1] == 0:
+            return "the image is fully transparent, so the model sees a blank input and its top-5 is meaningless"
+    flat = all(lo == hi for lo, hi in img.convert("RGB").getextrema())
+    if flat or float(seen.max() - seen.min()) < 2 / 255:
+        return "the image is one flat colour, so the model sees no content and its top-5 is meaningless"
+    return None
 
 
 def read_image(path) -> Image.Image:
@@ -115,9 +198,13 @@ class Analysis:
     probs: dict[int, np.ndarray]  # block -> (gh, gw, E) router probabilities ((1, 1, E) for image routing)
     num_experts: int
     timings: dict[str, float] = field(default_factory=dict)
+    warning: str | None = None  # set when the image shows the model nothing (see visible_content_problem)
 
-    def overlay(self, block: int, scale: int = 32, use_gates: bool = True) -> np.ndarray:
-        return overlay_rgb(self.seen, self.experts[block], self.gates[block] if use_gates else None, scale=scale)
+    def overlay(self, block: int, scale: int = 32, use_gates: bool = True,
+                picked: tuple[int, int] | None = None) -> np.ndarray:
+        """The expert-per-patch picture of one layer: opacity by gate, or opaque (``use_gates=False``)."""
+        return render_overlay(self.seen, self.experts[block], self.gates[block] if use_gates else None, scale=scale,
+                              picked=picked)
 
     def load(self) -> dict[int, np.ndarray]:
         """Per layer, the share of this image's patches whose first choice is each expert."""
@@ -127,9 +214,14 @@ class Analysis:
             out[b] = counts / counts.sum()
         return out
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the routing grid: the patch grid, (1, 1) for image routing; (0, 0) without MoE layers."""
+        return next(iter(self.experts.values())).shape if self.experts else (0, 0)
+
     def patch_at(self, x: float, y: float, width: int, height: int) -> tuple[int, int]:
         """(row, col) of the patch under pixel (x, y) of a width x height rendering of the overlay."""
-        gh, gw = next(iter(self.experts.values())).shape
+        gh, gw = self.grid
         return min(gh - 1, max(0, int(y * gh / height))), min(gw - 1, max(0, int(x * gw / width)))
 
 
@@ -142,15 +234,18 @@ class Explorer:
         self._lock = threading.Lock()
 
     def model(self, checkpoint) -> tuple:
-        key = str(Path(checkpoint).resolve())
+        """(model, config, lock) for a checkpoint, loaded once; a :class:`CheckpointError` with a one-line
+        message (see :func:`resolve_checkpoint`) when it cannot be."""
+        path = resolve_checkpoint(checkpoint)
+        key = str(path.resolve())
         with self._lock:
             if key not in self._models:
                 try:
-                    model, config = load_model(checkpoint)
-                except CheckpointError:
-                    raise
+                    model, config = load_model(path)
+                except CheckpointError as err:
+                    raise CheckpointError(one_line(err)) from err
                 except (OSError, ValueError, KeyError, RuntimeError) as err:  # what else a bad file can raise
-                    raise CheckpointError(f"cannot load {checkpoint}: {type(err).__name__}: {err}") from err
+                    raise CheckpointError(f"cannot load {path}: {type(err).__name__}: {one_line(err)}") from err
                 if not hasattr(model, "patch_embed"):
                     raise CheckpointError(f"{checkpoint} is not a ViT/ViMoE checkpoint")
                 self._models[key] = (model, config, threading.Lock())
@@ -162,6 +257,7 @@ class Explorer:
         cfg = input_config(model)
         img = read_image(image_path)
         x, seen = to_model_input(img, cfg, invert)
+        warning = visible_content_problem(img, seen)
         t1 = time.perf_counter()
         with lock:
             logits, cache = run_with_routing(model, x)
@@ -184,7 +280,7 @@ class Explorer:
                 experts[b] = lr.top1()[0].numpy()
                 gates[b] = lr.gates[0, ..., 0].numpy()
                 router[b] = lr.probs[0].numpy()
-        result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts)
+        result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts, warning=warning)
         result.timings = {"preprocess_ms": (t1 - t0) * 1e3, "forward_ms": (t2 - t1) * 1e3,
                           "total_ms": (time.perf_counter() - t0) * 1e3}
         return result
