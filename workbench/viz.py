@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from .palette import NULL_COLOR, expert_color, expert_name, expert_rgb
+from .palette import NULL_COLOR, expert_color, expert_name, expert_rgb, paint
 
 LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
@@ -159,7 +159,7 @@ def position_maps(tables: dict, grid: tuple[int, int], title: str = "Dominant ex
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
         top = share.argmax(1)
         used.update(int(e) for e in top)
-        rgb = overlay_rgb(np.ones(grid, np.float32), top.reshape(grid), share.max(1).reshape(grid), alpha=1.0)
+        rgb = overlay_rgb(np.zeros(grid, np.float32), top.reshape(grid), share.max(1).reshape(grid), alpha=1.0)
         fig.add_trace(go.Image(z=rgb, hoverinfo="skip"), row=1, col=j)
     for e in sorted(used):
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=expert_name(e),
@@ -192,8 +192,8 @@ def overlay_rgb(image: np.ndarray, experts: np.ndarray, gates: np.ndarray | None
         g = np.asarray(gates, dtype=np.float32)
         a = alpha * (0.25 + 0.75 * g / max(float(g.max()), 1e-6))
     tint = np.repeat(np.repeat(colors, ph, 0), pw, 1)
-    amap = np.repeat(np.repeat(a, ph, 0), pw, 1)[..., None]
-    rgb = base * (1 - amap) + tint * amap
+    amap = np.repeat(np.repeat(a, ph, 0), pw, 1)
+    rgb = paint(base, tint, np.minimum(1.0, amap / max(alpha, 1e-6)))  # reads as the legend colour, as in the app
     rgb[::ph, :, :] *= 0.7  # faint patch grid
     rgb[:, ::pw, :] *= 0.7
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
