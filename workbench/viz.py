@@ -196,7 +196,7 @@ def overlay_rgb(image: np.ndarray, experts: np.ndarray, gates: np.ndarray | None
     rgb = paint(base, tint, np.minimum(1.0, amap / max(alpha, 1e-6)))  # reads as the legend colour, as in the app
     rgb[::ph, :, :] *= 0.7  # faint patch grid
     rgb[:, ::pw, :] *= 0.7
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    return np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
 def patch_overlay(image, layer_routing, index: int = 0, *, use_gates: bool = True, title: str | None = None,
