@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data app test lab bench clean
+.PHONY: setup data app test test-slow lab bench clean
 
 setup: $(STAMP) data
 
@@ -47,7 +47,11 @@ app: setup
 	$(PY) app.py
 
 test: setup
-	$(PY) -m pytest -q --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+	$(PY) -m pytest -q -m "not slow" --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+# the full re-training of a recorded study run, compared with its record exactly (a few minutes)
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
 
 # JupyterLab refuses to run as root unless told: pass --allow-root then (containers often run as root)
 lab: setup

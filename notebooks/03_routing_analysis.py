@@ -111,11 +111,5 @@ contrasts = report.show_summary("routing")
 # token-vs-image claims in the routing study files.
 
 # %%
-for protocol in report.PROTOCOLS:
-    t = report.claims("placement", protocol)
-    if t is None:
-        print(f"{protocol}: not recorded yet")
-        continue
-    print(f"== {protocol} protocol")
-    print(st.format_claims(t[t["kind"].isin(["excess", "depth_trend"])]), "\n")
+_ = report.show_claim_kinds("placement", ["excess", "depth_trend"])
 tables = report.show_claims("routing")

@@ -90,10 +90,4 @@ print(f"densify block {chosen}: test acc {mc['acc_b']:.4f} -> {mc['acc_a']:.4f};
 # average subset?
 
 # %%
-for protocol in report.PROTOCOLS:
-    t = report.claims("placement", protocol)
-    if t is None:
-        print(f"{protocol}: not recorded yet")
-        continue
-    print(f"== {protocol} protocol")
-    print(st.format_claims(t[t["kind"] == "pruning"]), "\n")
+_ = report.show_claim_kinds("placement", ["pruning"])

@@ -123,7 +123,11 @@ def test_atomic_checkpoint_survives_crash_during_write(tmp_path, monkeypatch):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     path = tmp_path / "checkpoint.pt"
     path.write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match="is not a workbench checkpoint"):
+        read_checkpoint(path)
+    save_checkpoint(path, {"model": {"w": torch.zeros(1000)}, "epoch": 1})
+    path.write_bytes(path.read_bytes()[:-300])  # a real checkpoint, cut short
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_checkpoint(path)
 
 

@@ -116,3 +116,18 @@ def live_slice(kind: str, protocol: str, config: str, seed: int = 0, *, train_su
                             allow_dirty=True)
     torch.set_num_threads(threads)
     return record
+
+
+def show_claim_kinds(kind: str, claim_kinds) -> dict[str, pd.DataFrame]:
+    """Print only the claims of the given kinds (e.g. the routing or pruning claims of the placement studies)."""
+    out = {}
+    for protocol in PROTOCOLS:
+        t = claims(kind, protocol)
+        if t is None:
+            print(f"{protocol}: not recorded yet")
+            continue
+        t = t[t["kind"].isin(list(claim_kinds))]
+        print(f"== {protocol} protocol")
+        print(st.format_claims(t), "\n")
+        out[protocol] = t
+    return out
