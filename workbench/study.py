@@ -576,8 +576,9 @@ def contrasts(study_or_path, results: Path | None = None) -> pd.DataFrame:
 
 
 def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
-    """Each pre-registered claim: its estimate with a 95% interval, p (and Holm across the study's claims that
-    have one), and the verdict from :func:`workbench.stats.verdict`."""
+    """Each pre-registered claim: its estimate with a 95% interval, p (Holm-adjusted across the study's
+    directional claims that have one; an 'equal' claim is decided by its interval and margin alone), and the
+    verdict from :func:`workbench.stats.verdict`."""
     from .stats import bootstrap_sd_difference, holm, paired, slope_interval, verdict
 
     study = _as_study(study_or_path)
@@ -618,7 +619,10 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
         rows.append(row)
     table = pd.DataFrame(rows, columns=["id", "says", "kind", "contrast", "n", "estimate", "low", "high", "p",
                                         "expect", "margin"])
-    table["p_holm"] = holm(table["p"])
+    # the Holm family: the directional claims; an 'equal' claim is decided by its interval against the margin
+    directional = table["expect"] != "equal"
+    table["p_holm"] = float("nan")
+    table.loc[directional, "p_holm"] = holm(table.loc[directional, "p"])
     table["verdict"] = [verdict(r.low, r.high, r.p_holm if r.kind != "spread" else 0.0, r.expect, r.margin)
                         for r in table.itertuples()]
     return table
