@@ -117,3 +117,23 @@ def test_batch_prioritized_routing_keeps_confident_units():
     assert keep.squeeze(1).tolist() == [False, True, False, True]
     keep = assign_slots(experts, gates, num_experts=2, capacity=2, priority="position")
     assert keep.squeeze(1).tolist() == [True, True, False, False]
+
+
+def test_straight_through_renormalisation_keeps_values_and_gives_top1_a_gradient():
+    """Renormalised top-1 gates are p/p = 1: the router gets no gradient from the task loss. The straight-through
+    form has the same values (a function-preserving upcycled start) and a non-zero gradient."""
+    import workbench  # noqa: F401
+    from workbench.moe import MoEMlp
+
+    x = torch.randn(2, 9, 16)
+    grads, outs = {}, {}
+    for mode in (True, "straight_through"):
+        torch.manual_seed(0)
+        layer = MoEMlp(16, 32, num_experts=4, top_k=1, renormalize=mode, balance_weight=0.0)
+        out = layer(x)
+        out.pow(2).sum().backward()
+        grads[mode], outs[mode] = layer.router.weight.grad.norm().item(), out.detach()
+    assert torch.equal(outs[True], outs["straight_through"])
+    assert grads[True] < 1e-6 < grads["straight_through"]
+    with pytest.raises(ValueError, match="renormalize='yes'"):
+        MoEMlp(16, 32, renormalize="yes")

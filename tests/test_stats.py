@@ -55,6 +55,11 @@ def test_holm_matches_the_step_down_definition():
     (-0.3, 0.4, 0.5, "equal", 0.5, "agrees"),
     (0.6, 1.2, 0.01, "equal", 0.5, "disagrees"),
     (0.1, 0.8, 0.04, "equal", 0.5, "inconclusive"),
+    (-0.4, 0.9, 0.5, "no_less", 0.5, "agrees"),
+    (-0.9, 0.2, 0.5, "no_less", 0.5, "inconclusive"),
+    (-1.9, -0.6, 0.01, "no_less", 0.5, "disagrees"),
+    (-0.027, 0.007, 0.3, "no_greater", 0.02, "agrees"),
+    (0.03, 0.08, 0.01, "no_greater", 0.02, "disagrees"),
 ])
 def test_verdict_rule(low, high, p, direction, margin, expected):
     assert verdict(low, high, p, direction, margin) == expected

@@ -88,6 +88,16 @@ def test_dirty_tree_is_refused(scratch_file, tmp_path, monkeypatch):
         run_one(load_study(scratch_file), "dense", 0, results=tmp_path / "r")
 
 
+def test_an_edited_arm_is_not_silently_mixed_with_its_old_records(scratch_file, tmp_path):
+    results = tmp_path / "results"
+    run_study(scratch_file, results=results, only=["last-1"], seeds=[0], allow_dirty=True)
+    study = yaml.safe_load(scratch_file.read_text())
+    study["configs"]["last-1"]["top_k"] = 2
+    scratch_file.write_text(yaml.safe_dump(study))
+    with pytest.raises(StudyError, match="different definition of arm 'last-1'"):
+        run_study(scratch_file, results=results, only=["last-1"], allow_dirty=True)
+
+
 def _dense_base(tmp_path, depth=4):
     kw = {"moe_layers": "none", "depth": depth, **MICRO}
     dense = timm.create_model("vimoe_micro_patch7_28", **kw)
@@ -97,7 +107,7 @@ def _dense_base(tmp_path, depth=4):
 
 def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_path):
     study = {"name": "up", "protocol": "upcycle", "base": _dense_base(tmp_path), "train": TRAIN, "seeds": [0],
-             "common": {"num_experts": 4, "renormalize": True},
+             "common": {"num_experts": 4, "renormalize": "straight_through"},
              "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
                          "all-top2": {"moe_layers": "all", "top_k": 2},
                          "shared-zero": {"moe_layers": "all", "shared_expert": "add", "shared_init": "zero"},

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import stats as _st
 
 ALPHA = 0.05
-DIRECTIONS = ("greater", "less", "equal")
+DIRECTIONS = ("greater", "less", "equal", "no_less", "no_greater")
 
 
 @dataclass
@@ -77,13 +77,20 @@ def verdict(low: float, high: float, p_adjusted: float, direction: str, margin: 
     * ``greater`` / ``less``: *agrees* when the Holm-adjusted p < alpha and the interval lies on the claimed side
       of 0; *disagrees* when it is significant on the other side, or the interval lies inside
       [-margin, margin] (an effect too small to matter, when a margin is given); else *inconclusive*.
-    * ``equal`` (no worse / no better than ``margin``): *agrees* when the interval lies inside [-margin, margin];
+    * ``equal`` (within ``margin`` either way): *agrees* when the interval lies inside [-margin, margin];
       *disagrees* when it lies entirely outside; else *inconclusive*.
+    * ``no_less`` / ``no_greater`` (one-sided: not worse / not better by more than ``margin``): *agrees* when the
+      interval's lower end is above -margin / its upper end below +margin; *disagrees* when the whole interval is
+      beyond that bound; else *inconclusive*.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is invalid: use one of {DIRECTIONS}")
     if any(math.isnan(v) for v in (low, high)):
         return "inconclusive"
+    if direction == "no_less":
+        return "agrees" if low > -margin else "disagrees" if high < -margin else "inconclusive"
+    if direction == "no_greater":
+        return "agrees" if high < margin else "disagrees" if low > margin else "inconclusive"
     if direction == "equal":
         if -margin <= low and high <= margin:
             return "agrees"

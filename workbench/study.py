@@ -218,6 +218,14 @@ def base_accuracy(study: dict, results: Path | None = None) -> dict:
     return out
 
 
+def arm_spec(study: dict, config: str) -> dict:
+    """Everything in the study file that determines one arm's runs: recorded with each run, and compared before a
+    recorded run is skipped, so an edited study file cannot silently mix arms."""
+    return {"protocol": study["protocol"], "model": study.get("model"), "base": study.get("base"),
+            "train": study["train"], "common": study["common"], "config": study["configs"][config],
+            "analysis": study.get("analysis", {})}
+
+
 def check_clean_start(study: dict, config: str, cfg, results: Path | None = None) -> dict:
     """Upcycle protocol: build the arm exactly as training will, measure its step-0 test accuracy, and refuse to
     train an arm that does not start where the dense base is."""
@@ -283,6 +291,7 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     predictions = _predict(model, test)
     analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test)
     record = {"study": study["name"], "protocol": study["protocol"], "config": config, "seed": seed,
+              "arm_spec": arm_spec(study, config),
               "model_config": model_cfg,
               "train_config": {**{k: v for k, v in cfg.__dict__.items() if k not in ("quiet", "output")},
                                "init_from": study.get("base")},  # repo-relative, not this machine's path
@@ -413,6 +422,13 @@ def run_study(path, only=None, seeds=None, device: str = "auto", results: Path |
     _check_can_run(study, path, device)
     todo = plan(study, only, seeds, shard)
     pending = [(c, s) for c, s in todo if not result_path(study, c, s, results).exists()]
+    for c, s in todo:
+        done_path = result_path(study, c, s, results)
+        if done_path.exists():
+            recorded = json.loads(done_path.read_text()).get("arm_spec")
+            if recorded is not None and recorded != json.loads(json.dumps(arm_spec(study, c))):
+                raise StudyError(f"{done_path} was recorded with a different definition of arm {c!r} than the study "
+                                 f"file now gives; rename the arm or move the old records away")
     print(f"{study['name']}: {len(todo) - len(pending)} of {len(todo)} runs recorded, {len(pending)} to run "
           f"({jobs} worker{'s' if jobs > 1 else ''})", flush=True)
     if not pending:
@@ -620,7 +636,7 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=["id", "says", "kind", "contrast", "n", "estimate", "low", "high", "p",
                                         "expect", "margin"])
     # the Holm family: the directional claims; an 'equal' claim is decided by its interval against the margin
-    directional = table["expect"] != "equal"
+    directional = table["expect"].isin(["greater", "less"])
     table["p_holm"] = float("nan")
     table.loc[directional, "p_holm"] = holm(table.loc[directional, "p"])
     table["verdict"] = [verdict(r.low, r.high, r.p_holm if r.kind != "spread" else 0.0, r.expect, r.margin)

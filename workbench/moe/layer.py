@@ -43,7 +43,9 @@ class MoEMlp(nn.Module):
     """Routed experts (+ optional shared expert) with timm's ``Mlp`` signature.
 
     Args beyond timm's: ``num_experts``, ``top_k``, ``expert_hidden`` (expert width; default ``hidden_features``),
-    ``renormalize`` (top-k gates sum to 1), ``router_noise`` (std of Gaussian noise on the logits in training;
+    ``renormalize`` (top-k gates sum to 1; ``'straight_through'``: the same values with the normaliser detached,
+    so that a top-1 router, whose renormalised gate p/p = 1 has no gradient, still learns from the task loss: the
+    function-preserving upcycling setting), ``router_noise`` (std of Gaussian noise on the logits in training;
     V-MoE uses 1/E), ``routing`` ('token' | 'image'), ``image_pool`` ('mean' of patch tokens | 'cls'),
     ``num_prefix_tokens``, ``capacity_factor`` (None: dropless), ``priority`` ('position' | 'gate': V-MoE's Batch
     Prioritized Routing), ``shared_expert`` ('none' | 'add' | 'gated'), ``shared_hidden``, ``dispatch``
@@ -55,7 +57,7 @@ class MoEMlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
                  act_layer=nn.GELU, norm_layer=None, bias: bool = True, drop: float = 0.0, *,
                  num_experts: int = 8, top_k: int = 1, expert_hidden: int | None = None,
-                 renormalize: bool = False, router_noise: float = 0.0, routing: str = "token",
+                 renormalize: bool | str = False, router_noise: float = 0.0, routing: str = "token",
                  image_pool: str = "mean", num_prefix_tokens: int = 1, capacity_factor: float | None = None,
                  priority: str = "position", shared_expert: str = "none", shared_hidden: int | None = None,
                  dispatch: str = "grouped", balance_weight: float = 0.01, importance_weight: float = 0.0,
@@ -67,6 +69,8 @@ class MoEMlp(nn.Module):
         _check(isinstance(num_experts, int) and num_experts >= 1, "num_experts", num_experts, "use an integer >= 1")
         _check(isinstance(top_k, int) and 1 <= top_k <= num_experts, "top_k", top_k,
                f"use an integer with 1 <= top_k <= num_experts ({num_experts})")
+        _check(renormalize in (False, True, "straight_through"), "renormalize", renormalize,
+               "use False, True or 'straight_through'")
         _check(routing in ROUTING_MODES, "routing", routing, f"use one of {ROUTING_MODES}")
         _check(image_pool in IMAGE_POOLS, "image_pool", image_pool, f"use one of {IMAGE_POOLS}")
         _check(not (routing == "image" and image_pool == "cls" and num_prefix_tokens < 1), "image_pool", image_pool,

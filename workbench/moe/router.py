@@ -67,7 +67,7 @@ class Routing:
 class Router(nn.Module):
     """Linear (no bias) + softmax + top-k, always in fp32."""
 
-    def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, renormalize: bool = False,
+    def __init__(self, dim: int, num_experts: int, top_k: int = 1, *, renormalize: bool | str = False,
                  noise_std: float = 0.0, device=None, dtype=None):
         super().__init__()
         self.num_experts = num_experts
@@ -86,7 +86,9 @@ class Router(nn.Module):
                 noisy = logits + self.noise_std * torch.randn_like(logits)
             probs = noisy.softmax(dim=-1)
             gates, experts = probs.topk(self.top_k, dim=-1)
-            if self.renormalize:
+            if self.renormalize == "straight_through":  # sums to 1, yet the router still learns from the task
+                gates = gates / gates.sum(dim=-1, keepdim=True).detach()
+            elif self.renormalize:
                 gates = gates / gates.sum(dim=-1, keepdim=True)
         return logits, probs, experts, gates
 
