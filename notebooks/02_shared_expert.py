@@ -46,7 +46,7 @@ print(f"scratch last-2-fine seed 0, tiny budget: test acc {slice_['test_acc']:.4
 # %% [markdown]
 # ## Finding
 #
-# Pre-registered claims, each with its interval and verdict (paired by seed; Holm across the study's claims;
+# Pre-registered claims, each with its interval and verdict (paired by seed; Holm across the study's directional claims;
 # the spread claim by a bootstrap interval of the difference in seed SD).
 
 # %%

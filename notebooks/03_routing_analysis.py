@@ -10,6 +10,10 @@
 # the same layer inputs**. Deep features are class-clustered, so any split of them carries class information for
 # free; a layer is *specialised* only when its trained router beats that distribution (one-sided p, Holm across the
 # layers of a model). The label-permutation null (shuffled labels) is shown too, to see why it is not enough.
+# A caveat: the random routers are matched in norm (which does not change an argmax), not in expert load, and
+# trained routers are more balanced than random ones; NMI depends on the load, so `excess` mixes class information
+# with load balance. In the records `nmi` is over every validation image and the random-router test over the
+# first 2,000.
 
 # %%
 import os, warnings
@@ -54,7 +58,9 @@ viz.specialisation_by_depth(routing, metric="nmi") if len(routing) else None
 #
 # The same test on the shipped ViMoE (last-2, 8 experts): its trained routers, then the same model with its routers
 # replaced by untrained ones (random, the trained norm). Untrained routers must come out *not* specialised, while
-# the label-permutation null would call them specialised.
+# the label-permutation null would call them specialised. (This shows the test's false-positive side: an untrained
+# router is a draw from the baseline itself. The shipped model was trained on all 60,000 training images, so the
+# 1,000 images used here come from its training data.)
 
 # %%
 from workbench.checkpoint import load_model

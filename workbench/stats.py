@@ -3,7 +3,8 @@ intervals for a spread, McNemar's test on per-image predictions, a per-seed slop
 an interval into "agrees / disagrees / inconclusive" with a claim stated before the runs.
 
 Runs are paired by seed: with the same seed every config sees the same data order (and the same training subset),
-so ``treatment[s] - control[s]`` removes the seed's share of the noise.  Differences are in accuracy *points*
+so ``treatment[s] - control[s]`` removes the data's share of the seed-to-seed noise (initial weights still differ
+between architectures, so how much pairing helps varies; the paired test is valid either way).  Differences are in accuracy *points*
 (percent) wherever the caller passes accuracies times 100.
 """
 from __future__ import annotations

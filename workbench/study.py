@@ -641,7 +641,22 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     table.loc[directional, "p_holm"] = holm(table.loc[directional, "p"])
     table["verdict"] = [verdict(r.low, r.high, r.p_holm if r.kind != "spread" else 0.0, r.expect, r.margin)
                         for r in table.itertuples()]
+    # which side of zero (or of the margin) the point estimate falls on, whatever the interval: an inconclusive
+    # verdict with the estimate on the other side is not the same as one on the paper's side
+    table["side"] = [_side(r.estimate, r.expect, r.margin) for r in table.itertuples()]
+    # seeds that would make the interval +/- 0.5 points at the observed spread (accuracy claims)
+    table["seeds_needed"] = [math.ceil(r.n * ((r.high - r.low) / 2 / 0.5) ** 2)
+                              if r.kind in ("paired", "pruning") and r.high == r.high else None
+                              for r in table.itertuples()]
     return table
+
+
+def _side(estimate: float, expect: str, margin: float) -> str:
+    if estimate != estimate:
+        return "-"
+    claimed = {"greater": estimate > 0, "less": estimate < 0, "equal": abs(estimate) <= margin,
+               "no_less": estimate > -margin, "no_greater": estimate < margin}[expect]
+    return "claimed side" if claimed else "other side"
 
 
 def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
@@ -650,8 +665,10 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
     for r in table.itertuples():
         p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
         unit = " pts" if r.kind in ("paired", "pruning", "spread") else ""
+        need = getattr(r, "seeds_needed", None)
+        extra = f"; estimate on the {r.side}" + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
         lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} [{r.low:+.3f}, {r.high:+.3f}] (n={r.n}{p}) "
-                     f"expect {r.expect}{f' (margin {r.margin:g})' if r.margin else ''} -> {r.verdict}")
+                     f"expect {r.expect}{f' (margin {r.margin:g})' if r.margin else ''} -> {r.verdict}{extra}")
     return "\n".join(lines)
 
 
