@@ -536,11 +536,16 @@ def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd
 
 def config_values(study: dict, name: str, results: Path | None = None, metric: str = "test_acc") -> pd.Series:
     """One config's metric by seed; ``name`` may be ``other-study/config`` for a study named in references."""
-    other, _, config = name.rpartition("/")
-    source = study if not other else _referenced(study, other)
+    source, config = _source(study, name)
     df = load_results(source, results)
     df = df[df["config"] == config]
     return df.set_index("seed")[metric].sort_index()
+
+
+def _source(study: dict, name: str) -> tuple[dict, str]:
+    """(study, config) for a config name that may be ``other-study/config``."""
+    other, _, config = name.rpartition("/")
+    return (_referenced(study, other) if other else study), config
 
 
 def _referenced(study: dict, name: str) -> dict:
@@ -614,7 +619,8 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
                 est, low, high = bootstrap_sd_difference(a[seeds] * 100, b[seeds] * 100)
                 row.update(n=len(seeds), estimate=est, low=low, high=high, p=math.nan)
         elif kind in ("excess", "depth_trend"):
-            routing = load_routing(study, [claim["treatment"]], results)
+            source, config = _source(study, claim["treatment"])
+            routing = load_routing(source, [config], results)
             if claim.get("blocks") is not None:
                 routing = routing[routing["block"].isin(claim["blocks"])]
             row["contrast"] = f"{claim['treatment']}: {'NMI over random routers' if kind == 'excess' else 'slope of NMI excess over random routers per block'}"
@@ -625,7 +631,8 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
                 d = slope_interval({s: (g["block"].values, g["excess"].values) for s, g in routing.groupby("seed")})
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         else:  # pruning
-            pr = load_pruning(study, [claim["treatment"]], results)
+            source, config = _source(study, claim["treatment"])
+            pr = load_pruning(source, [config], results)
             compare = claim.get("compare", "all_mean")
             column = {"all_mean": "all_mean_test", "random": "random_mean_test", "unpruned": "full_test",
                       "most": "most_test"}[compare]
