@@ -213,3 +213,18 @@ def test_shipped_study_files_are_valid():
             assert study["claims"], f"{path.name}: claims are stated before the runs"
         names.setdefault((study["profile"], study["protocol"]), set()).add(study["name"])
     assert names[("cpu", "scratch")] == {"scratch-placement", "scratch-shared-expert", "scratch-routing"}
+
+
+def test_cli_says_plainly_what_is_missing(tmp_path, scratch_file, capsys):
+    from workbench.cli import main
+
+    assert main(["study", "summary", str(scratch_file)]) == 0
+    assert "no runs recorded yet" in capsys.readouterr().out
+    assert main(["study", "claims", str(scratch_file)]) == 0
+    assert "no runs recorded yet, so no verdicts" in capsys.readouterr().out
+    notes = tmp_path / "notes.md"
+    notes.write_text("# a heading\nkey: [unclosed\n")
+    with pytest.raises(StudyError, match="is not a study file"):
+        load_study(notes)
+    with pytest.raises(StudyError, match="--jobs 0 is invalid"):
+        run_study(scratch_file, jobs=0, results=tmp_path / "r", allow_dirty=True)

@@ -76,7 +76,13 @@ def load_study(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file {path} does not exist")
-    study = yaml.safe_load(path.read_text()) or {}
+    try:
+        study = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path} is not a study file (not valid YAML: {str(err).splitlines()[0]}); study files are "
+                         f"in experiments/studies/") from None
+    if not isinstance(study, dict):
+        raise StudyError(f"{path} is not a study file (a YAML mapping with name, protocol, configs, ...)")
     unknown = set(study) - STUDY_KEYS
     if unknown:
         raise StudyError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(STUDY_KEYS)}")
@@ -419,6 +425,8 @@ def run_study(path, only=None, seeds=None, device: str = "auto", results: Path |
     """Run every (config, seed) not yet recorded; ``jobs`` single-thread workers in parallel on this machine,
     ``shard`` a disjoint slice for one of several machines.  Returns the new records' (config, seed, acc)."""
     study = load_study(path)
+    if jobs < 1:
+        raise StudyError(f"--jobs {jobs} is invalid: use 1 or more workers")
     _check_can_run(study, path, device)
     todo = plan(study, only, seeds, shard)
     pending = [(c, s) for c, s in todo if not result_path(study, c, s, results).exists()]
@@ -715,11 +723,26 @@ def register_cli(sub) -> None:
     s.set_defaults(func=_cmd_summary)
     c = ssub.add_parser("claims", help="each pre-registered claim: estimate, 95%% CI, Holm p, verdict")
     c.add_argument("study")
-    c.set_defaults(func=lambda a: (print(format_claims(evaluate_claims(a.study))), 0)[1])
+    c.set_defaults(func=_cmd_claims)
+
+
+def _cmd_claims(args) -> int:
+    study = load_study(args.study)
+    if not study["claims"]:
+        print(f"{study['name']} states no claims")
+        return 0
+    if load_results(study).empty:
+        print(f"{study['name']}: no runs recorded yet, so no verdicts: python -m workbench study run {args.study}")
+        return 0
+    print(format_claims(evaluate_claims(study)))
+    return 0
 
 
 def _cmd_summary(args) -> int:
     table = summary(args.study)
+    if table.empty and not args.json:
+        print(f"no runs recorded yet: python -m workbench study run {args.study}")
+        return 0
     if args.json:
         print(table.to_json(orient="records", indent=1))
         return 0
