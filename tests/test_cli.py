@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["train", "--model-arg", "dept=3", "--quiet"], "did you mean 'depth'?"),
     (["info", "--model-arg", "foo=1"], "takes: "),
     (["train", "--model-arg", "depth=abc", "--quiet"], "depth='abc' is invalid: depth takes an integer"),
-    (["info", "--model-arg", "renormalize=3"], "renormalize takes true or false"),
+    (["info", "--model-arg", "renormalize=3"], "renormalize=3 is invalid: use False, True or 'straight_through'"),
     (["info", "--model", "no_such_model"], "is not a timm model"),
     # moe_layers: the error shows the accepted list forms
     (["info", "--moe-layers", "[1, x]"], "1,3 or '1 3' or '[1, 3]'"),
