@@ -83,9 +83,7 @@ def densify(model: nn.Module, layers, method: str = "merge", stats=None, inplace
         usage, scale = moe[i].last_load, 1.0  # the copy has no forward state: read the original's
         if stats is not None and i in stats.layers:
             s = stats.layers[i]
-            usage = s.gate_mass if s.gate_mass is not None else s.load
-            if s.gate_mass is not None and s.gate_mass.sum() <= 0:
-                usage = s.load
+            usage = s.gate_mass if s.gate_mass is not None and s.gate_mass.sum() > 0 else s.load
             if not math.isnan(s.mean_gate_sum):
                 scale = s.mean_gate_sum
             else:  # statistics recorded before gate sums were kept

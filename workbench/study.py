@@ -196,8 +196,7 @@ def _train_config(study: dict, config: str, seed: int, out: Path, device: str, q
     values = {"quiet": quiet, "device": device, **study["train"], **init_kwargs, "seed": seed,
               "model_kwargs": kwargs, "output": str(out)}
     if study["protocol"] == "upcycle":
-        values["init_from"] = str(ROOT / study["base"])
-        values["eval_at_start"] = True
+        values["init_from"] = str(ROOT / study["base"])  # step 0 is measured by check_clean_start, not the trainer
     else:
         values["model"] = study["model"]
     return TrainConfig.from_dict(values)
@@ -283,11 +282,9 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     cfg = _train_config(study, config, seed, out, device, quiet)
     started = time.time()
     resume = (out / "checkpoint.pt").exists()
-    start = check_clean_start(study, config, cfg, results) if study["protocol"] == "upcycle" and not resume else {}
-    result = train(cfg, resume=resume)
-    history = result["history"]
-    if result.get("step0") is not None:
-        start.setdefault("step0_test_acc", result["step0"]["test_acc"])
+    # the arm is rebuilt as training builds it (also on resume: the check is of the construction, not of weights)
+    start = check_clean_start(study, config, cfg, results) if study["protocol"] == "upcycle" else {}
+    history = train(cfg, resume=resume)["history"]
     model, model_cfg = load_model(out / "model")
     model.eval()
     prof = profile(model)
@@ -325,10 +322,6 @@ def _predict(model, data) -> str:
             preds.append(model(x).argmax(-1))
     preds = torch.cat(preds).tolist()
     return "".join(map(str, preds)) if max(preds, default=0) < 10 else ",".join(map(str, preds))
-
-
-def decode_predictions(text: str) -> list[int]:
-    return [int(v) for v in (text.split(",") if "," in text else text)]
 
 
 # -- analyses ---------------------------------------------------------------------------------------------------
