@@ -33,7 +33,7 @@ from PIL import Image  # noqa: E402
 from workbench.checkpoint import CheckpointError  # noqa: E402
 from workbench.explorer import (DEFAULT_CHECKPOINT, BadImage, Explorer, example_images, list_checkpoints,  # noqa: E402
                                 one_line)
-from workbench.palette import expert_color, expert_name  # noqa: E402
+from workbench.palette import SHARED_COLOR, expert_color, expert_name  # noqa: E402
 
 LOG = logging.getLogger("workbench.app")
 EXPLORER = Explorer()
@@ -102,10 +102,13 @@ def _layers_html(analysis, mode: str) -> str:
             + "</div></div>")
 
 
-def _legend_html(num_experts: int) -> str:
+def _legend_html(num_experts: int, unrouted: bool = False) -> str:
+    entries = [(expert_color(e), expert_name(e)) for e in range(num_experts)]
+    if unrouted:
+        entries.append((SHARED_COLOR, "no expert (experts-choose left the patch out)"))
     chips = "".join(f'<span style="display:inline-block;margin:2px 8px 2px 0"><span style="display:inline-block;'
-                    f'width:12px;height:12px;background:{expert_color(e)};margin-right:4px;vertical-align:middle">'
-                    f'</span>{expert_name(e)}</span>' for e in range(num_experts))
+                    f'width:12px;height:12px;background:{color};margin-right:4px;vertical-align:middle">'
+                    f'</span>{name}</span>' for color, name in entries)
     return f"<div>{chips}</div>"
 
 
@@ -188,7 +191,7 @@ def analyse(image_path, checkpoint, layer, invert, mode=GATE):
                          f"distribution (the framed patch). Request took {a.timings['total_ms']:.0f} ms.")
     return (seen, a.top5, gr.update(choices=layer_choices, value=str(block)), _overlay(a, block, mode, picked),
             _layers_html(a, mode), _load_figure(a), _router_figure(a, *(picked or (0, 0))),
-            _legend_html(a.num_experts), status, a, picked)
+            _legend_html(a.num_experts, any((e < 0).any() for e in a.experts.values())), status, a, picked)
 
 
 def on_upload(image_path, checkpoint, layer, invert, mode):

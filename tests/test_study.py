@@ -212,7 +212,8 @@ def test_shipped_study_files_are_valid():
             assert len(study["seeds"]) >= 5, f"{path.name}: headline claims need at least 5 seeds"
             assert study["claims"], f"{path.name}: claims are stated before the runs"
         names.setdefault((study["profile"], study["protocol"]), set()).add(study["name"])
-    assert names[("cpu", "scratch")] == {"scratch-placement", "scratch-shared-expert", "scratch-routing"}
+    assert names[("cpu", "scratch")] == {"scratch-placement", "scratch-shared-expert", "scratch-routing",
+                                         "scratch-routers"}
 
 
 def test_cli_says_plainly_what_is_missing(tmp_path, scratch_file, capsys):

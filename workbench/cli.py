@@ -29,8 +29,13 @@ MOE_FLAGS = {  # flag -> (model kwarg, type, choices, help)
     "--shared-expert": ("shared_expert", str, ("none", "add", "gated"),
                         "an always-on expert beside the routed ones (default: none)"),
     "--routing": ("routing", str, ("token", "image"), "route each patch, or one choice per image (default: token)"),
+    "--router": ("router", str, ("topk", "experts_choose", "soft"),
+                 "who chooses: tokens take their top-k experts, experts take their top-C tokens, or Soft MoE's "
+                 "token mixtures per slot (default: topk)"),
     "--capacity-factor": ("capacity_factor", float, None,
-                          "tokens per expert as a multiple of the even share, > 0 (default: none, dropless)"),
+                          "tokens per expert as a multiple of the even share, > 0 (default: none, dropless; "
+                          "experts_choose: 1.0, the mean experts per token)"),
+    "--slots-per-expert": ("slots_per_expert", int, None, "Soft MoE slots per expert and image (default: 1)"),
     "--dispatch": ("dispatch", str, ("grouped", "loop", "einsum"),
                    "how tokens reach experts; same numbers, different cost (default: grouped)"),
 }

@@ -193,7 +193,7 @@ class Analysis:
     top5: dict[str, float]
     layers: list[int]
     routing: str  # 'token' or 'image'
-    experts: dict[int, np.ndarray]  # block -> (gh, gw) first-choice expert ((1, 1) for image routing)
+    experts: dict[int, np.ndarray]  # block -> (gh, gw) first-choice expert ((1, 1) for image routing; -1: none)
     gates: dict[int, np.ndarray]
     probs: dict[int, np.ndarray]  # block -> (gh, gw, E) router probabilities ((1, 1, E) for image routing)
     num_experts: int
@@ -207,11 +207,12 @@ class Analysis:
                               picked=picked)
 
     def load(self) -> dict[int, np.ndarray]:
-        """Per layer, the share of this image's patches whose first choice is each expert."""
+        """Per layer, the share of this image's patches whose first choice is each expert (patches no expert took,
+        under experts-choose routing, count towards no expert)."""
         out = {}
         for b, e in self.experts.items():
-            counts = np.bincount(e.reshape(-1), minlength=self.num_experts).astype(float)
-            out[b] = counts / counts.sum()
+            counts = np.bincount(e[e >= 0].reshape(-1), minlength=self.num_experts).astype(float)
+            out[b] = counts / e.size
         return out
 
     @property
@@ -277,7 +278,10 @@ class Explorer:
                 gates[b] = lr.gates[0, :1].numpy().reshape(1, 1)
                 router[b] = lr.probs[0].numpy().reshape(1, 1, -1)
             else:
-                experts[b] = lr.top1()[0].numpy()
+                top = lr.top1()[0].numpy()
+                if lr.router == "experts_choose":  # -1: no expert took this patch (drawn grey)
+                    top = np.where(lr.keep[0, ..., 0].numpy(), top, -1)
+                experts[b] = top
                 gates[b] = lr.gates[0, ..., 0].numpy()
                 router[b] = lr.probs[0].numpy()
         result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts, warning=warning)

@@ -53,13 +53,26 @@ def _fvcore_by_module(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
         return dict(analysis.by_module())
 
 
+def router_macs(layer: MoEMlp, tokens: int) -> float:
+    """Per-image MACs of routing: the router's linear map (per token, or per image for image routing); Soft MoE
+    also mixes tokens into slots and slot outputs back into tokens (two (N, E*S) x d products)."""
+    d, E = layer.in_features, layer.num_experts
+    if layer.router_type == "soft":
+        slots = E * layer.slots_per_expert
+        return tokens * d * slots + 2 * tokens * slots * d
+    return (1 if layer.routing == "image" else tokens) * d * E
+
+
 def moe_layer_macs(layer: MoEMlp, batch: int, tokens: int) -> dict[str, float]:
-    """Per-image MACs of one MoE layer from its last forward (``last_load`` counts kept assignments)."""
-    d, h, E = layer.in_features, layer.expert_hidden, layer.num_experts
-    units = batch if layer.routing == "image" else batch * tokens
+    """Per-image MACs of one MoE layer from its last forward (``last_load`` counts kept assignments: token-expert
+    pairs, or for Soft MoE the slots each expert processed)."""
+    d, h = layer.in_features, layer.expert_hidden
     per_unit = tokens if layer.routing == "image" else 1
-    kept = float(layer.last_load.sum()) if layer.last_load is not None else units * layer.top_k
-    out = {"router": units * d * E / batch,
+    if layer.last_load is not None:
+        kept = float(layer.last_load.sum())
+    else:
+        kept = layer.assignments_per_image(tokens) * batch / per_unit
+    out = {"router": float(router_macs(layer, tokens)),
            "experts": kept * per_unit * (d * h + h * layer.out_features) / batch,
            "shared": 0.0}
     if layer.shared is not None:
@@ -72,14 +85,16 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _active_params(layer: MoEMlp) -> int:
-    """Parameters one token passes through: router, k experts, the shared expert."""
+def _active_params(layer: MoEMlp, tokens: int) -> int:
+    """Parameters one token passes through: router, k experts (experts-choose / soft: the mean number of expert
+    passes per token, so it can be fractional before rounding), the shared expert."""
     per_expert = (layer.w1.numel() + layer.w2.numel()) // layer.num_experts
     if layer.b1 is not None:
         per_expert += (layer.b1.numel() + layer.b2.numel()) // layer.num_experts
     shared = _params(layer.shared) + (_params(layer.shared_gate) if layer.shared_gate is not None else 0) \
         if layer.shared is not None else 0
-    return layer.router.weight.numel() + layer.top_k * per_expert + shared
+    per_token = layer.assignments_per_image(tokens) / tokens
+    return round(layer.router.weight.numel() + per_token * per_expert + shared)
 
 
 def _dense_ffn_params(layer: MoEMlp) -> int:
@@ -154,7 +169,7 @@ def _profile(model: nn.Module, x: torch.Tensor | None) -> Profile:
         other_params = _params(block) - _params(layer)
         dense_ffn_macs = tokens * (layer.in_features * layer.expert_hidden + layer.expert_hidden * layer.out_features)
         rows.append({"block": i, "kind": "moe", "params": _params(block),
-                     "active_params": other_params + _active_params(layer), "attn_macs": attn,
+                     "active_params": other_params + _active_params(layer, tokens), "attn_macs": attn,
                      "ffn_macs": m["experts"], "router_macs": m["router"], "shared_macs": m["shared"],
                      "macs": rest + m["experts"] + m["router"] + m["shared"],
                      "dense_params": other_params + _dense_ffn_params(layer), "dense_macs": rest + dense_ffn_macs})
@@ -185,8 +200,7 @@ def analytic_macs(model: nn.Module, routed_tokens_per_expert_slot: bool = True) 
         if layer is None:
             total += tokens * (d * block.mlp.fc1.out_features + block.mlp.fc1.out_features * d)
         else:
-            units = 1 if layer.routing == "image" else tokens
-            total += units * d * layer.num_experts + tokens * layer.activated_hidden() * 2 * d
+            total += router_macs(layer, tokens) + tokens * layer.activated_hidden(tokens) * 2 * d
             if layer.shared_gate is not None:
                 total += tokens * d
     if getattr(model, "head", None) is not None and isinstance(model.head, nn.Linear):

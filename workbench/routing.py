@@ -24,6 +24,10 @@ class LayerRouting:
     Token routing: ``probs`` (B, gh, gw, E), ``experts``/``gates``/``keep`` (B, gh, gw, k) on the patch grid, and
     ``prefix_probs``/``prefix_experts`` (B, P, E)/(B, P, k) for the class/register tokens.
     Image routing: ``probs`` (B, E), ``experts``/``gates``/``keep`` (B, k): one choice per image.
+    Experts-choose and Soft MoE (``router``): k = E, every expert per token with the dominant one first
+    (experts-choose: chosen experts by gate, then the rest, ``keep`` False where an expert did not take the token;
+    soft: ``probs``/``gates`` are the token's combine weight per expert), so ``top1()`` is the dominant expert and
+    ``keep[..., 0]`` is False for a token no expert chose.
     """
 
     routing: str
@@ -33,6 +37,7 @@ class LayerRouting:
     keep: torch.Tensor
     prefix_probs: torch.Tensor | None = None
     prefix_experts: torch.Tensor | None = None
+    router: str = "topk"
 
     @property
     def num_experts(self) -> int:
@@ -90,7 +95,7 @@ def _layer_routing(layer: MoEMlp, batch: int, prefix: int, grid: tuple[int, int]
     pre_e, experts = split(r["experts"])
     _, gates = split(r["gates"])
     _, keep = split(r["keep"])
-    return LayerRouting("token", probs, experts, gates, keep, pre_p, pre_e)
+    return LayerRouting("token", probs, experts, gates, keep, pre_p, pre_e, layer.router_type)
 
 
 @torch.no_grad()
@@ -177,8 +182,9 @@ def collect_routing(model: nn.Module, data, *, batch_size: int = 500, device=Non
             a["image_hist"].append(hist.half().cpu())
             keep = lr.keep
             a["load"] += (torch.nn.functional.one_hot(lr.experts, E).float() * keep.unsqueeze(-1)).reshape(-1, E).sum(0)
-            a["drop"] += float((~keep).sum())
-            a["units"] += keep.numel()
+            dropped = keep if lr.router == "topk" else keep[..., :1]  # unchosen tokens, not unchosen pairs
+            a["drop"] += float((~dropped).sum())
+            a["units"] += dropped.numel()
             kept_first = keep[..., 0]
             a["gate"] += float((lr.gates[..., 0] * kept_first).sum())
             a["kept"] += float(kept_first.sum())

@@ -91,7 +91,21 @@ class RouterInputs:
     x: torch.Tensor  # (U, d) router inputs, fp32
     labels: torch.Tensor  # (U,) class of each unit's image
     positions: torch.Tensor | None  # (U,) patch index (token routing), None for image routing
-    weight: torch.Tensor  # (E, d) the router's weight
+    weight: torch.Tensor  # (E, d) the router's weight; Soft MoE: (E*S, d) slot weights, grouped by expert
+    router: str = "topk"  # 'topk' | 'experts_choose' | 'soft' (MoEMlp's router)
+    num_experts: int | None = None
+    scale: float | None = None  # Soft MoE's normalised-logit scale
+
+    def first_choice(self, weight: torch.Tensor) -> torch.Tensor:
+        """Each unit's expert under ``weight``: top-k's first choice; for experts-choose the expert the token
+        prefers (its largest router probability: which experts take it also depends on the other tokens); for
+        Soft MoE the expert whose slots hold most of the token's combine weight."""
+        if self.router == "soft":
+            from .moe.soft import expert_weights, slot_logits
+
+            scale = None if self.scale is None else torch.tensor(self.scale)
+            return expert_weights(slot_logits(self.x, weight, scale), self.num_experts).argmax(-1)
+        return (self.x @ weight.t()).argmax(-1)
 
 
 @torch.no_grad()
@@ -125,15 +139,18 @@ def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int
     out = {}
     for i, layer in layers.items():
         x = torch.cat(seen[i]).cpu()
+        scale = getattr(layer.router, "scale", None)
+        about = dict(router=layer.router_type, num_experts=layer.num_experts,
+                     scale=None if scale is None else float(scale))
         if layer.routing == "image":
-            out[i] = RouterInputs(x, y, None, layer.router.weight.detach().float().cpu())
+            out[i] = RouterInputs(x, y, None, layer.router.weight.detach().float().cpu(), **about)
             continue
         tokens = x.shape[0] // len(y)
         prefix = layer.num_prefix_tokens
         x = x.view(len(y), tokens, -1)[:, prefix:]
         n = x.shape[1]
         out[i] = RouterInputs(x.reshape(-1, x.shape[-1]), y.repeat_interleave(n), torch.arange(n).repeat(len(y)),
-                              layer.router.weight.detach().float().cpu())
+                              layer.router.weight.detach().float().cpu(), **about)
     return out
 
 
@@ -145,11 +162,11 @@ def _table(rows: torch.Tensor, experts: torch.Tensor, num_rows: int, num_experts
 def random_router_test(inputs: RouterInputs, num_classes: int, *, draws: int = 100, seed: int = 0) -> dict:
     """Class (and position) NMI of the trained router's first choices on ``inputs`` against ``draws`` random
     routers with the same norm on the same inputs."""
-    E = inputs.weight.shape[0]
+    E = inputs.num_experts or inputs.weight.shape[0]
     n_pos = int(inputs.positions.max()) + 1 if inputs.positions is not None else 0
 
     def scores(weight: torch.Tensor) -> tuple[float, float]:
-        experts = (inputs.x @ weight.t()).argmax(-1)
+        experts = inputs.first_choice(weight)
         cls = nmi(_table(inputs.labels, experts, num_classes, E))
         pos = nmi(_table(inputs.positions, experts, n_pos, E)) if n_pos else float("nan")
         return cls, pos

@@ -140,6 +140,11 @@ def upcycle(dense: VisionTransformer, moe_layers: str | Sequence[int] = "last-2"
         the dense FFN, since an FFN is a sum over its hidden units.  Needs ``shared_hidden + expert_hidden``
         equal to the dense width.
     ``expert_noise`` adds Gaussian noise (relative to each weight's std) to the expert copies to break symmetry.
+
+    Other routers (``router=``) upcycle the same way (experts are copies), but do not start at the dense function:
+    experts-choose leaves some tokens to no expert and weights the others by router probabilities that need not sum
+    to 1 (with ``renormalize`` a token any expert took gets exactly the dense FFN; the rest still get nothing), and
+    Soft MoE runs the FFN on mixtures of tokens, not on the tokens.
     """
     if shared_init not in SHARED_INITS:
         raise ValueError(f"shared_init={shared_init!r} is invalid: use one of {SHARED_INITS}")

@@ -11,12 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import experts_choose as ec
 from . import losses
-from .dispatch import DISPATCH_MODES, DISPATCHERS, dispatch_meta
+from .dispatch import DISPATCH_MODES, DISPATCHERS, _matmul_dtype, dispatch_meta
 from .router import IMAGE_POOLS, PRIORITIES, ROUTING_MODES, Router, Routing, assign_slots, autocast_enabled, \
     expert_capacity, slot_positions
+from .soft import SoftRouter, expert_weights, soft_moe_ffn
 
 SHARED_EXPERT_MODES = ("none", "add", "gated")
+ROUTERS = ("topk", "experts_choose", "soft")
 
 
 def _check(cond: bool, field: str, value, allowed: str) -> None:
@@ -52,6 +55,16 @@ class MoEMlp(nn.Module):
     ('grouped' | 'loop' | 'einsum'), and one weight per auxiliary loss: ``balance_weight``, ``importance_weight``,
     ``load_weight``, ``zloss_weight``.  ``device`` and ``dtype`` place the parameters, as in timm's layers (timm
     passes them to ``mlp_layer``).
+
+    ``router`` picks who chooses (vmoe's three routers):
+      * ``'topk'`` (default): each token (or image) takes its top-k experts;
+      * ``'experts_choose'``: each expert takes its top-C tokens, C = round(capacity_factor x N / E) per
+        ``choice_group`` ('image' | 'batch'); ``capacity_factor`` (default 1.0) is the mean number of experts per
+        token; balanced by construction, so no balance loss; see :mod:`.experts_choose`;
+      * ``'soft'``: Soft MoE, ``slots_per_expert`` slots per expert and image, each a softmax-weighted mix of the
+        image's tokens; ``soft_normalize`` l2-normalises the logits' inputs with a learned scale; see :mod:`.soft`.
+    The last two route within an image's tokens (``routing='token'``), run their own batched matmuls (``dispatch``
+    applies to top-k only) and take no ``top_k``, ``priority`` or balance/importance/load losses (z-loss applies).
     """
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
@@ -61,7 +74,9 @@ class MoEMlp(nn.Module):
                  image_pool: str = "mean", num_prefix_tokens: int = 1, capacity_factor: float | None = None,
                  priority: str = "position", shared_expert: str = "none", shared_hidden: int | None = None,
                  dispatch: str = "grouped", balance_weight: float = 0.01, importance_weight: float = 0.0,
-                 load_weight: float = 0.0, zloss_weight: float = 0.0, device=None, dtype=None, **kwargs):
+                 load_weight: float = 0.0, zloss_weight: float = 0.0, router: str = "topk",
+                 choice_group: str = "image", slots_per_expert: int = 1, soft_normalize: bool = False,
+                 device=None, dtype=None, **kwargs):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         out_features = out_features or in_features
@@ -86,6 +101,10 @@ class MoEMlp(nn.Module):
         for name, w in (("balance_weight", balance_weight), ("importance_weight", importance_weight),
                         ("load_weight", load_weight), ("zloss_weight", zloss_weight)):
             _check(w >= 0, name, w, "use a weight >= 0")
+        _check_router(router, top_k, routing, dispatch, capacity_factor, renormalize, router_noise, priority,
+                      importance_weight, load_weight, choice_group, slots_per_expert, soft_normalize)
+        if router == "experts_choose" and capacity_factor is None:
+            capacity_factor = 1.0
 
         self.num_experts, self.top_k = num_experts, top_k
         self.in_features, self.out_features, self.expert_hidden = in_features, out_features, hidden
@@ -95,7 +114,12 @@ class MoEMlp(nn.Module):
         self.aux_weights = {"balance": balance_weight, "importance": importance_weight, "load": load_weight,
                             "zloss": zloss_weight}
 
-        self.router = Router(in_features, num_experts, top_k, renormalize=renormalize, noise_std=router_noise, **dd)
+        self.router_type, self.choice_group, self.slots_per_expert = router, choice_group, slots_per_expert
+        if router == "soft":
+            self.router = SoftRouter(in_features, num_experts, slots_per_expert, normalize=soft_normalize, **dd)
+        else:
+            self.router = Router(in_features, num_experts, top_k, renormalize=renormalize, noise_std=router_noise,
+                                 **dd)
         self.w1 = nn.Parameter(torch.empty(num_experts, in_features, hidden, **dd))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden, **dd)) if bias else None
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, out_features, **dd))
@@ -150,6 +174,18 @@ class MoEMlp(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
+        routed = {"topk": self._forward_topk, "experts_choose": self._forward_experts_choose,
+                  "soft": self._forward_soft}[self.router_type]
+        y = self.drop(routed(x)).view(batch, tokens, -1)
+        if self.shared is not None:
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            y = y + self.drop(shared).to(y.dtype)
+        return y.to(x.dtype) if not autocast_enabled(x.device.type) else y
+
+    def _forward_topk(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
         r = self._route(x)
         self._aux(r)
         with torch.no_grad():
@@ -169,14 +205,58 @@ class MoEMlp(nn.Module):
         if self.dispatch == "einsum" and self.routing == "token" and self.capacity_factor is not None:
             order = torch.argsort(r.gates[:, 0], descending=True, stable=True) if self.priority == "gate" else None
             kwargs["positions"] = slot_positions(r.experts, self.num_experts, order)
-        y = dispatcher(flat, experts, gates, self.w1, self.b1, self.w2, self.b2, self.act, self.drop, **kwargs)
-        y = self.drop(y).view(batch, tokens, -1)
-        if self.shared is not None:
-            shared = self.shared(x)
-            if self.shared_gate is not None:
-                shared = torch.sigmoid(self.shared_gate(x)) * shared
-            y = y + self.drop(shared).to(y.dtype)
-        return y.to(x.dtype) if not autocast_enabled(x.device.type) else y
+        return dispatcher(flat, experts, gates, self.w1, self.b1, self.w2, self.b2, self.act, self.drop, **kwargs)
+
+    def _weights(self, dtype: torch.dtype) -> tuple:
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return cast(self.w1), cast(self.b1), cast(self.w2), cast(self.b2)
+
+    def _forward_experts_choose(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        logits, probs, _, _ = self.router(x.reshape(-1, dim))
+        groups = (batch, tokens) if self.choice_group == "image" else (1, batch * tokens)
+        cap = ec.capacity(groups[1], self.num_experts, self.capacity_factor)
+        dtype = _matmul_dtype(x)
+        y, chosen = ec.experts_choose_ffn(x.reshape(*groups, dim).to(dtype), probs.view(*groups, -1), cap,
+                                          *self._weights(dtype), self.act, self.drop, self.router.renormalize)
+        self._aux_logits(logits)
+        with torch.no_grad():
+            self.last_load = torch.full((self.num_experts,), float(groups[0] * cap), device=x.device)
+            self.last_drop_rate = 1.0 - chosen.any(-1).float().mean()  # tokens no expert chose
+        if self.capture_routing:
+            self._capture(probs, chosen)
+        return y.reshape(batch * tokens, -1)
+
+    def _forward_soft(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        logits = self.router(x.reshape(-1, dim)).view(batch, tokens, -1)
+        dtype = _matmul_dtype(x)
+        y = soft_moe_ffn(x.to(dtype), logits, *self._weights(dtype), self.act, self.drop)
+        self._aux_logits(logits)
+        with torch.no_grad():
+            self.last_load = torch.full((self.num_experts,), float(batch * self.slots_per_expert), device=x.device)
+            self.last_drop_rate = torch.zeros((), device=x.device)
+        if self.capture_routing:
+            probs = expert_weights(logits.detach().reshape(batch * tokens, -1), self.num_experts)
+            self._capture(probs, torch.ones_like(probs, dtype=torch.bool))
+        return y.reshape(batch * tokens, -1)
+
+    def _aux_logits(self, logits: torch.Tensor) -> None:
+        """Experts-choose and Soft MoE: no balance term (balanced by construction / no discrete choice); z-loss."""
+        self.aux_terms = {}
+        self.aux_loss = torch.zeros((), device=logits.device)
+        if self.aux_weights["zloss"] > 0:
+            z = losses.z_loss(logits.reshape(-1, logits.shape[-1]))
+            self.aux_loss = self.aux_weights["zloss"] * z
+            self.aux_terms = {"zloss": z.detach()}
+
+    def _capture(self, weights: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Store every expert per unit, chosen ones first by weight: ``experts[..., 0]`` is the dominant expert, and
+        ``keep[..., 0]`` is False where no expert took the token (experts-choose)."""
+        weights = weights.detach().float()
+        order = (weights + 2.0 * chosen).argsort(dim=-1, descending=True)
+        self.last_routing = {"probs": weights, "experts": order, "gates": (weights * chosen).gather(-1, order),
+                             "keep": chosen.gather(-1, order)}
 
     # -- bookkeeping -----------------------------------------------------------------------------------------
     def _fresh_state(self) -> dict:
@@ -202,14 +282,68 @@ class MoEMlp(nn.Module):
                 "routing": self.routing, "image_pool": self.image_pool, "capacity_factor": self.capacity_factor,
                 "priority": self.priority, "shared_expert": self.shared_expert_mode,
                 "shared_hidden": self.shared.fc1.out_features if self.shared is not None else None,
-                "dispatch": self.dispatch, **{f"{k}_weight": v for k, v in self.aux_weights.items()}}
+                "dispatch": self.dispatch, **{f"{k}_weight": v for k, v in self.aux_weights.items()},
+                "router": self.router_type, "choice_group": self.choice_group,
+                "slots_per_expert": self.slots_per_expert,
+                "soft_normalize": getattr(self.router, "scale", None) is not None}
 
     def extra_repr(self) -> str:
-        return (f"d={self.in_features}, experts={self.num_experts}x{self.expert_hidden}, top_k={self.top_k}, "
+        routed = {"topk": f"top_k={self.top_k}", "experts_choose": f"experts_choose({self.choice_group})",
+                  "soft": f"soft(slots_per_expert={self.slots_per_expert})"}[self.router_type]
+        return (f"d={self.in_features}, experts={self.num_experts}x{self.expert_hidden}, {routed}, "
                 f"routing={self.routing}, capacity_factor={self.capacity_factor}, "
                 f"shared={self.shared_expert_mode}, dispatch={self.dispatch}")
 
-    def activated_hidden(self) -> int:
-        """Hidden units each token passes through: the dense-equivalent FFN width."""
+    def assignments_per_image(self, tokens: int) -> float:
+        """Expert passes (token or slot through one expert) per image of ``tokens`` tokens, dropless: top-k
+        ``tokens*k``; experts-choose ``E*C`` (per-image groups; per-batch groups average ``capacity_factor*tokens``);
+        soft ``E*S``."""
+        if self.router_type == "soft":
+            return float(self.num_experts * self.slots_per_expert)
+        if self.router_type == "experts_choose":
+            if self.choice_group == "batch":
+                return float(self.capacity_factor * tokens)
+            return float(self.num_experts * ec.capacity(tokens, self.num_experts, self.capacity_factor))
+        return float(tokens * self.top_k)
+
+    def activated_hidden(self, tokens: int | None = None) -> float:
+        """Hidden units each token passes through on average: the dense-equivalent FFN width (for experts-choose
+        and soft routing it depends on the image's ``tokens``)."""
         shared = self.shared.fc1.out_features if self.shared is not None else 0
-        return self.top_k * self.expert_hidden + shared
+        if self.router_type == "topk":
+            return self.top_k * self.expert_hidden + shared
+        if tokens is None:
+            raise ValueError(f"router={self.router_type!r}: the activated width depends on the number of tokens; "
+                             "pass tokens=")
+        return self.assignments_per_image(tokens) / tokens * self.expert_hidden + shared
+
+
+def _check_router(router, top_k, routing, dispatch, capacity_factor, renormalize, router_noise, priority,
+                  importance_weight, load_weight, choice_group, slots_per_expert, soft_normalize) -> None:
+    """The combinations of ``router`` with the other switches that make sense; a ValueError names the rest."""
+    _check(router in ROUTERS, "router", router, f"use one of {ROUTERS}")
+    _check(choice_group in ec.GROUPS, "choice_group", choice_group, f"use one of {ec.GROUPS}")
+    _check(isinstance(slots_per_expert, int) and slots_per_expert >= 1, "slots_per_expert", slots_per_expert,
+           "use an integer >= 1")
+    if router != "experts_choose":
+        _check(choice_group == "image", "choice_group", choice_group, "it applies to router='experts_choose' only")
+    if router != "soft":
+        _check(slots_per_expert == 1, "slots_per_expert", slots_per_expert, "it applies to router='soft' only")
+        _check(not soft_normalize, "soft_normalize", soft_normalize, "it applies to router='soft' only")
+    if router == "topk":
+        return
+    other = "capacity_factor sets the mean experts per token" if router == "experts_choose" \
+        else "slots_per_expert sets the work per expert"
+    _check(top_k == 1, "top_k", top_k, f"top_k applies to router='topk'; with router={router!r} {other}")
+    _check(routing == "token", "routing", routing,
+           f"router={router!r} chooses among an image's tokens; use routing='token'")
+    _check(dispatch == "grouped", "dispatch", dispatch,
+           f"dispatch applies to router='topk'; router={router!r} runs its own batched matmuls")
+    _check(priority == "position", "priority", priority, "it applies to router='topk' with a capacity")
+    _check(importance_weight == 0 and load_weight == 0, "importance_weight/load_weight",
+           (importance_weight, load_weight), f"router={router!r} needs no balance losses; use 0")
+    if router == "soft":
+        _check(capacity_factor is None, "capacity_factor", capacity_factor,
+               "Soft MoE drops nothing; set slots_per_expert instead")
+        _check(renormalize is False, "renormalize", renormalize, "Soft MoE's combine weights already sum to 1")
+        _check(router_noise == 0, "router_noise", router_noise, "router noise applies to top-k and experts-choose")
