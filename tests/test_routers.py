@@ -1,5 +1,6 @@
 """Experts-choose routing and Soft MoE: the formulas against direct, slow references (outputs and gradients),
 capacity and unchosen-token accounting, routing capture, FLOPs by hand, and the argument checks."""
+import json
 import math
 
 import pytest
@@ -214,3 +215,26 @@ def test_explorer_shows_experts_choose_and_soft_checkpoints(tmp_path, kw):
 
     legend = app.analyse(example_images()[0], str(tmp_path / "m"), None, False)[7]
     assert ("no expert" in legend) == (kw["router"] == "experts_choose")
+
+
+@pytest.mark.parametrize("flags", [["--router", "soft", "--slots-per-expert", "2"],
+                                   ["--router", "experts_choose", "--capacity-factor", "2"]])
+def test_cli_trains_resumes_and_evaluates_other_routers(tmp_path, capsys, flags):
+    from workbench.cli import main
+
+    out = tmp_path / "run"
+    data = ["--dataset", "synthetic", "--train-subset", "128", "--test-subset", "64"]
+    tiny = ["--model", "vimoe_micro_patch7_28", "--moe-layers", "all", "--num-experts", "4", *flags]
+    assert main(["train", *data, *tiny, "--epochs", "1", "--batch-size", "32", "--output", str(out),
+                 "--quiet"]) == 0
+    assert main(["train", "--resume", "--output", str(out), "--epochs", "2", "--quiet"]) == 0
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["model_kwargs"]["router"] == flags[1]
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--json", "--dataset", "synthetic", "--test-subset", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 64 and set(result["moe"]) == {"0", "1", "2", "3"}
+    with pytest.raises(SystemExit) as bad:
+        main(["train", "--router", "soft", "--top-k", "2", "--output", str(tmp_path / "bad"), *data])
+    assert bad.value.code == 2
+    assert "top_k applies to router='topk'" in capsys.readouterr().err

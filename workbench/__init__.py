@@ -1,8 +1,8 @@
 """ViMoE Workbench: Vision Mixture-of-Experts on timm, with routing capture, metrics and studies.
 
-Importing the package registers the ``vimoe_*`` models with timm: at once if timm is already imported
-(``import timm, workbench``), otherwise right after timm is first imported.  The package itself imports nothing
-heavy (torch, timm) until one of its names is used, so ``python -m workbench --help`` answers at once.
+Importing the package registers the ``vimoe_*`` models (classifiers and ``vimoe_seg_*``) with timm: at once if timm
+is already imported (``import timm, workbench``), otherwise right after timm is first imported.  The package itself
+imports nothing heavy (torch, timm) until one of its names is used, so ``python -m workbench --help`` answers at once.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 _LAZY = {"MoEMlp": "moe", "moe_aux_loss": "moe", "moe_aux_terms": "moe", "moe_modules": "moe", "set_capture": "moe",
-         "MODEL_NAMES": "vimoe", "ViMoE": "vimoe", "resolve_moe_layers": "vimoe", "upcycle": "vimoe"}
+         "MODEL_NAMES": "vimoe", "ViMoE": "vimoe", "resolve_moe_layers": "vimoe", "upcycle": "vimoe",
+         "SegViMoE": "segmentation", "SEG_MODEL_NAMES": "segmentation", "evaluate_segmentation": "segmentation"}
 __all__ = ["MoEMlp", "ViMoE", "upcycle", "resolve_moe_layers", "moe_modules", "moe_aux_loss", "moe_aux_terms",
-           "set_capture", "MODEL_NAMES"]
+           "set_capture", "MODEL_NAMES", "SegViMoE", "SEG_MODEL_NAMES", "evaluate_segmentation"]
 
 
 def __getattr__(name: str):
@@ -37,7 +38,8 @@ def __dir__():
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
-    """Imports ``workbench.vimoe`` (which registers the models) as soon as ``timm`` has been imported."""
+    """Imports ``workbench.vimoe`` and ``workbench.segmentation`` (which register the models) as soon as ``timm``
+    has been imported."""
 
     active = True
 
@@ -52,13 +54,18 @@ class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
-            importlib.import_module(f"{__name__}.vimoe")
+            _register()
 
         spec.loader.exec_module = exec_and_register
         return spec
 
 
-if "timm" in sys.modules:
+def _register() -> None:
     importlib.import_module(f"{__name__}.vimoe")
+    importlib.import_module(f"{__name__}.segmentation")
+
+
+if "timm" in sys.modules:
+    _register()
 elif not any(isinstance(f, _RegisterAfterTimm) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterTimm())

@@ -168,9 +168,10 @@ def save_model(model: nn.Module, config: dict, folder, extra: dict | None = None
     return folder
 
 
-def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
+def load_model(path, device="cpu", task: str | None = None) -> tuple[nn.Module, dict]:
     """(model in eval mode, its config) from a shipped folder, a ``model.safetensors`` file or a training ``.pt``;
-    a run folder works too (its finished ``model/``, else its ``checkpoint.pt``)."""
+    a run folder works too (its finished ``model/``, else its ``checkpoint.pt``).  ``task`` ('classification' |
+    'segmentation'): refuse, in one line, a model built for the other task."""
     path = Path(path)
     if path.is_dir():
         if not (path / "model.safetensors").exists() and (path / "model" / "model.safetensors").is_file():
@@ -202,6 +203,10 @@ def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
         state = read_checkpoint(path)
         config, weights = state["model_config"], state["model"]
     model = build_model(config)
+    found = getattr(model, "task", None) or "classification"
+    if task is not None and found != task:
+        raise CheckpointError(f"{path} holds a {found} model ({config['model']}) but a {task} model is needed "
+                              f"here; pick a {task} checkpoint (segmentation: a vimoe_seg_* run)")
     load_state_into(model, weights, config, path)
     model.workbench_config = config
     return model.to(device).eval(), config

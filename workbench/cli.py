@@ -55,12 +55,12 @@ def _parse_value(text: str):
         return text
 
 
-def parse_model_args(pairs: list[str]) -> dict:
+def parse_model_args(pairs: list[str], flag: str = "--model-arg", example: str = "drop_path_rate=0.1") -> dict:
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise UsageError(f"--model-arg {pair!r} is invalid: use KEY=VALUE, e.g. --model-arg drop_path_rate=0.1")
+            raise UsageError(f"{flag} {pair!r} is invalid: use KEY=VALUE, e.g. {flag} {example}")
         out[key.replace("-", "_")] = _parse_value(value)
     return out
 
@@ -128,6 +128,7 @@ def check_model_kwargs(name: str | None, kwargs: dict) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
     from .moe import MoEMlp
+    from .segmentation import SegViMoE
     from .vimoe import ViMoE
 
     name = name or DEFAULT_MODEL
@@ -135,10 +136,11 @@ def check_model_kwargs(name: str | None, kwargs: dict) -> None:
         raise UsageError(f"--model {name!r} is not a timm model: use e.g. {DEFAULT_MODEL} "
                          "(python -c \"import timm, workbench; print(timm.list_models('vimoe_*'))\")")
     entry = timm.models.model_entrypoint(name)
-    if entry.__module__ not in ("timm.models.vision_transformer", "workbench.vimoe"):
+    if entry.__module__ not in ("timm.models.vision_transformer", "workbench.vimoe", "workbench.segmentation"):
         return
     params = {}
-    for fn in (VisionTransformer.__init__, ViMoE.__init__, MoEMlp.__init__):
+    extra = (SegViMoE.__init__,) if entry.__module__ == "workbench.segmentation" else ()
+    for fn in (VisionTransformer.__init__, ViMoE.__init__, *extra, MoEMlp.__init__):
         for key, p in inspect.signature(fn).parameters.items():
             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and key != "self":
                 params.setdefault(key, (p.default, p.annotation))
@@ -247,6 +249,9 @@ def cmd_train(args) -> int:
         values["eval_at_start"] = True
     if kwargs:
         values["model_kwargs"] = {**(values.get("model_kwargs") or {}), **kwargs}
+    if getattr(args, "data_arg", None):
+        options = parse_model_args(args.data_arg, "--data-arg", "train_size=5000")
+        values["data_options"] = {**(values.get("data_options") or {}), **options}
     if isinstance(values.get("model_kwargs"), dict):
         check_model_kwargs(values.get("model"), values["model_kwargs"])
     try:
@@ -256,8 +261,9 @@ def cmd_train(args) -> int:
         raise UsageError(str(err)) from err
     result = train(cfg, resume=args.resume)
     last = result["history"][-1] if result["history"] else {}
-    print(f"done: test accuracy {last.get('test_acc', float('nan')):.4f} after {last.get('epoch', 0)} epochs; "
-          f"model in {Path(result['output']) / 'model'}")
+    score = (f"test mIoU {last['test_miou']:.4f}, pixel accuracy {last['test_pixel_acc']:.4f}" if "test_miou" in last
+             else f"test accuracy {last.get('test_acc', float('nan')):.4f}")
+    print(f"done: {score} after {last.get('epoch', 0)} epochs; model in {Path(result['output']) / 'model'}")
     return 0
 
 
@@ -269,20 +275,42 @@ def cmd_eval(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} is invalid: use an integer >= 1")
     from .checkpoint import load_model
     from .data import build_datasets
-    from .train import evaluate, resolve_device, Dist
+    from .train import evaluate, resolve_device, Dist, dataset_task, model_task
 
     device = resolve_device(args.device, Dist())
     model, config = load_model(args.checkpoint, device=device)
-    _, test = build_datasets(args.dataset, root=args.data_root, model=model, test_subset=args.test_subset,
-                             augment=False)
+    task = model_task(model)
+    dataset = args.dataset or ("fmnist-scenes" if task == "segmentation" else "fashion-mnist")
+    if dataset_task(dataset) != task:
+        raise UsageError(f"{args.checkpoint} is a {task} model ({config['model']}) but --dataset {dataset} is a "
+                         f"{dataset_task(dataset)} dataset; evaluate it on a {task} dataset (e.g. --dataset "
+                         f"{'fmnist-scenes' if task == 'segmentation' else 'fashion-mnist'})")
+    if task == "segmentation":
+        from .segdata import build_seg_splits
+
+        options = parse_model_args(args.data_arg, "--data-arg", "num_classes=150")
+        _, _, test = build_seg_splits(dataset, root=args.data_root, model=model, test_subset=args.test_subset,
+                                      augment=False, **options)
+    else:
+        _, test = build_datasets(dataset, root=args.data_root, model=model, test_subset=args.test_subset,
+                                 augment=False)
     test.to(device)
     result = evaluate(model, test, batch_size=args.batch_size, device=device, progress=not args.quiet)
     result["checkpoint"], result["model_config"] = str(args.checkpoint), config
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.checkpoint}: {config['model']} on {args.dataset} ({result['n']} images)")
-    print(f"accuracy {result['acc']:.4f}   loss {result['loss']:.4f}")
+    print(f"{args.checkpoint}: {config['model']} on {dataset} ({result['n']} images)")
+    if task == "segmentation":
+        print(f"mIoU {result['miou']:.4f}   pixel accuracy {result['pixel_acc']:.4f}   loss {result['loss']:.4f}   "
+              "(mIoU: mean over classes in the target or the prediction)")
+        names = getattr(test, "class_names", None) or model.pretrained_cfg.get("label_names") or []
+        print(f"{'class':>5}  {'name':<16}  {'IoU':>6}")
+        for c, iou in enumerate(result["iou"]):
+            name = names[c] if c < len(names) else str(c)
+            print(f"{c:>5}  {name:<16}  {'-' if iou is None else format(iou, '.4f'):>6}")
+    else:
+        print(f"accuracy {result['acc']:.4f}   loss {result['loss']:.4f}")
     if result["moe"]:
         print(f"{'block':>5}  {'load CV':>8}  {'drop':>6}  expert load shares")
         for block, stats in result["moe"].items():
@@ -338,10 +366,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Flags override --config; unset flags keep the config's (or TrainConfig's) "
                                    "default shown here.")
     p.add_argument("--config", help="YAML file of TrainConfig fields; flags override it")
-    p.add_argument("--model", help=f"timm model name (default: {DEFAULT_MODEL}, or the --init-from checkpoint's)")
-    p.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic" + dflt("dataset"))
+    p.add_argument("--model", help=f"timm model name (default: {DEFAULT_MODEL}; vimoe_seg_micro_patch7_56 for a "
+                   "segmentation dataset; or the --init-from checkpoint's)")
+    p.add_argument("--dataset", help="fashion-mnist | cifar10 | cifar100 | imagefolder | synthetic, or for "
+                   "segmentation (with a vimoe_seg_* model) fmnist-scenes | ade" + dflt("dataset"))
     p.add_argument("--data-root", metavar="DIR",
                    help="folder with the dataset's files (default: $WORKBENCH_DATA, then Debian's dataset package)")
+    p.add_argument("--data-arg", action="append", metavar="KEY=VALUE", default=[],
+                   help="a segmentation dataset option (workbench.segdata.build_seg_splits), YAML-typed, e.g. "
+                        "train_size=5000 or num_classes=150; repeat the flag for several")
     p.add_argument("--epochs", type=int, help="epochs, >= 1" + dflt("epochs"))
     p.add_argument("--batch-size", type=int, help="global batch (split across torchrun processes), >= 1"
                    + dflt("batch_size"))
@@ -388,11 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     _moe_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="accuracy and per-layer routing statistics of a checkpoint")
+    p = sub.add_parser("eval", help="accuracy (segmentation: mIoU, pixel accuracy, per-class IoU) and per-layer "
+                       "routing statistics of a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
                    help="a model folder (model.safetensors + config.json), .safetensors or a run's checkpoint.pt")
-    p.add_argument("--dataset", default="fashion-mnist", help="the test set (default: fashion-mnist)")
+    p.add_argument("--dataset", help="the test set (default: fashion-mnist, or fmnist-scenes for a segmentation "
+                   "checkpoint)")
     p.add_argument("--data-root", metavar="DIR")
+    p.add_argument("--data-arg", action="append", metavar="KEY=VALUE", default=[],
+                   help="a segmentation dataset option, as for train (e.g. num_classes=150 for ade)")
     p.add_argument("--test-subset", type=int, metavar="N", help="a fixed random N test images, >= 1 (default: all)")
     p.add_argument("--batch-size", type=int, default=500, help="(default: 500)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")

@@ -36,17 +36,26 @@ def _status(kind: str, protocol: str) -> tuple[Path, int, int]:
     return path, done, planned
 
 
+def protocols(kind: str) -> list[str]:
+    """The protocols that have a study file for ``kind`` (the router study exists under scratch only)."""
+    found = [p for p in PROTOCOLS if study_file(kind, p).exists()]
+    if not found:
+        raise FileNotFoundError(f"no study file {kind}.yaml under {STUDIES}/<protocol>/: use one of "
+                                f"{sorted({p.stem for p in STUDIES.glob('*/*.yaml')})}")
+    return found
+
+
 def show_summary(kind: str) -> dict[str, pd.DataFrame]:
     """Print each protocol's summary and its paired contrasts against the control; return the contrasts."""
     out = {}
-    for protocol in PROTOCOLS:
+    for protocol in protocols(kind):
         path, done, planned = _status(kind, protocol)
         s = st.load_study(path)
         print(f"== {protocol} protocol: {s['name']} ({done} of {planned} runs recorded)")
         if not done:
             print("   not recorded yet: python -m workbench study run", path.relative_to(st.ROOT), "\n")
             continue
-        print(st.format_summary(st.summary(s)))
+        print(st.format_summary(st.summary(s), s["metric"]))
         try:
             table = st.contrasts(s)
         except st.StudyError as e:
@@ -66,7 +75,7 @@ def claims(kind: str, protocol: str) -> pd.DataFrame | None:
 def show_claims(kind: str) -> dict[str, pd.DataFrame]:
     """Print every pre-registered claim of both protocols with its estimate, interval and verdict."""
     out = {}
-    for protocol in PROTOCOLS:
+    for protocol in protocols(kind):
         path, done, planned = _status(kind, protocol)
         print(f"== {protocol} protocol ({done} of {planned} runs recorded)")
         if done < planned:
@@ -121,7 +130,7 @@ def live_slice(kind: str, protocol: str, config: str, seed: int = 0, *, train_su
 def show_claim_kinds(kind: str, claim_kinds) -> dict[str, pd.DataFrame]:
     """Print only the claims of the given kinds (e.g. the routing or pruning claims of the placement studies)."""
     out = {}
-    for protocol in PROTOCOLS:
+    for protocol in protocols(kind):
         t = claims(kind, protocol)
         if t is None:
             print(f"{protocol}: not recorded yet")
@@ -131,3 +140,15 @@ def show_claim_kinds(kind: str, claim_kinds) -> dict[str, pd.DataFrame]:
         print(st.format_claims(t), "\n")
         out[protocol] = t
     return out
+
+
+def specialisation_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
+    """Per config and MoE block, over seeds: the trained routers' class NMI, the random routers' mean, the excess,
+    in how many seeds the layer beat the random routers (Holm), and the position NMI."""
+    r = st.load_routing(study_file(kind, protocol), configs)
+    if r.empty:
+        return pd.DataFrame()
+    return r.groupby(["config", "block"]).agg(
+        seeds=("seed", "nunique"), nmi=("nmi", "mean"), random_nmi=("random_nmi", "mean"), excess=("excess", "mean"),
+        specialised=("specialised", "sum"), position_nmi=("position_nmi", "mean"),
+        random_position_nmi=("random_position_nmi", "mean")).round(4)

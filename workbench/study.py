@@ -59,12 +59,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs" / "studies"
 STUDY_KEYS = {"name", "description", "protocol", "profile", "model", "base", "train", "seeds", "control",
-              "references", "common", "configs", "analysis", "claims"}
+              "references", "common", "configs", "analysis", "claims", "metric"}
+METRICS = {"test_acc": "test accuracy", "test_miou": "test mIoU", "test_pixel_acc": "test pixel accuracy"}
 PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
-ANALYSIS_KEYS = {"routing", "prune_fraction", "prune_min_layers", "random_routers", "max_images", "random_subsets"}
+ANALYSIS_KEYS = {"routing", "prune_fraction", "prune_min_layers", "random_routers", "max_images", "random_subsets",
+                 "regions"}
 CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning")
-CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare"}
+CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare",
+              "source"}  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
 
 
 class StudyError(ValueError):
@@ -103,7 +106,11 @@ def load_study(path) -> dict:
     study.setdefault("control", "dense")
     study.setdefault("references", [])
     study.setdefault("claims", [])
+    study.setdefault("metric", "test_acc")
     study["_path"] = str(path)
+    if study["metric"] not in METRICS:
+        raise StudyError(f"{path}: metric={study['metric']!r} is not one of {sorted(METRICS)} (segmentation studies "
+                         f"use test_miou)")
     if study["profile"] not in PROFILES:
         raise StudyError(f"{path}: profile={study['profile']!r} is not one of {PROFILES}")
     analysis = study.setdefault("analysis", {})
@@ -133,6 +140,8 @@ def _check_claim(path, study: dict, claim: dict) -> None:
         raise StudyError(f"{where}: kind={claim['kind']!r} is not one of {CLAIM_KINDS}")
     if claim["expect"] not in DIRECTIONS:
         raise StudyError(f"{where}: expect={claim['expect']!r} is not one of {DIRECTIONS}")
+    if claim.get("source", "routing") not in ("routing", "regions"):
+        raise StudyError(f"{where}: source={claim['source']!r} is not 'routing' or 'regions'")
     names = [claim["treatment"]] + ([claim["control"]] if "control" in claim else [])
     for name in names:
         other, _, config = name.rpartition("/")
@@ -289,10 +298,19 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     model.eval()
     prof = profile(model)
     last = history[-1]
-    _, val, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model, augment=False,
-                                test_subset=cfg.test_subset)
-    predictions = _predict(model, test)
-    analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test)
+    seg = getattr(model, "task", None) == "segmentation"
+    if seg:
+        from .segdata import build_seg_splits
+
+        _, val, test = build_seg_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
+                                        augment=False, test_subset=cfg.test_subset, **cfg.data_options)
+        scores = {k: last.get(k) for k in ("test_miou", "val_miou", "test_pixel_acc", "test_iou")}
+        analysis = analyse_regions(model, study.get("analysis", {}), seed, val)
+    else:
+        _, val, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
+                                    augment=False, test_subset=cfg.test_subset)
+        scores = {"test_predictions": _predict(model, test)}
+        analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test)
     record = {"study": study["name"], "protocol": study["protocol"], "config": config, "seed": seed,
               "arm_spec": arm_spec(study, config),
               "model_config": model_cfg,
@@ -301,7 +319,7 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
               "test_acc": last["test_acc"], "test_loss": last["test_loss"], "test_n": last["test_n"],
               "val_acc": last.get("val_acc"), "train_acc": last["train_acc"], **start,
               "params": prof.params, "active_params": prof.active_params, "gmacs": prof.macs / 1e9,
-              "moe_test": last["moe_test"], "history": history, "test_predictions": predictions, **analysis,
+              "moe_test": last["moe_test"], "history": history, **scores, **analysis,
               "provenance": provenance(device if device != "auto" else None, threads=torch.get_num_threads(),
                                        wall_time_s=round(time.time() - started, 1),
                                        train_wall_time_s=last["wall_time"])}
@@ -366,6 +384,34 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     return out
 
 
+def analyse_regions(model, analysis: dict, seed: int, val) -> dict:
+    """Segmentation runs, ``regions: true``: per MoE layer, routing against ground-truth regions on the first
+    ``max_images`` validation images (:func:`workbench.regions.region_report`, ``random_routers`` draws)."""
+    from .moe import moe_modules
+
+    if not analysis.get("regions") or not moe_modules(model):
+        return {}
+    if val is None:
+        raise StudyError("the regions analysis needs a validation split: set train.val_size (e.g. 2000)")
+    from .regions import region_report
+
+    table = region_report(model, val, max_images=analysis.get("max_images", 1000),
+                          draws=int(analysis.get("random_routers", 50)), seed=seed)
+    return {"regions": {str(int(r["block"])): {k: (round(v, 6) if isinstance(v, float) else v)
+                                               for k, v in r.items() if k != "block"}
+                        for r in table.to_dict("records")}}
+
+
+def load_regions(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
+    """The recorded routing-vs-regions analyses: one row per (config, seed, MoE block)."""
+    rows = [{"config": r["config"], "seed": r["seed"], "block": int(b), **layer}
+            for r in _records(study_or_path, results) if "regions" in r and (not configs or r["config"] in configs)
+            for b, layer in r["regions"].items()]
+    if not rows:
+        return pd.DataFrame(columns=["config", "seed", "block"])
+    return pd.DataFrame(rows).sort_values(["config", "seed", "block"]).reset_index(drop=True)
+
+
 def prune_subsets(model, stats, report, val, test, count: int, seed: int, random_draws: int = 20) -> dict:
     """Densify every ``count``-subset of the MoE layers (usage-weighted merge, no fine-tuning after); score each on
     validation and test.  The metric's choice is the ``count`` least specialised layers on validation."""
@@ -409,8 +455,9 @@ def _check_can_run(study: dict, path, device: str) -> None:
 def _worker(args) -> tuple[str, int, float, float]:
     path, config, seed, device, results, allow_dirty = args
     t0 = time.time()
-    record = run_one(load_study(path), config, seed, device, results=results, threads=1, allow_dirty=allow_dirty)
-    return config, seed, record["test_acc"], time.time() - t0
+    study = load_study(path)
+    record = run_one(study, config, seed, device, results=results, threads=1, allow_dirty=allow_dirty)
+    return config, seed, record[study["metric"]], time.time() - t0
 
 
 def run_study(path, only=None, seeds=None, device: str = "auto", results: Path | None = None, jobs: int = 1,
@@ -452,7 +499,8 @@ def run_study(path, only=None, seeds=None, device: str = "auto", results: Path |
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
         results_iter = (f.result() for f in as_completed([pool.submit(_worker, t) for t in tasks]))
     for i, (config, seed, acc, seconds) in enumerate(results_iter, 1):
-        print(f"[{i}/{len(pending)}] {config} seed {seed}: test acc {acc:.4f} ({seconds:.0f}s)", flush=True)
+        print(f"[{i}/{len(pending)}] {config} seed {seed}: {METRICS[study['metric']]} {acc:.4f} ({seconds:.0f}s)",
+              flush=True)
         done.append({"config": config, "seed": seed, "test_acc": acc})
     return done
 
@@ -473,9 +521,12 @@ def load_record(study_or_path, config: str, seed: int, results: Path | None = No
 
 
 def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
-    cols = ["config", "seed", "test_acc", "val_acc", "step0_test_acc", "params", "active_params", "gmacs",
+    """One row per recorded run; ``score`` is the study's metric (test accuracy, or test mIoU for segmentation)."""
+    metric = _as_study(study_or_path)["metric"]
+    cols = ["config", "seed", "score", "test_acc", "val_acc", "step0_test_acc", "params", "active_params", "gmacs",
             "wall_time_s", "threads", "device", "commit"]
-    rows = [{"config": r["config"], "seed": r["seed"], "test_acc": r["test_acc"], "val_acc": r.get("val_acc"),
+    rows = [{"config": r["config"], "seed": r["seed"], "score": r[metric], "test_acc": r["test_acc"],
+             "val_acc": r.get("val_acc"),
              "step0_test_acc": r.get("step0_test_acc"), "params": r["params"], "active_params": r["active_params"],
              "gmacs": r["gmacs"], "wall_time_s": r["provenance"]["wall_time_s"],
              "threads": r["provenance"].get("threads"), "device": r["provenance"]["device"],
@@ -535,8 +586,9 @@ def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd
     return pd.DataFrame(rows)
 
 
-def config_values(study: dict, name: str, results: Path | None = None, metric: str = "test_acc") -> pd.Series:
-    """One config's metric by seed; ``name`` may be ``other-study/config`` for a study named in references."""
+def config_values(study: dict, name: str, results: Path | None = None, metric: str = "score") -> pd.Series:
+    """One config's metric (default: its study's ``metric``) by seed; ``name`` may be ``other-study/config`` for a
+    study named in references."""
     source, config = _source(study, name)
     df = load_results(source, results)
     df = df[df["config"] == config]
@@ -565,8 +617,8 @@ def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=["config", "n", "acc_mean", "acc_std", "params_M", "gmacs"])
     g = df.groupby("config")
-    table = pd.DataFrame({"n": g["seed"].count(), "acc_mean": g["test_acc"].mean(),
-                          "acc_std": g["test_acc"].std(ddof=1).fillna(0.0),
+    table = pd.DataFrame({"n": g["seed"].count(), "acc_mean": g["score"].mean(),
+                          "acc_std": g["score"].std(ddof=1).fillna(0.0),
                           "params_M": g["params"].first() / 1e6, "gmacs": g["gmacs"].first()})
     order = [c for c in study["configs"] if c in table.index]
     return table.loc[order].reset_index()
@@ -621,7 +673,8 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
                 row.update(n=len(seeds), estimate=est, low=low, high=high, p=math.nan)
         elif kind in ("excess", "depth_trend"):
             source, config = _source(study, claim["treatment"])
-            routing = load_routing(source, [config], results)
+            regions = claim.get("source", "routing") == "regions"
+            routing = (load_regions if regions else load_routing)(source, [config], results)
             if claim.get("blocks") is not None:
                 routing = routing[routing["block"].isin(claim["blocks"])]
             row["contrast"] = f"{claim['treatment']}: {'NMI over random routers' if kind == 'excess' else 'slope of NMI excess over random routers per block'}"
@@ -680,8 +733,9 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def format_summary(table: pd.DataFrame) -> str:
-    lines = [f"{'config':<16} {'n':>2} {'acc mean':>9} {'acc std':>8} {'params M':>9} {'GMACs':>7}"]
+def format_summary(table: pd.DataFrame, metric: str = "test_acc") -> str:
+    name = {"test_acc": "acc", "test_miou": "mIoU", "test_pixel_acc": "pix acc"}[metric]
+    lines = [f"{'config':<16} {'n':>2} {name + ' mean':>9} {name + ' std':>8} {'params M':>9} {'GMACs':>7}"]
     for r in table.itertuples():
         lines.append(f"{r.config:<16} {r.n:>2} {r.acc_mean:>9.4f} {r.acc_std:>8.4f} {r.params_M:>9.3f} {r.gmacs:>7.4f}")
     return "\n".join(lines)
@@ -739,9 +793,10 @@ def _cmd_summary(args) -> int:
     if args.json:
         print(table.to_json(orient="records", indent=1))
         return 0
-    print(format_summary(table))
+    metric = load_study(args.study)["metric"]
+    print(format_summary(table, metric))
     try:
-        print("\npaired by seed against the control (delta in accuracy points):")
+        print(f"\npaired by seed against the control (delta in {METRICS[metric].removeprefix('test ')} points):")
         print(format_contrasts(contrasts(args.study)))
     except StudyError as e:
         print(f"\n(no contrasts: {e})")

@@ -8,6 +8,10 @@
   and metrics as an uninterrupted run (on CPU; CUDA kernels are not bitwise deterministic).
 * ``metrics.jsonl``: one line per epoch (losses, accuracies, per-MoE-layer load / load CV / drop rate,
   throughput, wall time), rewritten atomically from the checkpoint's history so it always matches the checkpoint.
+* Classification or semantic segmentation, decided by the dataset (``fmnist-scenes``, ``ade``: segmentation,
+  with a ``vimoe_seg_*`` model): the loop is the same; the loss is per pixel (``ignore_index`` pixels left out),
+  ``*_acc`` is pixel accuracy and the rows add ``test_miou``, ``test_pixel_acc``, ``test_iou`` (per class) and
+  ``val_miou``.
 """
 from __future__ import annotations
 
@@ -28,11 +32,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data import build_splits
+from .data import DATASETS, build_splits
 from .moe import moe_aux_loss, moe_modules
 from .vimoe import ViMoE, split_moe_kwargs
 
 DEFAULT_MODEL = "vimoe_tiny_patch4_28"
+DEFAULT_SEG_MODEL = "vimoe_seg_micro_patch7_56"
+TASKS = ("classification", "segmentation")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,10 +47,12 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    model: str | None = None  # timm name; None: DEFAULT_MODEL, or the init_from checkpoint's architecture
+    model: str | None = None  # timm name; None: DEFAULT_MODEL (DEFAULT_SEG_MODEL), or the init_from checkpoint's
+    task: str | None = None  # None: the dataset's task (segmentation for SEG_DATASETS); if set, it must agree
     model_kwargs: dict = field(default_factory=dict)  # MoE switches and timm ViT kwargs
     dataset: str = "fashion-mnist"
     data_root: str | None = None
+    data_options: dict = field(default_factory=dict)  # segmentation datasets: build_seg_splits options
     epochs: int = 10
     batch_size: int = 128  # global batch: split across DDP ranks
     lr: float = 1e-3
@@ -89,6 +97,47 @@ class TrainConfig:
             raise ValueError(f"train_subset={self.train_subset!r} is invalid: use an integer >= 1 or leave it unset")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is invalid: use auto, cpu, cuda or cuda:N")
+        if self.task not in (None,) + TASKS:
+            raise ValueError(f"task={self.task!r} is invalid: use one of {TASKS} or leave it unset (from the dataset)")
+
+
+def dataset_task(name: str) -> str:
+    """'classification' for the datasets of ``workbench.data``, 'segmentation' for ``workbench.segdata``'s."""
+    if name in DATASETS:
+        return "classification"
+    try:
+        from .segdata import SEG_DATASETS
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.segdata":
+            raise
+        SEG_DATASETS = ()
+    if name in SEG_DATASETS:
+        return "segmentation"
+    raise ValueError(f"dataset={name!r} is not known: use one of {DATASETS + tuple(SEG_DATASETS)}")
+
+
+def resolve_task(cfg: TrainConfig) -> str:
+    """The run's task: the dataset's; ``cfg.task``, when set, must agree."""
+    task = dataset_task(cfg.dataset)
+    if cfg.task not in (None, task):
+        raise ValueError(f"task={cfg.task!r} does not fit dataset={cfg.dataset!r} (a {task} dataset): leave task "
+                         f"unset or choose a {cfg.task} dataset")
+    return task
+
+
+def model_task(model: nn.Module) -> str:
+    """'segmentation' for a model with ``task = 'segmentation'`` (``vimoe_seg_*``; DDP-wrapped or not), else
+    'classification'."""
+    return getattr(getattr(model, "module", model), "task", None) or "classification"
+
+
+def check_model_task(model: nn.Module, task: str, what: str) -> None:
+    """A one-line error when ``what`` (a model name or checkpoint) is built for another task than the run's."""
+    if model_task(model) != task:
+        fix = (f"a vimoe_seg_* model (e.g. {DEFAULT_SEG_MODEL})" if task == "segmentation"
+               else f"a classifier (e.g. {DEFAULT_MODEL})")
+        raise ValueError(f"{what} is a {model_task(model)} model but the dataset is a {task} dataset; use {fix} "
+                         "or a dataset of its task")
 
 
 # -- distributed ------------------------------------------------------------------------------------------------
@@ -133,11 +182,18 @@ def build_training_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
     """The model to train and the config that rebuilds it (``checkpoint.model_config``)."""
     from .vimoe import upcycle
 
+    task = resolve_task(cfg)
     if cfg.init_from is None:
-        name = cfg.model or DEFAULT_MODEL
+        name = cfg.model or (DEFAULT_SEG_MODEL if task == "segmentation" else DEFAULT_MODEL)
         config = ckpt.model_config(name, cfg.model_kwargs)
-        return ckpt.build_model(config), config
+        model = ckpt.build_model(config)
+        check_model_task(model, task, f"model {name}")
+        return model, config
     dense, dense_config = ckpt.load_model(cfg.init_from)
+    if model_task(dense) != task:
+        raise ckpt.CheckpointError(f"--init-from {cfg.init_from} is a {model_task(dense)} checkpoint "
+                                   f"({dense_config['model']}) but {cfg.dataset} is a {task} dataset; upcycle a "
+                                   f"dense {task} checkpoint or choose a {model_task(dense)} dataset")
     if cfg.model not in (None, dense_config["model"]):
         raise ckpt.CheckpointError(f"--init-from {cfg.init_from} is a {dense_config['model']} checkpoint but "
                                    f"--model asks for {cfg.model}; leave --model out (the architecture comes from "
@@ -184,7 +240,11 @@ def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float
 def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", amp: bool = False,
              d: Dist = Dist(), progress: bool = False) -> dict:
     """Accuracy, loss and per-MoE-layer expert load over a whole dataset (sharded across DDP ranks);
-    ``progress``: a tqdm bar on stderr (main rank only)."""
+    ``progress``: a tqdm bar on stderr (main rank only).  A segmentation model (``task = 'segmentation'``) is
+    scored per pixel (the data's ``ignore_index`` left out): ``acc`` is pixel accuracy, and ``miou``,
+    ``pixel_acc``, ``iou`` (per class), ``confusion`` and ``pixels`` are added."""
+    from .segmentation import confusion_matrix, segmentation_scores
+
     core = getattr(model, "module", model)
     was_training = core.training
     core.eval()
@@ -192,7 +252,10 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", amp
     layers = moe_modules(core)
     loads = {i: torch.zeros(layer.num_experts, device=device) for i, layer in layers.items()}
     drops = {i: torch.zeros((), device=device) for i in layers}
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # correct, count, loss sum
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # correct, counted targets, loss sum, images
+    seg = model_task(core) == "segmentation"
+    ignore = getattr(data, "ignore_index", -100) if seg else -100
+    confusion = torch.zeros(core.num_classes, core.num_classes, dtype=torch.long, device=device) if seg else None
     batches = 0
     loader = data.batches(batch_size, shuffle=False, rank=d.rank, world=d.world)
     for x, y in tqdm(loader, total=data.num_batches(batch_size, d.world), desc="eval", unit="batch", leave=False,
@@ -200,20 +263,35 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", amp
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             logits = core(x)
-        totals[0] += (logits.argmax(-1) == y).sum()
-        totals[1] += y.numel()
-        totals[2] += F.cross_entropy(logits.float(), y, reduction="sum")
+        pred, valid = logits.argmax(1), y != ignore
+        totals[0] += ((pred == y) & valid).sum()
+        totals[1] += valid.sum()
+        totals[2] += F.cross_entropy(logits.float(), y, ignore_index=ignore, reduction="sum")
+        totals[3] += len(y)
+        if seg:
+            confusion += confusion_matrix(pred, y, core.num_classes, ignore)
         for i, layer in layers.items():
             loads[i] += layer.last_load
             drops[i] += layer.last_drop_rate
         batches += 1
     _all_reduce(totals, d)
     n_batches = _all_reduce(torch.tensor(float(batches), device=device), d)
-    out = {"acc": float(totals[0] / totals[1]), "loss": float(totals[2] / totals[1]), "n": int(totals[1])}
+    out = {"acc": float(totals[0] / totals[1]), "loss": float(totals[2] / totals[1]), "n": int(totals[3])}
+    if seg:
+        _all_reduce(confusion, d)
+        out.update(segmentation_scores(confusion), pixels=int(totals[1]), confusion=confusion.tolist())
     out["moe"] = {str(i): _load_stats(_all_reduce(loads[i], d), _all_reduce(drops[i], d) / n_batches)
                   for i in layers}
     core.train(was_training)
     return out
+
+
+def _seg_metrics(split: str, result: dict) -> dict:
+    """``{split}_miou``, ``{split}_pixel_acc`` and ``{split}_iou`` (per class) of a segmentation evaluation."""
+    if "miou" not in result:
+        return {}
+    return {f"{split}_miou": round(result["miou"], 6), f"{split}_pixel_acc": round(result["pixel_acc"], 6),
+            f"{split}_iou": result["iou"]}
 
 
 def _load_stats(load: torch.Tensor, drop_rate: torch.Tensor) -> dict:
@@ -262,6 +340,7 @@ class Trainer:
             saved.epochs, saved.device, saved.quiet, saved.output = cfg.epochs, cfg.device, cfg.quiet, cfg.output
             self.cfg = cfg = saved
         _seed_everything(cfg.seed)
+        self.task = resolve_task(cfg)
         if state is not None:
             self.model = ckpt.build_model(state["model_config"])
             self.model_config = state["model_config"]
@@ -270,9 +349,20 @@ class Trainer:
             self.model, self.model_config = build_training_model(cfg)
         self.model.to(self.device).train()
 
-        self.train_data, self.val_data, self.test_data = build_splits(
-            cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=self.model, train_subset=cfg.train_subset,
-            test_subset=cfg.test_subset, augment=cfg.augment, seed=cfg.seed, num_workers=cfg.num_workers)
+        split_args = dict(val_size=cfg.val_size, root=cfg.data_root, model=self.model, train_subset=cfg.train_subset,
+                          test_subset=cfg.test_subset, augment=cfg.augment, seed=cfg.seed)
+        if self.task == "segmentation":
+            from .segdata import build_seg_splits
+
+            self.train_data, self.val_data, self.test_data = build_seg_splits(cfg.dataset, **split_args,
+                                                                              **cfg.data_options)
+        elif cfg.data_options:
+            raise ValueError(f"data_options {sorted(cfg.data_options)} are options of the segmentation datasets; "
+                             f"{cfg.dataset} takes none, leave them out")
+        else:
+            self.train_data, self.val_data, self.test_data = build_splits(cfg.dataset, **split_args,
+                                                                          num_workers=cfg.num_workers)
+        self.ignore_index = getattr(self.train_data, "ignore_index", -100) if self.task == "segmentation" else -100
         head = getattr(self.model, "num_classes", None)
         if head is not None and head != self.train_data.num_classes:
             raise ValueError(f"the model has {head} classes but {cfg.dataset} has {self.train_data.num_classes}; "
@@ -326,12 +416,13 @@ class Trainer:
     def compute_loss(self, x, y):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.forward_model(x)
-            task = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+            task = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing,
+                                   ignore_index=self.ignore_index)
         aux = moe_aux_loss(self.model).to(task.device)
         return logits, task, aux
 
     def _new_accumulators(self) -> dict:
-        return {"task": 0.0, "aux": 0.0, "correct": 0, "seen": 0, "train_time": 0.0,
+        return {"task": 0.0, "aux": 0.0, "correct": 0, "seen": 0, "images": 0, "train_time": 0.0,
                 "terms": {}, "load": {str(i): [0.0] * l.num_experts for i, l in self.layers.items()},
                 "drop": {str(i): 0.0 for i in self.layers}, "steps": 0}
 
@@ -375,10 +466,13 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             with torch.no_grad():
-                acc["task"] += float(task) * y.numel()
-                acc["aux"] += float(aux) * y.numel()
-                acc["correct"] += int((logits.argmax(-1) == y).sum())
-                acc["seen"] += y.numel()
+                valid = y != self.ignore_index  # classification: every label; segmentation: labelled pixels
+                counted = int(valid.sum())
+                acc["task"] += float(task) * counted
+                acc["aux"] += float(aux) * counted
+                acc["correct"] += int(((logits.argmax(1) == y) & valid).sum())
+                acc["seen"] += counted
+                acc["images"] = acc.get("images", 0) + len(y)
                 acc["steps"] += 1
                 for i, layer in self.layers.items():
                     loads[i] += layer.last_load
@@ -405,23 +499,28 @@ class Trainer:
             acc["drop"][key] += float(drops[i])
 
     def _evaluate(self, data) -> dict:
+        if self.d.world > 1:  # per-rank BatchNorm statistics (segmentation heads): evaluate rank 0's, the saved ones
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
         return evaluate(self.forward_model, data, batch_size=self.cfg.eval_batch_size, device=self.device,
                         amp=self.amp, d=self.d)
 
     def _evaluate_start(self) -> dict:
         """Accuracy before any training step: for an upcycled run, the test of a function-preserving start."""
         test = self._evaluate(self.test_data)
-        out = {"test_acc": round(test["acc"], 6), "test_loss": round(test["loss"], 6), "test_n": test["n"]}
+        out = {"test_acc": round(test["acc"], 6), "test_loss": round(test["loss"], 6), "test_n": test["n"],
+               **_seg_metrics("test", test)}
         if self.val_data is not None:
             val = self._evaluate(self.val_data)
-            out.update(val_acc=round(val["acc"], 6), val_loss=round(val["loss"], 6))
+            out.update(val_acc=round(val["acc"], 6), val_loss=round(val["loss"], 6), **_seg_metrics("val", val))
         return out
 
     def _epoch_metrics(self, test: dict) -> dict:
         acc, world = self.acc, self.d.world
-        sums = _all_reduce(torch.tensor([acc["task"], acc["aux"], acc["correct"], acc["seen"]], dtype=torch.float64,
-                                        device=self.device), self.d)
-        task, aux, correct, seen = sums.tolist()
+        sums = _all_reduce(torch.tensor([acc["task"], acc["aux"], acc["correct"], acc["seen"],
+                                         acc.get("images", acc["seen"])], dtype=torch.float64, device=self.device),
+                           self.d)
+        task, aux, correct, seen, images = sums.tolist()
         moe = {}
         for key, load in acc["load"].items():
             total = _all_reduce(torch.tensor(load, device=self.device), self.d)
@@ -431,10 +530,10 @@ class Trainer:
         return {"epoch": self.epoch + 1, "train_loss": round(task / seen, 6), "aux_loss": round(aux / seen, 6),
                 **{f"aux_{k}": round(v / steps, 6) for k, v in sorted(acc["terms"].items())},
                 "train_acc": round(correct / seen, 6), "test_loss": round(test["loss"], 6),
-                "test_acc": round(test["acc"], 6), "test_n": test["n"],
-                **({"val_loss": round(test["val"]["loss"], 6), "val_acc": round(test["val"]["acc"], 6)}
-                   if "val" in test else {}),
-                "lr": self.scheduler.get_last_lr()[0], "img_per_s": round(seen / max(acc["train_time"], 1e-9), 1),
+                "test_acc": round(test["acc"], 6), "test_n": test["n"], **_seg_metrics("test", test),
+                **({"val_loss": round(test["val"]["loss"], 6), "val_acc": round(test["val"]["acc"], 6),
+                    **_seg_metrics("val", test["val"])} if "val" in test else {}),
+                "lr": self.scheduler.get_last_lr()[0], "img_per_s": round(images / max(acc["train_time"], 1e-9), 1),
                 "wall_time": round(self.wall_offset + time.time() - self.started, 1),
                 "moe_train": moe, "moe_test": test["moe"]}
 
@@ -462,7 +561,8 @@ class Trainer:
             if self.d.main and not cfg.quiet:
                 tqdm.write(f"epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
                            f"train {row['train_acc']:.4f}  test {row['test_acc']:.4f}  "
-                           f"{row['img_per_s']:.0f} img/s  {row['wall_time']:.0f}s")
+                           + (f"mIoU {row['test_miou']:.4f}  " if "test_miou" in row else "")
+                           + f"{row['img_per_s']:.0f} img/s  {row['wall_time']:.0f}s")
                 if row["moe_train"]:
                     tqdm.write("    expert load CV / drop rate (train): " + "  ".join(
                         f"block {block} {stats['load_cv']:.2f} / {stats['drop_rate']:.3f}"

@@ -1,0 +1,147 @@
+"""Routing against ground-truth regions (segmentation): does a patch's expert follow *what* is in the patch, or
+*where* the patch is, and at which depth?
+
+Every patch gets the majority label of its pixels (background included; ignored pixels do not vote), and is
+*boundary* when its pixels carry more than one label, else *interior*.  Per MoE layer, from each patch token's
+first-choice expert (experts-choose: the preferred expert; Soft MoE: the dominant one, as in
+:meth:`~workbench.specialisation.RouterInputs.first_choice`):
+
+* ``nmi`` / ``ami``: normalised / adjusted mutual information between expert and patch class (AMI from
+  scikit-learn: 0 for chance, whatever the number of experts and classes);
+* ``object_nmi``: object vs background as the label; ``object_only_nmi``: class NMI among object patches only;
+* ``interior_nmi`` / ``boundary_nmi``: class NMI within interior / boundary patches;
+* ``position_nmi``: patch position instead of class.
+
+Each beside the same metric of ``draws`` random routers with the trained router's norm on the *same* layer inputs
+(the baseline an untrained router must fail to beat): ``random_<metric>`` their mean and ``p_<metric>`` the
+one-sided empirical p-value; ``specialised`` when the class NMI beats them after Holm across the model's layers.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import adjusted_mutual_info_score
+
+from .specialisation import RouterInputs, _table, nmi
+from .stats import ALPHA, empirical_p, holm
+
+NMI_METRICS = ("nmi", "object_nmi", "object_only_nmi", "interior_nmi", "boundary_nmi", "position_nmi")
+
+
+def patch_labels(masks: torch.Tensor, grid: tuple[int, int], num_classes: int,
+                 ignore_index: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+    """masks (B, H, W) -> (majority label (B, gh, gw), boundary (B, gh, gw) bool).  A patch whose pixels are all
+    ignored gets label -1."""
+    b, h, w = masks.shape
+    gh, gw = grid
+    ph, pw = h // gh, w // gw
+    patches = masks[:, :gh * ph, :gw * pw].reshape(b, gh, ph, gw, pw).permute(0, 1, 3, 2, 4).reshape(b, gh, gw, -1)
+    valid = patches != ignore_index
+    counts = F.one_hot(torch.where(valid, patches, 0).long(), num_classes) * valid.unsqueeze(-1)
+    counts = counts.sum(3)  # (B, gh, gw, C)
+    label = torch.where(counts.sum(-1) > 0, counts.argmax(-1), torch.full_like(counts[..., 0], -1))
+    boundary = (counts > 0).sum(-1) > 1
+    return label, boundary
+
+
+@torch.no_grad()
+def region_inputs(model, data, *, max_images: int | None = 1000, batch_size: int = 250) -> dict:
+    """Per MoE block: (RouterInputs over patch tokens with their majority class as label, boundary flags)."""
+    from .moe import moe_modules
+
+    layers = {i: m for i, m in moe_modules(model).items() if isinstance(i, int)}
+    seen: dict[int, list] = {i: [] for i in layers}
+    hooks = [m.router.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(args[0].detach().float()))
+             for i, m in layers.items()]
+    grid = tuple(model.patch_embed.grid_size)
+    was_training = model.training
+    model.eval()
+    labels, bounds, count = [], [], 0
+    device = next(model.parameters()).device
+    try:
+        for images, masks in data.batches(batch_size, shuffle=False):
+            if max_images is not None and count >= max_images:
+                break
+            if max_images is not None:
+                images, masks = images[: max_images - count], masks[: max_images - count]
+            model(images.to(device))
+            label, boundary = patch_labels(masks.cpu(), grid, data.num_classes, getattr(data, "ignore_index", 255))
+            labels.append(label.flatten(1))
+            bounds.append(boundary.flatten(1))
+            count += len(masks)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    label, boundary = torch.cat(labels), torch.cat(bounds)  # (N, P)
+    n, patches = label.shape
+    out = {}
+    for i, layer in layers.items():
+        if layer.routing == "image":
+            raise ValueError(f"block {i} routes whole images (routing='image'): routing against regions needs "
+                             "token routing")
+        x = torch.cat(seen[i]).cpu().view(n, -1, layer.in_features)[:, layer.num_prefix_tokens:]
+        scale = getattr(layer.router, "scale", None)
+        inputs = RouterInputs(x.reshape(-1, x.shape[-1]), label.reshape(-1), torch.arange(patches).repeat(n),
+                              layer.router.weight.detach().float().cpu(), router=layer.router_type,
+                              num_experts=layer.num_experts, scale=None if scale is None else float(scale))
+        out[i] = (inputs, boundary.reshape(-1))
+    return out
+
+
+def _scores(experts: torch.Tensor, labels: torch.Tensor, boundary: torch.Tensor, positions: torch.Tensor,
+            num_classes: int, num_experts: int) -> dict[str, float]:
+    valid = labels >= 0
+    e, y, bd, pos = experts[valid], labels[valid], boundary[valid], positions[valid]
+    obj = y > 0
+
+    def cls_nmi(mask):
+        return nmi(_table(y[mask], e[mask], num_classes, num_experts)) if mask.sum() > 1 else float("nan")
+
+    return {"nmi": nmi(_table(y, e, num_classes, num_experts)),
+            "object_nmi": nmi(_table(obj.long(), e, 2, num_experts)),
+            "object_only_nmi": cls_nmi(obj), "interior_nmi": cls_nmi(~bd), "boundary_nmi": cls_nmi(bd),
+            "position_nmi": nmi(_table(pos, e, int(positions.max()) + 1, num_experts))}
+
+
+def region_test(inputs: RouterInputs, boundary: torch.Tensor, num_classes: int, *, draws: int = 50,
+                seed: int = 0) -> dict:
+    """Every region metric of the trained router and of ``draws`` random routers (same norm, same inputs)."""
+    E = inputs.num_experts or inputs.weight.shape[0]
+    experts = inputs.first_choice(inputs.weight)
+    trained = _scores(experts, inputs.labels, boundary, inputs.positions, num_classes, E)
+    valid = inputs.labels >= 0
+    trained["ami"] = float(adjusted_mutual_info_score(inputs.labels[valid].numpy(), experts[valid].numpy()))
+    g = torch.Generator().manual_seed(seed)
+    norm = inputs.weight.norm()
+    rand: dict[str, list[float]] = {k: [] for k in NMI_METRICS}
+    for _ in range(draws):
+        w = torch.randn(inputs.weight.shape, generator=g)
+        s = _scores(inputs.first_choice(w * norm / w.norm()), inputs.labels, boundary, inputs.positions,
+                    num_classes, E)
+        for k in NMI_METRICS:
+            rand[k].append(s[k])
+    out = dict(trained)
+    for k in NMI_METRICS:
+        values = torch.tensor(rand[k])
+        out[f"random_{k}"] = float(values.mean())
+        out[f"p_{k}"] = empirical_p(trained[k], values.numpy())
+    out["excess"] = trained["nmi"] - out["random_nmi"]
+    out["draws"], out["patches"] = draws, int(valid.sum())
+    out["boundary_share"] = float(boundary[valid].float().mean())
+    return out
+
+
+def region_report(model, data, *, max_images: int | None = 1000, draws: int = 50, seed: int = 0,
+                  alpha: float = ALPHA) -> pd.DataFrame:
+    """One row per MoE block: the region metrics, their random-router baselines, and ``specialised`` (class NMI
+    beats the random routers, Holm across blocks)."""
+    rows = []
+    for block, (inputs, boundary) in region_inputs(model, data, max_images=max_images).items():
+        rows.append({"block": block, **region_test(inputs, boundary, data.num_classes, draws=draws, seed=seed)})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["p_holm"] = holm(table["p_nmi"].tolist())
+        table["specialised"] = table["p_holm"] < alpha
+    return table
