@@ -3,7 +3,7 @@
     python -m workbench.ship RUN_DIR DEST_DIR
 
 Weights are stored in fp16 (loaded back into fp32); the shipped file is evaluated again on the full test set and
-that accuracy is recorded as ``shipped_test``.
+that accuracy (segmentation: mIoU, pixel accuracy, per-class IoU) is recorded as ``shipped_test``.
 """
 from __future__ import annotations
 
@@ -37,8 +37,15 @@ def ship(run: str | Path, dest: str | Path) -> Path:
               "provenance": provenance("cpu", wall_time_s=history[-1]["wall_time"])}
     atomic_write_text(dest / "config.json", json.dumps(record, indent=2) + "\n")
     shipped, _ = load_model(dest)  # what is shipped, after the fp16 round trip, on the full test set
-    _, test = build_datasets(train_config["dataset"], root=train_config.get("data_root"), model=shipped)
-    record["shipped_test"] = {k: v for k, v in evaluate(shipped, test).items() if k != "moe"}
+    if getattr(shipped, "task", None) == "segmentation":
+        from .segdata import build_seg_splits
+
+        _, _, test = build_seg_splits(train_config["dataset"], root=train_config.get("data_root"), model=shipped,
+                                      val_size=train_config.get("val_size", 0), augment=False,
+                                      **train_config.get("data_options", {}))
+    else:
+        _, test = build_datasets(train_config["dataset"], root=train_config.get("data_root"), model=shipped)
+    record["shipped_test"] = {k: v for k, v in evaluate(shipped, test).items() if k not in ("moe", "confusion")}
     atomic_write_text(dest / "config.json", json.dumps(record, indent=2) + "\n")
     atomic_write_text(dest / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     return dest
