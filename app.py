@@ -4,8 +4,10 @@
 
 Upload an image (PNG, JPEG, WebP, GIF; any size) or pick a Fashion-MNIST example; see the model's view, its top-5
 classes, the expert of every patch in every MoE layer (one colour per expert; opacity by gate, or plain), each
-layer's expert load, and, on clicking a patch, its router distribution in every layer.  Nothing leaves the machine:
-analytics are off and no share link is made.
+layer's expert load, and, on clicking a patch, its router distribution in every layer.  A segmentation checkpoint
+(``vimoe_seg_*``) also shows its predicted mask in the class palette beside the experts of the selected layer, the
+classes in the mask by share of pixels instead of a top-5, and, for the example scenes, their ground truth, pixel
+accuracy and mIoU.  Nothing leaves the machine: analytics are off and no share link is made.
 """
 from __future__ import annotations
 
@@ -31,15 +33,18 @@ import plotly.graph_objects as go  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from workbench.checkpoint import CheckpointError  # noqa: E402
-from workbench.explorer import (DEFAULT_CHECKPOINT, BadImage, Explorer, example_images, list_checkpoints,  # noqa: E402
-                                one_line)
+from workbench.class_palette import CLASS_COLORS, class_color, class_label  # noqa: E402
+from workbench.explorer import (DEFAULT_CHECKPOINT, BadImage, Explorer, example_images,  # noqa: E402
+                                example_scenes_paths, list_checkpoints, one_line)
 from workbench.palette import SHARED_COLOR, expert_color, expert_name  # noqa: E402
 
 LOG = logging.getLogger("workbench.app")
 EXPLORER = Explorer()
 OVERLAY_PX = 336  # the overlay's side in pixels (at least; whole pixels per patch)
-PANEL_PX = 200  # the side of each panel of "All MoE layers"
+PANEL_PX = 200  # the side of each panel of "All MoE layers" and of the segmentation panels
 GATE, PLAIN = "gate", "plain"
+TOP5_LABEL = "Top-5 classes"
+SHARE_LABEL = "Classes in the predicted mask (share of pixels)"
 NO_IMAGE = "Upload an image or pick an example first."
 _OUT = {"dir": None}
 _OUT_LOCK = threading.Lock()
@@ -88,18 +93,64 @@ def _overlay(analysis, block: int, mode: str, picked) -> str:
                                       picked=picked))
 
 
-def _layers_html(analysis, mode: str) -> str:
-    """Every MoE layer's overlay, whole, with its caption: inline PNGs (no files to share), scaled without blur."""
-    figures = []
-    for b in analysis.layers:
-        rgb = analysis.overlay(b, scale=_scale(analysis, PANEL_PX), use_gates=mode != PLAIN)
-        src = "data:image/png;base64," + base64.b64encode(_png_bytes(rgb)).decode()
-        figures.append(f'<figure style="margin:0"><img src="{src}" alt="block {b}" style="width:100%;height:auto;'
-                       f'image-rendering:pixelated;display:block"><figcaption style="text-align:center;'
-                       f'font-size:0.9em;padding-top:2px">block {b}</figcaption></figure>')
-    return ('<div><div style="font-weight:600;margin-bottom:4px">All MoE layers</div><div style="display:grid;'
-            'grid-template-columns:repeat(auto-fill,minmax(140px,200px));gap:10px">' + "".join(figures)
-            + "</div></div>")
+def _figure(rgb: np.ndarray, caption: str) -> str:
+    """One panel: an inline PNG (no file to share), shown whole and scaled without blur, with its caption."""
+    src = "data:image/png;base64," + base64.b64encode(_png_bytes(rgb)).decode()
+    return (f'<figure style="margin:0"><img src="{src}" alt="{caption}" style="width:100%;height:auto;'
+            f'image-rendering:pixelated;display:block"><figcaption style="text-align:center;'
+            f'font-size:0.9em;padding-top:2px">{caption}</figcaption></figure>')
+
+
+def _section(title: str, figures: list[str], elem_id: str | None = None, after: str = "") -> str:
+    """A titled grid of panels (then ``after``), each panel at most ``PANEL_PX`` wide."""
+    attrs = f' id="{elem_id}" style="margin-bottom:12px"' if elem_id else ""
+    return (f'<div{attrs}><div style="font-weight:600;margin-bottom:4px">{title}</div><div style="display:grid;'
+            f'grid-template-columns:repeat(auto-fill,minmax(140px,{PANEL_PX}px));gap:10px">' + "".join(figures)
+            + "</div>" + after + "</div>")
+
+
+def _class_legend_html(analysis) -> str:
+    """The class palette's legend: every class (only those in either mask once colours repeat), with its IoU on
+    this image when there is a ground truth."""
+    names = analysis.class_names
+    shown = range(len(names))
+    if len(names) > len(CLASS_COLORS):
+        found = set(np.unique(analysis.mask))
+        found |= set(np.unique(analysis.truth)) if analysis.truth is not None else set()
+        shown = [c for c in shown if c in found]
+    iou = (analysis.scores or {}).get("iou") or [None] * len(names)
+    chips = "".join(f'<span style="display:inline-block;margin:2px 8px 2px 0"><span style="display:inline-block;'
+                    f'width:12px;height:12px;background:{class_color(c)};border:1px solid #888;margin-right:4px;'
+                    f'vertical-align:middle"></span>{class_label(c, names[c])}'
+                    f'{"" if iou[c] is None else f" (IoU {iou[c]:.2f})"}</span>' for c in shown)
+    return f'<div id="class-legend" style="margin-top:6px">{chips}</div>'
+
+
+def _segmentation_html(analysis, mode: str, block: int | None) -> str:
+    """Ground truth (example scenes), prediction and the experts of the selected layer, side by side at one size,
+    with the class legend."""
+    h, w = analysis.mask.shape
+    scale = math.ceil(PANEL_PX / max(h, w))
+    figures = [_figure(analysis.mask_picture(scale, truth=True), "ground truth")] if analysis.truth is not None else []
+    figures.append(_figure(analysis.mask_picture(scale), "prediction"))
+    if block is not None:
+        rgb = analysis.overlay(block, scale=_scale(analysis, PANEL_PX), use_gates=mode != PLAIN)
+        figures.append(_figure(rgb, f"experts, block {block}"))
+    return _section("Segmentation: class per pixel (colours below) and expert per patch", figures, "segmentation",
+                    _class_legend_html(analysis))
+
+
+def _layers_html(analysis, mode: str, block: int | None = None) -> str:
+    """Every MoE layer's overlay, whole, with its caption; for a segmentation model, the masks and the experts of
+    ``block`` (default: the last MoE layer) first."""
+    if block is None and analysis.layers:
+        block = analysis.layers[-1]
+    seg = _segmentation_html(analysis, mode, block) if analysis.task == "segmentation" else ""
+    if not analysis.layers:
+        return seg
+    figures = [_figure(analysis.overlay(b, scale=_scale(analysis, PANEL_PX), use_gates=mode != PLAIN), f"block {b}")
+               for b in analysis.layers]
+    return seg + _section("All MoE layers", figures)
 
 
 def _legend_html(num_experts: int, unrouted: bool = False) -> str:
@@ -158,6 +209,17 @@ def _refuse(message: str) -> tuple:
     return tuple(f"**{message}**" if name == "status" else gr.skip() for name in OUTPUTS)
 
 
+def _segmentation_note(analysis) -> str:
+    """The status line's part for a segmentation model: what it predicts, and an example scene's scores."""
+    if analysis.task != "segmentation":
+        return ""
+    text = f"Segmentation model ({len(analysis.class_names)} classes): a class for every pixel. "
+    if analysis.scores is None:
+        return text + "No ground truth for this image (the example scenes have one). "
+    return text + (f"Against this scene's ground truth: pixel accuracy {analysis.scores['pixel_acc']:.1%}, "
+                   f"mIoU {analysis.scores['miou']:.1%}. ")
+
+
 def analyse(image_path, checkpoint, layer, invert, mode=GATE):
     """The main request: everything the page shows for one image."""
     if not image_path:
@@ -175,9 +237,12 @@ def analyse(image_path, checkpoint, layer, invert, mode=GATE):
         LOG.info("warned about an image: %s", a.warning)
         gr.Warning(f"Check the image: {a.warning}.")
         note = f"**Warning: {a.warning}.** "
+    note += _segmentation_note(a)
     if not a.layers:
-        status = note + "This checkpoint is dense (no MoE layers): there is no routing to show, only its top-5."
-        return (seen, a.top5, gr.update(choices=[], value=None), None, "", None, None, "", status, a, None)
+        shown = "its mask" if a.task == "segmentation" else "its top-5"
+        status = note + f"This checkpoint is dense (no MoE layers): there is no routing to show, only {shown}."
+        return (seen, a.top5, gr.update(choices=[], value=None), None, _layers_html(a, mode), None, None, "", status,
+                a, None)
     layer_choices = [str(b) for b in a.layers]
     block = int(layer) if layer in layer_choices else a.layers[-1]
     gh, gw = a.grid
@@ -190,7 +255,7 @@ def analyse(image_path, checkpoint, layer, invert, mode=GATE):
         status = note + (f"Token routing on a {gh}x{gw} patch grid. Click a patch in the overlay to see its router "
                          f"distribution (the framed patch). Request took {a.timings['total_ms']:.0f} ms.")
     return (seen, a.top5, gr.update(choices=layer_choices, value=str(block)), _overlay(a, block, mode, picked),
-            _layers_html(a, mode), _load_figure(a), _router_figure(a, *(picked or (0, 0))),
+            _layers_html(a, mode, block), _load_figure(a), _router_figure(a, *(picked or (0, 0))),
             _legend_html(a.num_experts, any((e < 0).any() for e in a.experts.values())), status, a, picked)
 
 
@@ -208,15 +273,28 @@ def _block(state, layer) -> int | None:
 
 
 def show_layer(state, layer, mode, picked):
+    """The overlay of the chosen layer (and, for a segmentation model, the experts panel beside its masks)."""
     block = _block(state, layer)
-    return gr.skip() if block is None else _overlay(state, block, mode, picked)
+    if block is None:
+        return gr.skip(), gr.skip()
+    panels = _layers_html(state, mode, block) if state.task == "segmentation" else gr.skip()
+    return _overlay(state, block, mode, picked), panels
 
 
 def change_mode(state, layer, mode, picked):
     block = _block(state, layer)
     if block is None:
         return gr.skip(), gr.skip()
-    return _overlay(state, block, mode, picked), _layers_html(state, mode)
+    return _overlay(state, block, mode, picked), _layers_html(state, mode, block)
+
+
+def label_classes(state):
+    """The class panel's title: a classifier's top-5, or every class of a segmentation model's mask by its share."""
+    if state is None:
+        return gr.skip()
+    if state.task == "segmentation":
+        return gr.update(label=SHARE_LABEL, num_top_classes=len(state.class_names))
+    return gr.update(label=TOP5_LABEL, num_top_classes=5)
 
 
 def click_patch(state, layer, mode, evt: gr.SelectData):
@@ -245,9 +323,12 @@ def build_app(checkpoint=None) -> gr.Blocks:
                 invert = gr.Checkbox(False, label="Invert (dark object on a light background)")
                 run = gr.Button("Route this image", variant="primary", elem_id="run")
                 gr.Examples(example_images(), inputs=[upload], label="Fashion-MNIST test images")
+                if example_scenes_paths():
+                    gr.Examples(example_scenes_paths(), inputs=[upload], elem_id="scenes",
+                                label="Segmentation scenes (ground truth beside them)")
             with gr.Column(scale=1):
                 seen = gr.Image(label="As the model sees it", interactive=False, elem_id="seen")
-                top5 = gr.Label(num_top_classes=5, label="Top-5 classes")
+                top5 = gr.Label(num_top_classes=5, label=TOP5_LABEL)
             with gr.Column(scale=1):
                 layer = gr.Dropdown([], label="MoE layer", elem_id="layer")
                 mode = gr.Radio([("by gate (paler: lower gate)", GATE), ("plain (opaque)", PLAIN)], value=GATE,
@@ -261,9 +342,11 @@ def build_app(checkpoint=None) -> gr.Blocks:
             load_plot = gr.Plot(label="Expert load")
             router_plot = gr.Plot(label="Router distribution")
         outputs = [seen, top5, layer, overlay, layers, load_plot, router_plot, legend, status, state, picked]
-        run.click(analyse, [upload, ckpt, layer, invert, mode], outputs, api_name="analyse")
-        upload.change(on_upload, [upload, ckpt, layer, invert, mode], outputs, api_name=False)
-        layer.input(show_layer, [state, layer, mode, picked], overlay, api_name=False)
+        run.click(analyse, [upload, ckpt, layer, invert, mode], outputs, api_name="analyse").then(
+            label_classes, state, top5, api_name=False)
+        upload.change(on_upload, [upload, ckpt, layer, invert, mode], outputs, api_name=False).then(
+            label_classes, state, top5, api_name=False)
+        layer.input(show_layer, [state, layer, mode, picked], [overlay, layers], api_name=False)
         mode.input(change_mode, [state, layer, mode, picked], [overlay, layers], api_name=False)
         overlay.select(click_patch, [state, layer, mode], [router_plot, overlay, picked], api_name=False)
     demo.queue(default_concurrency_limit=4)

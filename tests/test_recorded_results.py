@@ -20,13 +20,15 @@ from workbench.study import _records, load_study, plan, run_one  # noqa: E402
 
 REGEN = Path(__file__).resolve().parent / "regen"
 STUDIES = sorted((ROOT / "experiments" / "studies").glob("[a-z]*/*.yaml"))
-TINY = [("placement", "scratch", "all", 0), ("routing", "scratch", "image-last-2", 1)]
+TINY = [("placement", "scratch", "all", 0), ("routing", "scratch", "image-last-2", 1), ("routers", "scratch", "ec-2", 0),
+        ("segmentation", "scratch", "all", 0)]
 
 
 def _tiny(kind, protocol, config, seed) -> dict:
     r = report.live_slice(kind, protocol, config, seed)
+    keys = ("test_miou", "val_miou", "test_pixel_acc", "test_iou") if "test_miou" in r else ("test_predictions",)
     return {"test_acc": r["test_acc"], "val_acc": r["val_acc"], "train_loss": r["history"][-1]["train_loss"],
-            "params": r["params"], "gmacs": r["gmacs"], "test_predictions": r["test_predictions"]}
+            "params": r["params"], "gmacs": r["gmacs"], **{k: r[k] for k in keys}}
 
 
 @pytest.mark.parametrize("kind, protocol, config, seed", TINY)
@@ -52,7 +54,8 @@ def test_records_have_clean_single_commit_provenance(path):
         want = {**study["common"], **study["configs"][r["config"]]}
         got = r["model_config"]["model_kwargs"]
         if want.get("moe_layers") != "none":
-            for key in ("moe_layers", "top_k", "num_experts", "shared_expert", "routing"):
+            for key in ("moe_layers", "top_k", "num_experts", "shared_expert", "routing", "router",
+                        "capacity_factor", "slots_per_expert", "choice_group", "head"):
                 if key in want:
                     assert got[key] == want[key], (r["config"], key)
         assert r["train_config"]["epochs"] == study["train"]["epochs"]

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .checkpoint import CheckpointError, load_model
+from .class_palette import class_rgb_array
 from .palette import expert_rgb_array, paint
 from .routing import run_with_routing
 
@@ -20,6 +21,8 @@ MAX_PIXELS = 64_000_000  # decoded pixels allowed before we refuse (PIL's bomb g
 WORKING_SIZE = 1024  # large images are reduced to this before preprocessing
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "experiments" / "checkpoints"
 DEFAULT_CHECKPOINT = CHECKPOINTS / "vimoe_tiny_fmnist"
+EXAMPLES = CHECKPOINTS.parent / "examples"  # Fashion-MNIST test images, for classifiers
+SCENES = EXAMPLES / "scenes"  # segmentation scenes, each with its ground truth beside it (scene_00.mask.png)
 
 
 class BadImage(ValueError):
@@ -62,6 +65,13 @@ def render_overlay(image: np.ndarray, experts: np.ndarray, gates: np.ndarray | N
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def render_mask(mask: np.ndarray, scale: int = 1, num_classes: int | None = None) -> np.ndarray:
+    """An RGB uint8 picture of a class mask (H, W), each pixel ``scale`` x ``scale`` in its class colour
+    (:mod:`workbench.class_palette`: background black); classes outside ``num_classes`` are white."""
+    rgb = class_rgb_array(mask, num_classes)
+    return np.repeat(np.repeat(rgb, scale, 0), scale, 1)
+
+
 def resolve_checkpoint(path) -> Path:
     """The model path the explorer loads for ``path``, or a :class:`CheckpointError` with a one-line reason, found
     without reading any weights.  A training run's folder resolves to its ``model/`` subfolder."""
@@ -95,17 +105,20 @@ def one_line(err: BaseException, limit: int = 200) -> str:
         text = text.split(" (", 1)[0]
     if len(text) > limit and "; " in text:  # keep the whole first clause rather than cut a sentence
         text = text.split("; ", 1)[0]
+        if text.count("(") > text.count(")") and text.rfind(" (") > 0:  # and leave out a parenthesis it cut
+            text = text[: text.rfind(" (")]
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def visible_content_problem(img: Image.Image, seen: np.ndarray) -> str | None:
-    """Why an image shows the model nothing (fully transparent, or one flat colour as the model sees it), or None."""
+def visible_content_problem(img: Image.Image, seen: np.ndarray, output: str = "top-5") -> str | None:
+    """Why an image shows the model nothing (fully transparent, or one flat colour as the model sees it), or None;
+    ``output`` names what is then meaningless (a classifier's top-5, a segmentation model's mask)."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         if img.convert("RGBA").getchannel("A").getextrema()[1] == 0:
-            return "the image is fully transparent, so the model sees a blank input and its top-5 is meaningless"
+            return f"the image is fully transparent, so the model sees a blank input and its {output} is meaningless"
     flat = all(lo == hi for lo, hi in img.convert("RGB").getextrema())
     if flat or float(seen.max() - seen.min()) < 2 / 255:
-        return "the image is one flat colour, so the model sees no content and its top-5 is meaningless"
+        return f"the image is one flat colour, so the model sees no content and its {output} is meaningless"
     return None
 
 
@@ -185,6 +198,67 @@ def input_config(model) -> dict:
     return cfg
 
 
+def scene_truth_path(image_path) -> Path | None:
+    """The ground truth of an example scene: the ``.mask.png`` beside it, or, for a copy of a shipped scene (an
+    upload, or an example that Gradio copied into its cache), the shipped scene's, found by the file's content."""
+    path = Path(image_path)
+    if path.with_suffix(".mask.png").is_file():
+        return path.with_suffix(".mask.png")
+    size = path.stat().st_size
+    for scene in map(Path, example_scenes_paths()):
+        if scene.stat().st_size == size and scene.read_bytes() == path.read_bytes():
+            return scene.with_suffix(".mask.png")
+    return None
+
+
+def read_truth(mask_path: Path, img: Image.Image, cfg: dict) -> np.ndarray:
+    """A ground-truth mask (mode L or P: class per pixel) as the model sees its image: the geometry of
+    :func:`to_model_input` (padded to a square with background and resized, or centre-cropped), nearest class."""
+    fix = "rewrite the example scenes with `python tools/make_example_scenes.py`"
+    try:
+        with Image.open(mask_path) as im:
+            im.load()
+            mask = im.copy()
+    except (OSError, SyntaxError, ValueError):
+        raise BadImage(f"the ground truth {mask_path.name} cannot be read: {fix}") from None
+    if mask.mode not in ("L", "P") or mask.size != img.size:
+        raise BadImage(f"the ground truth {mask_path.name} is not a {img.width}x{img.height} class mask "
+                       f"(mode L or P): {fix}")
+    mask = Image.fromarray(np.asarray(mask, dtype=np.uint8))
+    chans, height, width = cfg["input_size"]
+    if chans == 3:
+        return np.array(ImageOps.fit(mask, (width, height), Image.Resampling.NEAREST))
+    side = max(mask.size)
+    square = Image.new("L", (side, side), 0)
+    square.paste(mask, ((side - mask.width) // 2, (side - mask.height) // 2))
+    return np.array(square.resize((width, height), Image.Resampling.NEAREST))
+
+
+def mask_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> dict:
+    """Pixel accuracy, mIoU and per-class IoU of one predicted mask against its ground truth, as the trainer scores
+    a whole split (:func:`workbench.segmentation.segmentation_scores`: mIoU over the classes in either mask)."""
+    from .segmentation import confusion_matrix, segmentation_scores
+
+    conf = confusion_matrix(torch.from_numpy(pred).long(), torch.from_numpy(truth).long(), num_classes)
+    return segmentation_scores(conf)
+
+
+def segment(logits: torch.Tensor, cfg: dict, img: Image.Image, image_path) -> dict:
+    """The segmentation fields of an :class:`Analysis` from one image's logits (C, H, W)."""
+    from .segdata import SCENE_CLASSES
+
+    mask = logits.argmax(0).numpy().astype(np.int64)
+    names = tuple(cfg.get("label_names") or (str(c) for c in range(logits.shape[0])))
+    counts = np.bincount(mask.reshape(-1), minlength=len(names)) / mask.size
+    share = {names[c]: float(counts[c]) for c in np.argsort(-counts, kind="stable") if counts[c] > 0}
+    out = {"task": "segmentation", "mask": mask, "class_names": names, "class_share": share}
+    truth_path = scene_truth_path(image_path) if names == SCENE_CLASSES else None
+    if truth_path is not None:
+        out["truth"] = read_truth(truth_path, img, cfg)
+        out["scores"] = mask_scores(mask, out["truth"], len(names))
+    return out
+
+
 @dataclass
 class Analysis:
     """One image through one model: what the UI shows."""
@@ -199,6 +273,16 @@ class Analysis:
     num_experts: int
     timings: dict[str, float] = field(default_factory=dict)
     warning: str | None = None  # set when the image shows the model nothing (see visible_content_problem)
+    task: str = "classification"  # or "segmentation"; then top5 is ``class_share``, every class in the mask
+    mask: np.ndarray | None = None  # segmentation: the predicted class per pixel (H, W) at the model's input size
+    class_names: tuple[str, ...] = ()  # segmentation: the model's class names, class 0 first
+    class_share: dict[str, float] = field(default_factory=dict)  # segmentation: share of the mask's pixels per class
+    truth: np.ndarray | None = None  # an example scene's ground truth (H, W), as the model sees the image
+    scores: dict | None = None  # pixel_acc, miou, iou (per class) of ``mask`` against ``truth``
+
+    def mask_picture(self, scale: int = 1, truth: bool = False) -> np.ndarray:
+        """The predicted mask (or the ground truth) in the class palette, ``scale`` pixels per model pixel."""
+        return render_mask(self.truth if truth else self.mask, scale, len(self.class_names))
 
     def overlay(self, block: int, scale: int = 32, use_gates: bool = True,
                 picked: tuple[int, int] | None = None) -> np.ndarray:
@@ -256,17 +340,16 @@ class Explorer:
         t0 = time.perf_counter()
         model, _, lock = self.model(checkpoint)
         cfg = input_config(model)
+        seg = getattr(model, "task", None) == "segmentation"
         img = read_image(image_path)
         x, seen = to_model_input(img, cfg, invert)
-        warning = visible_content_problem(img, seen)
+        warning = visible_content_problem(img, seen, "mask" if seg else "top-5")
         t1 = time.perf_counter()
         with lock:
             logits, cache = run_with_routing(model, x)
         t2 = time.perf_counter()
-        probs = logits.softmax(-1)[0]
-        names = cfg.get("label_names") or [str(i) for i in range(len(probs))]
-        top = probs.topk(min(5, len(probs)))
-        top5 = {str(names[i]): float(p) for p, i in zip(top.values, top.indices)}
+        extra = segment(logits[0], cfg, img, image_path) if seg else {}
+        top5 = extra["class_share"] if seg else top5_classes(logits[0], cfg)
         experts, gates, router = {}, {}, {}
         routing = "token"
         num_experts = 0
@@ -284,10 +367,19 @@ class Explorer:
                 experts[b] = top
                 gates[b] = lr.gates[0, ..., 0].numpy()
                 router[b] = lr.probs[0].numpy()
-        result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts, warning=warning)
+        result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts, warning=warning,
+                          **extra)
         result.timings = {"preprocess_ms": (t1 - t0) * 1e3, "forward_ms": (t2 - t1) * 1e3,
                           "total_ms": (time.perf_counter() - t0) * 1e3}
         return result
+
+
+def top5_classes(logits: torch.Tensor, cfg: dict) -> dict[str, float]:
+    """A classifier's five most probable classes (fewer when it has fewer) with their probabilities."""
+    probs = logits.softmax(-1)
+    names = cfg.get("label_names") or [str(i) for i in range(len(probs))]
+    top = probs.topk(min(5, len(probs)))
+    return {str(names[i]): float(p) for p, i in zip(top.values, top.indices)}
 
 
 def list_checkpoints(root: Path = CHECKPOINTS) -> list[str]:
@@ -297,5 +389,12 @@ def list_checkpoints(root: Path = CHECKPOINTS) -> list[str]:
 
 
 def example_images(root: Path | None = None) -> list[str]:
-    root = root or CHECKPOINTS.parent / "examples"
+    """The Fashion-MNIST example images (for classifiers): the PNGs directly in ``root``, not the scenes below it."""
+    root = root or EXAMPLES
     return sorted(str(p) for p in root.glob("*.png"))
+
+
+def example_scenes_paths(root: Path | None = None) -> list[str]:
+    """The example segmentation scenes (``scene_NN.png``, without their ``.mask.png`` ground truths)."""
+    root = root or SCENES
+    return sorted(str(p) for p in root.glob("*.png") if not p.name.endswith(".mask.png"))

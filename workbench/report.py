@@ -152,3 +152,36 @@ def specialisation_table(kind: str, protocol: str, configs=None) -> pd.DataFrame
         seeds=("seed", "nunique"), nmi=("nmi", "mean"), random_nmi=("random_nmi", "mean"), excess=("excess", "mean"),
         specialised=("specialised", "sum"), position_nmi=("position_nmi", "mean"),
         random_position_nmi=("random_position_nmi", "mean")).round(4)
+
+
+def region_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
+    """Routing vs ground-truth regions (segmentation studies), per config and MoE block, mean over seeds: each NMI
+    beside its random-router mean, AMI, and in how many seeds the class NMI beat the random routers (Holm)."""
+    r = st.load_regions(study_file(kind, protocol), configs)
+    if r.empty:
+        return pd.DataFrame()
+    cols = {"seeds": ("seed", "nunique"), "nmi": ("nmi", "mean"), "random_nmi": ("random_nmi", "mean"),
+            "ami": ("ami", "mean"), "specialised": ("specialised", "sum"), "object_nmi": ("object_nmi", "mean"),
+            "random_object_nmi": ("random_object_nmi", "mean"), "object_only_nmi": ("object_only_nmi", "mean"),
+            "random_object_only_nmi": ("random_object_only_nmi", "mean"), "interior_nmi": ("interior_nmi", "mean"),
+            "random_interior_nmi": ("random_interior_nmi", "mean"), "boundary_nmi": ("boundary_nmi", "mean"),
+            "random_boundary_nmi": ("random_boundary_nmi", "mean"), "position_nmi": ("position_nmi", "mean"),
+            "random_position_nmi": ("random_position_nmi", "mean")}
+    return r.groupby(["config", "block"]).agg(**cols).round(4)
+
+
+def scene_rows(model, n: int = 4) -> list[dict]:
+    """For :func:`workbench.viz.segmentation_panels`: the first ``n`` fixed test scenes with their ground truth,
+    the model's prediction and each MoE block's expert map."""
+    import torch
+
+    from .routing import run_with_routing
+    from .segdata import example_scenes
+
+    images, masks = example_scenes(n)
+    cfg = model.pretrained_cfg
+    x = (images.float() / 255 - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    logits, cache = run_with_routing(model, x)
+    pred = logits.argmax(1)
+    return [{"image": images[i, 0].numpy(), "ground truth": masks[i].numpy(), "prediction": pred[i].numpy(),
+             **{f"block {b}": cache[b].top1()[i].numpy() for b in cache.layers()}} for i in range(n)]

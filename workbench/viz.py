@@ -281,3 +281,69 @@ def save_figure(fig: go.Figure, path, png: bool | None = None) -> list[Path]:
         fig.write_image(str(target))
         written.append(target)
     return written
+
+
+# -- segmentation -----------------------------------------------------------------------------------------------
+def _gray(image) -> np.ndarray:
+    img = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, np.float32)
+    img = img.reshape(img.shape[-2:]) if img.ndim == 3 and img.shape[0] == 1 else img
+    return (img - img.min()) / max(float(img.max() - img.min()), 1e-6)
+
+
+def _class_legend(fig: go.Figure, class_names, present) -> None:
+    from .class_palette import class_color
+
+    for c, name in enumerate(class_names):
+        if c in present:
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
+                                     marker=dict(size=12, color=class_color(c),
+                                                 symbol="square", line=dict(width=1, color="#444"))))
+
+
+def segmentation_panels(rows: list[dict], class_names, title: str = "Scenes") -> go.Figure:
+    """One row per scene, one panel per entry: ``{"image": (H, W), "ground truth": mask, "prediction": mask,
+    "block 3": experts (gh, gw), ...}``; masks in the class colours (legend), expert maps in the expert palette over
+    the image."""
+    from plotly.subplots import make_subplots
+
+    from .class_palette import class_rgb_array
+
+    cols = list(rows[0])
+    fig = make_subplots(rows=len(rows), cols=len(cols), column_titles=cols, horizontal_spacing=0.01,
+                        vertical_spacing=0.02)
+    present = set()
+    for r, row in enumerate(rows, 1):
+        image = _gray(row["image"]) if "image" in row else None
+        for c, key in enumerate(cols, 1):
+            value = np.asarray(row[key])
+            if key == "image":
+                rgb = np.round(np.repeat(image[..., None], 3, 2) * 255).astype(np.uint8)
+            elif key.startswith("block"):
+                rgb = overlay_rgb(image, value, scale=7)
+            else:
+                present |= set(np.unique(value).tolist())
+                rgb = class_rgb_array(value)
+            fig.add_trace(go.Image(z=rgb, hoverinfo="skip"), row=r, col=c)
+    _class_legend(fig, class_names, present)
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    fig.update_layout(**{**LAYOUT, "height": 150 * len(rows) + 80}, title=title)
+    return fig
+
+
+def regions_by_depth(table: pd.DataFrame, config: str | None = None,
+                     title: str = "Routing vs ground-truth regions, by depth") -> go.Figure:
+    """Per MoE block: the trained routers' NMI with the patch class and with the patch position, each beside the
+    random routers' mean (dashed), averaged over seeds (bars: seed SD)."""
+    t = table if config is None else table[table["config"] == config]
+    g = t.groupby("block")
+    fig = go.Figure()
+    for metric, name, color in (("nmi", "patch class", "#0072B2"), ("object_nmi", "object vs background", "#009E73"),
+                                ("position_nmi", "patch position", "#D55E00")):
+        mean, sd = g[metric].mean(), g[metric].std().fillna(0)
+        fig.add_trace(go.Scatter(x=mean.index, y=mean.values, error_y=dict(array=sd.values), name=f"{name}: trained",
+                                 mode="lines+markers", line=dict(color=color)))
+        fig.add_trace(go.Scatter(x=mean.index, y=g[f"random_{metric}"].mean().values, name=f"{name}: random routers",
+                                 mode="lines", line=dict(color=color, dash="dash")))
+    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="block", dtick=1), yaxis=dict(title="NMI"))
+    return fig
