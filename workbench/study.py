@@ -498,10 +498,14 @@ def run_study(path, only=None, seeds=None, device: str = "auto", results: Path |
 
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
         results_iter = (f.result() for f in as_completed([pool.submit(_worker, t) for t in tasks]))
-    for i, (config, seed, acc, seconds) in enumerate(results_iter, 1):
-        print(f"[{i}/{len(pending)}] {config} seed {seed}: {METRICS[study['metric']]} {acc:.4f} ({seconds:.0f}s)",
-              flush=True)
-        done.append({"config": config, "seed": seed, "test_acc": acc})
+    try:
+        for i, (config, seed, acc, seconds) in enumerate(results_iter, 1):
+            print(f"[{i}/{len(pending)}] {config} seed {seed}: {METRICS[study['metric']]} {acc:.4f} "
+                  f"({seconds:.0f}s)", flush=True)
+            done.append({"config": config, "seed": seed, "test_acc": acc})
+    finally:
+        if jobs > 1:
+            pool.shutdown(cancel_futures=True)  # joined here, not at interpreter exit (which raised there)
     return done
 
 
