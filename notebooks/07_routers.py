@@ -40,9 +40,11 @@ viz.forest_plot(contrasts, title="Routers: paired difference from top-1 in every
 # %% [markdown]
 # ## Does each router's routing specialise?
 #
-# Per block, the class NMI of each token's dominant expert (experts-choose: the expert it prefers; Soft MoE: the
+# Per block, the class NMI of each token's own router choice (experts-choose: the expert it prefers; Soft MoE: the
 # expert whose slots hold most of its combine weight) against 100 random routers of the trained norm on the same
-# layer inputs (`specialised`: in how many of the 5 seeds the layer beat them after Holm).
+# layer inputs (`router_nmi` vs `random_nmi`; `specialised`: in how many of the 5 seeds the layer beat them after
+# Holm). `routed_nmi` is the NMI of the expert that actually processed each token (for experts-choose a token's
+# preferred expert may not take it, so the two differ there).
 
 # %%
 print(report.specialisation_table("routers", "scratch").to_string())
