@@ -1,11 +1,13 @@
 """The benchmark runs and reports what it claims to; speed itself is never asserted here."""
 import json
+import sys
 from pathlib import Path, PureWindowsPath
 
 import pytest
 import torch
 
-from workbench.bench import bench_moe, bench_train, saved_bytes, write_result
+from workbench import bench
+from workbench.bench import bench_moe, bench_peers, bench_train, format_peers_table, saved_bytes, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = sorted((ROOT / "experiments" / "results" / "bench").glob("*.json"))
@@ -49,6 +51,21 @@ def test_bench_train_reports_ratio():
     assert result["moe_img_s"] > 0 and result["dense_img_s"] > 0
     assert result["throughput_ratio"] == pytest.approx(result["moe_img_s"] / result["dense_img_s"], rel=0.01)
     assert result["params_moe"] > result["params_dense"]
+
+
+def test_bench_train_latency_per_thread_count_against_macs():
+    before = torch.get_num_threads()
+    result = bench_train(batch=2, steps=1, warmup=0, latency_reps=1, depth=2, embed_dim=32, num_heads=2,
+                         moe_layers="last-1", num_experts=2, shared_expert="add", threads=[1, 2])
+    assert torch.get_num_threads() == before
+    assert [t["threads"] for t in result["training"]] == [1, 2]
+    assert [(r["threads"], r["batch"]) for r in result["latency"]] == [(1, 1), (1, 8), (2, 1), (2, 8)]
+    assert result["macs_ratio"] > 1  # the shared expert and the router add MACs
+    for r in result["latency"]:
+        assert r["vs_macs"] == pytest.approx(r["ratio"] / result["macs_ratio"], abs=2e-3)
+    assert result["moe_latency_ms"] == result["latency"][0]["moe_ms"] and result["threads"] == 1
+    text = bench.format_train(result)
+    assert "2 threads" in text and "vs MACs" in text and f"{result['macs_ratio']:.3f}x dense" in text
 
 
 def test_bench_cli_json(capsys, tmp_path):
@@ -96,3 +113,96 @@ def test_write_result_stores_repo_relative_paths(tmp_path):
     assert record["results"] == {"checkpoint": "experiments/checkpoints/vimoe_tiny_fmnist",
                                  "runs": ["experiments/checkpoints/vimoe_tiny_fmnist/model.safetensors"],
                                  "threads": 2, "device": "cpu", "outside": "/elsewhere/model"}
+
+
+TINY = dict(batch=2, tokens=8, dim=16, expert_hidden=32, num_experts=4, reps=1, warmup=0, threads=[1])
+PEER_MODULES = ("transformers", "st_moe_pytorch", "mixture_of_experts")
+
+
+def test_bench_peers_without_peers_says_how_to_install(monkeypatch, capsys):
+    for name in PEER_MODULES:
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it now raises ImportError
+    result = bench_peers(**TINY)
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "pip install -e '.[peers]'" in out
+    assert "transformers, st-moe-pytorch, mixture-of-experts" in out
+    assert result["skipped"] == ["transformers", "st-moe-pytorch", "mixture-of-experts"]
+    assert {r["layer"] for r in result["rows"]} == set(result["layers"])
+    assert all(r["layer"].startswith("workbench") and r["ratio"] > 0 for r in result["rows"])
+    assert "not installed, skipped" in format_peers_table(result)
+
+
+def test_bench_peers_with_peers():
+    for name in PEER_MODULES:
+        pytest.importorskip(name)
+    result = bench_peers(**TINY, top_ks=(1, 2))
+    layers = {r["layer"] for r in result["rows"]}
+    assert any("Mixtral" in name for name in layers) and any("Qwen2-MoE" in name for name in layers)
+    assert any("st-moe" in name for name in layers) and any("mixture-of-experts" in name for name in layers)
+    assert result["skipped"] == [] and set(result["peer_versions"]) == set(bench.PEER_DISTRIBUTIONS)
+    st_moe = {r["top_k"] for r in result["rows"] if "st-moe" in r["layer"]}
+    assert st_moe == {2}  # its gating needs top-n >= 2
+    for r in result["rows"]:
+        assert r["ms"] > 0 and r["dense_ms"] > 0 and r["ratio"] == pytest.approx(r["ms"] / r["dense_ms"], rel=0.01)
+    swiglu = {r["dense"] for r in result["rows"] if "transformers" in r["layer"]}
+    assert swiglu == {"SwiGLU 32", "SwiGLU 64", "SwiGLU 96"}  # Mixtral k*h; Qwen2-MoE (k+1)*h with its shared expert
+
+
+def test_peer_layers_compute_finite_outputs_and_gradients():
+    for name in PEER_MODULES:
+        pytest.importorskip(name)
+    contenders, forms, missing = bench.peer_contenders(16, 32, 4)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    for c in contenders:
+        layer = c.build(c.top_ks[-1])
+        y = bench._output(layer(x))
+        y.sum().backward()
+        assert y.shape == x.shape and torch.isfinite(y).all(), c.name
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters()), c.name
+    assert missing == [] and set(forms) == {"SwiGLU", "GEGLU", "GELU MLP, no biases"}
+
+
+def test_format_peers_table():
+    rows = [{"layer": "a", "top_k": k, "threads": n, "ratio": r, "dense": "GELU MLP 64", "ms": 1.0, "dense_ms": 1.0}
+            for (n, k), r in {(1, 1): 0.95, (1, 2): 0.9, (2, 1): 1.0, (2, 2): 0.875}.items()]
+    rows += [{"layer": "b", "top_k": 2, "threads": n, "ratio": 1.5, "dense": "GEGLU 64", "ms": 1.0, "dense_ms": 1.0}
+             for n in (1, 2)]
+    result = {"rows": rows, "layers": ["a", "b"], "threads": [1, 2], "top_ks": [1, 2], "reps": 3, "batch": 4,
+              "tokens": 50, "dim": 16, "expert_hidden": 32, "num_experts": 4, "machine": "CPU X, 2 cores",
+              "torch": "2.x", "load_avg_1min": 0.12, "quiet": True, "skipped": []}
+    lines = format_peers_table(result).splitlines()
+    assert lines[0] == ("| layer | dense reference | top-1, 1 thread | top-2, 1 thread | top-1, 2 threads "
+                        "| top-2, 2 threads |")
+    assert lines[1] == "|---|---|---:|---:|---:|---:|"
+    assert lines[2] == "| a | GELU MLP | 0.95x | 0.90x | 1.00x | 0.88x |"
+    assert lines[3] == "| b | GEGLU | n/a | 1.50x | n/a | 1.50x |"
+    assert "T = 200 tokens" in lines[5] and "CPU X, 2 cores" in lines[5] and "load average 0.12" in lines[5]
+    assert "(quiet)" in lines[5] and len(lines) == 6
+
+
+def test_load_note_warns_under_load(monkeypatch, capsys):
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (3.2, 1.0, 0.5))
+    assert bench.load_note() == {"load_avg_1min": 3.2, "quiet": False}
+    assert "load average is 3.20" in capsys.readouterr().err
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert bench.load_note() == {"load_avg_1min": 0.1, "quiet": True}
+    assert capsys.readouterr().err == ""
+
+
+def test_bench_peers_cli_saves_with_machine_and_load(capsys, tmp_path):
+    assert main(["bench", "peers", "--no-peers", "--batch", "2", "--tokens", "4", "--dim", "16", "--expert-hidden",
+                 "32", "--num-experts", "2", "--top-k", "1", "--dispatch", "grouped", "--threads", "1", "--reps", "1",
+                 "--warmup", "0", "--save", str(tmp_path)]) == 0
+    assert "| workbench `grouped` | GELU MLP |" in capsys.readouterr().out
+    saved = list(tmp_path.glob("peers-*.json"))
+    assert len(saved) == 1
+    record = json.loads(saved[0].read_text())
+    results = record["results"]
+    assert {"machine", "threads", "torch", "quiet", "load_avg_1min"} <= results.keys() and "provenance" in record
+    assert [r["layer"] for r in results["rows"]] == ["workbench `grouped`", "workbench `grouped` + gated shared expert"]
+
+
+def test_bench_cli_rejects_bad_threads(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["bench", "peers", "--threads", "0,2"])
+    assert err.value.code == 2 and "thread counts >= 1" in capsys.readouterr().err

@@ -3,6 +3,18 @@ import pytest
 import torch
 
 from workbench.moe import MoEMlp
+from workbench.moe import dispatch
+from workbench.moe.dispatch import SortedAssignments
+
+
+def _state(layer):
+    """The layer's weights with random biases (they start at zero, which would hide a bias taken from the wrong
+    expert)."""
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if name in ("b1", "b2"):
+                p.normal_(0.0, 0.5)
+    return layer.state_dict()
 
 
 def _run(dispatch, state, x, **kwargs):
@@ -29,6 +41,7 @@ CASES = [
     dict(num_experts=4, top_k=2, bias=False),  # bias-free experts (and shared expert)
     dict(num_experts=5, top_k=1, bias=False, capacity_factor=0.5, shared_expert="add"),
     dict(num_experts=3, top_k=2, bias=False, routing="image"),
+    dict(num_experts=6, top_k=3, capacity_factor=1.0),  # k > 2: three rows summed per token
 ]
 
 
@@ -37,8 +50,7 @@ CASES = [
 def test_paths_agree(kwargs, seed):
     torch.manual_seed(seed)
     batch, tokens, dim = torch.randint(1, 5, ()).item(), torch.randint(2, 9, ()).item(), 16
-    reference = MoEMlp(dim, 24, **kwargs)
-    state = reference.state_dict()
+    state = _state(MoEMlp(dim, 24, **kwargs))
     x = torch.randn(batch, tokens, dim)
     results = {d: _run(d, state, x, **kwargs) for d in ("grouped", "loop", "einsum")}
     y0, gx0, g0, layer0 = results["loop"]
@@ -103,3 +115,113 @@ def test_dropless_drops_nothing():
     layer(torch.randn(3, 7, 16))
     assert layer.last_drop_rate.item() == 0.0
     assert layer.last_load.sum().item() == 3 * 7 * 2
+
+
+def _pair(kwargs, tokens=(4, 9), dim=16, seed=0):
+    torch.manual_seed(seed)
+    state = _state(MoEMlp(dim, 24, **kwargs))
+    layers = {}
+    for d in ("grouped", "loop"):
+        layers[d] = MoEMlp(dim, 24, dispatch=d, **kwargs)
+        layers[d].load_state_dict(state)
+    return layers, torch.randn(*tokens, dim)
+
+
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_inference_path_equals_loop(kwargs):
+    layers, x = _pair(kwargs)
+    with torch.no_grad():
+        y, y0 = layers["grouped"](x), layers["loop"](x)
+    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, layers["grouped"](x).detach(), atol=0, rtol=0)  # the same numbers as training
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_experts=8, top_k=1), dict(num_experts=8, top_k=2, capacity_factor=0.6),
+                                    dict(num_experts=8, top_k=2, routing="image", shared_expert="add")])
+def test_many_tokens_agree_with_loop_forward_and_backward(kwargs):
+    """Hundreds of rows per expert (the sizes the benchmark runs), drops included: outputs and every gradient."""
+    layers, x = _pair(kwargs, tokens=(16, 50), dim=32)
+    results = {}
+    for d, layer in layers.items():
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results[d] = (y.detach(), xg.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None})
+    (y, gx, g), (y0, gx0, g0) = results["grouped"], results["loop"]
+    torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx0, atol=1e-5, rtol=1e-5)
+    assert g.keys() == g0.keys()
+    for name in g0:
+        torch.testing.assert_close(g[name], g0[name], atol=1e-5, rtol=1e-4, msg=f"grad of {name}")
+
+
+def test_inference_path_only_without_grad(monkeypatch):
+    calls = []
+    real = dispatch._sorted_experts_inference
+    monkeypatch.setattr(dispatch, "_sorted_experts_inference", lambda *a: calls.append(1) or real(*a))
+    layer = MoEMlp(16, 24, num_experts=4, top_k=2)
+    x = torch.randn(2, 5, 16)
+    y = layer(x)
+    assert calls == [] and y.requires_grad
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == [1] and not y.requires_grad
+    layer.eval()  # eval mode alone keeps autograd (and the training path): gradients still flow
+    assert layer(x).requires_grad and calls == [1]
+
+
+def test_sorted_assignments_gather_and_scatter_are_adjoint():
+    torch.manual_seed(0)
+    experts = torch.stack([torch.randperm(5)[:2] for _ in range(7)])  # 7 tokens, top-2 of 5 experts
+    plan = SortedAssignments.of(experts, 5)
+    assert plan.counts == torch.bincount(experts.reshape(-1), minlength=5).tolist()
+    assert (experts.reshape(-1)[plan.order].diff() >= 0).all()  # sorted by expert
+    x, rows = torch.randn(7, 3), torch.randn(14, 3)
+    torch.testing.assert_close((plan.gather(x) * rows).sum(), (x * plan.scatter(rows)).sum())
+    gates = torch.rand(7, 2)
+    torch.testing.assert_close(plan.unsort_gates(plan.sorted_gates(gates).squeeze(1)), gates)
+
+
+def test_dropout_inside_experts_takes_the_grouped_matmul_path(monkeypatch):
+    monkeypatch.setattr(dispatch._SortedExperts, "apply", lambda *a: pytest.fail("fused path with dropout"))
+    layer = MoEMlp(16, 24, num_experts=4, top_k=2, drop=0.5).train()
+    layer(torch.randn(2, 5, 16)).sum().backward()
+    assert layer.w1.grad is not None
+
+
+def _relative_close(actual, expected, tol, what):
+    """|actual - expected| <= tol * max|expected|, elementwise: bf16 error is relative to the tensor's scale."""
+    scale = expected.float().abs().max().clamp(min=1e-6)
+    err = (actual.float() - expected.float()).abs().max()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x max|expected| {scale:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", [dict(num_experts=8, top_k=1), dict(num_experts=8, top_k=2, capacity_factor=0.75),
+                                    dict(num_experts=4, top_k=2, bias=False, shared_expert="add")])
+def test_cuda_grouped_mm_matches_loop_in_bf16(kwargs):
+    """The CUDA path (two ``torch._grouped_mm`` kernels under bf16 autocast) against the loop path, same weights and
+    routing, outputs and gradients.  Tolerance 3e-2 of the tensor's largest magnitude: bf16 keeps 8 significant
+    bits (a rounding costs up to 2^-9 = 0.2% of the value), and the two paths round at different places (the first
+    bias inside the grouped matmul, the second after the combine, versus both inside each addmm), a handful of
+    roundings apart on the way to each output; the gradients are sums over ~100 tokens of such values,
+    accumulated in fp32 by the matmuls and rounded once."""
+    if not dispatch.HAS_GROUPED_MM:
+        pytest.skip("this torch has no torch._grouped_mm")
+    layers, x = _pair(kwargs, tokens=(4, 50), dim=64)
+    x = x.cuda()
+    results = {}
+    for d, layer in layers.items():
+        layer.cuda()
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xg)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        results[d] = (y.detach(), xg.grad, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None})
+    (y, gx, g), (y0, gx0, g0) = results["grouped"], results["loop"]
+    assert y.dtype == y0.dtype == torch.bfloat16
+    _relative_close(y, y0, 3e-2, "output")
+    _relative_close(gx, gx0, 3e-2, "grad of x")
+    assert g.keys() == g0.keys()
+    for name in g0:
+        _relative_close(g[name], g0[name], 3e-2, f"grad of {name}")

@@ -238,3 +238,29 @@ def test_cli_trains_resumes_and_evaluates_other_routers(tmp_path, capsys, flags)
         main(["train", "--router", "soft", "--top-k", "2", "--output", str(tmp_path / "bad"), *data])
     assert bad.value.code == 2
     assert "top_k applies to router='topk'" in capsys.readouterr().err
+
+
+def test_batch_groups_are_counted_at_their_batch_and_image_groups_are_batch_independent():
+    torch.manual_seed(0)
+    batch = timm.create_model("vimoe_micro_patch7_28", moe_layers="all", router="experts_choose",
+                              choice_group="batch").eval()
+    # at batch 1 a per-batch group is one image: C = round(17 / 8) = 2, 16 passes; at batch 128, 17 per image
+    assert flops.profile(batch, batch=128).macs == flops.analytic_macs(batch) + 9 * 17 * 64 * 5
+    assert flops.profile(batch, batch=1).macs < flops.profile(batch, batch=128).macs
+    image = timm.create_model("vimoe_micro_patch7_28", moe_layers="all", router="experts_choose").eval()
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(image(x)[:2], image(x[:2]), rtol=0, atol=1e-6)  # per image: batch-independent
+        assert (batch(x)[:2] - batch(x[:2])).abs().max() > 1e-4  # per batch: the other images matter
+
+
+@pytest.mark.parametrize("renormalize", [True, "straight_through"])
+def test_experts_choose_renormalised_gates_match_reference(renormalize):
+    layer = _layer(router="experts_choose", capacity_factor=2.0, renormalize=renormalize)
+    x = torch.randn(2, 10, 16)
+    want, chosen = reference_experts_choose(layer, x)
+    probs = (x.reshape(-1, 16) @ layer.router.weight.t()).softmax(-1)
+    total = (probs * chosen).sum(-1, keepdim=True)  # each token's gates over the experts that took it
+    ffn = torch.stack([torch.stack([_ffn(layer, e, t) for e in range(4)]) for t in x.reshape(-1, 16)])
+    want = ((probs * chosen / total.clamp(min=1e-12)).unsqueeze(-1) * ffn).sum(1).view(2, 10, -1)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)

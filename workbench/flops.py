@@ -119,11 +119,14 @@ class Profile:
                 "macs_x": round(self.macs / self.dense_macs, 3), "input_size": list(self.input_size)}
 
 
-def profile(model: nn.Module, x: torch.Tensor | None = None) -> Profile:
-    """Parameters and activated MACs per image of ``model`` on ``x`` (default: one zero image of the model's
-    input size).  A batch gives the per-image mean, which is what capacity drops make input dependent.
-    The model is counted in eval mode; every module's own training flag is put back afterwards."""
+def profile(model: nn.Module, x: torch.Tensor | None = None, batch: int = 1) -> Profile:
+    """Parameters and activated MACs per image of ``model`` on ``x`` (default: ``batch`` zero images of the model's
+    input size).  A batch gives the per-image mean, which is what capacity drops make input dependent, and what
+    experts-choose over the whole batch (``choice_group='batch'``) depends on: profile those at the batch they run
+    at.  The model is counted in eval mode; every module's own training flag is put back afterwards."""
     modes = [(module, module.training) for module in model.modules()]
+    if x is None:
+        x = torch.zeros(batch, *model.pretrained_cfg["input_size"])
     try:
         with torch.no_grad():
             return _profile(model.eval(), x)

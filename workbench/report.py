@@ -145,16 +145,15 @@ def show_claim_kinds(kind: str, claim_kinds) -> dict[str, pd.DataFrame]:
 def specialisation_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
     """Per config and MoE block, over seeds: the class NMI of the trained routers' own choices on the random-router
     test's inputs (``router_nmi`` = random mean + excess), the random routers' mean, the excess, and in how many
-    seeds the layer beat the random routers (Holm); ``routed_nmi`` beside it is the NMI of the experts that
-    actually processed the tokens over the validation split (it differs for experts-choose, where an expert may not
-    take the token that prefers it)."""
+    seeds the layer beat the random routers (Holm).  For experts-choose the router's choice is the expert a token
+    prefers; which experts take it also depends on the other tokens of its image."""
     r = st.load_routing(study_file(kind, protocol), configs)
     if r.empty:
         return pd.DataFrame()
     r = r.assign(router_nmi=r["random_nmi"] + r["excess"])
     return r.groupby(["config", "block"]).agg(
         seeds=("seed", "nunique"), router_nmi=("router_nmi", "mean"), random_nmi=("random_nmi", "mean"),
-        excess=("excess", "mean"), specialised=("specialised", "sum"), routed_nmi=("nmi", "mean")).round(4)
+        excess=("excess", "mean"), specialised=("specialised", "sum")).round(4)
 
 
 def region_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
@@ -188,3 +187,35 @@ def scene_rows(model, n: int = 4) -> list[dict]:
     pred = logits.argmax(1)
     return [{"image": images[i, 0].numpy(), "ground truth": masks[i].numpy(), "prediction": pred[i].numpy(),
              **{f"block {b}": cache[b].top1()[i].numpy() for b in cache.layers()}} for i in range(n)]
+
+
+def arm_costs(kind: str, protocol: str = "scratch", batch: int | None = None) -> pd.DataFrame:
+    """Activated GMACs per image of every arm and of the controls its paired claims name, profiled afresh at the
+    training batch (``batch``, default the study's: experts-choose over the whole batch costs what it costs at the
+    batch it runs at; top-k, per-image experts-choose and Soft MoE do not depend on it), and each arm's ratio to its
+    claim's control."""
+    import timm
+
+    from .flops import profile
+    from .vimoe import split_moe_kwargs
+
+    s = st.load_study(study_file(kind, protocol))
+    batch = batch or s["train"].get("batch_size", 128)
+
+    def gmacs(name: str) -> float:
+        source, config = st._source(s, name)
+        kwargs = {**source["common"], **source["configs"][config]}
+        kwargs.pop("clean_start", None)
+        if kwargs.get("moe_layers") == "none":
+            kwargs = {"moe_layers": "none", **split_moe_kwargs(kwargs)[1]}
+        return profile(timm.create_model(source["model"], **kwargs), batch=batch).macs / 1e9
+
+    controls = {c["treatment"]: c.get("control", s["control"]) for c in s["claims"] if c["kind"] == "paired"}
+    rows = []
+    for config in s["configs"]:
+        own, control = gmacs(config), controls.get(config)
+        rows.append({"config": config, "gmacs": own, "control": control,
+                     "control_gmacs": gmacs(control) if control else float("nan")})
+    table = pd.DataFrame(rows)
+    table["ratio"] = table["gmacs"] / table["control_gmacs"]
+    return table.round(5)

@@ -171,11 +171,13 @@ def collect_routing(model: nn.Module, data, *, batch_size: int = 500, device=Non
                                    "image_hist": [], "load": torch.zeros(E, device=device), "drop": 0.0,
                                    "kept": 0.0, "gate": 0.0, "units": 0, "routing": lr.routing, "E": E,
                                    "gate_sum": 0.0, "routed": 0, "mass": torch.zeros(E, device=device)})
-            first = torch.nn.functional.one_hot(lr.top1(), E).float()  # (B, [gh, gw,] E)
+            # the expert that processed each unit; a unit no expert took (capacity drop, or experts-choose leaving
+            # it out) counts nowhere
+            first = torch.nn.functional.one_hot(lr.top1(), E).float() * lr.keep[..., :1]  # (B, [gh, gw,] E)
             if lr.routing == "token":
                 per_image = first.flatten(1, 2).sum(1)  # (B, E)
                 a["position_expert"] += first.flatten(1, 2).sum(0)
-                hist = per_image / per_image.sum(-1, keepdim=True)
+                hist = per_image / per_image.sum(-1, keepdim=True).clamp(min=1)
             else:
                 per_image = hist = first
             a["class_expert"] += class_onehot.t() @ per_image

@@ -218,7 +218,8 @@ def layer_report(stats: RoutingStats, *, baseline: dict[int, dict] | None = None
             # compared with (for experts-choose, the expert a token prefers, not the one that took it)
             row.update({"router_nmi": b["nmi"], "random_nmi": b["random_nmi"], "random_nmi_std": b["random_nmi_std"],
                         "p_random": b["p_random"], "excess": b["nmi"] - b["random_nmi"],
-                        "router_position_nmi": b["position_nmi"], "random_position_nmi": b["random_position_nmi"]})
+                        "router_position_nmi": b.get("position_nmi", float("nan")),
+                        "random_position_nmi": b["random_position_nmi"]})
         rows.append(row)
     report = pd.DataFrame(rows)
     if baseline is not None:

@@ -296,7 +296,8 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     history = train(cfg, resume=resume)["history"]
     model, model_cfg = load_model(out / "model")
     model.eval()
-    prof = profile(model)
+    batch_groups = any(getattr(m, "choice_group", "image") == "batch" for m in model.modules())
+    prof = profile(model, batch=cfg.batch_size if batch_groups else 1)  # per-batch choice: at the training batch
     last = history[-1]
     seg = getattr(model, "task", None) == "segmentation"
     if seg:

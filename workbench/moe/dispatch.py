@@ -4,15 +4,18 @@
 
 with identical outputs and gradients (tested); they differ only in cost.
 
-* ``grouped`` (default): sort the T*k assignments by expert once and run two grouped matmuls over the stacked
-  expert weights (``torch._grouped_mm`` on CUDA: one kernel, no host sync; contiguous per-expert matmuls on CPU).
-  No padding, no per-expert gathers; the same work as a dense FFN with the activated width.
+* ``grouped`` (default): sort the T*k assignments by expert once and run each expert on its contiguous slice of the
+  sorted rows; no padding, the same work as a dense FFN with the activated width.  On CPU the routed FFN is one
+  autograd node (:class:`_SortedExperts`: fc1, activation and fc2 back to back per expert, rows moved with
+  ``index_select`` / ``index_add_``), and under ``torch.no_grad()`` its forward runs alone, saving nothing.  On
+  CUDA two ``torch._grouped_mm`` kernels over the stacked expert weights, no host sync.
 * ``loop``: one small matmul per expert (HF Mixtral style).  The readable reference.
 * ``einsum``: GShard / V-MoE one-hot dispatch and combine tensors of shape (T, E, C).  Spends work on the
   one-hot matmuls and on empty capacity slots; kept as the anchors' reference.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -83,52 +86,135 @@ def _act_backward(act: Act, grad: torch.Tensor, pre: torch.Tensor) -> torch.Tens
         return torch.autograd.grad(act(pre), pre, grad)[0]
 
 
-class _GroupedFFN(torch.autograd.Function):
-    """The whole expert FFN over expert-sorted, contiguous row groups: for each expert, fc1 (+bias), activation and
-    fc2 (+bias) run back to back on its slice while it is still in cache, writing into shared buffers.  This is the
-    CPU path of ``grouped``: torch's CPU ``_grouped_mm`` is a loop of matmuls too, with extra copies, and a separate
-    full-buffer activation pass between two grouped matmuls costs a trip through memory."""
+@dataclass(frozen=True)
+class SortedAssignments:
+    """The T*k (token, choice) assignments sorted by expert, stably (so tokens keep their order within an expert).
+
+    ``order[i]``: the token-major assignment (``t * k + j``) in sorted row i; ``token[i]``: its token;
+    ``counts``: rows per expert, on the host (one small copy per forward, which the CPU loop needs anyway);
+    ``inverse`` (top-1 only): the sorted row of each token, so that returning to token order is a gather."""
+
+    order: torch.Tensor
+    token: torch.Tensor
+    inverse: torch.Tensor | None
+    counts: list[int]
+    tokens: int
+    k: int
+
+    @classmethod
+    def of(cls, experts: torch.Tensor, num_experts: int) -> "SortedAssignments":
+        tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        inverse = None
+        if k == 1:
+            inverse = torch.empty_like(order).scatter_(0, order, torch.arange(tokens, device=order.device))
+        token = order if k == 1 else torch.div(order, k, rounding_mode="floor")
+        return cls(order, token, inverse, counts, tokens, k)
+
+    def slices(self):
+        """(expert, row slice) of every expert that has rows."""
+        start = 0
+        for e, n in enumerate(self.counts):
+            if n:
+                yield e, slice(start, start + n)
+            start += n
+
+    def unused(self) -> list[int]:
+        """Experts without rows (their weight gradients are zero)."""
+        return [e for e, n in enumerate(self.counts) if not n]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, d) token rows -> (T*k, d) sorted rows (``index_select``: several times faster than ``x[index]``)."""
+        return x.index_select(0, self.token)
+
+    def scatter(self, rows: torch.Tensor) -> torch.Tensor:
+        """(T*k, d) sorted rows -> (T, d), each token the sum of its k rows: the adjoint of :meth:`gather`."""
+        if self.k == 1:
+            return rows.index_select(0, self.inverse)
+        return rows.new_zeros(self.tokens, rows.shape[1]).index_add_(0, self.token, rows)
+
+    def sorted_gates(self, gates: torch.Tensor) -> torch.Tensor:
+        """(T, k) gates -> (T*k, 1): a column, to scale the sorted rows."""
+        return gates.reshape(-1).index_select(0, self.order).unsqueeze(1)
+
+    def unsort_gates(self, sorted_gates: torch.Tensor) -> torch.Tensor:
+        """(T*k,) values in sorted order -> (T, k) in token order."""
+        return torch.empty_like(sorted_gates).scatter_(0, self.order, sorted_gates).view(self.tokens, self.k)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None):
+    if b is None:
+        return torch.mm(x, w, out=out)
+    return torch.addmm(b, x, w, out=out)
+
+
+def _bias(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if b is None else b[e]
+
+
+def _experts_forward(xs, w1, b1, w2, b2, plan: SortedAssignments, act: Act, saved: list | None = None):
+    """Sorted rows -> each row through its expert: fc1, activation and fc2 back to back on the expert's slice while
+    it is in cache, three ops per expert.  ``saved`` (training) collects each expert's (pre, post) activations."""
+    out = xs.new_empty(xs.shape[0], w2.shape[2])
+    for e, r in plan.slices():
+        pre = _linear(xs[r], w1[e], _bias(b1, e))
+        post = act(pre)
+        _linear(post, w2[e], _bias(b2, e), out=out[r])
+        if saved is not None:
+            saved += [pre, post]
+    return out
+
+
+def _experts_backward(grad, xs, w1, w2, acts, plan: SortedAssignments, act: Act, bias: bool):
+    """Gradients of :func:`_experts_forward`: grad (sorted rows of d out) -> d xs, d w1, d b1, d w2, d b2."""
+    gx, gw1, gw2 = torch.empty_like(xs), torch.empty_like(w1), torch.empty_like(w2)
+    gb1 = w1.new_empty(w1.shape[0], w1.shape[2]) if bias else None
+    gb2 = w2.new_empty(w2.shape[0], w2.shape[2]) if bias else None
+    for e in plan.unused():
+        for g in (gw1, gw2, gb1, gb2):
+            if g is not None:
+                g[e].zero_()
+    for i, (e, r) in enumerate(plan.slices()):
+        pre, post, g = acts[2 * i], acts[2 * i + 1], grad[r]
+        torch.mm(post.t(), g, out=gw2[e])
+        gpre = _act_backward(act, g @ w2[e].t(), pre)
+        torch.mm(xs[r].t(), gpre, out=gw1[e])
+        torch.mm(gpre, w1[e].t(), out=gx[r])
+        if bias:
+            torch.sum(g, 0, out=gb2[e])
+            torch.sum(gpre, 0, out=gb1[e])
+    return gx, gw1, gb1, gw2, gb2
+
+
+class _SortedExperts(torch.autograd.Function):
+    """The whole routed FFN on the CPU: token rows in, gated sum per token out.  One gather into expert-sorted rows,
+    the experts on contiguous slices, the gates, one gather (top-1) or index-add (top-k) back; the backward walks
+    the experts the same way.  Autograd records one node, and each (T*k, d) buffer moves once each way."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, counts: list[int], act: Act):
-        out = x.new_empty(x.shape[0], w2.shape[2])
-        pres, posts = [], []  # per-expert activations, kept for backward (fresh tensors: fastest elementwise path)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                r = slice(start, start + n)
-                pre = torch.addmm(b1[e], x[r], w1[e])
-                post = act(pre)
-                torch.addmm(b2[e], post, w2[e], out=out[r])
-                pres.append(pre)
-                posts.append(post)
-            start += n
-        ctx.save_for_backward(x, w1, w2, *pres, *posts)
-        ctx.counts, ctx.act = counts, act
-        return out
+    def forward(ctx, x, gates, w1, b1, w2, b2, plan: SortedAssignments, act: Act):
+        xs, g, acts = plan.gather(x), plan.sorted_gates(gates), []
+        out = _experts_forward(xs, w1, b1, w2, b2, plan, act, acts)
+        ctx.save_for_backward(xs, out, g, w1, w2, *acts)
+        ctx.plan, ctx.act, ctx.bias = plan, act, b1 is not None
+        return plan.scatter(out * g)
 
     @staticmethod
     def backward(ctx, grad):
-        x, w1, w2, *acts = ctx.saved_tensors
-        pres, posts = acts[:len(acts) // 2], acts[len(acts) // 2:]
-        grad = grad.contiguous()
-        gx, gw1, gw2 = torch.empty_like(x), torch.zeros_like(w1), torch.zeros_like(w2)
-        gb1 = w1.new_zeros(w1.shape[0], w1.shape[2])
-        gb2 = w2.new_zeros(w2.shape[0], w2.shape[2])
-        start, i = 0, 0
-        for e, n in enumerate(ctx.counts):
-            if n:
-                r = slice(start, start + n)
-                g = grad[r]
-                torch.mm(posts[i].t(), g, out=gw2[e])
-                torch.sum(g, 0, out=gb2[e])
-                gpre = _act_backward(ctx.act, g @ w2[e].t(), pres[i])
-                torch.mm(x[r].t(), gpre, out=gw1[e])
-                torch.sum(gpre, 0, out=gb1[e])
-                torch.mm(gpre, w1[e].t(), out=gx[r])
-                i += 1
-            start += n
-        return gx, gw1, gb1, gw2, gb2, None, None
+        xs, out, g, w1, w2, *acts = ctx.saved_tensors
+        plan = ctx.plan
+        grows = plan.gather(grad.contiguous())  # d(gated rows), sorted
+        dgates = plan.unsort_gates((grows * out).sum(1))
+        gxs, gw1, gb1, gw2, gb2 = _experts_backward(grows.mul_(g), xs, w1, w2, acts, plan, ctx.act, ctx.bias)
+        return plan.scatter(gxs), dgates, gw1, gb1, gw2, gb2, None, None
+
+
+def _sorted_experts_inference(x, gates, w1, b1, w2, b2, plan: SortedAssignments, act: Act) -> torch.Tensor:
+    """:class:`_SortedExperts`'s forward without autograd: nothing saved, the gates applied in place."""
+    out = _experts_forward(plan.gather(x), w1, b1, w2, b2, plan, act)
+    return plan.scatter(out.mul_(plan.sorted_gates(gates)))
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -140,7 +226,28 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> t
     return torch.cat([x[s:s + n] @ w[e] for e, (s, n) in enumerate(zip([0] + offsets.tolist()[:-1], counts))])
 
 
+def _dropout_active(drop: Act) -> bool:
+    return isinstance(drop, nn.Dropout) and drop.p > 0 and drop.training
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 def dispatch_grouped(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act) -> torch.Tensor:
+    """Expert-sorted rows through the experts.  On CPU (no dropout inside the experts): :class:`_SortedExperts`, or
+    under ``torch.no_grad()`` its forward alone.  On CUDA: two ``torch._grouped_mm`` kernels, no host sync."""
+    if not (x.is_cuda and HAS_GROUPED_MM) and not _dropout_active(drop):
+        dtype = _matmul_dtype(x)
+        plan = SortedAssignments.of(experts, w1.shape[0])
+        args = (x.to(dtype), gates.to(dtype), w1.to(dtype), _cast(b1, dtype), w2.to(dtype), _cast(b2, dtype), plan, act)
+        if not torch.is_grad_enabled():
+            return _sorted_experts_inference(*args)
+        return _SortedExperts.apply(*args)
+    return _dispatch_grouped_mm(x, experts, gates, w1, b1, w2, b2, act, drop)
+
+
+def _dispatch_grouped_mm(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act) -> torch.Tensor:
     """Two grouped matmuls over expert-sorted rows.  The first bias rides inside the first matmul (a ones column on
     the input, the bias as an extra weight row); the second is applied after combining, as (gates by expert) @ b2.
     So no (T*k, h) bias gather exists, forward or backward."""
@@ -152,12 +259,6 @@ def dispatch_grouped(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act) -> 
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=num_experts)
-    fused = not (x.is_cuda and HAS_GROUPED_MM) and b1 is not None and not (isinstance(drop, nn.Dropout)
-                                                                            and drop.p > 0 and drop.training)
-    if fused:
-        xs = _ToAssignments.apply(x.to(dtype), order, inverse, k)
-        out = _GroupedFFN.apply(xs, w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype), counts.tolist(), act)
-        return _combine(_FromAssignments.apply(out, order, inverse), gates.to(dtype))
     offsets = counts.cumsum(0).to(torch.int32)
     x = x.to(dtype)
     w1 = w1.to(dtype)

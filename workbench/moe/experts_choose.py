@@ -1,4 +1,4 @@
-"""Experts-choose routing (Zhou et al. 2022, arXiv 2202.09368; vmoe's ``ExpertsChooseMaskedRouter``).
+"""Experts-choose routing (Zhou et al. 2022, arXiv 2202.09368; vmoe's ``NoisyTopItemsPerExpertRouter``).
 
 Instead of every token picking its top-k experts, every expert picks its top-C tokens by router probability,
 within a group of tokens (one image, or the whole batch):
@@ -12,7 +12,9 @@ token passes through ``E * C / N`` (about ``capacity_factor``) experts: the acti
 k = capacity_factor.
 
 Groups per image (default) make an image's output independent of the rest of its batch; per-batch groups (as in
-the paper's language models) do not.
+the paper's language models) do not, and their cost per image depends on the batch (profile them at the batch they
+run at).  Prefix tokens (CLS) compete for the experts like patches do.  Router noise (vmoe's default std 1/E) is
+off unless ``router_noise`` is set.
 """
 from __future__ import annotations
 

@@ -10,6 +10,11 @@ Every slot is a convex combination of the image's tokens and every output a conv
 fully differentiable, no drops, no balance loss.  Each expert processes S slots per image, so the expert FLOPs are
 those of E*S tokens through one FFN, whatever N is (S = N/E matches top-1).  The router's parameter is stored as
 ``weight`` (E*S, d), rows grouped by expert, so it is read and replaced like a top-k router's (E, d) weight.
+
+Defaults differ from vmoe's ``SoftRouter``, which always normalises (``soft_normalize=True`` here) and initialises
+the slot parameters at a larger scale: here the logits are unnormalised and the weights start at std 0.02, like the
+top-k router's, so at initialisation every slot is close to the mean token.  Prefix tokens (CLS) are mixed into
+the slots like patches.
 """
 from __future__ import annotations
 
