@@ -28,9 +28,13 @@ from workbench.moe import MoEMlp
 
 def test_bench_moe_rows_and_fields():
     rows = bench_moe(batch=2, tokens=5, dim=16, expert_hidden=32, num_experts=4, top_ks=(1, 2), reps=2, warmup=1)
-    assert len(rows) == 2 * 2 * 3
-    assert {r["dispatch"] for r in rows} == {"grouped", "loop", "einsum"}
+    assert len(rows) == 2 * 2 * 5  # k x shared x (three top-k paths, experts-choose, Soft MoE)
+    assert {r["dispatch"] for r in rows} == {"grouped", "loop", "einsum", "experts_choose(cf=1)", "soft(S=1)",
+                                             "experts_choose(cf=2)", "soft(S=2)"}  # S = round(k * 5 / 4)
     assert all(r["ms"] > 0 and r["dense_ms"] > 0 and r["mem_bytes"] > 0 for r in rows)
+    only = bench_moe(batch=2, tokens=5, dim=16, expert_hidden=32, num_experts=4, top_ks=(1,), reps=1, warmup=0,
+                     shared=("none",), routers=("soft",))
+    assert [r["dispatch"] for r in only] == ["soft(S=1)"]
 
 
 def test_activation_memory_excludes_parameters_and_counts_activations():

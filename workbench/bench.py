@@ -114,7 +114,10 @@ def time_interleaved(fns: dict, reps: int, warmup: int, device: torch.device) ->
 def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidden: int = 768,
               num_experts: int = 8, top_ks=(1, 2), dispatches=("grouped", "loop", "einsum"),
               shared=("none", "add"), reps: int = 30, warmup: int = 5, device: str | None = None,
-              dtype: str | None = None, seed: int = 0) -> list[dict]:
+              dtype: str | None = None, seed: int = 0, routers=("topk", "experts_choose", "soft")) -> list[dict]:
+    """One MoE layer, fwd+bwd, against a dense FFN of the activated width, interleaved in one run.  Beside the
+    top-k dispatch paths, at the same k: experts-choose with capacity factor k (per image: about k experts per
+    token) and Soft MoE with round(k x tokens / E) slots per expert (about the same expert FLOPs)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -127,7 +130,15 @@ def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidd
             x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
             grad = torch.randn(batch, tokens, dim, device=device)
             layers = {d: MoEMlp(dim, expert_hidden, num_experts=num_experts, top_k=k, dispatch=d,
-                                shared_expert=shared_mode).to(device) for d in dispatches}
+                                shared_expert=shared_mode).to(device) for d in dispatches} if "topk" in routers else {}
+            if "experts_choose" in routers:
+                layers[f"experts_choose(cf={k})"] = MoEMlp(dim, expert_hidden, num_experts=num_experts,
+                                                           router="experts_choose", capacity_factor=float(k),
+                                                           shared_expert=shared_mode).to(device)
+            if "soft" in routers:
+                slots = max(1, round(k * tokens / num_experts))
+                layers[f"soft(S={slots})"] = MoEMlp(dim, expert_hidden, num_experts=num_experts, router="soft",
+                                                    slots_per_expert=slots, shared_expert=shared_mode).to(device)
             fns = {"dense": lambda: _step(dense, x, grad, dtype)}
             fns.update({d: (lambda m=m: _step(m, x, grad, dtype)) for d, m in layers.items()})
             med = time_interleaved(fns, reps, warmup, device)
@@ -492,10 +503,10 @@ def bench_app(checkpoint=None, reps: int = 30) -> dict:
 
 
 def format_moe_table(rows: list[dict]) -> str:
-    lines = [f"{'top_k':>5} {'shared':<6} {'dispatch':<8} {'ms':>9} {'dense ms':>9} {'ratio':>6} {'mem MB':>8} "
-             f"{'dense MB':>8} {'mem x':>6}"]
+    lines = [f"{'top_k':>5} {'shared':<6} {'dispatch / router':<19} {'ms':>9} {'dense ms':>9} {'ratio':>6} "
+             f"{'mem MB':>8} {'dense MB':>8} {'mem x':>6}"]
     for r in rows:
-        lines.append(f"{r['top_k']:>5} {r['shared']:<6} {r['dispatch']:<8} {r['ms']:>9.2f} {r['dense_ms']:>9.2f} "
+        lines.append(f"{r['top_k']:>5} {r['shared']:<6} {r['dispatch']:<19} {r['ms']:>9.2f} {r['dense_ms']:>9.2f} "
                      f"{r['ratio']:>6.2f} {r['mem_mb']:>8.1f} {r['dense_mem_mb']:>8.1f} {r['mem_ratio']:>6.2f}")
     r = rows[0]
     lines.append(f"({r['batch']} images x {r['tokens']} tokens, d={r['dim']}, expert width {r['expert_hidden']}, "
@@ -559,6 +570,10 @@ def register_cli(sub) -> None:
     m.add_argument("--dispatch", nargs="+", default=["grouped", "loop", "einsum"],
                    choices=["grouped", "loop", "einsum"])
     m.add_argument("--shared", nargs="+", default=["none", "add"], choices=["none", "add", "gated"])
+    m.add_argument("--routers", nargs="+", default=["topk", "experts_choose", "soft"],
+                   choices=["topk", "experts_choose", "soft"],
+                   help="routers to time: top-k (each --dispatch path), experts-choose (capacity factor k), Soft MoE "
+                        "(about k x tokens / E slots per expert) (default: all three)")
     m.add_argument("--reps", type=int, default=30)
     m.add_argument("--dtype", choices=["fp32", "bf16"])
     m.add_argument("--device")
@@ -635,7 +650,7 @@ def _cmd_moe(args) -> int:
         raise ValueError(f"--top-k {args.top_k} is invalid: each must be in 1..{args.num_experts}")
     rows = bench_moe(batch=args.batch, tokens=args.tokens, dim=args.dim, expert_hidden=args.expert_hidden,
                      num_experts=args.num_experts, top_ks=args.top_k, dispatches=args.dispatch, shared=args.shared,
-                     reps=args.reps, device=args.device, dtype=args.dtype)
+                     reps=args.reps, device=args.device, dtype=args.dtype, routers=args.routers)
     return _emit(args, "moe", rows, format_moe_table(rows))
 
 
