@@ -77,7 +77,7 @@ def test_bench_cli_json(capsys, tmp_path):
                  "--num-experts", "2", "--top-k", "1", "--reps", "1", "--json", "--save", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out[:out.rindex("]") + 1])
-    assert len(rows) == 6
+    assert len(rows) == 2 * 5  # shared none/add x (grouped, loop, einsum, experts-choose, Soft MoE)
     saved = list(tmp_path.glob("moe-*.json"))
     assert len(saved) == 1 and "provenance" in json.loads(saved[0].read_text())
 
