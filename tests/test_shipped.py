@@ -84,3 +84,26 @@ def test_default_routes_the_examples():
     analysis = Explorer().analyse(example_images()[-1])  # an ankle boot
     assert analysis.layers == [4, 5] and analysis.experts[5].shape == (7, 7)
     assert next(iter(analysis.top5)) in ("Ankle boot", "Sneaker", "Sandal")
+
+
+SEG = ROOT / "experiments" / "checkpoints" / "vimoe_seg_micro_scenes"
+
+
+def test_shipped_segmentation_checkpoint_scores_exactly_what_was_recorded():
+    """The shipped segmentation ViMoE: its record (mIoU on the 2,000 test scenes after the fp16 round trip), and the
+    weights on the first 200 test scenes (test_subset=200, seed 0), CPU fp32 one thread, computed once, exactly."""
+    from workbench.segdata import build_seg_splits
+
+    model, _ = load_model(SEG)
+    record = json.loads((SEG / "config.json").read_text())
+    assert model.task == "segmentation" and record["train_config"]["dataset"] == "fmnist-scenes"
+    assert round(record["shipped_test"]["miou"], 4) == 0.3931 and record["shipped_test"]["n"] == 2000
+    assert not record["provenance"]["commit"].endswith("+dirty")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, _, test = build_seg_splits("fmnist-scenes", model=model, augment=False, test_subset=200)
+        result = evaluate(model, test)
+    finally:
+        torch.set_num_threads(threads)
+    assert (result["miou"], result["pixel_acc"], result["n"]) == (0.41271253414302805, 0.8773612882653061, 200)
