@@ -35,3 +35,24 @@ def test_planted_router_is_detected_and_a_random_one_is_not():
                             / c.numel() ** 0.5)
     r = region_test(rnd, boundary, num_classes=4, draws=30)
     assert r["p_nmi"] > 0.05, "a random router is one more draw from the baseline: it must not come out specialised"
+
+
+def test_region_report_on_an_untrained_segmentation_vimoe():
+    """End to end on real scenes: one row per MoE block with every metric and its random-router baseline; routers
+    that were never trained are one more draw of that baseline, so they do not come out specialised."""
+    import timm
+
+    import workbench  # noqa: F401
+    from workbench.regions import NMI_METRICS, region_report
+    from workbench.segdata import build_seg_splits
+
+    torch.manual_seed(0)
+    model = timm.create_model("vimoe_seg_micro_patch7_56", moe_layers="all", num_experts=4)
+    _, val, _ = build_seg_splits("fmnist-scenes", val_size=200, model=model, augment=False, train_size=100,
+                                 test_subset=10)
+    table = region_report(model, val, max_images=100, draws=20)
+    assert table["block"].tolist() == [0, 1, 2, 3] and table["patches"].iloc[0] > 0
+    for metric in NMI_METRICS:
+        assert {metric, f"random_{metric}", f"p_{metric}"} <= set(table.columns)
+    assert not table["specialised"].any()
+    assert ((table["ami"] <= table["nmi"] + 1e-9)).all()  # AMI removes chance agreement

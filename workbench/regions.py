@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score
 
-from .specialisation import RouterInputs, _table, nmi
+from .specialisation import RouterInputs, _table, capture_router_inputs, nmi
 from .stats import ALPHA, empirical_p, holm
 
 NMI_METRICS = ("nmi", "object_nmi", "object_only_nmi", "interior_nmi", "boundary_nmi", "position_nmi")
@@ -45,43 +45,19 @@ def patch_labels(masks: torch.Tensor, grid: tuple[int, int], num_classes: int,
     return label, boundary
 
 
-@torch.no_grad()
 def region_inputs(model, data, *, max_images: int | None = 1000, batch_size: int = 250) -> dict:
     """Per MoE block: (RouterInputs over patch tokens with their majority class as label, boundary flags)."""
-    from .moe import moe_modules
-
-    layers = {i: m for i, m in moe_modules(model).items() if isinstance(i, int)}
-    seen: dict[int, list] = {i: [] for i in layers}
-    hooks = [m.router.register_forward_hook(lambda mod, args, out, i=i: seen[i].append(args[0].detach().float()))
-             for i, m in layers.items()]
-    grid = tuple(model.patch_embed.grid_size)
-    was_training = model.training
-    model.eval()
-    labels, bounds, count = [], [], 0
-    device = next(model.parameters()).device
-    try:
-        for images, masks in data.batches(batch_size, shuffle=False):
-            if max_images is not None and count >= max_images:
-                break
-            if max_images is not None:
-                images, masks = images[: max_images - count], masks[: max_images - count]
-            model(images.to(device))
-            label, boundary = patch_labels(masks.cpu(), grid, data.num_classes, getattr(data, "ignore_index", 255))
-            labels.append(label.flatten(1))
-            bounds.append(boundary.flatten(1))
-            count += len(masks)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    label, boundary = torch.cat(labels), torch.cat(bounds)  # (N, P)
+    layers, captured, masks = capture_router_inputs(model, data, max_images=max_images, batch_size=batch_size)
+    label, boundary = patch_labels(masks, tuple(model.patch_embed.grid_size), data.num_classes,
+                                   getattr(data, "ignore_index", 255))
+    label, boundary = label.flatten(1), boundary.flatten(1)  # (N, P)
     n, patches = label.shape
     out = {}
     for i, layer in layers.items():
         if layer.routing == "image":
             raise ValueError(f"block {i} routes whole images (routing='image'): routing against regions needs "
                              "token routing")
-        x = torch.cat(seen[i]).cpu().view(n, -1, layer.in_features)[:, layer.num_prefix_tokens:]
+        x = captured[i].view(n, -1, layer.in_features)[:, layer.num_prefix_tokens:]
         scale = getattr(layer.router, "scale", None)
         inputs = RouterInputs(x.reshape(-1, x.shape[-1]), label.reshape(-1), torch.arange(patches).repeat(n),
                               layer.router.weight.detach().float().cpu(), router=layer.router_type,

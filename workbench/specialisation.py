@@ -109,9 +109,9 @@ class RouterInputs:
 
 
 @torch.no_grad()
-def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int = 500) -> dict[int, RouterInputs]:
-    """Capture each MoE layer's router inputs over the first ``max_images`` images of ``data`` (prefix tokens
-    dropped: routing is measured on patches)."""
+def capture_router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int = 500):
+    """One pass over the first ``max_images`` items of ``data`` in eval mode: (the MoE layers by block, each one's
+    router inputs (units, d) fp32 on the CPU, the batches' targets (labels or masks) concatenated)."""
     from .moe import moe_modules
 
     layers = {i: m for i, m in moe_modules(model).items() if isinstance(i, int)}
@@ -120,7 +120,7 @@ def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int
              for i, m in layers.items()]
     was_training = model.training
     model.eval()
-    labels, count = [], 0
+    targets, count = [], 0
     device = next(model.parameters()).device
     try:
         for images, y in data.batches(batch_size, shuffle=False):
@@ -129,16 +129,22 @@ def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int
             if max_images is not None:
                 images, y = images[: max_images - count], y[: max_images - count]
             model(images.to(device))
-            labels.append(y.cpu())
+            targets.append(y.cpu())
             count += len(y)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    y = torch.cat(labels)
+    return layers, {i: torch.cat(seen[i]).cpu() for i in layers}, torch.cat(targets)
+
+
+def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int = 500) -> dict[int, RouterInputs]:
+    """Capture each MoE layer's router inputs over the first ``max_images`` images of ``data`` (prefix tokens
+    dropped: routing is measured on patches)."""
+    layers, inputs, y = capture_router_inputs(model, data, max_images=max_images, batch_size=batch_size)
     out = {}
     for i, layer in layers.items():
-        x = torch.cat(seen[i]).cpu()
+        x = inputs[i]
         scale = getattr(layer.router, "scale", None)
         about = dict(router=layer.router_type, num_experts=layer.num_experts,
                      scale=None if scale is None else float(scale))
