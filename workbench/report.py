@@ -61,7 +61,8 @@ def show_summary(kind: str) -> dict[str, pd.DataFrame]:
         except st.StudyError as e:
             print(f"   (no paired contrasts: {e})\n")
             continue
-        print(f"paired by seed against {s['control']} (delta in accuracy points, 95% t-interval, Holm across configs):")
+        unit = st.METRICS[s["metric"]].removeprefix("test ")
+        print(f"paired by seed against {s['control']} (delta in {unit} points, 95% t-interval, Holm across configs):")
         print(st.format_contrasts(table), "\n")
         out[protocol] = table
     return out
