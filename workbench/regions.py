@@ -10,7 +10,13 @@ first-choice expert (experts-choose: the preferred expert; Soft MoE: the dominan
   scikit-learn: 0 for chance, whatever the number of experts and classes);
 * ``object_nmi``: object vs background as the label; ``object_only_nmi``: class NMI among object patches only;
 * ``interior_nmi`` / ``boundary_nmi``: class NMI within interior / boundary patches;
-* ``position_nmi``: patch position instead of class.
+* ``position_nmi``: patch position instead of class;
+* ``mi`` (nats) and ``expert_entropy``: NMI divides the mutual information by the mean of the class and expert
+  entropies, so a router with uneven loads (low expert entropy: a random one) gets a higher NMI for the same
+  information than an evenly loaded one (a trained one, under a balance loss).  Compare ``mi`` with ``random_mi``
+  too, and read ``expert_entropy`` beside them.
+
+A patch's label is the most frequent label of its pixels; ties go to the lower class index (background first).
 
 Each beside the same metric of ``draws`` random routers with the trained router's norm on the *same* layer inputs
 (the baseline an untrained router must fail to beat): ``random_<metric>`` their mean and ``p_<metric>`` the
@@ -23,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score
 
-from .specialisation import RouterInputs, _table, capture_router_inputs, nmi
+from .specialisation import RouterInputs, _table, capture_router_inputs, mutual_information, nmi
 from .stats import ALPHA, empirical_p, holm
 
-NMI_METRICS = ("nmi", "object_nmi", "object_only_nmi", "interior_nmi", "boundary_nmi", "position_nmi")
+NMI_METRICS = ("nmi", "object_nmi", "object_only_nmi", "interior_nmi", "boundary_nmi", "position_nmi", "mi",
+               "expert_entropy")
 
 
 def patch_labels(masks: torch.Tensor, grid: tuple[int, int], num_classes: int,
@@ -75,13 +82,15 @@ def _scores(experts: torch.Tensor, labels: torch.Tensor, boundary: torch.Tensor,
     def cls_nmi(mask):
         return nmi(_table(y[mask], e[mask], num_classes, num_experts)) if mask.sum() > 1 else float("nan")
 
-    return {"nmi": nmi(_table(y, e, num_classes, num_experts)),
+    table = _table(y, e, num_classes, num_experts)
+    mi, _, h_expert = mutual_information(table)
+    return {"nmi": nmi(table), "mi": mi, "expert_entropy": h_expert,
             "object_nmi": nmi(_table(obj.long(), e, 2, num_experts)),
             "object_only_nmi": cls_nmi(obj), "interior_nmi": cls_nmi(~bd), "boundary_nmi": cls_nmi(bd),
             "position_nmi": nmi(_table(pos, e, int(positions.max()) + 1, num_experts))}
 
 
-def region_test(inputs: RouterInputs, boundary: torch.Tensor, num_classes: int, *, draws: int = 50,
+def region_test(inputs: RouterInputs, boundary: torch.Tensor, num_classes: int, *, draws: int = 200,
                 seed: int = 0) -> dict:
     """Every region metric of the trained router and of ``draws`` random routers (same norm, same inputs)."""
     E = inputs.num_experts or inputs.weight.shape[0]
@@ -109,10 +118,11 @@ def region_test(inputs: RouterInputs, boundary: torch.Tensor, num_classes: int, 
     return out
 
 
-def region_report(model, data, *, max_images: int | None = 1000, draws: int = 50, seed: int = 0,
+def region_report(model, data, *, max_images: int | None = 1000, draws: int = 200, seed: int = 0,
                   alpha: float = ALPHA) -> pd.DataFrame:
     """One row per MoE block: the region metrics, their random-router baselines, and ``specialised`` (class NMI
-    beats the random routers, Holm across blocks)."""
+    beats the random routers, Holm across blocks).  The smallest p is 1 / (draws + 1): with L layers, Holm needs
+    draws >= L / alpha (80 for 4 layers at 0.05) for a layer to be able to come out specialised at all."""
     rows = []
     for block, (inputs, boundary) in region_inputs(model, data, max_images=max_images).items():
         rows.append({"block": block, **region_test(inputs, boundary, data.num_classes, draws=draws, seed=seed)})
