@@ -291,3 +291,18 @@ def test_readme_upcycling_example_runs_and_says_to_use_the_venv():
     finally:
         os.chdir(cwd)
     assert scope["moe"].moe_layer_indices == [4, 5]
+
+
+def test_segmentation_model_args_are_checked_against_the_segmentation_model(tmp_path, capsys):
+    """With a segmentation dataset and no --model, --model-arg keys are those of the model the trainer picks
+    (vimoe_seg_micro_patch7_56: head=...), not the classifier's."""
+    from workbench.cli import main
+
+    out = tmp_path / "seg"
+    assert main(["train", "--dataset", "fmnist-scenes", "--model-arg", "head=linear", "--moe-layers", "last-1",
+                 "--data-arg", "train_size=64", "--test-subset", "16", "--val-size", "0", "--epochs", "1",
+                 "--batch-size", "32", "--output", str(out), "--quiet"]) == 0
+    assert json.loads((out / "model" / "config.json").read_text())["model"] == "vimoe_seg_micro_patch7_56"
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "fashion-mnist", "--model-arg", "head=linear", "--output", str(tmp_path / "c")])
+    assert "unknown model argument 'head'" in capsys.readouterr().err

@@ -253,7 +253,15 @@ def cmd_train(args) -> int:
         options = parse_model_args(args.data_arg, "--data-arg", "train_size=5000")
         values["data_options"] = {**(values.get("data_options") or {}), **options}
     if isinstance(values.get("model_kwargs"), dict):
-        check_model_kwargs(values.get("model"), values["model_kwargs"])
+        from .train import DEFAULT_SEG_MODEL, dataset_task
+
+        name = values.get("model")
+        if name is None and not values.get("init_from") and values.get("dataset"):
+            try:  # the model the trainer will pick for this dataset: check the keywords against that one
+                name = DEFAULT_SEG_MODEL if dataset_task(values["dataset"]) == "segmentation" else None
+            except ValueError:
+                name = None  # an unknown dataset: TrainConfig says so below
+        check_model_kwargs(name, values["model_kwargs"])
     try:
         cfg = TrainConfig.from_dict(values)
         cfg.validate()
@@ -291,6 +299,10 @@ def cmd_eval(args) -> int:
         options = parse_model_args(args.data_arg, "--data-arg", "num_classes=150")
         _, _, test = build_seg_splits(dataset, root=args.data_root, model=model, test_subset=args.test_subset,
                                       augment=False, **options)
+        if test.num_classes > model.num_classes:
+            raise UsageError(f"{args.checkpoint} predicts {model.num_classes} classes but {dataset} has "
+                             f"{test.num_classes}: evaluate it on the data it was trained on (e.g. --dataset ade "
+                             f"--data-root DIR --data-arg num_classes={model.num_classes})")
     else:
         _, test = build_datasets(dataset, root=args.data_root, model=model, test_subset=args.test_subset,
                                  augment=False)

@@ -91,7 +91,8 @@ class MoEMlp(nn.Module):
         _check(not (routing == "image" and image_pool == "cls" and num_prefix_tokens < 1), "image_pool", image_pool,
                "'cls' pooling needs a class token; this model has none, use image_pool='mean'")
         _check(capacity_factor is None or (isinstance(capacity_factor, (int, float)) and capacity_factor > 0),
-               "capacity_factor", capacity_factor, "use None (dropless) or a number > 0")
+               "capacity_factor", capacity_factor,
+               "use None (dropless; experts_choose: 1.0) or a number > 0")
         _check(priority in PRIORITIES, "priority", priority, f"use one of {PRIORITIES}")
         _check(shared_expert in SHARED_EXPERT_MODES, "shared_expert", shared_expert,
                f"use one of {SHARED_EXPERT_MODES}")
