@@ -306,3 +306,14 @@ def test_segmentation_model_args_are_checked_against_the_segmentation_model(tmp_
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "fashion-mnist", "--model-arg", "head=linear", "--output", str(tmp_path / "c")])
     assert "unknown model argument 'head'" in capsys.readouterr().err
+
+
+def test_model_flags_with_a_checkpoint_are_refused_in_one_line(capsys):
+    from workbench.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["profile", "--checkpoint", str(ROOT / "experiments/checkpoints/vimoe_seg_micro_scenes"), "--router",
+              "soft"])
+    assert err.value.code == 2
+    line = capsys.readouterr().err
+    assert "--router describe a new model" in line and line.count("\n") == 1

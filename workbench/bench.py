@@ -644,6 +644,7 @@ def _cmd_app(args) -> int:
 
 def _cmd_moe(args) -> int:
     steady_allocator()
+    load_note()  # warns on stderr when other processes share the CPU
     if args.threads:
         torch.set_num_threads(args.threads)
     if any(not 1 <= k <= args.num_experts for k in args.top_k):

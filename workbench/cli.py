@@ -13,6 +13,7 @@ import ast
 import importlib
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -338,10 +339,14 @@ def model_from_args(args):
     import workbench  # noqa: F401
     from .checkpoint import load_model
 
+    kwargs = _model_kwargs(args)
     if getattr(args, "checkpoint", None):
+        if kwargs:
+            flags = ", ".join(sorted(f"--{k.replace('_', '-')}" for k in kwargs))
+            raise UsageError(f"{flags} describe a new model, but --checkpoint {args.checkpoint} is built as it was "
+                             "saved: drop them, or drop --checkpoint to build --model with them")
         model, config = load_model(args.checkpoint)
         return model, config["model"]
-    kwargs = _model_kwargs(args)
     check_model_kwargs(args.model, kwargs)
     return timm.create_model(args.model, **kwargs), args.model
 
@@ -514,6 +519,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except UsageError as err:
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
     except Exception as err:
