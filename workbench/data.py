@@ -101,6 +101,31 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def epoch_batches(n: int, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, start: int = 0,
+                  rank: int = 0, world: int = 1, drop_last: bool = False, augment: bool = False):
+    """Yield (indices, augmentation seed or None) of one epoch's batches; ``start`` skips batches already done, the
+    augmentation draws of skipped batches included, so a resumed epoch is exact; under DDP each rank takes an
+    equal, disjoint, interleaved share (truncated with ``drop_last``, so every rank makes the same steps)."""
+    order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
+    if world > 1:
+        order = order[rank::world]
+        if drop_last:
+            order = order[:n // world]
+    n_batches = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
+    g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
+    for i in range(n_batches):
+        aug_seed = int(torch.randint(0, 2**62, (1,), generator=g)) if augment else None
+        if i >= start:
+            yield order[i * batch_size:(i + 1) * batch_size], aug_seed
+
+
+def normalise(images: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 images -> floats standardised per channel."""
+    x = images.float().div_(255)
+    return (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(
+        1, -1, 1, 1)
+
+
 @dataclass
 class TensorData:
     """A whole dataset as uint8 tensors (optionally on the training device), normalised and augmented in batches."""
@@ -130,10 +155,7 @@ class TensorData:
                           self.pad, self.flip)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return normalise(images, self.mean, self.std)
 
     def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Random crop after zero padding (in normalised space: pad with the normalised 0) and horizontal flip."""
@@ -152,22 +174,10 @@ class TensorData:
 
     def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, start: int = 0,
                 rank: int = 0, world: int = 1, drop_last: bool = False):
-        """Yield (images float, labels) for one epoch; ``start`` skips batches already done (exact resume);
-        under DDP each rank takes an equal, disjoint share of the permutation."""
-        n = len(self)
-        order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
-        if world > 1:  # interleaved shares; training truncates them to equal length (same step count per rank)
-            order = order[rank::world]
-            if drop_last:
-                order = order[:n // world]
-        n_batches = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
-        g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
-        for i in range(n_batches):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            if self.augment:  # draw augmentation randomness for skipped batches too, so resume is exact
-                aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-            if i < start:
-                continue
+        """Yield (images float, labels) for one epoch (see :func:`epoch_batches`: exact resume, DDP shares)."""
+        for idx, aug_seed in epoch_batches(len(self), batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                                           start=start, rank=rank, world=world, drop_last=drop_last,
+                                           augment=self.augment):
             idx = idx.to(self.labels.device)
             x = self.normalise(self.images[idx])
             if self.augment:

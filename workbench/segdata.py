@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import VAL_SEED, DatasetNotFound, _num_batches, epoch_permutation, find_fashion_mnist, load_fashion_mnist
+from .data import VAL_SEED, DatasetNotFound, _num_batches, epoch_batches, find_fashion_mnist, load_fashion_mnist, \
+    normalise
 
 SEG_DATASETS = ("fmnist-scenes", "ade")
 SCENE_SIZE = 56
@@ -199,29 +200,15 @@ class SegTensorData:
         return replace(self, images=self.images[idx], masks=self.masks[idx], augment=augment)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return normalise(images, self.mean, self.std)
 
     def batches(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True, start: int = 0,
                 rank: int = 0, world: int = 1, drop_last: bool = False):
-        """Yield (images float, masks long) for one epoch; ``start`` skips batches already done (exact resume);
-        under DDP each rank takes an equal, disjoint share of the permutation."""
-        n = len(self)
-        order = epoch_permutation(n, seed, epoch) if shuffle else torch.arange(n)
-        if world > 1:
-            order = order[rank::world]
-            if drop_last:
-                order = order[:n // world]
-        n_batches = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
-        g = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + rank)
-        for i in range(n_batches):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            if self.augment:  # draw augmentation randomness for skipped batches too, so resume is exact
-                aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-            if i < start:
-                continue
+        """Yield (images float, masks long) for one epoch (see :func:`~workbench.data.epoch_batches`: exact resume,
+        DDP shares); a flip moves image and mask together."""
+        for idx, aug_seed in epoch_batches(len(self), batch_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                                           start=start, rank=rank, world=world, drop_last=drop_last,
+                                           augment=self.augment):
             idx = idx.to(self.masks.device)
             x, y = self.normalise(self.images[idx]), self.masks[idx].long()
             if self.augment and self.flip:
