@@ -19,7 +19,7 @@ from workbench.checkpoint import model_config, save_model
 from workbench.class_palette import CLASS_COLORS, class_rgb_array
 from workbench.explorer import (SCENES, BadImage, Explorer, example_images, example_scenes_paths, mask_scores,
                                 render_mask)
-from workbench.palette import EXPERT_COLORS, SHARED_COLOR, expert_rgb_hex
+from workbench.palette import EXPERT_COLORS, SHARED_COLOR, hex_rgb
 from workbench.segdata import SCENE_CLASSES
 
 SEG = "vimoe_seg_micro_patch7_56"
@@ -71,17 +71,17 @@ def _answer(explorer: Explorer, checkpoint, mask: np.ndarray) -> None:
 
 
 def test_class_palette_stands_apart_from_black_each_other_and_the_experts():
-    labs = [_lab(expert_rgb_hex(c)) for c in CLASS_COLORS[1:]]
+    labs = [_lab(hex_rgb(c)) for c in CLASS_COLORS[1:]]
     assert CLASS_COLORS[0] == "#000000" and len(CLASS_COLORS) == len(SCENE_CLASSES)
     assert all(lab[0] >= 40 for lab in labs), "a class colour is too dark to tell from the black background"
     assert min(np.linalg.norm(a - b) for a, b in itertools.combinations(labs, 2)) >= 35
-    experts = [_lab(expert_rgb_hex(c)) for c in EXPERT_COLORS + (SHARED_COLOR,)]
+    experts = [_lab(hex_rgb(c)) for c in EXPERT_COLORS + (SHARED_COLOR,)]
     assert min(np.linalg.norm(a - b) for a in labs for b in experts) >= 15, "a class colour reads as an expert's"
     mask = np.array([[0, 1, 10], [11, 255, -1]])
     rgb = class_rgb_array(mask, num_classes=11)
-    assert tuple(rgb[0, 0]) == (0, 0, 0) and tuple(rgb[0, 2]) == expert_rgb_hex(CLASS_COLORS[10])
+    assert tuple(rgb[0, 0]) == (0, 0, 0) and tuple(rgb[0, 2]) == hex_rgb(CLASS_COLORS[10])
     assert tuple(rgb[1, 0]) == tuple(rgb[1, 1]) == tuple(rgb[1, 2]) == (255, 255, 255)  # outside the classes
-    assert tuple(class_rgb_array(np.array([11]))[0]) == expert_rgb_hex(CLASS_COLORS[1])  # beyond 11: colours repeat
+    assert tuple(class_rgb_array(np.array([11]))[0]) == hex_rgb(CLASS_COLORS[1])  # beyond 11: colours repeat
     assert render_mask(np.array([[0, 3]]), scale=4).shape == (4, 8, 3)
 
 

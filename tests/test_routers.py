@@ -192,7 +192,7 @@ def test_explorer_shows_experts_choose_and_soft_checkpoints(tmp_path, kw):
 
     from workbench.checkpoint import model_config, save_model
     from workbench.explorer import Explorer, example_images
-    from workbench.palette import SHARED_COLOR, expert_rgb_array, expert_rgb_hex
+    from workbench.palette import SHARED_COLOR, expert_rgb_array, hex_rgb
 
     torch.manual_seed(0)
     args = dict(moe_layers="last-2", num_experts=4, **kw)
@@ -209,7 +209,7 @@ def test_explorer_shows_experts_choose_and_soft_checkpoints(tmp_path, kw):
     else:  # capacity 0.5: C = round(0.5 * 17 / 4) = 2 per expert, 8 of 17 slots: some patches left out, drawn grey
         left_out = a.experts[3] < 0
         assert left_out.any() and load.sum() == pytest.approx(1 - left_out.mean())
-        grey = np.array(expert_rgb_hex(SHARED_COLOR)) / 255
+        grey = np.array(hex_rgb(SHARED_COLOR)) / 255
         assert np.allclose(expert_rgb_array(np.array([-1]))[0], grey)
     import app  # the page's main request: the legend names the grey 'no expert' only when a patch was left out
 

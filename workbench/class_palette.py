@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .palette import hex_rgb
+
 CLASS_COLORS = (
     "#000000",  # background
     "#FB9A99", "#FEE090", "#FF7F00", "#B15928", "#C51B7D", "#F3C300", "#33A02C", "#875692", "#CAB2D6", "#80CDC1",
 )
 IGNORE_COLOR = "#FFFFFF"
-
-
-def _rgb(color: str) -> tuple[int, int, int]:
-    h = color.lstrip("#")
-    return tuple(int(h[i:i + 2], 16) for i in (0, 2, 4))
 
 
 def class_color(c: int) -> str:
@@ -38,6 +35,6 @@ def class_rgb_array(mask, num_classes: int | None = None) -> np.ndarray:
     """uint8 (..., 3) colours of an integer class mask; values < 0 or >= ``num_classes`` (when given) are white."""
     mask = np.asarray(mask, dtype=np.int64)
     top = int(mask.max(initial=0)) + 1
-    table = np.array([_rgb(class_color(c)) for c in range(top)] + [_rgb(IGNORE_COLOR)], dtype=np.uint8)
+    table = np.array([hex_rgb(class_color(c)) for c in range(top)] + [hex_rgb(IGNORE_COLOR)], dtype=np.uint8)
     outside = (mask < 0) | (mask >= (num_classes if num_classes is not None else top))
     return table[np.where(outside, top, mask)]

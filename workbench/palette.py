@@ -22,7 +22,7 @@ def expert_color(e: int) -> str:
 
 
 def expert_rgb(e: int) -> tuple[int, int, int]:
-    return expert_rgb_hex(expert_color(e))
+    return hex_rgb(expert_color(e))
 
 
 def expert_name(e: int) -> str:
@@ -34,13 +34,14 @@ def expert_name(e: int) -> str:
 def expert_rgb_array(experts) -> np.ndarray:
     """The palette colours of an integer array of experts, as floats in [0, 1] with a trailing axis of 3; -1 (no
     expert took the token: experts-choose routing) is drawn grey, as only the shared path and residual carry it."""
-    table = np.array([expert_rgb(e) for e in range(len(EXPERT_COLORS))] + [expert_rgb_hex(SHARED_COLOR)],
+    table = np.array([expert_rgb(e) for e in range(len(EXPERT_COLORS))] + [hex_rgb(SHARED_COLOR)],
                      dtype=np.float32) / 255
     experts = np.asarray(experts, dtype=np.int64)
     return table[np.where(experts < 0, len(EXPERT_COLORS), experts % len(EXPERT_COLORS))]
 
 
-def expert_rgb_hex(color: str) -> tuple[int, int, int]:
+def hex_rgb(color: str) -> tuple[int, int, int]:
+    """'#RRGGBB' -> (r, g, b), 0-255: for the expert palette and the class palette alike."""
     h = color.lstrip("#")
     return tuple(int(h[i:i + 2], 16) for i in (0, 2, 4))
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score
 
-from .specialisation import RouterInputs, _table, capture_router_inputs, mutual_information, nmi
+from .specialisation import RouterInputs, _table, capture_router_inputs, mutual_information, nmi, random_weights
 from .stats import ALPHA, empirical_p, holm
 
 NMI_METRICS = ("nmi", "object_nmi", "object_only_nmi", "interior_nmi", "boundary_nmi", "position_nmi", "mi",
@@ -65,10 +65,8 @@ def region_inputs(model, data, *, max_images: int | None = 1000, batch_size: int
             raise ValueError(f"block {i} routes whole images (routing='image'): routing against regions needs "
                              "token routing")
         x = captured[i].view(n, -1, layer.in_features)[:, layer.num_prefix_tokens:]
-        scale = getattr(layer.router, "scale", None)
-        inputs = RouterInputs(x.reshape(-1, x.shape[-1]), label.reshape(-1), torch.arange(patches).repeat(n),
-                              layer.router.weight.detach().float().cpu(), router=layer.router_type,
-                              num_experts=layer.num_experts, scale=None if scale is None else float(scale))
+        inputs = RouterInputs.of_layer(layer, x.reshape(-1, x.shape[-1]), label.reshape(-1),
+                                       torch.arange(patches).repeat(n))
         out[i] = (inputs, boundary.reshape(-1))
     return out
 
@@ -98,13 +96,9 @@ def region_test(inputs: RouterInputs, boundary: torch.Tensor, num_classes: int, 
     trained = _scores(experts, inputs.labels, boundary, inputs.positions, num_classes, E)
     valid = inputs.labels >= 0
     trained["ami"] = float(adjusted_mutual_info_score(inputs.labels[valid].numpy(), experts[valid].numpy()))
-    g = torch.Generator().manual_seed(seed)
-    norm = inputs.weight.norm()
     rand: dict[str, list[float]] = {k: [] for k in NMI_METRICS}
-    for _ in range(draws):
-        w = torch.randn(inputs.weight.shape, generator=g)
-        s = _scores(inputs.first_choice(w * norm / w.norm()), inputs.labels, boundary, inputs.positions,
-                    num_classes, E)
+    for w in random_weights(inputs.weight, draws, seed):
+        s = _scores(inputs.first_choice(w), inputs.labels, boundary, inputs.positions, num_classes, E)
         for k in NMI_METRICS:
             rand[k].append(s[k])
     out = dict(trained)

@@ -176,15 +176,13 @@ def region_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
 def scene_rows(model, n: int = 4) -> list[dict]:
     """For :func:`workbench.viz.segmentation_panels`: the first ``n`` fixed test scenes with their ground truth,
     the model's prediction and each MoE block's expert map."""
-    import torch
-
+    from .data import normalise
     from .routing import run_with_routing
     from .segdata import example_scenes
 
     images, masks = example_scenes(n)
-    cfg = model.pretrained_cfg
-    x = (images.float() / 255 - torch.tensor(cfg["mean"]).view(1, -1, 1, 1)) / torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-    logits, cache = run_with_routing(model, x)
+    logits, cache = run_with_routing(model, normalise(images, model.pretrained_cfg["mean"],
+                                                      model.pretrained_cfg["std"]))
     pred = logits.argmax(1)
     return [{"image": images[i, 0].numpy(), "ground truth": masks[i].numpy(), "prediction": pred[i].numpy(),
              **{f"block {b}": cache[b].top1()[i].numpy() for b in cache.layers()}} for i in range(n)]
@@ -198,17 +196,13 @@ def arm_costs(kind: str, protocol: str = "scratch", batch: int | None = None) ->
     import timm
 
     from .flops import profile
-    from .vimoe import split_moe_kwargs
 
     s = st.load_study(study_file(kind, protocol))
     batch = batch or s["train"].get("batch_size", 128)
 
     def gmacs(name: str) -> float:
         source, config = st._source(s, name)
-        kwargs = {**source["common"], **source["configs"][config]}
-        kwargs.pop("clean_start", None)
-        if kwargs.get("moe_layers") == "none":
-            kwargs = {"moe_layers": "none", **split_moe_kwargs(kwargs)[1]}
+        kwargs, _ = st.arm_model_kwargs(source, config)
         return profile(timm.create_model(source["model"], **kwargs), batch=batch).macs / 1e9
 
     controls = {c["treatment"]: c.get("control", s["control"]) for c in s["claims"] if c["kind"] == "paired"}

@@ -96,6 +96,13 @@ class RouterInputs:
     num_experts: int | None = None
     scale: float | None = None  # Soft MoE's normalised-logit scale
 
+    @classmethod
+    def of_layer(cls, layer, x: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None) -> "RouterInputs":
+        """The inputs ``x`` a MoE ``layer``'s router saw, with that router's weight, kind, experts and scale."""
+        scale = getattr(layer.router, "scale", None)
+        return cls(x, labels, positions, layer.router.weight.detach().float().cpu(), router=layer.router_type,
+                   num_experts=layer.num_experts, scale=None if scale is None else float(scale))
+
     def first_choice(self, weight: torch.Tensor) -> torch.Tensor:
         """Each unit's expert under ``weight``: top-k's first choice; for experts-choose the expert the token
         prefers (its largest router probability: which experts take it also depends on the other tokens); for
@@ -145,24 +152,30 @@ def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int
     out = {}
     for i, layer in layers.items():
         x = inputs[i]
-        scale = getattr(layer.router, "scale", None)
-        about = dict(router=layer.router_type, num_experts=layer.num_experts,
-                     scale=None if scale is None else float(scale))
         if layer.routing == "image":
-            out[i] = RouterInputs(x, y, None, layer.router.weight.detach().float().cpu(), **about)
+            out[i] = RouterInputs.of_layer(layer, x, y, None)
             continue
         tokens = x.shape[0] // len(y)
         prefix = layer.num_prefix_tokens
         x = x.view(len(y), tokens, -1)[:, prefix:]
         n = x.shape[1]
-        out[i] = RouterInputs(x.reshape(-1, x.shape[-1]), y.repeat_interleave(n), torch.arange(n).repeat(len(y)),
-                              layer.router.weight.detach().float().cpu(), **about)
+        out[i] = RouterInputs.of_layer(layer, x.reshape(-1, x.shape[-1]), y.repeat_interleave(n),
+                                       torch.arange(n).repeat(len(y)))
     return out
 
 
 def _table(rows: torch.Tensor, experts: torch.Tensor, num_rows: int, num_experts: int) -> torch.Tensor:
     return torch.bincount(rows * num_experts + experts, minlength=num_rows * num_experts).view(
         num_rows, num_experts).float()
+
+
+def random_weights(weight: torch.Tensor, draws: int, seed: int = 0):
+    """``draws`` Gaussian router weights of ``weight``'s shape and norm, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    norm = weight.norm()
+    for _ in range(draws):
+        w = torch.randn(weight.shape, generator=g)
+        yield w * norm / w.norm()
 
 
 def random_router_test(inputs: RouterInputs, num_classes: int, *, draws: int = 100, seed: int = 0) -> dict:
@@ -178,12 +191,7 @@ def random_router_test(inputs: RouterInputs, num_classes: int, *, draws: int = 1
         return cls, pos
 
     trained = scores(inputs.weight)
-    g = torch.Generator().manual_seed(seed)
-    norm = inputs.weight.norm()
-    rand = []
-    for _ in range(draws):
-        w = torch.randn(inputs.weight.shape, generator=g)
-        rand.append(scores(w * norm / w.norm()))
+    rand = [scores(w) for w in random_weights(inputs.weight, draws, seed)]
     cls_draws = torch.tensor([r[0] for r in rand])
     pos_draws = torch.tensor([r[1] for r in rand])
     from .stats import empirical_p

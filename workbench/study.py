@@ -189,9 +189,9 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 
 
 # -- one run ----------------------------------------------------------------------------------------------------
-def _train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
-    from .train import TrainConfig
-
+def arm_model_kwargs(study: dict, config: str) -> tuple[dict, dict]:
+    """(model keyword arguments, upcycling keyword arguments) of one arm, as its runs build it: the study's
+    ``common`` overlaid with the config; a dense arm drops the MoE switches, which mean nothing to it."""
     from .vimoe import split_moe_kwargs
 
     kwargs = {**study["common"], **study["configs"][config]}
@@ -201,7 +201,14 @@ def _train_config(study: dict, config: str, seed: int, out: Path, device: str, q
         init_kwargs = {}
     moe, other = split_moe_kwargs(kwargs)
     if other.get("moe_layers", "none") == "none":
-        kwargs = {"moe_layers": "none", **other}  # a dense arm: MoE switches mean nothing to it
+        kwargs = {"moe_layers": "none", **other}
+    return kwargs, init_kwargs
+
+
+def _train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
+    from .train import TrainConfig
+
+    kwargs, init_kwargs = arm_model_kwargs(study, config)
     values = {"quiet": quiet, "device": device, **study["train"], **init_kwargs, "seed": seed,
               "model_kwargs": kwargs, "output": str(out)}
     if study["protocol"] == "upcycle":
