@@ -1,5 +1,6 @@
 """Routing against ground-truth regions: patch labels by hand, and a region test whose baseline can fail (a planted
 router is detected, a random one is not)."""
+import pytest
 import torch
 
 from workbench.regions import patch_labels, region_test
@@ -35,6 +36,9 @@ def test_planted_router_is_detected_and_a_random_one_is_not():
                             / c.numel() ** 0.5)
     r = region_test(rnd, boundary, num_classes=4, draws=30)
     assert r["p_nmi"] > 0.05, "a random router is one more draw from the baseline: it must not come out specialised"
+    assert r["p_bal_nmi"] > 0.05 and r["p_bal_mi"] > 0.05  # nor in the balanced test
+    r = region_test(planted, boundary, num_classes=4, draws=30)
+    assert r["p_bal_nmi"] == pytest.approx(1 / 31) and r["p_bal_mi"] == pytest.approx(1 / 31)
 
 
 def test_region_report_on_an_untrained_segmentation_vimoe():
@@ -54,5 +58,5 @@ def test_region_report_on_an_untrained_segmentation_vimoe():
     assert table["block"].tolist() == [0, 1, 2, 3] and table["patches"].iloc[0] > 0
     for metric in NMI_METRICS:
         assert {metric, f"random_{metric}", f"p_{metric}"} <= set(table.columns)
-    assert not table["specialised"].any()
+    assert not table["specialised"].any() and not table["specialised_balanced"].any()
     assert ((table["ami"] <= table["nmi"] + 1e-9)).all()  # AMI removes chance agreement

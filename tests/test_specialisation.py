@@ -7,15 +7,16 @@ import torch
 import workbench  # noqa: F401
 from workbench.data import synthetic, TensorData
 from workbench.routing import collect_routing
-from workbench.specialisation import (RouterInputs, layer_report, layers_to_densify, random_router_baseline,
-                                      random_router_test, specialisation_report)
+from workbench.specialisation import (RouterInputs, _table, layer_report, layers_to_densify, nmi,
+                                      random_router_baseline, random_router_test, specialisation_report)
+from workbench.stats import empirical_p
 
 
-def _class_clustered(n=3000, d=16, classes=10, seed=0):
+def _class_clustered(n=3000, d=16, classes=10, seed=0, spread=2.0):
     """Features with class structure, as deep layer inputs have."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, classes, (n,), generator=g)
-    centres = torch.randn(classes, d, generator=g) * 2
+    centres = torch.randn(classes, d, generator=g) * spread
     return centres[labels] + torch.randn(n, d, generator=g), labels, centres
 
 
@@ -79,3 +80,84 @@ def test_layers_to_densify_needs_calls_or_a_count():
     with pytest.raises(ValueError, match="random-router baseline"):
         layers_to_densify(report)
     assert len(layers_to_densify(report, count=1)) == 1
+
+
+# --- the load-matched random-router baseline ---------------------------------------------------------------
+
+def test_match_load_meets_every_quota_with_one_bias_per_expert():
+    from workbench.specialisation import match_load
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(1000, 8, generator=g)
+    counts = torch.tensor([300, 200, 150, 100, 100, 80, 40, 30])
+    experts = match_load(scores, counts)
+    assert torch.equal(torch.bincount(experts, minlength=8), counts)
+    # quotas that the argmax already meets change nothing
+    free = torch.bincount(scores.argmax(-1), minlength=8)
+    assert torch.equal(match_load(scores, free), scores.argmax(-1))
+    # still an argmax router: a unit's expert beats every other expert by the same per-expert offsets, so
+    # two units on the same expert pair are ordered by their score difference
+    assert (experts != scores.argmax(-1)).any()
+    empty = torch.tensor([500, 500, 0, 0, 0, 0, 0, 0])
+    assert set(match_load(scores, empty).tolist()) == {0, 1}
+    with pytest.raises(ValueError, match="quotas sum to 999"):
+        match_load(scores, counts - torch.nn.functional.one_hot(torch.tensor(0), 8))
+
+
+def test_untrained_routers_pass_the_balanced_test_as_often_as_alpha():
+    """Balancing the trained router and the draws alike keeps an untrained router one more draw: on 40
+    untrained routers the balanced test rejects about 5%, as the plain random-router test does."""
+    x, labels, _ = _class_clustered(spread=3.0)
+    rejected = {"p_balanced": 0, "p_random": 0}
+    for seed in range(40):
+        w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1000 + seed))
+        r = random_router_test(RouterInputs(x, labels, None, w), 10, draws=20, seed=seed)
+        for key in rejected:
+            rejected[key] += r[key] < 0.05
+    assert rejected["p_balanced"] <= 5 and rejected["p_random"] <= 5, rejected
+
+
+def test_matching_the_draws_to_the_trained_loads_would_not_be_a_fair_null():
+    """Why the balanced test balances both sides: random routers forced to an untrained router's own (uneven)
+    loads carry less class information than it does, so it would beat them far more often than alpha."""
+    from workbench.specialisation import match_load, random_weights
+
+    x, labels, _ = _class_clustered(spread=3.0)
+    rejected = 0
+    for seed in range(40):
+        w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1000 + seed))
+        inputs = RouterInputs(x, labels, None, w)
+        chosen = inputs.first_choice(w)
+        counts = torch.bincount(chosen, minlength=8)
+        own = nmi(_table(labels, chosen, 10, 8))
+        forced = [nmi(_table(labels, match_load(inputs.scores(r), counts), 10, 8))
+                  for r in random_weights(w, 20, seed)]
+        rejected += empirical_p(own, torch.tensor(forced).numpy()) < 0.05
+    assert rejected >= 8, rejected  # >= 20% where alpha is 5%
+
+
+def test_balanced_test_detects_a_planted_router_and_equalises_the_loads():
+    x, labels, centres = _class_clustered()
+    inputs = RouterInputs(x, labels, None, centres[:8].clone())
+    r = random_router_test(inputs, 10, draws=50, seed=0)
+    assert r["p_random"] == pytest.approx(1 / 51) and r["p_balanced"] == pytest.approx(1 / 51)
+    assert r["bal_excess"] > 0.1
+    from workbench.specialisation import match_load, mutual_information, random_weights, uniform_counts
+
+    equal = uniform_counts(len(labels), 8)
+    assert equal.sum() == len(labels) and equal.max() - equal.min() <= 1
+    for w in random_weights(inputs.weight, 3, seed=1):
+        experts = match_load(inputs.scores(w), equal)
+        assert torch.equal(torch.bincount(experts, minlength=8), equal)
+        h_balanced = mutual_information(_table(labels, experts, 10, 8))[2]
+        h_plain = mutual_information(_table(labels, inputs.first_choice(w), 10, 8))[2]
+        assert h_plain < h_balanced  # the plain draws' loads are uneven
+
+
+def test_untrained_vimoe_layers_are_not_specialised_in_the_balanced_test_either():
+    model = timm.create_model("vimoe_micro_patch7_28", moe_layers="all", num_experts=4).eval()
+    images, labels = synthetic(400, 10, 28, 1, seed=3)
+    data = TensorData(images, labels, (0.5,), (0.25,), 10)
+    report, _ = specialisation_report(model, data, draws=40, max_images=None, seed=0)
+    assert not report["specialised_balanced"].any()
+    assert (report["p_holm_balanced"] >= report["p_balanced"]).all()

@@ -21,6 +21,9 @@ A patch's label is the most frequent label of its pixels; ties go to the lower c
 Each beside the same metric of ``draws`` random routers with the trained router's norm on the *same* layer inputs
 (the baseline an untrained router must fail to beat): ``random_<metric>`` their mean and ``p_<metric>`` the
 one-sided empirical p-value; ``specialised`` when the class NMI beats them after Holm across the model's layers.
+The balanced test (as in :mod:`workbench.specialisation`): the trained router and every draw each given one bias
+per expert so that all experts take equal loads (equal expert entropy, so NMI and MI rank alike): ``bal_nmi`` /
+``bal_mi`` against ``bal_random_nmi`` / ``bal_random_mi``, ``p_bal_nmi`` / ``p_bal_mi``, ``specialised_balanced``.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_mutual_info_score
 
-from .specialisation import RouterInputs, _table, capture_router_inputs, mutual_information, nmi, random_weights
+from .specialisation import (RouterInputs, _table, capture_router_inputs, match_load, mutual_information, nmi,
+                             random_weights, uniform_counts)
 from .stats import ALPHA, empirical_p, holm
 
 NMI_METRICS = ("nmi", "object_nmi", "object_only_nmi", "interior_nmi", "boundary_nmi", "position_nmi", "mi",
@@ -96,16 +100,32 @@ def region_test(inputs: RouterInputs, boundary: torch.Tensor, num_classes: int, 
     trained = _scores(experts, inputs.labels, boundary, inputs.positions, num_classes, E)
     valid = inputs.labels >= 0
     trained["ami"] = float(adjusted_mutual_info_score(inputs.labels[valid].numpy(), experts[valid].numpy()))
+    y = inputs.labels[valid]
+    equal = uniform_counts(len(y), E)  # equal loads over the labelled patches
+
+    def balanced(scores: torch.Tensor) -> dict[str, float]:
+        table = _table(y, match_load(scores[valid], equal), num_classes, E)
+        return {"nmi": nmi(table), "mi": mutual_information(table)[0]}
+
+    trained_bal = balanced(inputs.scores(inputs.weight))
     rand: dict[str, list[float]] = {k: [] for k in NMI_METRICS}
+    matched: dict[str, list[float]] = {"nmi": [], "mi": []}
     for w in random_weights(inputs.weight, draws, seed):
-        s = _scores(inputs.first_choice(w), inputs.labels, boundary, inputs.positions, num_classes, E)
+        scores = inputs.scores(w)
+        s = _scores(scores.argmax(-1), inputs.labels, boundary, inputs.positions, num_classes, E)
         for k in NMI_METRICS:
             rand[k].append(s[k])
+        for k, v in balanced(scores).items():
+            matched[k].append(v)
     out = dict(trained)
     for k in NMI_METRICS:
         values = torch.tensor(rand[k])
         out[f"random_{k}"] = float(values.mean())
         out[f"p_{k}"] = empirical_p(trained[k], values.numpy())
+    for k, values in matched.items():
+        out[f"bal_{k}"] = trained_bal[k]
+        out[f"bal_random_{k}"] = float(torch.tensor(values).mean())
+        out[f"p_bal_{k}"] = empirical_p(trained_bal[k], torch.tensor(values).numpy())
     out["excess"] = trained["nmi"] - out["random_nmi"]
     out["draws"], out["patches"] = draws, int(valid.sum())
     out["boundary_share"] = float(boundary[valid].float().mean())
@@ -124,4 +144,6 @@ def region_report(model, data, *, max_images: int | None = 1000, draws: int = 20
     if len(table):
         table["p_holm"] = holm(table["p_nmi"].tolist())
         table["specialised"] = table["p_holm"] < alpha
+        table["p_holm_balanced"] = holm(table["p_bal_nmi"].tolist())
+        table["specialised_balanced"] = table["p_holm_balanced"] < alpha
     return table
