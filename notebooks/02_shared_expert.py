@@ -52,3 +52,12 @@ print(f"scratch last-2-fine seed 0, tiny budget: test acc {slice_['test_acc']:.4
 # %%
 tables = report.show_claims("shared_expert")
 print("verdicts:", report.verdict_counts(tables))
+
+# %% [markdown]
+# ## Confirmation on 16 fresh seeds
+#
+# The equal-FLOP pair in the last two blocks (top-1 + shared vs top-2) is a headline claim. It was repeated with
+# 16 fresh seeds in the confirmatory study, whose sample size was fixed from this pilot (see notebook 01):
+
+# %%
+_ = report.show_claim_kinds("confirm", ids=["shared-beats-top2-last2"])

@@ -96,6 +96,14 @@ print(check.set_index("block")[["nmi", "random_nmi", "p_nmi", "mi", "random_mi",
                                  "position_nmi", "random_position_nmi", "p_position_nmi"]].round(4).T.to_string())
 
 # %% [markdown]
+# The same comparison at equal loads (the balanced test, see notebook 03): the trained router and each random one
+# get per-expert biases that give every expert the same number of patches, so NMI and MI rank alike.
+
+# %%
+print(check.set_index("block")[["bal_nmi", "bal_random_nmi", "p_bal_nmi", "bal_mi", "bal_random_mi", "p_bal_mi",
+                                 "p_holm_balanced", "specialised_balanced"]].round(4).T.to_string())
+
+# %% [markdown]
 # ## Live check
 #
 # The last-2 arm at a tiny budget, from scratch, one thread: digits nbval compares exactly.

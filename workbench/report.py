@@ -128,19 +128,45 @@ def live_slice(kind: str, protocol: str, config: str, seed: int = 0, *, train_su
     return record
 
 
-def show_claim_kinds(kind: str, claim_kinds) -> dict[str, pd.DataFrame]:
-    """Print only the claims of the given kinds (e.g. the routing or pruning claims of the placement studies)."""
+def show_claim_kinds(kind: str, claim_kinds=None, ids=None) -> dict[str, pd.DataFrame]:
+    """Print only the claims of the given kinds (e.g. the routing or pruning claims of the placement studies)
+    and/or the given claim ids."""
     out = {}
     for protocol in protocols(kind):
         t = claims(kind, protocol)
         if t is None:
             print(f"{protocol}: not recorded yet")
             continue
-        t = t[t["kind"].isin(list(claim_kinds))]
+        if claim_kinds is not None:
+            t = t[t["kind"].isin(list(claim_kinds))]
+        if ids is not None:
+            t = t[t["id"].isin(list(ids))]
         print(f"== {protocol} protocol")
         print(st.format_claims(t), "\n")
         out[protocol] = t
     return out
+
+
+def pilot_vs_confirmation(pilots=("placement", "shared_expert"), confirmation: str = "confirm",
+                          protocol: str = "scratch") -> pd.DataFrame:
+    """Each claim of the confirmatory study beside the same claim (same id) of the pilot studies it repeats: the
+    pilot's estimate, interval and verdict on its seeds, then the confirmation's on its fresh seeds."""
+    confirm = claims(confirmation, protocol)
+    if confirm is None:
+        raise FileNotFoundError(f"{confirmation} ({protocol}) has no recorded runs yet")
+    pilot = pd.concat([t for k in pilots if (t := claims(k, protocol)) is not None])
+    rows = []
+    for r in confirm.itertuples():
+        p = pilot[pilot["id"] == r.id]
+        row = {"claim": r.id, "contrast": r.contrast}
+        if len(p):
+            q = p.iloc[0]
+            row.update(pilot_n=int(q["n"]), pilot=f"{q['estimate']:+.3f} [{q['low']:+.3f}, {q['high']:+.3f}]",
+                       pilot_verdict=q["verdict"])
+        row.update(n=int(r.n), confirmation=f"{r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}]",
+                   half_width=(r.high - r.low) / 2, verdict=r.verdict)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def specialisation_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
