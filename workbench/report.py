@@ -166,7 +166,10 @@ def pilot_vs_confirmation(pilots=("placement", "shared_expert"), confirmation: s
         row.update(n=int(r.n), confirmation=f"{r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}]",
                    half_width=(r.high - r.low) / 2, verdict=r.verdict)
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "pilot_n" in table:
+        table["pilot_n"] = table["pilot_n"].astype("Int64")
+    return table
 
 
 def specialisation_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
