@@ -213,7 +213,8 @@ def test_shipped_study_files_are_valid():
             assert study["claims"], f"{path.name}: claims are stated before the runs"
         names.setdefault((study["profile"], study["protocol"]), set()).add(study["name"])
     assert names[("cpu", "scratch")] == {"scratch-placement", "scratch-shared-expert", "scratch-routing",
-                                         "scratch-routers", "scratch-segmentation", "scratch-confirm"}
+                                         "scratch-routers", "scratch-segmentation", "scratch-confirm",
+                                         "scratch-confirm-all"}
 
 
 def test_cli_says_plainly_what_is_missing(tmp_path, scratch_file, capsys):
