@@ -330,7 +330,9 @@ def build_app(checkpoint=None) -> gr.Blocks:
                 seen = gr.Image(label="As the model sees it", interactive=False, elem_id="seen")
                 top5 = gr.Label(num_top_classes=5, label=TOP5_LABEL)
             with gr.Column(scale=1):
-                layer = gr.Dropdown([], label="MoE layer", elem_id="layer")
+                # choices arrive with the first analysis; a client of /analyse may name a layer before that (a
+                # block the checkpoint does not route shows its last MoE layer instead)
+                layer = gr.Dropdown([], label="MoE layer", elem_id="layer", allow_custom_value=True)
                 mode = gr.Radio([("by gate (paler: lower gate)", GATE), ("plain (opaque)", PLAIN)], value=GATE,
                                 label="Overlay opacity", elem_id="mode")
                 gr.Markdown("Expert per patch: click a patch to see its router distribution")

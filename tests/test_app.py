@@ -256,6 +256,11 @@ def test_app_predicts_an_example(served, checkpoints):
                                                    picked=(3, 3)))  # opaque, the shown patch framed
     image = _predict(client, EXAMPLE, checkpoints / "image")
     assert "Image-level routing" in image[-1]
+    # an API client may name the layer on its first request, before the page has any layer choices
+    first = _predict(client, EXAMPLE, checkpoints / "token", layer="4")
+    assert first[2]["value"] == "4" and first[4] == layers
+    unknown = _predict(client, EXAMPLE, checkpoints / "token", layer="9")
+    assert unknown[2]["value"] == "5"  # not a MoE block of this checkpoint: its last MoE layer
 
 
 def test_identical_outputs_are_written_once(checkpoints):
