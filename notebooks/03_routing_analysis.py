@@ -108,6 +108,23 @@ print(f"specialised at equal loads: trained {int(trained['specialised_balanced']
       f"untrained {int(control['specialised_balanced'].sum())} of 2")
 
 # %% [markdown]
+# ### What "specialised" can and cannot mean: a router built without labels
+#
+# Both tests ask whether routing is more class-aligned than a random, isotropic split of the same inputs. A router
+# that never saw a label can pass them too, by following the inputs' main axes of variation. Here is such a router
+# on the shipped model's inputs: the top 4 principal directions and their negatives. If it beats the baselines,
+# then "specialised" reads as "more class-aligned than a random split", not as "learned from the labels".
+
+# %%
+from workbench.specialisation import principal_weights, random_router_test, router_inputs, RouterInputs
+model, _ = load_model(os.path.join(ROOT, "experiments/checkpoints/vimoe_tiny_fmnist"))
+for block, inp in router_inputs(model, val, max_images=1000).items():
+    pca = RouterInputs(inp.x, inp.labels, inp.positions, principal_weights(inp), num_experts=inp.num_experts)
+    r = random_router_test(pca, 10, draws=50, seed=block)
+    print(f"block {block}: label-free router NMI {r['nmi']:.4f} vs random {r['random_nmi']:.4f} (p {r['p_random']:.3f}); "
+          f"balanced {r['bal_nmi']:.4f} vs {r['bal_random_nmi']:.4f} (p {r['p_balanced']:.3f})")
+
+# %% [markdown]
 # ## What the experts take: class x expert and position x expert
 #
 # One recorded run (scratch protocol, `all`, seed 0): P(expert | class) per layer, and the dominant expert at each
@@ -140,3 +157,14 @@ contrasts = report.show_summary("routing")
 # %%
 _ = report.show_claim_kinds("placement", ["excess", "depth_trend"])
 tables = report.show_claims("routing")
+
+# %% [markdown]
+# ### Confirmation on 16 fresh seeds
+#
+# The pilot's routing claims on the all-MoE model were inconclusive after Holm with 5 seeds. They were repeated on
+# 16 fresh seeds (`experiments/studies/scratch/confirm_all.yaml`, claims written before its runs), and last-2's
+# last block in `confirm.yaml`:
+
+# %%
+_ = report.show_claim_kinds("confirm_all", claim_kinds=["excess", "depth_trend"])
+_ = report.show_claim_kinds("confirm", claim_kinds=["excess"])

@@ -230,3 +230,37 @@ def test_cli_says_plainly_what_is_missing(tmp_path, scratch_file, capsys):
         load_study(notes)
     with pytest.raises(StudyError, match="--jobs 0 is invalid"):
         run_study(scratch_file, jobs=0, results=tmp_path / "r", allow_dirty=True)
+
+
+def test_seeds_for_half_width_uses_the_t_quantile_of_the_new_sample_size():
+    from scipy import stats as sps
+
+    from workbench.study import seeds_for_half_width
+
+    hw = sps.t.ppf(0.975, 15) / 4  # SD 1 with 16 seeds
+    assert seeds_for_half_width(hw, 16, target=hw) == 16
+    assert seeds_for_half_width(hw, 16, target=hw * 0.999) == 17
+    # the pilot's five-seed intervals: the old n * (hw / 0.5)^2 kept t(4) and asked for 15, 17, 22 seeds
+    assert [seeds_for_half_width(h, 5) for h in (0.854, 0.900, 1.035)] == [10, 11, 14]
+    assert seeds_for_half_width(float("nan"), 5) is None
+
+
+def test_an_untracked_file_makes_the_tree_dirty_but_new_records_do_not(tmp_path, monkeypatch):
+    import subprocess
+
+    from workbench import provenance
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    monkeypatch.setattr(provenance, "ROOT", tmp_path)
+    assert not provenance.git_commit().endswith("+dirty")
+    (tmp_path / "experiments" / "results" / "s").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "s" / "dense__seed0.json").write_text("{}")
+    assert not provenance.git_commit().endswith("+dirty")  # a study's own records, being written
+    (tmp_path / "new_module.py").write_text("y = 2\n")
+    assert provenance.git_commit().endswith("+dirty")

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        # untracked files count too (a new module not yet committed), except the records a study is writing
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal", "--", ".",
+                                ":(exclude)experiments/results"], cwd=ROOT,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):

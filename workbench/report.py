@@ -172,6 +172,26 @@ def pilot_vs_confirmation(pilots=("placement", "shared_expert"), confirmation: s
     return table
 
 
+def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.DataFrame:
+    """The paired difference (points of test accuracy) between two arms after every epoch, over the seeds both
+    recorded: does a gap close or widen as training goes on?"""
+    from .stats import paired
+
+    s = st.load_study(study_file(kind, protocol))
+    seeds = [k for k in s["seeds"] if st.result_path(s, treatment, k).exists() and st.result_path(s, control, k).exists()]
+    if len(seeds) < 2:
+        raise FileNotFoundError(f"{kind} ({protocol}): fewer than two seeds recorded for both {treatment} and {control}")
+    hist = {c: [[h["test_acc"] for h in st.load_record(s, c, k)["history"]] for k in seeds] for c in (treatment, control)}
+    rows = []
+    for e in range(len(hist[treatment][0])):
+        a = pd.Series([h[e] for h in hist[treatment]], index=seeds) * 100
+        b = pd.Series([h[e] for h in hist[control]], index=seeds) * 100
+        d = paired(a, b)
+        rows.append({"epoch": e + 1, "n": len(seeds), f"{treatment} acc": a.mean() / 100,
+                     f"{control} acc": b.mean() / 100, "delta pts": d.mean, "low": d.low, "high": d.high})
+    return pd.DataFrame(rows)
+
+
 def specialisation_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
     """Per config and MoE block, over seeds: the class NMI of the trained routers' own choices on the random-router
     test's inputs (``router_nmi`` = random mean + excess), the random routers' mean, the excess, and in how many

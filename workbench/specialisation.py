@@ -194,13 +194,17 @@ def random_weights(weight: torch.Tensor, draws: int, seed: int = 0):
 
 def match_load(scores: torch.Tensor, counts: torch.Tensor, sweeps: int = 30) -> torch.Tensor:
     """Each of U units' expert under ``scores`` (U, E) plus one bias per expert, the biases chosen so that expert
-    e gets ``counts[e]`` units (sum U): still an argmax router (a linear router with a bias, as aux-loss-free
-    balancing uses), only with its loads set.  Gauss-Seidel over the experts: each bias is set exactly so that
-    its expert takes its quota given the others; ``sweeps`` rounds bring every load to its quota (to within a
-    few units when scores tie)."""
+    e gets exactly ``counts[e]`` units (sum U): still an argmax router (a linear router with a bias, as aux-loss-free
+    balancing uses), only with its loads set.  Gauss-Seidel over the experts: each bias is set so that its expert
+    takes its quota given the others; with distinct scores a few sweeps meet every quota.  Where tied scores keep
+    a quota from being met by biases alone, the units of an over-full expert with the smallest margin move to
+    their best expert that still has room, so the quotas always hold exactly."""
     U, E = scores.shape
-    if int(counts.sum()) != U:
+    counts = counts.long()
+    if int(counts.sum()) != U or (counts < 0).any():
         raise ValueError(f"the quotas sum to {int(counts.sum())}, not to the {U} units")
+    if (counts == U).any():  # one expert takes everything
+        return torch.full((U,), int((counts == U).nonzero()[0]), dtype=torch.long)
     scores = scores.double()
     bias = torch.zeros(E, dtype=scores.dtype)
     bias[counts == 0] = -math.inf
@@ -211,12 +215,32 @@ def match_load(scores: torch.Tensor, counts: torch.Tensor, sweeps: int = 30) -> 
             shifted[:, e] = -math.inf
             margin = scores[:, e] - shifted.max(1).values  # unit joins e when bias_e > -margin
             k = int(counts[e])
-            top = margin.topk(min(k + 1, U)).values
-            # midway between the k-th and (k+1)-th largest margins: exactly k units prefer e
-            bias[e] = -(top[k - 1] + top[k]) / 2 if k < U else -top[-1] + 1.0
-        if torch.equal(torch.bincount((scores + bias).argmax(-1), minlength=E), counts.long()):
+            top = margin.topk(k + 1).values
+            # midway between the k-th and (k+1)-th largest margins: exactly k units prefer e (ties aside)
+            bias[e] = -(top[k - 1] + top[k]) / 2
+        if torch.equal(torch.bincount((scores + bias).argmax(-1), minlength=E), counts):
             break
-    return (scores + bias).argmax(-1)
+    shifted = scores + bias
+    expert = shifted.argmax(-1)
+    load = torch.bincount(expert, minlength=E)
+    while (load > counts).any():  # ties: move the least committed units of an over-full expert
+        e = int((load - counts).argmax())
+        mine = (expert == e).nonzero().squeeze(1)
+        room = load < counts
+        others = shifted[mine].masked_fill(~room, -math.inf)
+        best, target = others.max(1)
+        order = (shifted[mine, e] - best).argsort()  # smallest margin first
+        moved = 0
+        for i in order.tolist():
+            if moved == int(load[e] - counts[e]):
+                break
+            t = int(target[i]) if load[int(target[i])] < counts[int(target[i])] else \
+                int(shifted[mine[i]].masked_fill(~(load < counts), -math.inf).argmax())
+            expert[mine[i]] = t
+            load[t] += 1
+            load[e] -= 1
+            moved += 1
+    return expert
 
 
 def uniform_counts(units: int, experts: int) -> torch.Tensor:
@@ -224,6 +248,18 @@ def uniform_counts(units: int, experts: int) -> torch.Tensor:
     counts = torch.full((experts,), units // experts)
     counts[: units % experts] += 1
     return counts
+
+
+def principal_weights(inputs: RouterInputs) -> torch.Tensor:
+    """A router built without labels: the top E/2 principal directions of the layer inputs and their negatives
+    (E experts), at the trained router's norm.  What beats the random routers only by following the inputs' main
+    axes of variation, this router matches too: a reference for reading ``specialised``."""
+    E = inputs.num_experts or inputs.weight.shape[0]
+    x = inputs.x - inputs.x.mean(0)
+    _, _, v = torch.linalg.svd(x[:20000], full_matrices=False)
+    half = v[: (E + 1) // 2]
+    w = torch.cat([half, -half])[:E]
+    return w * inputs.weight.norm() / w.norm()
 
 
 def random_router_test(inputs: RouterInputs, num_classes: int, *, draws: int = 100, seed: int = 0) -> dict:

@@ -718,10 +718,25 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     # verdict with the estimate on the other side is not the same as one on the paper's side
     table["side"] = [_side(r.estimate, r.expect, r.margin) for r in table.itertuples()]
     # seeds that would make the interval +/- 0.5 points at the observed spread (accuracy claims)
-    table["seeds_needed"] = [math.ceil(r.n * ((r.high - r.low) / 2 / 0.5) ** 2)
+    table["seeds_needed"] = [seeds_for_half_width((r.high - r.low) / 2, int(r.n))
                               if r.kind in ("paired", "pruning") and r.high == r.high else None
                               for r in table.itertuples()]
     return table
+
+
+def seeds_for_half_width(half_width: float, n: int, target: float = 0.5, limit: int = 10_000) -> int | None:
+    """The smallest number of seeds whose 95% t-interval is at most +/- ``target`` at the spread that gave
+    ``half_width`` with ``n`` seeds (SD = half_width * sqrt(n) / t(n-1)); the t quantile is the new n's, not the
+    observed one's.  A point estimate of the spread: with few seeds the SD itself is uncertain."""
+    from scipy import stats as sps
+
+    if n < 2 or half_width != half_width:
+        return None
+    sd = half_width * math.sqrt(n) / sps.t.ppf(0.975, n - 1)
+    for m in range(2, limit + 1):
+        if sps.t.ppf(0.975, m - 1) * sd / math.sqrt(m) <= target:
+            return m
+    return None
 
 
 def _side(estimate: float, expect: str, margin: float) -> str:
