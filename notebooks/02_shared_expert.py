@@ -30,6 +30,13 @@ pd.set_option("display.width", 140)
 # %%
 contrasts = report.show_summary("shared_expert")
 
+# %% [markdown]
+# Clean starts of the upcycled arms (see notebook 01): `zero` and `split` must start at the base; `copy` is the
+# ablation that does not, and its step-0 accuracy shows how far from the base it starts.
+
+# %%
+print(report.clean_starts("shared_expert").to_string(index=False))
+
 # %%
 viz.forest_plot(contrasts, title="Shared expert: paired difference from the dense control (95% CI)")
 

@@ -46,7 +46,7 @@ for protocol in report.PROTOCOLS:
                                    excess=("excess", "mean"), specialised=("specialised", "sum"),
                                    null_nmi=("null_nmi", "mean"), position_nmi=("position_nmi", "mean"),
                                    random_position_nmi=("random_position_nmi", "mean")).round(4)
-    print(f"== {protocol} protocol, all-MoE model")
+    print(f"== {report.label(protocol)}, all-MoE model")
     print(table.to_string(), "\n")
 routing = pd.concat(rows) if rows else pd.DataFrame()
 

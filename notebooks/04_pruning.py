@@ -37,7 +37,7 @@ for protocol in report.PROTOCOLS:
         continue
     cols = ["seed", "least_blocks", "least_rank", "full_test", "least_test", "most_test", "best_val_test",
             "all_mean_test", "random_mean_test"]
-    print(f"== {protocol} protocol: params {pr['full_params'].iloc[0] / 1e6:.3f}M -> {pr['pruned_params'].iloc[0] / 1e6:.3f}M, "
+    print(f"== {report.label(protocol)}: params {pr['full_params'].iloc[0] / 1e6:.3f}M -> {pr['pruned_params'].iloc[0] / 1e6:.3f}M, "
           f"GMACs {pr['full_gmacs'].iloc[0]:.6f} -> {pr['pruned_gmacs'].iloc[0]:.6f}")
     print(pr[cols].round(4).to_string(index=False))
     print(f"mean rank of the metric's choice among {int(pr['subsets'].iloc[0])} subsets: {pr['least_rank'].mean():.1f} "

@@ -63,6 +63,18 @@ def test_records_have_clean_single_commit_provenance(path):
             assert r["clean_start"] and r["step0_test_acc"] == r["base_test_acc"]
 
 
+def test_clean_start_table_reads_the_records():
+    """The notebooks' clean-start table: one row per recorded upcycle arm, step-0 accuracy from the records, the
+    copy-initialised shared expert flagged as the one arm that does not start at its base."""
+    table = report.clean_starts("shared_expert")
+    old = table[table["protocol"] == "upcycle_p7"].set_index("config")
+    assert list(old.index) == ["all-shared-zero", "all-shared-copy", "all-fine"]
+    assert old.loc["all-shared-zero", "step0_min"] == old.loc["all-shared-zero", "base_test_acc"] == 0.8868
+    assert not old.loc["all-shared-copy", "clean_start"] and old.loc["all-shared-copy", "step0_max"] < 0.8868
+    assert set(table["protocol"]) <= {"upcycle", "upcycle_p7"}  # scratch studies have no step 0 to check
+    assert report.label("upcycle_p7") == "upcycle protocol, base vimoe_micro_patch7_28 at 88.68% test accuracy"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, config, seed", [("placement", "all", 0)])
 def test_recorded_run_regenerates_exactly(kind, config, seed, tmp_path):

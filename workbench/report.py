@@ -16,7 +16,23 @@ import pandas as pd
 from . import study as st
 
 STUDIES = st.ROOT / "experiments" / "studies"
-PROTOCOLS = ("scratch", "upcycle")
+# study folders under experiments/studies/, in the order the notebooks show them: ``upcycle`` starts from the
+# >= 90% dense base (4x4 patches); ``upcycle_p7`` is the same protocol's earlier record, from the 88.68% base
+# (7x7 patches), kept beside it
+PROTOCOLS = ("scratch", "upcycle", "upcycle_p7")
+
+
+def label(protocol: str) -> str:
+    """How the notebooks name a study folder: an upcycle folder by its dense base (model, shipped test accuracy)."""
+    files = sorted((STUDIES / protocol).glob("*.yaml"))
+    base = st.load_study(files[0]).get("base") if files else None
+    config = st.ROOT / base / "config.json" if base else None
+    if not config or not config.is_file():
+        return f"{protocol} protocol"
+    import json
+
+    meta = json.loads(config.read_text())
+    return f"upcycle protocol, base {meta['model']} at {meta['shipped_test']['acc']:.2%} test accuracy"
 
 
 def study_file(kind: str, protocol: str) -> Path:
@@ -51,7 +67,7 @@ def show_summary(kind: str) -> dict[str, pd.DataFrame]:
     for protocol in protocols(kind):
         path, done, planned = _status(kind, protocol)
         s = st.load_study(path)
-        print(f"== {protocol} protocol: {s['name']} ({done} of {planned} runs recorded)")
+        print(f"== {label(protocol)}: {s['name']} ({done} of {planned} runs recorded)")
         if not done:
             print("   not recorded yet: python -m workbench study run", path.relative_to(st.ROOT), "\n")
             continue
@@ -68,6 +84,28 @@ def show_summary(kind: str) -> dict[str, pd.DataFrame]:
     return out
 
 
+def clean_starts(kind: str) -> pd.DataFrame:
+    """Per upcycle study folder and arm: the dense base's test accuracy, every seed's step-0 test accuracy (before
+    any fine-tuning) and the largest step-0 logit difference from the base, whether every seed started clean, and
+    the final test accuracy: the dense control's row shows whether continuing the base loses accuracy."""
+    rows = []
+    for protocol in protocols(kind):
+        s = st.load_study(study_file(kind, protocol))
+        if s["protocol"] != "upcycle":
+            continue
+        for config in s["configs"]:
+            recs = [r for r in st._records(s) if r["config"] == config]
+            if not recs:
+                continue
+            step0 = [r["step0_test_acc"] for r in recs]
+            rows.append({"protocol": protocol, "config": config, "seeds": len(recs),
+                         "base_test_acc": recs[0]["base_test_acc"], "step0_min": min(step0), "step0_max": max(step0),
+                         "max_logit_diff": max(r["step0_max_logit_diff"] for r in recs),
+                         "clean_start": all(r["clean_start"] for r in recs),
+                         "final_test_acc": sum(r["test_acc"] for r in recs) / len(recs)})
+    return pd.DataFrame(rows)
+
+
 def claims(kind: str, protocol: str) -> pd.DataFrame | None:
     path, done, planned = _status(kind, protocol)
     return st.evaluate_claims(path) if done else None
@@ -78,7 +116,7 @@ def show_claims(kind: str) -> dict[str, pd.DataFrame]:
     out = {}
     for protocol in protocols(kind):
         path, done, planned = _status(kind, protocol)
-        print(f"== {protocol} protocol ({done} of {planned} runs recorded)")
+        print(f"== {label(protocol)} ({done} of {planned} runs recorded)")
         if done < planned:
             print(f"   incomplete: the verdicts below use the {done} recorded runs" if done else
                   "   no verdicts: not recorded yet")
@@ -141,7 +179,7 @@ def show_claim_kinds(kind: str, claim_kinds=None, ids=None) -> dict[str, pd.Data
             t = t[t["kind"].isin(list(claim_kinds))]
         if ids is not None:
             t = t[t["id"].isin(list(ids))]
-        print(f"== {protocol} protocol")
+        print(f"== {label(protocol)}")
         print(st.format_claims(t), "\n")
         out[protocol] = t
     return out
