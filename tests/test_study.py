@@ -1,12 +1,17 @@
 import json
+from pathlib import Path
 
 import pytest
 import timm
+import torch
 import yaml
 
+import workbench
+
 from workbench.checkpoint import model_config, save_model
-from workbench.study import (StudyError, contrasts, evaluate_claims, load_pruning, load_results, load_routing,
-                             load_study, parse_shard, plan, routing_tables, run_one, run_study, summary)
+from workbench.study import (StudyError, base_accuracy, base_fingerprint, contrasts, evaluate_claims,
+                             expert_spread, load_pruning, load_record, load_results, load_routing, load_study,
+                             parse_shard, plan, routing_tables, run_one, run_study, summary)
 
 TRAIN = {"dataset": "synthetic", "train_subset": 96, "val_size": 64, "test_subset": 48, "epochs": 1,
          "batch_size": 32}
@@ -122,6 +127,41 @@ def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_pa
     assert (df["step0_test_acc"] == base["test_acc"]).all() and len(df) == 5
     with pytest.raises(StudyError, match="does not start function-preserving"):
         run_study(path, results=results, only=["unnormalised"], allow_dirty=True)
+    # every record names the exact base it started from
+    assert base["sha256"] == base_fingerprint(study["base"])
+    assert {load_record(path, c, 0, results)["base_sha256"] for c in ("dense", "all")} == {base["sha256"]}
+
+
+def test_a_changed_or_weak_base_is_refused(tmp_path):
+    base = _dense_base(tmp_path)
+    study = {"name": "up2", "protocol": "upcycle", "base": base, "train": TRAIN, "seeds": [0],
+             "common": {"num_experts": 4, "renormalize": "straight_through"}, "configs": {"all": {"moe_layers": "all"}}}
+    results = tmp_path / "results"
+    first = base_accuracy(load_study(_write(tmp_path, "up2", study)), results)
+    assert base_accuracy(load_study(_write(tmp_path, "up2", study)), results) == first  # cached, same base
+    # a stricter bar than the base reaches is refused in one line that names the fix
+    strict = load_study(_write(tmp_path, "strict", {**study, "base_min_test_acc": first["test_acc"] + 0.01}))
+    with pytest.raises(StudyError, match="below the study's base_min_test_acc"):
+        base_accuracy(strict, results)
+    assert base_accuracy(load_study(_write(tmp_path, "ok", {**study, "base_min_test_acc": first["test_acc"]})),
+                         results)["test_acc"] == first["test_acc"]
+    # the base re-trained (other weights) under the same study: refused, so one study never mixes bases
+    torch.manual_seed(1)
+    other = timm.create_model("vimoe_micro_patch7_28", moe_layers="none", depth=4, **MICRO)
+    save_model(other, model_config("vimoe_micro_patch7_28", {"moe_layers": "none", "depth": 4, **MICRO}),
+               Path(base))
+    with pytest.raises(StudyError, match="not the one its records started from"):
+        base_accuracy(load_study(_write(tmp_path, "up2", study)), results)
+
+
+def test_expert_spread_is_zero_for_copies_and_grows_when_experts_differ():
+    dense = timm.create_model("vimoe_micro_patch7_28", moe_layers="none", **MICRO)
+    up = workbench.upcycle(dense, "last-2", num_experts=4, top_k=1, renormalize=True)
+    assert expert_spread(up) == {"2": 0.0, "3": 0.0}
+    with torch.no_grad():
+        up.blocks[3].mlp.w1[1] += 0.5 * up.blocks[3].mlp.w1[1].norm() / up.blocks[3].mlp.w1[1].numel() ** 0.5
+    spread = expert_spread(up)
+    assert spread["2"] == 0.0 and spread["3"] > 0.05
 
 
 def test_analysis_records_random_router_test_and_every_pruning_subset(tmp_path):

@@ -58,8 +58,8 @@ from .checkpoint import atomic_write_text
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs" / "studies"
-STUDY_KEYS = {"name", "description", "protocol", "profile", "model", "base", "train", "seeds", "control",
-              "references", "common", "configs", "analysis", "claims", "metric"}
+STUDY_KEYS = {"name", "description", "protocol", "profile", "model", "base", "base_min_test_acc", "train", "seeds",
+              "control", "references", "common", "configs", "analysis", "claims", "metric"}
 METRICS = {"test_acc": "test accuracy", "test_miou": "test mIoU", "test_pixel_acc": "test pixel accuracy"}
 PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
@@ -218,24 +218,48 @@ def _train_config(study: dict, config: str, seed: int, out: Path, device: str, q
     return TrainConfig.from_dict(values)
 
 
+def base_fingerprint(base: str | Path) -> str:
+    """SHA-256 of a dense base's weights file: records name the exact base they started from."""
+    import hashlib
+
+    path = ROOT / base / "model.safetensors"
+    if not path.is_file():
+        raise StudyError(f"the dense base {base} has no model.safetensors: train and ship it first "
+                         f"(experiments/upcycle/train_base.sh)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def base_accuracy(study: dict, results: Path | None = None) -> dict:
-    """The dense base's test (and validation) accuracy, measured once per study and cached beside its records."""
+    """The dense base's test (and validation) accuracy and weights fingerprint, measured once per study and cached
+    beside its records.  A base whose weights changed since (a re-trained, re-shipped base) is refused, so one
+    study never mixes bases; so is a base below the study's ``base_min_test_acc``."""
     from .checkpoint import load_model
     from .data import build_splits
     from .train import evaluate
 
     path = Path(results or RESULTS) / study["name"] / "_base.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    train = study["train"]
-    model, _ = load_model(ROOT / study["base"])
-    _, val, test = build_splits(train.get("dataset", "fashion-mnist"), val_size=train.get("val_size", 0),
-                                root=train.get("data_root"), model=model, augment=False,
-                                test_subset=train.get("test_subset"))
-    out = {"base": study["base"], "test_acc": round(evaluate(model, test)["acc"], 6)}
-    if val is not None:
-        out["val_acc"] = round(evaluate(model, val)["acc"], 6)
-    atomic_write_text(path, json.dumps(out) + "\n")
+        out = json.loads(path.read_text())
+        if "sha256" in out and out["sha256"] != base_fingerprint(study["base"]):
+            raise StudyError(f"{study['name']}: the dense base {study['base']} is not the one its records started "
+                             f"from (weights fingerprint changed): restore that base, or give the study a new name "
+                             f"for the new base")
+    else:
+        train = study["train"]
+        model, _ = load_model(ROOT / study["base"])
+        _, val, test = build_splits(train.get("dataset", "fashion-mnist"), val_size=train.get("val_size", 0),
+                                    root=train.get("data_root"), model=model, augment=False,
+                                    test_subset=train.get("test_subset"))
+        out = {"base": study["base"], "sha256": base_fingerprint(study["base"]),
+               "test_acc": round(evaluate(model, test)["acc"], 6)}
+        if val is not None:
+            out["val_acc"] = round(evaluate(model, val)["acc"], 6)
+    least = study.get("base_min_test_acc")
+    if least is not None and out["test_acc"] < least:
+        raise StudyError(f"{study['name']}: the dense base {study['base']} has test accuracy {out['test_acc']}, "
+                         f"below the study's base_min_test_acc {least}: train the base longer (or larger) first")
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(out) + "\n")
     return out
 
 
@@ -274,7 +298,7 @@ def check_clean_start(study: dict, config: str, cfg, results: Path | None = None
                          f"function-preserving. Use renormalize: true (gates summing to 1) and shared_init zero or "
                          f"split for a shared expert, or mark an intended ablation clean_start: false")
     return {"step0_test_acc": step0, "base_test_acc": base["test_acc"], "step0_max_logit_diff": gap,
-            "clean_start": clean}
+            "clean_start": clean, **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
 
 
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
@@ -351,6 +375,25 @@ def _predict(model, data) -> str:
 
 
 # -- analyses ---------------------------------------------------------------------------------------------------
+def expert_spread(model) -> dict[str, float]:
+    """Per MoE block: how far the routed experts have moved apart, as the mean over experts of
+    ||W_e - mean_e W|| / ||mean_e W|| over both weight matrices.  Upcycled experts start as copies (0); a value
+    near 0 after fine-tuning means the experts still compute nearly one function, whatever the router does."""
+    import torch
+
+    from .moe import moe_modules
+
+    out = {}
+    for block, layer in moe_modules(model).items():
+        if not isinstance(block, int):
+            continue
+        with torch.no_grad():
+            w = torch.cat([layer.w1.flatten(1), layer.w2.flatten(1)], 1).float()
+            mean = w.mean(0, keepdim=True)
+            out[str(block)] = round(float((w - mean).norm(dim=1).mean() / mean.norm()), 6)
+    return out
+
+
 def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     """What a study's ``analysis`` block asks of a trained run, before its weights are deleted.  Everything that
     *chooses* (which layers are specialised, which to densify) is measured on the validation split; test
@@ -377,7 +420,7 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     stats = collect_routing(model, val, progress=False)
     report, _ = specialisation_report(model, val, draws=int(analysis.get("random_routers", 100)),
                                       max_images=analysis.get("max_images", 2000), seed=seed, stats=stats)
-    out = {}
+    out = {"expert_spread": expert_spread(model)}
     if analysis.get("routing"):
         tables = {b: {"class_expert": s.class_expert.round().int().tolist(),
                       "position_expert": s.position_expert.round().int().tolist()
