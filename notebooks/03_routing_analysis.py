@@ -54,6 +54,21 @@ routing = pd.concat(rows) if rows else pd.DataFrame()
 viz.specialisation_by_depth(routing, metric="nmi") if len(routing) else None
 
 # %% [markdown]
+# ### Did fine-tuning move the upcycled experts and routers?
+#
+# An upcycled layer starts with identical experts and a fresh router. If after the fine-tune the experts are still
+# near-copies, routing cannot matter much, whatever the router does. Per block of the upcycled `all` arm:
+# `expert_spread` (mean over experts of ||W_e - mean W|| / ||mean W||; 0 for copies), `router_shift`
+# (||W - W0|| / ||W0||, from the router the run started with), and the class NMI of that initial router beside
+# the trained one, on the same inputs. Records made before these were kept (`upcycle_p7`) have none.
+
+# %%
+for protocol in ("upcycle", "upcycle_p7"):
+    moved = report.movement_table("placement", protocol)
+    print(f"== {report.label(protocol)}, all-MoE model")
+    print(moved.to_string() if len(moved) else "   not recorded for these runs", "\n")
+
+# %% [markdown]
 # ## The control must be able to fail
 #
 # The same test on the shipped ViMoE (last-2, 8 experts): its trained routers, then the same model with its routers

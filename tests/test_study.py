@@ -118,7 +118,8 @@ def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_pa
                          "shared-zero": {"moe_layers": "all", "shared_expert": "add", "shared_init": "zero"},
                          "fine": {"moe_layers": "all", "shared_expert": "add", "shared_init": "split",
                                   "shared_hidden": 64, "expert_hidden": 64},
-                         "unnormalised": {"moe_layers": "all", "renormalize": False}}}
+                         "unnormalised": {"moe_layers": "all", "renormalize": False}},
+             "analysis": {"routing": True, "random_routers": 5}}
     path = _write(tmp_path, "up", study)
     results = tmp_path / "results"
     run_study(path, results=results, only=["dense", "all", "all-top2", "shared-zero", "fine"], allow_dirty=True)
@@ -130,6 +131,11 @@ def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_pa
     # every record names the exact base it started from
     assert base["sha256"] == base_fingerprint(study["base"])
     assert {load_record(path, c, 0, results)["base_sha256"] for c in ("dense", "all")} == {base["sha256"]}
+    # an upcycled run records how far its router and experts moved from the copies it started as
+    rec = load_record(path, "all", 0, results)
+    assert set(rec["router_init"]) == set(rec["expert_spread"]) == {"0", "1", "2", "3"}
+    assert all(v["router_shift"] > 0 for v in rec["router_init"].values())
+    assert all(v > 0 for v in rec["expert_spread"].values())
 
 
 def test_a_changed_or_weak_base_is_refused(tmp_path):
@@ -304,3 +310,27 @@ def test_an_untracked_file_makes_the_tree_dirty_but_new_records_do_not(tmp_path,
     assert not provenance.git_commit().endswith("+dirty")  # a study's own records, being written
     (tmp_path / "new_module.py").write_text("y = 2\n")
     assert provenance.git_commit().endswith("+dirty")
+
+
+def test_router_at_init_rebuilds_the_trainers_start(tmp_path):
+    """The init router that the upcycled run's routing is compared with is the one the trainer started from."""
+    from workbench.data import build_splits
+    from workbench.moe import moe_modules
+    from workbench.study import _train_config, router_at_init
+    from workbench.train import Trainer
+
+    study = {"name": "ri", "protocol": "upcycle", "base": _dense_base(tmp_path), "train": TRAIN, "seeds": [2],
+             "common": {"num_experts": 4, "renormalize": "straight_through"}, "configs": {"all": {"moe_layers": "all"}}}
+    study = load_study(_write(tmp_path, "ri", study))
+    cfg = _train_config(study, "all", 2, tmp_path / "run", "cpu", True)
+    start = Trainer(cfg).model
+    _, val, _ = build_splits(cfg.dataset, val_size=cfg.val_size, train_subset=cfg.train_subset, model=start,
+                             augment=False, test_subset=cfg.test_subset)
+    at_start = router_at_init(start, cfg, val, max_images=64)  # the model at step 0 *is* its init
+    assert set(at_start) == {"0", "1", "2", "3"}
+    assert all(v["router_shift"] == 0.0 and v["init_nmi"] == v["trained_nmi"] for v in at_start.values())
+    moved = start
+    with torch.no_grad():
+        moe_modules(moved)[3].router.weight.mul_(-1)
+    after = router_at_init(moved, cfg, val, max_images=64)
+    assert after["3"]["router_shift"] == pytest.approx(2.0) and after["0"]["router_shift"] == 0.0

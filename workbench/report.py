@@ -230,6 +230,20 @@ def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.D
     return pd.DataFrame(rows)
 
 
+def movement_table(kind: str, protocol: str, config: str = "all") -> pd.DataFrame:
+    """Upcycled runs, per MoE block, mean over seeds: how far the routed experts moved apart from the copies they
+    started as (``expert_spread``), how far the router moved from its init (``router_shift``), and the class NMI
+    of the init router vs the trained router on the same inputs.  Empty for records made before these were kept."""
+    s = st.load_study(study_file(kind, protocol))
+    rows = [{"seed": r["seed"], "block": int(b), "expert_spread": r["expert_spread"][b], **r["router_init"][b]}
+            for r in st._records(s) if r["config"] == config and "router_init" in r for b in r["router_init"]]
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).groupby("block").agg(
+        seeds=("seed", "nunique"), expert_spread=("expert_spread", "mean"), router_shift=("router_shift", "mean"),
+        init_nmi=("init_nmi", "mean"), trained_nmi=("trained_nmi", "mean")).round(4)
+
+
 def specialisation_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
     """Per config and MoE block, over seeds: the class NMI of the trained routers' own choices on the random-router
     test's inputs (``router_nmi`` = random mean + excess), the random routers' mean, the excess, and in how many

@@ -394,6 +394,35 @@ def expert_spread(model) -> dict[str, float]:
     return out
 
 
+def router_at_init(model, cfg, data, max_images: int | None = 2000) -> dict[str, dict]:
+    """Upcycled runs: per MoE block, how far the router moved from its upcycling init (``router_shift``,
+    ||W - W0|| / ||W0||) and the class NMI of the init router's first choices on the trained model's router
+    inputs (``init_nmi``), beside the trained router's on the same inputs (``trained_nmi``).  The init is rebuilt
+    exactly as the trainer built it (same seed, same base)."""
+    import torch
+
+    from .moe import moe_modules
+    from .specialisation import _table, nmi, router_inputs
+    from .train import _seed_everything, build_training_model
+
+    if not cfg.init_from:
+        return {}
+    with torch.random.fork_rng(devices=[]):
+        _seed_everything(cfg.seed)
+        init, _ = build_training_model(cfg)
+    start = moe_modules(init)
+    classes = getattr(model, "num_classes", None) or data.num_classes
+    out = {}
+    for block, inp in router_inputs(model, data, max_images=max_images).items():
+        w0 = start[block].router.weight.detach().float().cpu()
+        E = inp.num_experts or inp.weight.shape[0]
+        out[str(block)] = {
+            "router_shift": round(float((inp.weight - w0).norm() / w0.norm()), 6),
+            "init_nmi": round(nmi(_table(inp.labels, inp.first_choice(w0), classes, E)), 6),
+            "trained_nmi": round(nmi(_table(inp.labels, inp.first_choice(inp.weight), classes, E)), 6)}
+    return out
+
+
 def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     """What a study's ``analysis`` block asks of a trained run, before its weights are deleted.  Everything that
     *chooses* (which layers are specialised, which to densify) is measured on the validation split; test
@@ -421,6 +450,8 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     report, _ = specialisation_report(model, val, draws=int(analysis.get("random_routers", 100)),
                                       max_images=analysis.get("max_images", 2000), seed=seed, stats=stats)
     out = {"expert_spread": expert_spread(model)}
+    if analysis.get("routing") and cfg.init_from:
+        out["router_init"] = router_at_init(model, cfg, val, analysis.get("max_images", 2000))
     if analysis.get("routing"):
         tables = {b: {"class_expert": s.class_expert.round().int().tolist(),
                       "position_expert": s.position_expert.round().int().tolist()
