@@ -78,7 +78,10 @@ print("first 40 test predictions:", slice_["test_predictions"][:40])
 #
 # Each claim below was stated in the study file before its runs, with its direction (and, for "no difference"
 # claims, a margin). *agrees*: significant after Holm and the 95% interval on the claimed side; *disagrees*:
-# significant on the other side, or the interval beyond the margin; *inconclusive*: neither. Beside each verdict:
+# significant on the other side, or the interval beyond the margin; *inconclusive*: neither. The `upcycle`
+# studies (90% base) also give their directional claims a margin, the smallest effect that matters (0.2 points,
+# 0.01 NMI), fixed before their runs: an interval inside it reads *disagrees* (no effect worth having), where the
+# margin-free claims of `upcycle_p7` could only stay *inconclusive*. Beside each verdict:
 # which side the point estimate is on, and about how many seeds would make the interval +/-0.5 points at the
 # observed spread. One deviation from the plan, made after the scratch records existed: the Holm family is the
 # directional claims only ('equal' claims are decided by interval and margin); with all claims in the family no

@@ -126,6 +126,15 @@ def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_pa
     base = json.loads((results / "up" / "_base.json").read_text())
     df = load_results(path, results=results)
     assert (df["step0_test_acc"] == base["test_acc"]).all() and len(df) == 5
+    # a claim against an arm's own start (control: step0): the fine-tune's gain over the base, paired by seed
+    study["claims"] = [{"id": "keeps", "says": "s", "treatment": "dense", "control": "step0", "expect": "no_less",
+                        "margin": 0.2}]
+    claims = evaluate_claims(_write(tmp_path, "up", study), results=results).iloc[0]
+    final = load_record(path, "dense", 0, results)["test_acc"]
+    assert claims["contrast"] == "dense vs step0" and claims["n"] == 1
+    assert claims["estimate"] == pytest.approx((final - base["test_acc"]) * 100)
+    with pytest.raises(StudyError, match="for paired claims of upcycle studies"):
+        load_study(_write(tmp_path, "bad", {**study, "protocol": "scratch", "model": "vimoe_micro_patch7_28"}))
     with pytest.raises(StudyError, match="does not start function-preserving"):
         run_study(path, results=results, only=["unnormalised"], allow_dirty=True)
     # every record names the exact base it started from

@@ -306,7 +306,8 @@ def arm_costs(kind: str, protocol: str = "scratch", batch: int | None = None) ->
         kwargs, _ = st.arm_model_kwargs(source, config)
         return profile(timm.create_model(source["model"], **kwargs), batch=batch).macs / 1e9
 
-    controls = {c["treatment"]: c.get("control", s["control"]) for c in s["claims"] if c["kind"] == "paired"}
+    controls = {c["treatment"]: c.get("control", s["control"]) for c in s["claims"]
+                if c["kind"] == "paired" and c.get("control") != "step0"}
     rows = []
     for config in s["configs"]:
         own, control = gmacs(config), controls.get(config)

@@ -142,7 +142,11 @@ def _check_claim(path, study: dict, claim: dict) -> None:
         raise StudyError(f"{where}: expect={claim['expect']!r} is not one of {DIRECTIONS}")
     if claim.get("source", "routing") not in ("routing", "regions"):
         raise StudyError(f"{where}: source={claim['source']!r} is not 'routing' or 'regions'")
-    names = [claim["treatment"]] + ([claim["control"]] if "control" in claim else [])
+    if claim.get("control") == "step0":  # the treatment's own step-0 accuracy: upcycled arms start at the base
+        if study["protocol"] != "upcycle" or claim["kind"] != "paired":
+            raise StudyError(f"{where}: control 'step0' (an arm against its own start) is for paired claims of "
+                             f"upcycle studies")
+    names = [claim["treatment"]] + ([claim["control"]] if claim.get("control", "step0") != "step0" else [])
     for name in names:
         other, _, config = name.rpartition("/")
         if other and other not in study["references"]:
@@ -748,7 +752,9 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
         row = {"id": claim["id"], "says": claim["says"], "kind": kind, "expect": expect, "margin": margin}
         if kind in ("paired", "spread"):
             control = claim.get("control", study["control"])
-            a, b = config_values(study, claim["treatment"], results), config_values(study, control, results)
+            a = config_values(study, claim["treatment"], results)
+            b = (config_values(study, claim["treatment"], results, metric="step0_test_acc") if control == "step0"
+                 else config_values(study, control, results))
             seeds = sorted(set(a.index) & set(b.index))
             row["contrast"] = f"{claim['treatment']} vs {control}"
             if kind == "paired":
