@@ -14,7 +14,8 @@
 # Under the upcycle protocol the shared expert must start function-preserving: `zero` (a copy of the FFN with a
 # zeroed output projection) or `split` (the FFN's hidden units divided between shared and routed experts); the
 # `copy` initialisation (the block starts at twice the FFN) is the ablation. "Stability" is the seed standard
-# deviation, with a paired bootstrap interval. Controls come from the placement study (same seeds, same schedule).
+# deviation: a paired bootstrap interval of the SD difference, decided by the Pitman-Morgan test of equal variances
+# for paired samples. Controls come from the placement study (same seeds, same schedule).
 
 # %%
 import os, warnings
@@ -54,7 +55,7 @@ print(f"scratch last-2-fine seed 0, tiny budget: test acc {slice_['test_acc']:.4
 # ## Finding
 #
 # Pre-registered claims, each with its interval and verdict (paired by seed; Holm across the study's directional claims;
-# the spread claim by a bootstrap interval of the difference in seed SD).
+# the spread claim by the Pitman-Morgan test, in the same Holm family, beside a bootstrap interval of the SD difference).
 
 # %%
 tables = report.show_claims("shared_expert")

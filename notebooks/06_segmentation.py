@@ -133,8 +133,9 @@ print(report.half_widths(tables))
 # configs); the verdicts are the pre-registered claims (Holm across their directional members), so a config can look
 # significant there and be inconclusive here. The shared-expert claims compare at equal activated FLOPs (top-1 +
 # shared against top-2, the GMACs column) but not at equal parameters: the shared arms carry one more FFN per MoE
-# layer (the params column). The spread claim rests on a percentile bootstrap of standard deviations over 5 seeds,
-# which runs narrow: read it as descriptive. The budget is short and the head the lightest (the linear head on the
+# layer (the params column). The spread claim is decided by the Pitman-Morgan test of equal variances for paired
+# seeds (in the Holm family), its interval a percentile bootstrap of the SD difference; until that test was used
+# the bootstrap interval alone decided it and read *agrees*, which with 5 seeds runs narrow. The budget is short and the head the lightest (the linear head on the
 # 8x8 grid, 3 epochs on 10,000 scenes, label smoothing 0.1 per pixel; mIoU about 0.2, against the shipped model's
 # 0.39 with the progressive head after 5 epochs on 20,000), so the placement and shared-expert verdicts are
 # statements about early training with a linear head.

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from workbench.stats import (bootstrap_sd, bootstrap_sd_difference, empirical_p, holm, mcnemar, paired,
+from workbench.stats import (bootstrap_sd, bootstrap_sd_difference, empirical_p, holm, mcnemar, paired, pitman_morgan,
                              slope_interval, verdict)
 
 
@@ -99,3 +99,21 @@ def test_slope_interval_uses_seeds_as_replicates():
 def test_empirical_p():
     assert empirical_p(5.0, [1, 2, 3]) == pytest.approx(1 / 4)
     assert empirical_p(0.0, [1, 2, 3]) == pytest.approx(1.0)
+
+
+def test_pitman_morgan_matches_its_definition_and_rejects_only_unequal_spreads():
+    rng = np.random.default_rng(0)
+    common = rng.normal(size=12)
+    a = common + rng.normal(scale=0.2, size=12)
+    b = common + rng.normal(scale=0.2, size=12)
+    # the definition: the t-test of corr(a - b, a + b) = 0 on n - 2 degrees of freedom
+    d, s = a - b, a + b
+    r = np.corrcoef(d, s)[0, 1]
+    t = r * np.sqrt(10) / np.sqrt(1 - r ** 2)
+    assert pitman_morgan(a, b) == pytest.approx(2 * st.t.sf(abs(t), 10))
+    # the same spread is not rejected; a spread three times larger is, against the same seeds
+    assert pitman_morgan(a, b) > 0.05
+    assert pitman_morgan(3 * a, b) < 0.001
+    assert math.isnan(pitman_morgan(a[:2], b[:2]))
+    with pytest.raises(ValueError, match="pair runs by seed"):
+        pitman_morgan(a, b[:5])

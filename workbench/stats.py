@@ -131,6 +131,19 @@ def bootstrap_sd_difference(a, b, confidence: float = 1 - ALPHA, seed: int = 0, 
     return diff, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
+def pitman_morgan(a, b) -> float:
+    """Two-sided p of the Pitman-Morgan test that paired samples ``a`` and ``b`` (paired by seed) have equal
+    variances: var(a) = var(b) exactly when a - b and a + b are uncorrelated, so it is the t-test of that
+    correlation (n - 2 degrees of freedom).  NaN below 3 pairs."""
+    x, y = np.asarray(a, float), np.asarray(b, float)
+    if x.shape != y.shape:
+        raise ValueError(f"paired samples differ in length: {x.shape} vs {y.shape}; pair runs by seed")
+    d, s = x - y, x + y
+    if len(x) < 3 or d.std() == 0 or s.std() == 0:
+        return math.nan
+    return float(_st.pearsonr(d, s).pvalue)
+
+
 def mcnemar(correct_a, correct_b) -> dict:
     """Exact McNemar test of two models on the same images: ``correct_*`` are per-image booleans."""
     a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)

@@ -743,7 +743,7 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     """Each pre-registered claim: its estimate with a 95% interval, p (Holm-adjusted across the study's
     directional claims that have one; an 'equal' claim is decided by its interval and margin alone), and the
     verdict from :func:`workbench.stats.verdict`."""
-    from .stats import bootstrap_sd_difference, holm, paired, slope_interval, verdict
+    from .stats import bootstrap_sd_difference, holm, paired, pitman_morgan, slope_interval, verdict
 
     study = _as_study(study_or_path)
     rows = []
@@ -761,8 +761,10 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
                 d = paired(a[seeds] * 100, b[seeds] * 100)
                 row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
             else:
+                # the interval: a paired bootstrap of the SD difference; the test: Pitman-Morgan (Holm family)
                 est, low, high = bootstrap_sd_difference(a[seeds] * 100, b[seeds] * 100)
-                row.update(n=len(seeds), estimate=est, low=low, high=high, p=math.nan)
+                row.update(n=len(seeds), estimate=est, low=low, high=high,
+                           p=pitman_morgan(a[seeds] * 100, b[seeds] * 100))
         elif kind in ("excess", "depth_trend"):
             source, config = _source(study, claim["treatment"])
             regions = claim.get("source", "routing") == "regions"
@@ -792,8 +794,7 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     directional = table["expect"].isin(["greater", "less"])
     table["p_holm"] = float("nan")
     table.loc[directional, "p_holm"] = holm(table.loc[directional, "p"])
-    table["verdict"] = [verdict(r.low, r.high, r.p_holm if r.kind != "spread" else 0.0, r.expect, r.margin)
-                        for r in table.itertuples()]
+    table["verdict"] = [verdict(r.low, r.high, r.p_holm, r.expect, r.margin) for r in table.itertuples()]
     # which side of zero (or of the margin) the point estimate falls on, whatever the interval: an inconclusive
     # verdict with the estimate on the other side is not the same as one on the paper's side
     table["side"] = [_side(r.estimate, r.expect, r.margin) for r in table.itertuples()]
