@@ -72,7 +72,8 @@ def test_clean_start_table_reads_the_records():
     assert old.loc["all-shared-zero", "step0_min"] == old.loc["all-shared-zero", "base_test_acc"] == 0.8868
     assert not old.loc["all-shared-copy", "clean_start"] and old.loc["all-shared-copy", "step0_max"] < 0.8868
     assert set(table["protocol"]) <= {"upcycle", "upcycle_p7"}  # scratch studies have no step 0 to check
-    assert report.label("upcycle_p7") == "upcycle protocol, base vimoe_micro_patch7_28 at 88.68% test accuracy"
+    assert report.label("upcycle_p7") == "upcycle protocol, base vimoe_micro_fmnist_dense"
+    assert report.label("scratch") == "scratch protocol"
 
 
 @pytest.mark.slow

@@ -23,16 +23,11 @@ PROTOCOLS = ("scratch", "upcycle", "upcycle_p7")
 
 
 def label(protocol: str) -> str:
-    """How the notebooks name a study folder: an upcycle folder by its dense base (model, shipped test accuracy)."""
+    """How the notebooks name a study folder: an upcycle folder by its dense base (the base's accuracy is in each
+    record, and in the clean-start table)."""
     files = sorted((STUDIES / protocol).glob("*.yaml"))
     base = st.load_study(files[0]).get("base") if files else None
-    config = st.ROOT / base / "config.json" if base else None
-    if not config or not config.is_file():
-        return f"{protocol} protocol"
-    import json
-
-    meta = json.loads(config.read_text())
-    return f"upcycle protocol, base {meta['model']} at {meta['shipped_test']['acc']:.2%} test accuracy"
+    return f"upcycle protocol, base {Path(base).name}" if base else f"{protocol} protocol"
 
 
 def study_file(kind: str, protocol: str) -> Path:
