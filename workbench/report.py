@@ -17,8 +17,8 @@ from . import study as st
 
 STUDIES = st.ROOT / "experiments" / "studies"
 # study folders under experiments/studies/, in the order the notebooks show them: ``upcycle`` starts from the
-# >= 90% dense base (4x4 patches); ``upcycle_p7`` is the same protocol's earlier record, from the 88.68% base
-# (7x7 patches), kept beside it
+# 4x4-patch dense base (its studies refuse a base below 90% test accuracy); ``upcycle_p7`` is the same protocol's
+# earlier record, from the 88.68% base (7x7 patches), kept beside it
 PROTOCOLS = ("scratch", "upcycle", "upcycle_p7")
 
 
@@ -211,10 +211,11 @@ def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.D
     from .stats import paired
 
     s = st.load_study(study_file(kind, protocol))
-    seeds = [k for k in s["seeds"] if st.result_path(s, treatment, k).exists() and st.result_path(s, control, k).exists()]
+    src = {c: st._source(s, c) for c in (treatment, control)}  # either may be another study's: "study/config"
+    seeds = [k for k in s["seeds"] if all(st.result_path(*src[c], k).exists() for c in src)]
     if len(seeds) < 2:
         raise FileNotFoundError(f"{kind} ({protocol}): fewer than two seeds recorded for both {treatment} and {control}")
-    hist = {c: [[h["test_acc"] for h in st.load_record(s, c, k)["history"]] for k in seeds] for c in (treatment, control)}
+    hist = {c: [[h["test_acc"] for h in st.load_record(*src[c], k)["history"]] for k in seeds] for c in src}
     rows = []
     for e in range(len(hist[treatment][0])):
         a = pd.Series([h[e] for h in hist[treatment]], index=seeds) * 100

@@ -142,6 +142,8 @@ def _check_claim(path, study: dict, claim: dict) -> None:
         raise StudyError(f"{where}: expect={claim['expect']!r} is not one of {DIRECTIONS}")
     if claim.get("source", "routing") not in ("routing", "regions"):
         raise StudyError(f"{where}: source={claim['source']!r} is not 'routing' or 'regions'")
+    if study.get("control") == "step0":
+        raise StudyError(f"{path}: the study's control must be a config; 'step0' is for a claim's control")
     if claim.get("control") == "step0":  # the treatment's own step-0 accuracy: upcycled arms start at the base
         if study["protocol"] != "upcycle" or claim["kind"] != "paired":
             raise StudyError(f"{where}: control 'step0' (an arm against its own start) is for paired claims of "
@@ -381,7 +383,8 @@ def _predict(model, data) -> str:
 # -- analyses ---------------------------------------------------------------------------------------------------
 def expert_spread(model) -> dict[str, float]:
     """Per MoE block: how far the routed experts have moved apart, as the mean over experts of
-    ||W_e - mean_e W|| / ||mean_e W|| over both weight matrices.  Upcycled experts start as copies (0); a value
+    ||W_e - mean_e W|| / ||mean_e W|| over both weight matrices (biases and any shared expert left out).
+    Upcycled experts start as copies (0); a value
     near 0 after fine-tuning means the experts still compute nearly one function, whatever the router does."""
     import torch
 
