@@ -2,9 +2,9 @@
 # Trains an upcycle protocol dense base; safe to re-run: it resumes where it stopped.
 #   experiments/upcycle/train_base.sh            dense.yaml: 7x7 patches, 30 epochs (about 10 min on one idle thread),
 #                                                shipped to experiments/checkpoints/vimoe_micro_fmnist_dense
-#   experiments/upcycle/train_base.sh dense_p4   dense_p4.yaml: 4x4 patches, 40 epochs (60 min on one thread of
-#                                                a shared 2-core machine), then 20-epoch chunks while test accuracy
-#                                                is below 0.90, at most 80 epochs (about 27 min each), shipped to
+#   experiments/upcycle/train_base.sh dense_p4   dense_p4.yaml: 4x4 patches, 40 epochs, then 20-epoch chunks while
+#                                                test accuracy is below 0.90, at most 80 epochs (it took all 80:
+#                                                115 min on one thread of a shared 2-core machine), shipped to
 #                                                experiments/checkpoints/vimoe_micro4_fmnist_dense
 # The run goes to experiments/runs/upcycle/<name>; it is shipped (tracked, used by the recorded upcycle studies)
 # only when that folder does not exist yet, or with --ship (SHIP=1).
