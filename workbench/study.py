@@ -277,34 +277,40 @@ def arm_spec(study: dict, config: str) -> dict:
             "analysis": study.get("analysis", {})}
 
 
-def check_clean_start(study: dict, config: str, cfg, results: Path | None = None) -> dict:
+def check_clean_start(study: dict, config: str, cfg, results: Path | None = None, device=None) -> dict:
     """Upcycle protocol: build the arm exactly as training will, measure its step-0 test accuracy, and refuse to
-    train an arm that does not start where the dense base is."""
+    train an arm that does not start where the dense base is.  On a GPU (``device``) both are evaluated there in
+    fp32, and the step-0 accuracy is compared with the base's measured on that device (``base_test_acc_device``),
+    since the cached base accuracy is the CPU's."""
     import torch
 
     from .checkpoint import load_model
     from .data import build_splits
     from .train import build_training_model, evaluate
 
+    device = torch.device(device or "cpu")
     base = base_accuracy(study, results)
     model, _ = build_training_model(cfg)
+    model.to(device)
     _, _, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model, augment=False,
                               test_subset=cfg.test_subset)
     step0 = round(evaluate(model, test)["acc"], 6)
     dense, _ = load_model(ROOT / study["base"])
-    x = next(iter(test.batches(500, shuffle=False)))[0]
+    dense.to(device)
+    reference = base["test_acc"] if device.type == "cpu" else round(evaluate(dense, test)["acc"], 6)
+    x = next(iter(test.batches(500, shuffle=False)))[0].to(device)
     model.eval()
     with torch.no_grad():
         gap = float((model(x) - dense.eval()(x)).abs().max())
-    clean = step0 == base["test_acc"] and gap <= 1e-3
+    clean = step0 == reference and gap <= 1e-3
     declared = study["configs"][config].get("clean_start", study["common"].get("clean_start", True))
     if not clean and declared:
         raise StudyError(f"{study['name']}/{config}: at step 0 the arm differs from the dense base (test accuracy "
-                         f"{step0} vs {base['test_acc']}, max logit difference {gap:.2g}): it does not start "
+                         f"{step0} vs {reference}, max logit difference {gap:.2g}): it does not start "
                          f"function-preserving. Use renormalize: true (gates summing to 1) and shared_init zero or "
                          f"split for a shared expert, or mark an intended ablation clean_start: false")
     return {"step0_test_acc": step0, "base_test_acc": base["test_acc"], "step0_max_logit_diff": gap,
-            "clean_start": clean, **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
+            "clean_start": clean, **({"base_test_acc_device": reference} if device.type != "cpu" else {}), **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
 
 
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
@@ -316,7 +322,7 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     from .data import build_splits
     from .flops import profile
     from .provenance import git_commit, provenance
-    from .train import train
+    from .train import Dist, resolve_device, train
 
     commit = git_commit()
     if commit.endswith("+dirty") and not allow_dirty:
@@ -329,12 +335,15 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     started = time.time()
     resume = (out / "checkpoint.pt").exists()
     # the arm is rebuilt as training builds it (also on resume: the check is of the construction, not of weights)
-    start = check_clean_start(study, config, cfg, results) if study["protocol"] == "upcycle" else {}
+    # checks and analyses run where the training ran (fp32; the random-router draws stay on the CPU)
+    where = resolve_device(device, Dist())
+    start = check_clean_start(study, config, cfg, results, where) if study["protocol"] == "upcycle" else {}
     history = train(cfg, resume=resume)["history"]
     model, model_cfg = load_model(out / "model")
     model.eval()
     batch_groups = any(getattr(m, "choice_group", "image") == "batch" for m in model.modules())
     prof = profile(model, batch=cfg.batch_size if batch_groups else 1)  # per-batch choice: at the training batch
+    model.to(where)
     last = history[-1]
     seg = getattr(model, "task", None) == "segmentation"
     if seg:
@@ -373,9 +382,10 @@ def _predict(model, data) -> str:
     import torch
 
     preds = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for x, _ in data.batches(500, shuffle=False):
-            preds.append(model(x).argmax(-1))
+            preds.append(model(x.to(device)).argmax(-1).cpu())
     preds = torch.cat(preds).tolist()
     return "".join(map(str, preds)) if max(preds, default=0) < 10 else ",".join(map(str, preds))
 
