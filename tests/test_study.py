@@ -135,6 +135,8 @@ def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_pa
     assert claims["estimate"] == pytest.approx((final - base["test_acc"]) * 100)
     with pytest.raises(StudyError, match="for paired claims of upcycle studies"):
         load_study(_write(tmp_path, "bad", {**study, "protocol": "scratch", "model": "vimoe_micro_patch7_28"}))
+    with pytest.raises(StudyError, match="the study's control must be a config"):
+        load_study(_write(tmp_path, "bad2", {**study, "control": "step0", "claims": []}))
     with pytest.raises(StudyError, match="does not start function-preserving"):
         run_study(path, results=results, only=["unnormalised"], allow_dirty=True)
     # every record names the exact base it started from

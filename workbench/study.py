@@ -120,6 +120,8 @@ def load_study(path) -> dict:
     fraction = analysis.get("prune_fraction", 0)
     if not 0 <= fraction < 1:
         raise StudyError(f"{path}: analysis.prune_fraction={fraction} must be in [0, 1)")
+    if study.get("control") == "step0":
+        raise StudyError(f"{path}: the study's control must be a config; 'step0' is for a claim's control")
     for claim in study["claims"]:
         _check_claim(path, study, claim)
     return study
@@ -142,13 +144,12 @@ def _check_claim(path, study: dict, claim: dict) -> None:
         raise StudyError(f"{where}: expect={claim['expect']!r} is not one of {DIRECTIONS}")
     if claim.get("source", "routing") not in ("routing", "regions"):
         raise StudyError(f"{where}: source={claim['source']!r} is not 'routing' or 'regions'")
-    if study.get("control") == "step0":
-        raise StudyError(f"{path}: the study's control must be a config; 'step0' is for a claim's control")
     if claim.get("control") == "step0":  # the treatment's own step-0 accuracy: upcycled arms start at the base
         if study["protocol"] != "upcycle" or claim["kind"] != "paired":
             raise StudyError(f"{where}: control 'step0' (an arm against its own start) is for paired claims of "
                              f"upcycle studies")
-    names = [claim["treatment"]] + ([claim["control"]] if claim.get("control", "step0") != "step0" else [])
+    control = claim.get("control")  # none: the study's control
+    names = [claim["treatment"]] + ([control] if control not in (None, "step0") else [])
     for name in names:
         other, _, config = name.rpartition("/")
         if other and other not in study["references"]:
@@ -411,11 +412,12 @@ def expert_spread(model) -> dict[str, float]:
     return out
 
 
-def router_at_init(model, cfg, data, max_images: int | None = 2000) -> dict[str, dict]:
+def router_at_init(model, cfg, data, max_images: int | None = 2000, inputs: dict | None = None) -> dict[str, dict]:
     """Upcycled runs: per MoE block, how far the router moved from its upcycling init (``router_shift``,
     ||W - W0|| / ||W0||) and the class NMI of the init router's first choices on the trained model's router
     inputs (``init_nmi``), beside the trained router's on the same inputs (``trained_nmi``).  The init is rebuilt
-    exactly as the trainer built it (same seed, same base)."""
+    exactly as the trainer built it (same seed, same base).  ``inputs``: the trained model's :func:`router_inputs`
+    on ``data`` when already captured."""
     import torch
 
     from .moe import moe_modules
@@ -430,7 +432,8 @@ def router_at_init(model, cfg, data, max_images: int | None = 2000) -> dict[str,
     start = moe_modules(init)
     classes = getattr(model, "num_classes", None) or data.num_classes
     out = {}
-    for block, inp in router_inputs(model, data, max_images=max_images).items():
+    inputs = inputs if inputs is not None else router_inputs(model, data, max_images=max_images)
+    for block, inp in inputs.items():
         w0 = start[block].router.weight.detach().float().cpu()
         E = inp.num_experts or inp.weight.shape[0]
         out[str(block)] = {
@@ -461,14 +464,16 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     if val is None:
         raise StudyError("the analysis block needs a validation split: set train.val_size (e.g. 10000)")
     from .routing import collect_routing
-    from .specialisation import specialisation_report
+    from .specialisation import router_inputs, specialisation_report
 
     stats = collect_routing(model, val, progress=False)
+    inputs = router_inputs(model, val, max_images=analysis.get("max_images", 2000))  # one capture, used twice
     report, _ = specialisation_report(model, val, draws=int(analysis.get("random_routers", 100)),
-                                      max_images=analysis.get("max_images", 2000), seed=seed, stats=stats)
+                                      max_images=analysis.get("max_images", 2000), seed=seed, stats=stats,
+                                      inputs=inputs)
     out = {"expert_spread": expert_spread(model)}
     if analysis.get("routing") and cfg.init_from:
-        out["router_init"] = router_at_init(model, cfg, val, analysis.get("max_images", 2000))
+        out["router_init"] = router_at_init(model, cfg, val, analysis.get("max_images", 2000), inputs=inputs)
     if analysis.get("routing"):
         tables = {b: {"class_expert": s.class_expert.round().int().tolist(),
                       "position_expert": s.position_expert.round().int().tolist()
