@@ -225,3 +225,18 @@ def test_cuda_grouped_mm_matches_loop_in_bf16(kwargs):
     assert g.keys() == g0.keys()
     for name in g0:
         _relative_close(g[name], g0[name], 3e-2, f"grad of {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", [dict(top_k=1), dict(top_k=2), dict(top_k=2, capacity_factor=0.75),
+                                    dict(top_k=2, shared_expert="add"), dict(router="experts_choose"),
+                                    dict(router="soft"), dict(top_k=2, dispatch="loop"),
+                                    dict(top_k=2, dispatch="einsum")])
+def test_every_moe_path_keeps_bf16_under_cuda_autocast(kwargs):
+    """Under CUDA autocast every router and dispatch path hands the next block a bf16 activation, as timm's Mlp
+    does (CUDA autocast runs ``sum`` in float32: a top-2 combine once returned float32 there)."""
+    layer = MoEMlp(64, 128, num_experts=4, **kwargs).cuda()
+    x = torch.randn(2, 50, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16, f"{kwargs}: {y.dtype}"

@@ -135,6 +135,8 @@ def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_pa
     assert claims["estimate"] == pytest.approx((final - base["test_acc"]) * 100)
     with pytest.raises(StudyError, match="for paired claims of upcycle studies"):
         load_study(_write(tmp_path, "bad", {**study, "protocol": "scratch", "model": "vimoe_micro_patch7_28"}))
+    with pytest.raises(StudyError, match="the study's control must be a config"):
+        load_study(_write(tmp_path, "bad2", {**study, "control": "step0", "claims": []}))
     with pytest.raises(StudyError, match="does not start function-preserving"):
         run_study(path, results=results, only=["unnormalised"], allow_dirty=True)
     # every record names the exact base it started from
@@ -145,6 +147,30 @@ def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_pa
     assert set(rec["router_init"]) == set(rec["expert_spread"]) == {"0", "1", "2", "3"}
     assert all(v["router_shift"] > 0 for v in rec["router_init"].values())
     assert all(v > 0 for v in rec["expert_spread"].values())
+
+
+@pytest.mark.gpu
+def test_upcycle_study_on_cuda_starts_clean_and_analyses_there(tmp_path):
+    """The gpu path of a study run: training, the clean-start check, the routing analysis and the all-subsets
+    pruning all on the GPU (a model left on the CPU beside CUDA data, or the reverse, fails here)."""
+    study = {"name": "upg", "protocol": "upcycle", "base": _dense_base(tmp_path), "train": TRAIN, "seeds": [0],
+             "common": {"num_experts": 4, "renormalize": "straight_through"},
+             "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
+                         "all-top2": {"moe_layers": "all", "top_k": 2},
+                         "shared-zero": {"moe_layers": "all", "shared_expert": "add", "shared_init": "zero"}},
+             "analysis": {"routing": True, "random_routers": 5, "prune_fraction": 0.5}}
+    path = _write(tmp_path, "upg", study)
+    results = tmp_path / "results"
+    assert len(run_study(path, results=results, device="cuda", allow_dirty=True)) == 4
+    df = load_results(path, results=results)
+    assert (df["step0_test_acc"].notna()).all()
+    for config in study["configs"]:
+        rec = load_record(path, config, 0, results)
+        assert rec["clean_start"] and rec["step0_test_acc"] == rec["base_test_acc_device"]
+        assert rec["provenance"]["device"].startswith("cuda")
+        assert len(rec["test_predictions"]) == 48
+    rec = load_record(path, "all", 0, results)
+    assert len(rec["pruning"]["subsets"]) == 1 + 6 and set(rec["routing"]) == {"0", "1", "2", "3"}
 
 
 def test_a_changed_or_weak_base_is_refused(tmp_path):

@@ -88,8 +88,9 @@ def clean_starts(kind: str) -> pd.DataFrame:
         s = st.load_study(study_file(kind, protocol))
         if s["protocol"] != "upcycle":
             continue
+        records = list(st._records(s))
         for config in s["configs"]:
-            recs = [r for r in st._records(s) if r["config"] == config]
+            recs = [r for r in records if r["config"] == config]
             if not recs:
                 continue
             step0 = [r["step0_test_acc"] for r in recs]

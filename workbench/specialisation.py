@@ -351,21 +351,23 @@ def layer_report(stats: RoutingStats, *, baseline: dict[int, dict] | None = None
 
 
 def random_router_baseline(model, data, *, draws: int = 100, max_images: int | None = 2000, seed: int = 0,
-                           num_classes: int | None = None) -> dict[int, dict]:
-    """:func:`random_router_test` for every MoE layer of ``model`` on (the first ``max_images`` of) ``data``."""
-    inputs = router_inputs(model, data, max_images=max_images)
+                           num_classes: int | None = None, inputs: dict | None = None) -> dict[int, dict]:
+    """:func:`random_router_test` for every MoE layer of ``model`` on (the first ``max_images`` of) ``data``;
+    ``inputs``: the layers' :func:`router_inputs` when already captured (then ``data`` gives only the classes)."""
+    inputs = inputs if inputs is not None else router_inputs(model, data, max_images=max_images)
     classes = num_classes or getattr(model, "num_classes", None) or getattr(data, "num_classes")
     return {i: random_router_test(inp, classes, draws=draws, seed=seed + i) for i, inp in inputs.items()}
 
 
 def specialisation_report(model, data, *, draws: int = 100, max_images: int | None = 2000, repeats: int = 20,
                           alpha: float = 0.05, seed: int = 0, stats: RoutingStats | None = None,
-                          progress: bool = False) -> tuple[pd.DataFrame, RoutingStats]:
-    """Routing statistics over ``data`` and the per-layer report with the random-router test."""
+                          progress: bool = False, inputs: dict | None = None) -> tuple[pd.DataFrame, RoutingStats]:
+    """Routing statistics over ``data`` and the per-layer report with the random-router test (``stats`` and
+    ``inputs``, the router inputs over the first ``max_images``, reused when given)."""
     from .routing import collect_routing
 
     stats = stats or collect_routing(model, data, progress=progress)
-    baseline = random_router_baseline(model, data, draws=draws, max_images=max_images, seed=seed)
+    baseline = random_router_baseline(model, data, draws=draws, max_images=max_images, seed=seed, inputs=inputs)
     return layer_report(stats, baseline=baseline, repeats=repeats, alpha=alpha, seed=seed), stats
 
 

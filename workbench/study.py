@@ -120,6 +120,8 @@ def load_study(path) -> dict:
     fraction = analysis.get("prune_fraction", 0)
     if not 0 <= fraction < 1:
         raise StudyError(f"{path}: analysis.prune_fraction={fraction} must be in [0, 1)")
+    if study.get("control") == "step0":
+        raise StudyError(f"{path}: the study's control must be a config; 'step0' is for a claim's control")
     for claim in study["claims"]:
         _check_claim(path, study, claim)
     return study
@@ -142,13 +144,12 @@ def _check_claim(path, study: dict, claim: dict) -> None:
         raise StudyError(f"{where}: expect={claim['expect']!r} is not one of {DIRECTIONS}")
     if claim.get("source", "routing") not in ("routing", "regions"):
         raise StudyError(f"{where}: source={claim['source']!r} is not 'routing' or 'regions'")
-    if study.get("control") == "step0":
-        raise StudyError(f"{path}: the study's control must be a config; 'step0' is for a claim's control")
     if claim.get("control") == "step0":  # the treatment's own step-0 accuracy: upcycled arms start at the base
         if study["protocol"] != "upcycle" or claim["kind"] != "paired":
             raise StudyError(f"{where}: control 'step0' (an arm against its own start) is for paired claims of "
                              f"upcycle studies")
-    names = [claim["treatment"]] + ([claim["control"]] if claim.get("control", "step0") != "step0" else [])
+    control = claim.get("control")  # none: the study's control
+    names = [claim["treatment"]] + ([control] if control not in (None, "step0") else [])
     for name in names:
         other, _, config = name.rpartition("/")
         if other and other not in study["references"]:
@@ -277,34 +278,40 @@ def arm_spec(study: dict, config: str) -> dict:
             "analysis": study.get("analysis", {})}
 
 
-def check_clean_start(study: dict, config: str, cfg, results: Path | None = None) -> dict:
+def check_clean_start(study: dict, config: str, cfg, results: Path | None = None, device=None) -> dict:
     """Upcycle protocol: build the arm exactly as training will, measure its step-0 test accuracy, and refuse to
-    train an arm that does not start where the dense base is."""
+    train an arm that does not start where the dense base is.  On a GPU (``device``) both are evaluated there in
+    fp32, and the step-0 accuracy is compared with the base's measured on that device (``base_test_acc_device``),
+    since the cached base accuracy is the CPU's."""
     import torch
 
     from .checkpoint import load_model
     from .data import build_splits
     from .train import build_training_model, evaluate
 
+    device = torch.device(device or "cpu")
     base = base_accuracy(study, results)
     model, _ = build_training_model(cfg)
+    model.to(device)
     _, _, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model, augment=False,
                               test_subset=cfg.test_subset)
     step0 = round(evaluate(model, test)["acc"], 6)
     dense, _ = load_model(ROOT / study["base"])
-    x = next(iter(test.batches(500, shuffle=False)))[0]
+    dense.to(device)
+    reference = base["test_acc"] if device.type == "cpu" else round(evaluate(dense, test)["acc"], 6)
+    x = next(iter(test.batches(500, shuffle=False)))[0].to(device)
     model.eval()
     with torch.no_grad():
         gap = float((model(x) - dense.eval()(x)).abs().max())
-    clean = step0 == base["test_acc"] and gap <= 1e-3
+    clean = step0 == reference and gap <= 1e-3
     declared = study["configs"][config].get("clean_start", study["common"].get("clean_start", True))
     if not clean and declared:
         raise StudyError(f"{study['name']}/{config}: at step 0 the arm differs from the dense base (test accuracy "
-                         f"{step0} vs {base['test_acc']}, max logit difference {gap:.2g}): it does not start "
+                         f"{step0} vs {reference}, max logit difference {gap:.2g}): it does not start "
                          f"function-preserving. Use renormalize: true (gates summing to 1) and shared_init zero or "
                          f"split for a shared expert, or mark an intended ablation clean_start: false")
     return {"step0_test_acc": step0, "base_test_acc": base["test_acc"], "step0_max_logit_diff": gap,
-            "clean_start": clean, **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
+            "clean_start": clean, **({"base_test_acc_device": reference} if device.type != "cpu" else {}), **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
 
 
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
@@ -316,7 +323,7 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     from .data import build_splits
     from .flops import profile
     from .provenance import git_commit, provenance
-    from .train import train
+    from .train import Dist, resolve_device, train
 
     commit = git_commit()
     if commit.endswith("+dirty") and not allow_dirty:
@@ -329,12 +336,15 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     started = time.time()
     resume = (out / "checkpoint.pt").exists()
     # the arm is rebuilt as training builds it (also on resume: the check is of the construction, not of weights)
-    start = check_clean_start(study, config, cfg, results) if study["protocol"] == "upcycle" else {}
+    # checks and analyses run where the training ran (fp32; the random-router draws stay on the CPU)
+    where = resolve_device(device, Dist())
+    start = check_clean_start(study, config, cfg, results, where) if study["protocol"] == "upcycle" else {}
     history = train(cfg, resume=resume)["history"]
     model, model_cfg = load_model(out / "model")
     model.eval()
     batch_groups = any(getattr(m, "choice_group", "image") == "batch" for m in model.modules())
     prof = profile(model, batch=cfg.batch_size if batch_groups else 1)  # per-batch choice: at the training batch
+    model.to(where)
     last = history[-1]
     seg = getattr(model, "task", None) == "segmentation"
     if seg:
@@ -373,9 +383,10 @@ def _predict(model, data) -> str:
     import torch
 
     preds = []
+    device = next(model.parameters()).device
     with torch.no_grad():
         for x, _ in data.batches(500, shuffle=False):
-            preds.append(model(x).argmax(-1))
+            preds.append(model(x.to(device)).argmax(-1).cpu())
     preds = torch.cat(preds).tolist()
     return "".join(map(str, preds)) if max(preds, default=0) < 10 else ",".join(map(str, preds))
 
@@ -401,11 +412,12 @@ def expert_spread(model) -> dict[str, float]:
     return out
 
 
-def router_at_init(model, cfg, data, max_images: int | None = 2000) -> dict[str, dict]:
+def router_at_init(model, cfg, data, max_images: int | None = 2000, inputs: dict | None = None) -> dict[str, dict]:
     """Upcycled runs: per MoE block, how far the router moved from its upcycling init (``router_shift``,
     ||W - W0|| / ||W0||) and the class NMI of the init router's first choices on the trained model's router
     inputs (``init_nmi``), beside the trained router's on the same inputs (``trained_nmi``).  The init is rebuilt
-    exactly as the trainer built it (same seed, same base)."""
+    exactly as the trainer built it (same seed, same base).  ``inputs``: the trained model's :func:`router_inputs`
+    on ``data`` when already captured."""
     import torch
 
     from .moe import moe_modules
@@ -420,7 +432,8 @@ def router_at_init(model, cfg, data, max_images: int | None = 2000) -> dict[str,
     start = moe_modules(init)
     classes = getattr(model, "num_classes", None) or data.num_classes
     out = {}
-    for block, inp in router_inputs(model, data, max_images=max_images).items():
+    inputs = inputs if inputs is not None else router_inputs(model, data, max_images=max_images)
+    for block, inp in inputs.items():
         w0 = start[block].router.weight.detach().float().cpu()
         E = inp.num_experts or inp.weight.shape[0]
         out[str(block)] = {
@@ -451,14 +464,16 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     if val is None:
         raise StudyError("the analysis block needs a validation split: set train.val_size (e.g. 10000)")
     from .routing import collect_routing
-    from .specialisation import specialisation_report
+    from .specialisation import router_inputs, specialisation_report
 
     stats = collect_routing(model, val, progress=False)
+    inputs = router_inputs(model, val, max_images=analysis.get("max_images", 2000))  # one capture, used twice
     report, _ = specialisation_report(model, val, draws=int(analysis.get("random_routers", 100)),
-                                      max_images=analysis.get("max_images", 2000), seed=seed, stats=stats)
+                                      max_images=analysis.get("max_images", 2000), seed=seed, stats=stats,
+                                      inputs=inputs)
     out = {"expert_spread": expert_spread(model)}
     if analysis.get("routing") and cfg.init_from:
-        out["router_init"] = router_at_init(model, cfg, val, analysis.get("max_images", 2000))
+        out["router_init"] = router_at_init(model, cfg, val, analysis.get("max_images", 2000), inputs=inputs)
     if analysis.get("routing"):
         tables = {b: {"class_expert": s.class_expert.round().int().tolist(),
                       "position_expert": s.position_expert.round().int().tolist()

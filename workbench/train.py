@@ -237,7 +237,7 @@ def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float
 
 # -- evaluation -------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", amp: bool = False,
+def evaluate(model: nn.Module, data, *, batch_size: int = 500, device=None, amp: bool = False,
              d: Dist = Dist(), progress: bool = False) -> dict:
     """Accuracy, loss and per-MoE-layer expert load over a whole dataset (sharded across DDP ranks);
     ``progress``: a tqdm bar on stderr (main rank only).  A segmentation model (``task = 'segmentation'``) is
@@ -248,7 +248,7 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device="cpu", amp
     core = getattr(model, "module", model)
     was_training = core.training
     core.eval()
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else next(core.parameters()).device  # default: the model's
     layers = moe_modules(core)
     loads = {i: torch.zeros(layer.num_experts, device=device) for i, layer in layers.items()}
     drops = {i: torch.zeros((), device=device) for i in layers}

@@ -32,10 +32,10 @@ if [ "$NAME" = dense_p4 ]; then
   # the stopping rule of dense_p4.yaml: 20-epoch chunks (each a warm restart of the cosine) while the last test
   # accuracy is below 0.90, at most 80 epochs
   for EPOCHS in 60 80; do
-    ACC=$($PY -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['test_acc'])" \
-          "experiments/runs/upcycle/$NAME/metrics.jsonl")
-    if $PY -c "import sys; sys.exit(0 if float(sys.argv[1]) >= 0.90 else 1)" "$ACC"; then break; fi
-    echo "test accuracy $ACC < 0.90: resuming to $EPOCHS epochs"
+    # prints the last test accuracy; exits 0 when it meets the bar
+    if $PY -c "import json,sys; a=json.loads(open(sys.argv[1]).read().splitlines()[-1])['test_acc']; print(a); \
+sys.exit(0 if a >= 0.90 else 1)" "experiments/runs/upcycle/$NAME/metrics.jsonl"; then break; fi
+    echo "test accuracy < 0.90: resuming to $EPOCHS epochs"
     $PY -m workbench train --config "experiments/upcycle/$NAME.yaml" --resume --epochs "$EPOCHS"
   done
 fi

@@ -35,7 +35,9 @@ def _combine(per_assignment: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
     tokens, k = gates.shape
     if k == 1:
         return per_assignment * gates
-    return (per_assignment.view(tokens, k, -1) * gates.unsqueeze(-1).to(per_assignment.dtype)).sum(1)
+    # .to(): CUDA autocast runs ``sum`` in float32, which would hand a bf16 model a float32 activation
+    return (per_assignment.view(tokens, k, -1) * gates.unsqueeze(-1).to(per_assignment.dtype)).sum(1).to(
+        per_assignment.dtype)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
