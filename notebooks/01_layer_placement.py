@@ -54,6 +54,19 @@ contrasts = report.show_summary("placement")
 print(report.clean_starts("placement").to_string(index=False))
 
 # %% [markdown]
+# **How far the fine-tune moves each arm.** An accuracy difference near zero can mean "placement does not matter"
+# or "the fine-tune barely changed anything". Per arm: the share of the 10,000 test images whose predicted class
+# differs from the dense control's on the same seed (same data order), beside the share that differs between two
+# seeds of the dense control itself (seed noise). Where an upcycled arm's changes are below the control's
+# seed-to-seed changes, its fine-tune is a small perturbation of the base, and the upcycle verdicts below hold for
+# that regime (2 epochs at lr 1e-4 -> 1e-5) only; notebook 03 shows how little the experts and routers moved.
+
+# %%
+for protocol in report.protocols("placement"):
+    print(f"== {report.label(protocol)}")
+    print(report.prediction_changes("placement", protocol).to_string(index=False), "\n")
+
+# %% [markdown]
 # The forest plot puts the protocols side by side: each point is an arm's mean paired difference from the dense
 # control (the dashed zero line), the bar its 95% interval; the label carries its activated GMACs, so arms that buy
 # accuracy with compute (top-2) can be told from those that do not.

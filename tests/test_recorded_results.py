@@ -76,6 +76,18 @@ def test_clean_start_table_reads_the_records():
     assert report.label("scratch") == "scratch protocol"
 
 
+def test_prediction_changes_compare_each_arm_with_the_control_of_its_seed():
+    table = report.prediction_changes("placement", "upcycle_p7").set_index("config")
+    study = load_study(report.study_file("placement", "upcycle_p7"))
+    recs = {(r["config"], r["seed"]): r["test_predictions"] for r in _records(study)}
+    differ = [sum(a != b for a, b in zip(recs["all", s], recs["dense", s])) / len(recs["dense", s]) for s in range(5)]
+    noise = [sum(a != b for a, b in zip(recs["dense", s], recs["dense", s + 1])) / len(recs["dense", s])
+             for s in range(4)]
+    assert "dense" not in table.index and table.loc["all", "seeds"] == 5
+    assert table.loc["all", "vs_control"] == round(sum(differ) / 5, 5)
+    assert table.loc["all", "control_seed_to_seed"] == round(sum(noise) / 4, 5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, config, seed", [("placement", "all", 0)])
 def test_recorded_run_regenerates_exactly(kind, config, seed, tmp_path):

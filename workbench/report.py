@@ -227,6 +227,29 @@ def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.D
     return pd.DataFrame(rows)
 
 
+def prediction_changes(kind: str, protocol: str) -> pd.DataFrame:
+    """Per arm, over seeds: the share of test images whose predicted class differs from the control's prediction on
+    the same seed (``vs_control``), and the same between two seeds of the control itself (``control_seed_to_seed``,
+    consecutive seed pairs): how much an arm's fine-tune changed the model beyond seed noise."""
+    import numpy as np
+
+    s = st.load_study(study_file(kind, protocol))
+    preds = {(r["config"], r["seed"]): np.frombuffer(r["test_predictions"].encode(), np.uint8)
+             for r in st._records(s) if isinstance(r.get("test_predictions"), str) and "," not in r["test_predictions"]}
+    control = s["control"]
+    seeds = sorted(seed for c, seed in preds if c == control)
+    noise = [float((preds[control, a] != preds[control, b]).mean()) for a, b in zip(seeds, seeds[1:])]
+    rows = []
+    for config in s["configs"]:
+        diffs = [float((preds[config, seed] != preds[control, seed]).mean())
+                 for seed in seeds if (config, seed) in preds and config != control]
+        if diffs:
+            rows.append({"config": config, "seeds": len(diffs), "vs_control": round(float(np.mean(diffs)), 5),
+                         "vs_control_max": round(max(diffs), 5),
+                         "control_seed_to_seed": round(float(np.mean(noise)), 5) if noise else float("nan")})
+    return pd.DataFrame(rows)
+
+
 def movement_table(kind: str, protocol: str, config: str = "all") -> pd.DataFrame:
     """Upcycled runs, per MoE block, mean over seeds: how far the routed experts moved apart from the copies they
     started as (``expert_spread``), how far the router moved from its init (``router_shift``), and the class NMI
