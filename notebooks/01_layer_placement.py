@@ -60,6 +60,9 @@ print(report.clean_starts("placement").to_string(index=False))
 # seeds of the dense control itself (seed noise). Where an upcycled arm's changes are below the control's
 # seed-to-seed changes, its fine-tune is a small perturbation of the base, and the upcycle verdicts below hold for
 # that regime (2 epochs at lr 1e-4 -> 1e-5) only; notebook 03 shows how little the experts and routers moved.
+# There, an upcycle *disagrees* means "no arm moved accuracy by 0.2 points under this fine-tune", not "placement
+# does not matter for upcycled MoEs". The findings are also conditional on one base (seed 0) and one test set,
+# and the base's stopping rule (20-epoch chunks until 90% test accuracy) read that test set.
 
 # %%
 for protocol in report.protocols("placement"):

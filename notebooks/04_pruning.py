@@ -94,3 +94,17 @@ print(f"densify block {chosen}: test acc {mc['acc_b']:.4f} -> {mc['acc_a']:.4f};
 
 # %%
 _ = report.show_claim_kinds("placement", ["pruning"])
+
+# %% [markdown]
+# **Could these pruning claims have failed?** The bounds every choice of layers lives within, per protocol (test
+# points, paired by seed): the best subset picked in hindsight on the test set against the all-subsets mean (no
+# selection rule can beat chance by more), and the worst subset against the unpruned model (no rule can lose
+# more). Where both bounds sit inside a claim's margin, that claim's verdict was fixed before any layer was
+# chosen: it cannot tell the specialisation metric from a random or a perfect choice.
+
+# %%
+for protocol in report.protocols("placement"):
+    bounds = report.pruning_bounds("placement", protocol)
+    if len(bounds):
+        print(f"== {report.label(protocol)}")
+        print(bounds.to_string(index=False), "\n")

@@ -88,6 +88,27 @@ def test_prediction_changes_compare_each_arm_with_the_control_of_its_seed():
     assert table.loc["all", "control_seed_to_seed"] == round(sum(noise) / 4, 5)
 
 
+def test_pruning_bounds_are_the_best_and_worst_subsets_paired_by_seed():
+    from scipy import stats as sst
+
+    study = load_study(report.study_file("placement", "upcycle_p7"))
+    recs = sorted((r for r in _records(study) if r["config"] == "all"), key=lambda r: r["seed"])
+    worst = [100 * (min(x["test_acc"] for x in r["pruning"]["subsets"][1:]) - r["pruning"]["subsets"][0]["test_acc"])
+             for r in recs]
+    row = report.pruning_bounds("placement", "upcycle_p7").iloc[1]
+    low, high = sst.t.interval(0.95, len(worst) - 1, loc=sum(worst) / len(worst), scale=sst.sem(worst))
+    assert row["contrast"] == "worst subset vs unpruned" and row["n"] == 5
+    assert (row["low"], row["high"]) == (round(low, 3), round(high, 3))
+    assert report.pruning_bounds("placement", "upcycle_p7", config="last-2").empty  # 2 MoE layers: no pruning
+
+
+def test_init_vs_trained_reads_the_router_init_records():
+    out = report.init_vs_trained("placement", "upcycle")
+    assert out["pairs"] == 20 and 0 <= out["mean_abs_nmi_change"] <= out["max_abs_nmi_change"]
+    assert -1 <= out["corr_init_vs_trained_excess"] <= 1
+    assert report.init_vs_trained("placement", "upcycle_p7") == {}  # recorded before router_init was kept
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, config, seed", [("placement", "all", 0)])
 def test_recorded_run_regenerates_exactly(kind, config, seed, tmp_path):

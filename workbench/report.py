@@ -250,6 +250,58 @@ def prediction_changes(kind: str, protocol: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pruning_bounds(kind: str, protocol: str, config: str = "all") -> pd.DataFrame:
+    """What any choice of layers could have scored, in test-accuracy points, paired by seed (95% t-intervals): the
+    best subset chosen in hindsight on the test set against the mean of every subset (the most a perfect choice
+    could beat chance by), and the worst subset against the unpruned model (the most any choice could lose).  A
+    pruning claim whose verdict these bounds already fix cannot tell a good selection rule from a bad one."""
+    import numpy as np
+
+    from .stats import paired
+
+    s = st.load_study(study_file(kind, protocol))
+    rows = {}
+    for r in st._records(s):
+        if r["config"] == config and "pruning" in r:
+            subsets = [x["test_acc"] for x in r["pruning"]["subsets"][1:]]
+            rows[r["seed"]] = (max(subsets), float(np.mean(subsets)), min(subsets),
+                               r["pruning"]["subsets"][0]["test_acc"])
+    if not rows:
+        return pd.DataFrame()
+    best, mean, worst, full = (100 * np.array(v) for v in zip(*(rows[k] for k in sorted(rows))))
+    out = []
+    for name, a, b in (("best subset (hindsight, test) vs all-subsets mean", best, mean),
+                       ("worst subset vs unpruned", worst, full)):
+        d = paired(a, b)
+        out.append({"contrast": name, "n": len(a), "delta pts": round(d.mean, 3), "low": round(d.low, 3),
+                    "high": round(d.high, 3)})
+    return pd.DataFrame(out)
+
+
+def init_vs_trained(kind: str, protocol: str, config: str = "all") -> dict:
+    """Upcycled runs: did training move the routers' class alignment?  Over (seed, block): the largest and mean
+    |trained NMI - init NMI| on the same inputs, and the correlation between the init router's excess over the
+    random routers (init NMI - random mean) and the trained router's recorded excess.  A correlation near 1 with
+    small differences means the specialisation test scores where the random init fell, not what was learned."""
+    import numpy as np
+
+    s = st.load_study(study_file(kind, protocol))
+    init_x, trained_x, moved = [], [], []
+    for r in st._records(s):
+        if r["config"] != config or "router_init" not in r:
+            continue
+        for b, v in r["router_init"].items():
+            random_nmi = r["routing"][b]["random_nmi"]
+            init_x.append(v["init_nmi"] - random_nmi)
+            trained_x.append(r["routing"][b]["excess"])
+            moved.append(abs(v["trained_nmi"] - v["init_nmi"]))
+    if not moved:
+        return {}
+    return {"pairs": len(moved), "max_abs_nmi_change": round(max(moved), 4),
+            "mean_abs_nmi_change": round(float(np.mean(moved)), 4),
+            "corr_init_vs_trained_excess": round(float(np.corrcoef(init_x, trained_x)[0, 1]), 3)}
+
+
 def movement_table(kind: str, protocol: str, config: str = "all") -> pd.DataFrame:
     """Upcycled runs, per MoE block, mean over seeds: how far the routed experts moved apart from the copies they
     started as (``expert_spread``), how far the router moved from its init (``router_shift``), and the class NMI
