@@ -370,8 +370,10 @@ def main(argv=None) -> None:
     try:
         EXPLORER.model(args.checkpoint)  # fail fast, with the reason, before serving
     except CheckpointError as err:
-        parser.exit(1, f"app.py: error: {one_line(err)}\n(train the default with experiments/default/train.sh, or "
-                       "pass --checkpoint)\n")
+        chosen = args.checkpoint != str(DEFAULT_CHECKPOINT)
+        hint = ("pass --checkpoint a model folder (model.safetensors + config.json)" if chosen else
+                "train the default with experiments/default/train.sh, or pass --checkpoint")
+        parser.exit(1, f"app.py: error: {one_line(err)} ({hint})\n")
     build_app(args.checkpoint).launch(server_name=args.host, server_port=args.port, share=False,
                                       show_error=True)
 

@@ -402,3 +402,13 @@ def test_browser_upload_shows_overlay(served, tmp_path):
     assert all(abs(natural - shown) < 0.02 for natural, shown in shapes)  # whole panels, not cropped
     assert all(captions) and shot.stat().st_size > 10_000
     assert errors == 0 and still
+
+
+def test_a_missing_checkpoint_is_one_line_that_names_the_fix(tmp_path, capsys):
+    import app
+
+    with pytest.raises(SystemExit) as exit_:
+        app.main(["--checkpoint", str(tmp_path / "nowhere")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "nowhere" in err and "pass --checkpoint a model folder" in err and "default/train.sh" not in err
