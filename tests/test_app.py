@@ -407,8 +407,12 @@ def test_browser_upload_shows_overlay(served, tmp_path):
 def test_a_missing_checkpoint_is_one_line_that_names_the_fix(tmp_path, capsys):
     import app
 
-    with pytest.raises(SystemExit) as exit_:
-        app.main(["--checkpoint", str(tmp_path / "nowhere")])
+    handlers = list(app.LOG.handlers)  # main() adds a stderr handler; leave none bound to this test's capture
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            app.main(["--checkpoint", str(tmp_path / "nowhere")])
+    finally:
+        app.LOG.handlers[:] = handlers
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "nowhere" in err and "pass --checkpoint a model folder" in err and "default/train.sh" not in err
