@@ -255,20 +255,14 @@ def pruning_bounds(kind: str, protocol: str, config: str = "all") -> pd.DataFram
     best subset chosen in hindsight on the test set against the mean of every subset (the most a perfect choice
     could beat chance by), and the worst subset against the unpruned model (the most any choice could lose).  A
     pruning claim whose verdict these bounds already fix cannot tell a good selection rule from a bad one."""
-    import numpy as np
-
     from .stats import paired
 
-    s = st.load_study(study_file(kind, protocol))
-    rows = {}
-    for r in st._records(s):
-        if r["config"] == config and "pruning" in r:
-            subsets = [x["test_acc"] for x in r["pruning"]["subsets"][1:]]
-            rows[r["seed"]] = (max(subsets), float(np.mean(subsets)), min(subsets),
-                               r["pruning"]["subsets"][0]["test_acc"])
-    if not rows:
+    pr = st.load_pruning(study_file(kind, protocol), [config])
+    if pr.empty:
         return pd.DataFrame()
-    best, mean, worst, full = (100 * np.array(v) for v in zip(*(rows[k] for k in sorted(rows))))
+    pr = pr.sort_values("seed")
+    best, mean, worst, full = (100 * pr[c].to_numpy() for c in ("best_test", "all_mean_test", "worst_test",
+                                                                  "full_test"))
     out = []
     for name, a, b in (("best subset (hindsight, test) vs all-subsets mean", best, mean),
                        ("worst subset vs unpruned", worst, full)):

@@ -143,10 +143,10 @@ def segmentation_scores(confusion: torch.Tensor) -> dict:
             "iou": [round(float(v), 6) if ok else None for v, ok in zip(iou, present)]}
 
 
-def evaluate_segmentation(model: nn.Module, data, batch_size: int = 500, device="cpu", **kwargs) -> dict:
+def evaluate_segmentation(model: nn.Module, data, batch_size: int = 500, device=None, **kwargs) -> dict:
     """``{"miou", "pixel_acc", "iou" (per class), "loss" (per pixel), "n" (images), "pixels", "confusion", "acc"
-    (= pixel_acc), "moe"}`` over a whole split; the trainer's evaluation loop (``amp``, ``d``, ``progress`` pass
-    through)."""
+    (= pixel_acc), "moe"}`` over a whole split, on ``device`` (default: the model's); the trainer's evaluation loop
+    (``amp``, ``d``, ``progress`` pass through)."""
     from .train import evaluate, model_task
 
     if model_task(model) != "segmentation":

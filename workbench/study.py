@@ -311,7 +311,8 @@ def check_clean_start(study: dict, config: str, cfg, results: Path | None = None
                          f"function-preserving. Use renormalize: true (gates summing to 1) and shared_init zero or "
                          f"split for a shared expert, or mark an intended ablation clean_start: false")
     return {"step0_test_acc": step0, "base_test_acc": base["test_acc"], "step0_max_logit_diff": gap,
-            "clean_start": clean, **({"base_test_acc_device": reference} if device.type != "cpu" else {}), **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
+            "clean_start": clean, **({"base_test_acc_device": reference} if device.type != "cpu" else {}),
+            **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
 
 
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
@@ -467,13 +468,13 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     from .specialisation import router_inputs, specialisation_report
 
     stats = collect_routing(model, val, progress=False)
-    inputs = router_inputs(model, val, max_images=analysis.get("max_images", 2000))  # one capture, used twice
+    max_images = analysis.get("max_images", 2000)
+    inputs = router_inputs(model, val, max_images=max_images)  # one capture, used twice
     report, _ = specialisation_report(model, val, draws=int(analysis.get("random_routers", 100)),
-                                      max_images=analysis.get("max_images", 2000), seed=seed, stats=stats,
-                                      inputs=inputs)
+                                      max_images=max_images, seed=seed, stats=stats, inputs=inputs)
     out = {"expert_spread": expert_spread(model)}
     if analysis.get("routing") and cfg.init_from:
-        out["router_init"] = router_at_init(model, cfg, val, analysis.get("max_images", 2000), inputs=inputs)
+        out["router_init"] = router_at_init(model, cfg, val, max_images, inputs=inputs)
     if analysis.get("routing"):
         tables = {b: {"class_expert": s.class_expert.round().int().tolist(),
                       "position_expert": s.position_expert.round().int().tolist()
@@ -668,8 +669,8 @@ def routing_tables(study_or_path, config: str, seed: int, kind: str = "class_exp
 
 def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
     """Per (config, seed): the unpruned model, the metric's choice (least specialised on validation), the most
-    specialised, the mean over every subset and over the random draws, and where the metric's choice ranks
-    among all subsets by validation accuracy (1 = best)."""
+    specialised, the mean over every subset and over the random draws, the best and worst subset on test (in
+    hindsight), and where the metric's choice ranks among all subsets by validation accuracy (1 = best)."""
     rows = []
     for r in _records(study_or_path, results):
         if "pruning" not in r or (configs and r["config"] not in configs):
@@ -688,6 +689,8 @@ def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd
                      "most_test": most["test_acc"], "best_val_blocks": ranked[0]["blocks"],
                      "best_val_test": ranked[0]["test_acc"],
                      "all_mean_test": sum(s["test_acc"] for s in subsets) / len(subsets),
+                     "best_test": max(s["test_acc"] for s in subsets),
+                     "worst_test": min(s["test_acc"] for s in subsets),
                      "random_mean_test": sum(s["test_acc"] for s in draws) / max(1, len(draws)),
                      "full_params": full["params"], "pruned_params": least["params"],
                      "full_gmacs": full["gmacs"], "pruned_gmacs": least["gmacs"]})
