@@ -294,7 +294,7 @@ def test_shipped_study_files_are_valid():
         names.setdefault((study["profile"], study["protocol"]), set()).add(study["name"])
     assert names[("cpu", "scratch")] == {"scratch-placement", "scratch-shared-expert", "scratch-routing",
                                          "scratch-routers", "scratch-segmentation", "scratch-confirm",
-                                         "scratch-confirm-all"}
+                                         "scratch-confirm-all", "scratch-confirm-shared"}
 
 
 def test_cli_says_plainly_what_is_missing(tmp_path, scratch_file, capsys):
