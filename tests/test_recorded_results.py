@@ -109,6 +109,26 @@ def test_init_vs_trained_reads_the_router_init_records():
     assert report.init_vs_trained("placement", "upcycle_p7") == {}  # recorded before router_init was kept
 
 
+def test_repeated_claim_takes_the_repeats_as_one_holm_family(monkeypatch):
+    """A claim tested twice: alone, the second test's p = 0.03 agrees; in one family with the first (p = 0.957)
+    it is adjusted to 0.06 and does not, so a repeat cannot make a claim agree more often than alpha."""
+    import pandas as pd
+
+    row = dict(id="c", contrast="a vs b", n=24, estimate=0.5, low=0.05, high=0.95, expect="greater", margin=0.0)
+    tables = {"first": pd.DataFrame([{**row, "n": 16, "low": -0.5, "p_holm": 0.957, "verdict": "inconclusive"}]),
+              "second": pd.DataFrame([{**row, "p_holm": 0.03, "verdict": "agrees"}]), "unrun": None}
+    monkeypatch.setattr(report, "claims", lambda kind, protocol: tables[kind])
+    t = report.repeated_claim("c", kinds=("first", "second", "unrun")).set_index("study")
+    assert list(t.index) == ["first", "second"]  # a study with no records is left out
+    assert t.loc["second", "verdict"] == "agrees" and t.loc["second", "p_family"] == pytest.approx(0.06)
+    assert t.loc["second", "family_verdict"] == "inconclusive"
+    tables["first"].loc[0, "p_holm"] = 0.01
+    t = report.repeated_claim("c", kinds=("first", "second")).set_index("study")
+    assert t.loc["second", "family_verdict"] == "agrees"  # 0.03 < 0.05 after the first (0.02) in Holm's step-down
+    with pytest.raises(KeyError, match="no claim 'other'"):
+        report.repeated_claim("other", kinds=("first",))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind, config, seed", [("placement", "all", 0)])
 def test_recorded_run_regenerates_exactly(kind, config, seed, tmp_path):

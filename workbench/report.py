@@ -206,6 +206,33 @@ def pilot_vs_confirmation(pilots=("placement", "shared_expert"), confirmation: s
     return table
 
 
+def repeated_claim(claim_id: str, kinds=("confirm", "confirm_shared"), protocol: str = "scratch") -> pd.DataFrame:
+    """One claim tested again in a later study (e.g. a confirmation whose interval came out too wide, repeated on
+    fresh seeds): each study's estimate, interval, its own Holm-adjusted p and verdict, then the studies taken as
+    one Holm family (each study's adjusted p adjusted again across the repeats) and the verdict that gives.  The
+    family verdict is the one to read: testing a claim again must not raise the chance of a false 'agrees'.
+    Studies with no records yet are left out."""
+    from .stats import holm, verdict
+
+    rows = []
+    for kind in kinds:
+        table = claims(kind, protocol)
+        if table is None:
+            continue
+        hit = table[table["id"] == claim_id]
+        if not len(hit):
+            raise KeyError(f"{kind} ({protocol}) has no claim {claim_id!r}: its claims are {table['id'].tolist()}")
+        r = hit.iloc[0]
+        rows.append({"study": kind, "contrast": r["contrast"], "n": int(r["n"]), "estimate": r["estimate"],
+                     "low": r["low"], "high": r["high"], "half_width": (r["high"] - r["low"]) / 2,
+                     "p_holm": r["p_holm"], "verdict": r["verdict"], "expect": r["expect"], "margin": r["margin"]})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["p_family"] = holm(table["p_holm"].fillna(1.0))
+        table["family_verdict"] = [verdict(r.low, r.high, r.p_family, r.expect, r.margin) for r in table.itertuples()]
+    return table
+
+
 def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.DataFrame:
     """The paired difference (points of test accuracy) between two arms after every epoch, over the seeds both
     recorded: does a gap close or widen as training goes on?"""
