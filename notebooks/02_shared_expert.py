@@ -42,6 +42,17 @@ print(report.clean_starts("shared_expert").to_string(index=False))
 viz.forest_plot(contrasts, title="Shared expert: paired difference from the dense control (95% CI)")
 
 # %% [markdown]
+# How far the upcycle verdicts can reach: the share of test images whose predicted class differs from the dense
+# control's on the same seed, beside the share that differs between two seeds of the dense control itself. An
+# arm that changes fewer predictions than seed noise does was barely moved by its fine-tune (notebook 01 shows the
+# same for placement).
+
+# %%
+for protocol in ("upcycle", "upcycle_p7"):
+    print(f"{report.label(protocol)}:")
+    print(report.prediction_changes("shared_expert", protocol).to_string(index=False), "\n")
+
+# %% [markdown]
 # ## Live check
 #
 # The fine-grained arm at a tiny budget, from scratch, one thread: digits nbval compares exactly.

@@ -174,6 +174,15 @@ viz.position_maps(st.routing_tables(path, "all", 0, "position_expert"), (4, 4)) 
 contrasts = report.show_summary("routing")
 
 # %% [markdown]
+# Under the upcycle protocol: the share of test images whose prediction differs from the dense control of the same
+# seed, beside the dense control's own seed-to-seed share (see notebook 01).
+
+# %%
+for protocol in ("upcycle", "upcycle_p7"):
+    print(f"{report.label(protocol)}:")
+    print(report.prediction_changes("routing", protocol).to_string(index=False), "\n")
+
+# %% [markdown]
 # ## Finding
 #
 # The routing claims (specialisation of the last and first block against random routers; the depth trend, a

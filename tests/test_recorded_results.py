@@ -88,6 +88,20 @@ def test_prediction_changes_compare_each_arm_with_the_control_of_its_seed():
     assert table.loc["all", "control_seed_to_seed"] == round(sum(noise) / 4, 5)
 
 
+def test_prediction_changes_read_a_control_from_the_referenced_study():
+    """The shared-expert study's control is the placement study's dense arm (same seeds): each arm is compared with
+    that arm's predictions on the same seed."""
+    study = load_study(report.study_file("shared_expert", "upcycle_p7"))
+    other, _, config = study["control"].rpartition("/")
+    assert other and config == "dense"
+    dense = {r["seed"]: r["test_predictions"] for r in _records(load_study(report.study_file("placement", "upcycle_p7")))
+             if r["config"] == "dense"}
+    arm = {r["seed"]: r["test_predictions"] for r in _records(study) if r["config"] == "all-fine"}
+    differ = [sum(a != b for a, b in zip(arm[s], dense[s])) / len(dense[s]) for s in sorted(arm)]
+    row = report.prediction_changes("shared_expert", "upcycle_p7").set_index("config").loc["all-fine"]
+    assert row["seeds"] == 5 and row["vs_control"] == round(sum(differ) / 5, 5)
+
+
 def test_pruning_bounds_are_the_best_and_worst_subsets_paired_by_seed():
     from scipy import stats as sst
 
