@@ -106,6 +106,9 @@ print("first 40 test predictions:", slice_["test_predictions"][:40])
 # their bootstrap interval alone, outside the Holm family; they are now decided by the Pitman-Morgan test of equal
 # paired variances, inside it (notebook 02). Stricter, and applied to every study: two verdicts moved, both away
 # from the paper (segmentation's spread claim and upcycle_p7's shared-beats-top2-all, agrees -> inconclusive).
+# A third, made after `upcycle4-shared-expert` was recorded: a directional claim whose interval lies inside its
+# margin reads *disagrees* even when it is significant (the upcycle study files said so; the code had checked
+# agreement first). No recorded verdict changed.
 
 # %%
 tables = report.show_claims("placement")

@@ -77,6 +77,15 @@ tables = report.show_claims("shared_expert")
 print("verdicts:", report.verdict_counts(tables))
 
 # %% [markdown]
+# How far the upcycle verdicts reach. The arms changed fewer test predictions against the dense control than two
+# seeds of the dense control differ by (printed above; the copy ablation is the exception), and their experts
+# stayed near-copies (notebook 03). A *disagrees* there says that this fine-tune (2 epochs, lr 1e-4 to 1e-5 from a
+# converged base) moves no arm by the smallest effect that matters; it is not evidence that a shared expert
+# cannot help when the experts are trained further. The copy-vs-zero verdict measures recovery from the copy's
+# damaged start (its step-0 accuracy is in the clean-start table) within that schedule. The scratch protocol,
+# where every arm learns from random init, is where the shared expert's effect can show.
+
+# %% [markdown]
 # ## Confirmation on 16 fresh seeds
 #
 # The equal-FLOP pair in the last two blocks (top-1 + shared vs top-2) is a headline claim. It was repeated with

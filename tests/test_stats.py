@@ -52,6 +52,8 @@ def test_holm_matches_the_step_down_definition():
     (0.2, 0.9, 0.08, "greater", 0, "inconclusive"),  # right side, but not significant after Holm
     (-0.9, -0.2, 0.01, "less", 0, "agrees"),
     (-0.1, 0.1, 0.9, "greater", 0.25, "disagrees"),  # too small to matter
+    (0.02, 0.10, 0.03, "greater", 0.2, "disagrees"),  # significant, but smaller than the effect that matters
+    (0.02, 0.30, 0.03, "greater", 0.2, "agrees"),  # significant, and the interval reaches past the margin
     (-0.3, 0.4, 0.5, "equal", 0.5, "agrees"),
     (0.6, 1.2, 0.01, "equal", 0.5, "disagrees"),
     (0.1, 0.8, 0.04, "equal", 0.5, "inconclusive"),

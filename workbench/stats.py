@@ -75,9 +75,10 @@ def verdict(low: float, high: float, p_adjusted: float, direction: str, margin: 
             alpha: float = ALPHA) -> str:
     """The pre-registered decision rule for a claim about a difference (treatment - control).
 
-    * ``greater`` / ``less``: *agrees* when the Holm-adjusted p < alpha and the interval lies on the claimed side
-      of 0; *disagrees* when it is significant on the other side, or the interval lies inside
-      [-margin, margin] (an effect too small to matter, when a margin is given); else *inconclusive*.
+    * ``greater`` / ``less``: *disagrees* when the interval lies inside [-margin, margin] (an effect too small to
+      matter, when a margin is given: this comes first, so a significant effect smaller than the margin does not
+      read as support), or when it is significant on the other side; *agrees* when the Holm-adjusted p < alpha
+      and the interval lies on the claimed side of 0; else *inconclusive*.
     * ``equal`` (within ``margin`` either way): *agrees* when the interval lies inside [-margin, margin];
       *disagrees* when it lies entirely outside; else *inconclusive*.
     * ``no_less`` / ``no_greater`` (one-sided: not worse / not better by more than ``margin``): *agrees* when the
@@ -101,10 +102,10 @@ def verdict(low: float, high: float, p_adjusted: float, direction: str, margin: 
     sign = 1 if direction == "greater" else -1
     lo, hi = sorted((sign * low, sign * high))
     significant = not math.isnan(p_adjusted) and p_adjusted < alpha
+    if (margin > 0 and -margin <= lo and hi <= margin) or (significant and hi < 0):
+        return "disagrees"
     if significant and lo > 0:
         return "agrees"
-    if (significant and hi < 0) or (margin > 0 and -margin <= lo and hi <= margin):
-        return "disagrees"
     return "inconclusive"
 
 
