@@ -199,6 +199,9 @@ tables = report.show_claims("routing")
 # claims score the random init, so its `first-layer-does-not: agrees` is not a contrast with deeper layers (they
 # show no excess either). `specialisation-rises-with-depth` has no margin, so it can only agree or stay
 # inconclusive. The scratch protocol, whose routers learn from the start, is where specialisation can be judged.
+# The same holds for token vs image routing: under the upcycle protocol both arms changed fewer test predictions
+# against the dense control than the dense control's own seeds differ by (printed above), so an `equal` claim
+# agrees there because the fine-tune moves neither arm far, not because image routing was shown to lose nothing.
 
 # %% [markdown]
 # ### Confirmation on 16 fresh seeds
