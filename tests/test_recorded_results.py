@@ -3,11 +3,16 @@
 CPU runs are deterministic at a fixed thread count (the studies use one thread), so regeneration is checked
 *exactly*, not within a tolerance as large as the effects:
 
-* always: a tiny-budget run (2,000 images, one epoch) against the digits stored in tests/regen/ (refresh them,
-  after a change that is meant to move results, with ``python tests/test_recorded_results.py``);
+* always: a tiny-budget run (2,000 images, one epoch) against the digits stored in tests/regen/<cpu family>/
+  (refresh them, after a change that is meant to move results, with ``python tests/test_recorded_results.py``).
+  Float kernels differ between CPU families (the segmentation slice moves in the 5th decimal between AMD EPYC and
+  Intel Xeon), so the digits are kept per family and compared exactly on a family that has them; on a family
+  that has none, they are compared with every stored family within 1e-4 (0.01 points, a twentieth of the
+  smallest margin any claim uses) and the test says how to record exact ones;
 * ``-m slow`` (``make test-slow``): a full recorded run re-trained from scratch against its record.
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -31,11 +36,44 @@ def _tiny(kind, protocol, config, seed) -> dict:
             "params": r["params"], "gmacs": r["gmacs"], **{k: r[k] for k in keys}}
 
 
+def cpu_family() -> str:
+    """This machine's CPU as the records name it (``provenance.device_description``), as a folder name."""
+    from workbench.provenance import device_description
+
+    name = device_description("cpu").split(": ", 1)[1].rsplit(",", 1)[0]
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _close(got, want, tol: float = 1e-4) -> bool:
+    if isinstance(want, float):
+        return abs(got - want) <= tol
+    if isinstance(want, list):
+        return len(got) == len(want) and all(_close(g, w, tol) for g, w in zip(got, want))
+    return got == want
+
+
 @pytest.mark.parametrize("kind, protocol, config, seed", TINY)
 def test_tiny_budget_run_regenerates_exactly(kind, protocol, config, seed):
-    path = REGEN / f"{protocol}-{kind}-{config}-seed{seed}.json"
-    assert path.is_file(), f"{path} missing: run python tests/test_recorded_results.py"
-    assert _tiny(kind, protocol, config, seed) == json.loads(path.read_text())
+    name = f"{protocol}-{kind}-{config}-seed{seed}.json"
+    got = _tiny(kind, protocol, config, seed)
+    path = REGEN / cpu_family() / name
+    if path.is_file():
+        assert got == json.loads(path.read_text())
+        return
+    stored = sorted(REGEN.glob(f"*/{name}"))
+    assert stored, f"{name} missing under {REGEN}: run python tests/test_recorded_results.py"
+    assert any(set(got) == set(w := json.loads(p.read_text())) and all(_close(got[k], w[k]) for k in w)
+               for p in stored), (f"{name}: no stored CPU family within 1e-4 either ({[p.parent.name for p in stored]}); "
+                                  f"for exact digits on {cpu_family()}: python tests/test_recorded_results.py")
+
+
+def test_regen_digits_are_kept_per_cpu_family():
+    families = {p.parent.name for p in REGEN.glob("*/*.json")}
+    assert {"amd-epyc", "intel-r-xeon-r-processor"} <= families
+    for family in families:
+        assert {p.name for p in (REGEN / family).glob("*.json")} == {
+            f"{t[1]}-{t[0]}-{t[2]}-seed{t[3]}.json" for t in TINY}, family
+    assert not _close(0.742853, 0.742853 + 2e-4) and _close([0.1, 3], [0.10005, 3]) and not _close("a", "b")
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -158,8 +196,8 @@ def test_recorded_run_regenerates_exactly(kind, config, seed, tmp_path):
 
 
 if __name__ == "__main__":
-    REGEN.mkdir(exist_ok=True)
+    (REGEN / cpu_family()).mkdir(parents=True, exist_ok=True)
     for args in TINY:
-        out = REGEN / f"{args[1]}-{args[0]}-{args[2]}-seed{args[3]}.json"
+        out = REGEN / cpu_family() / f"{args[1]}-{args[0]}-{args[2]}-seed{args[3]}.json"
         out.write_text(json.dumps(_tiny(*args), indent=1) + "\n")
         print(out)
