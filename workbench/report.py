@@ -260,8 +260,8 @@ def prediction_changes(kind: str, protocol: str) -> pd.DataFrame:
     consecutive seed pairs): how much an arm's fine-tune changed the model beyond seed noise."""
     import numpy as np
 
-    def predictions(study: dict, rename=lambda c: c) -> dict:
-        return {(rename(r["config"]), r["seed"]): np.frombuffer(r["test_predictions"].encode(), np.uint8)
+    def predictions(study: dict) -> dict:
+        return {(r["config"], r["seed"]): np.frombuffer(r["test_predictions"].encode(), np.uint8)
                 for r in st._records(study)
                 if isinstance(r.get("test_predictions"), str) and "," not in r["test_predictions"]}
 
@@ -270,7 +270,7 @@ def prediction_changes(kind: str, protocol: str) -> pd.DataFrame:
     control = s["control"]
     if "/" in control:  # the control is another study's arm (e.g. upcycle4-placement/dense)
         source, config = st._source(s, control)
-        preds.update(predictions(source, lambda c: f"{source['name']}/{c}"))
+        preds.update({(control, seed): p for (c, seed), p in predictions(source).items() if c == config})
     seeds = sorted(seed for c, seed in preds if c == control)
     noise = [float((preds[control, a] != preds[control, b]).mean()) for a, b in zip(seeds, seeds[1:])]
     rows = []
