@@ -32,11 +32,11 @@ import numpy as np  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from workbench.checkpoint import CheckpointError  # noqa: E402
-from workbench.class_palette import CLASS_COLORS, class_color, class_label  # noqa: E402
+from workbench.train.checkpoint import CheckpointError  # noqa: E402
+from workbench.viz.class_palette import CLASS_COLORS, class_color, class_label  # noqa: E402
 from workbench.explorer import (DEFAULT_CHECKPOINT, BadImage, Explorer, example_images,  # noqa: E402
                                 example_scenes_paths, list_checkpoints, one_line)
-from workbench.palette import SHARED_COLOR, expert_color, expert_name  # noqa: E402
+from workbench.viz.palette import SHARED_COLOR, expert_color, expert_name  # noqa: E402
 
 LOG = logging.getLogger("workbench.app")
 EXPLORER = Explorer()

@@ -27,7 +27,7 @@ print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
 # Sparse upcycling turns a dense ViT into a ViMoE: every expert starts as a copy of the dense FFN, the router is new. With gates that sum to 1 the upcycled model computes exactly what the dense one did. We start from the shipped dense tiny ViT (trained on Fashion-MNIST).
 
 # %%
-from workbench.checkpoint import load_model
+from workbench.train.checkpoint import load_model
 dense, dense_config = load_model(os.path.join(ROOT, "experiments/checkpoints/vimoe_tiny_fmnist_dense"))
 moe = workbench.upcycle(dense, moe_layers="last-2", num_experts=8, top_k=1, renormalize=True).eval()
 x = torch.randn(8, 1, 28, 28)
@@ -41,7 +41,7 @@ print("upcycled == dense (max abs diff < 1e-5):", gap < 1e-5)
 # Parameters and activated MACs per image, against the dense-equivalent model.
 
 # %%
-from workbench.flops import profile
+from workbench.analysis.flops import profile
 s = profile(moe).summary()
 print(f"params {s['params']:,} (x{s['params_x']} dense), active per token {s['active_params']:,}, "
       f"{s['gmacs']:.4f} GMACs (x{s['macs_x']} dense)")
@@ -52,9 +52,9 @@ print(f"params {s['params']:,} (x{s['params_x']} dense), active per token {s['ac
 # `experiments/checkpoints/vimoe_tiny_fmnist`: the dense model above, upcycled (last 2 blocks, 8 experts, top-1, shared expert) and fine-tuned (`experiments/default/train.sh`). Its accuracy on the full Fashion-MNIST test set, recomputed here and checked against the record:
 
 # %%
-from workbench.checkpoint import load_model
-from workbench.data import build_datasets
-from workbench.train import evaluate
+from workbench.train.checkpoint import load_model
+from workbench.data.classification import build_datasets
+from workbench.train.metrics import evaluate
 CKPT = os.path.join(ROOT, "experiments/checkpoints/vimoe_tiny_fmnist")
 model, config = load_model(CKPT)
 _, test = build_datasets("fashion-mnist", model=model)
@@ -70,7 +70,7 @@ print(f"recorded test accuracy {recorded:.4f}; recomputed here within 0.002 of i
 # `run_with_routing` returns the logits and a routing cache keyed by block: per patch, the router probabilities, chosen experts and gates, on the 7x7 patch grid.
 
 # %%
-from workbench.routing import run_with_routing
+from workbench.analysis.routing import run_with_routing
 from workbench import viz
 images, y = next(test.batches(8, shuffle=False))
 logits, cache = run_with_routing(model, images)

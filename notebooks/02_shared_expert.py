@@ -22,7 +22,8 @@ import os, warnings
 warnings.filterwarnings("ignore")
 import pandas as pd
 import workbench
-from workbench import report, viz
+from workbench import viz
+from workbench.studies import report
 pd.set_option("display.width", 140)
 
 # %% [markdown]

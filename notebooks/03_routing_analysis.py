@@ -20,8 +20,9 @@ import os, warnings
 warnings.filterwarnings("ignore")
 import torch, pandas as pd
 import workbench
-from workbench import report, viz
-from workbench import study as st
+from workbench import viz
+from workbench.studies import report
+from workbench import studies as st
 pd.set_option("display.width", 160)
 ROOT = os.path.abspath("..")
 
@@ -89,9 +90,9 @@ for config in ("all", "all-top2"):
 # 1,000 images used here come from its training data.)
 
 # %%
-from workbench.checkpoint import load_model
-from workbench.data import build_splits
-from workbench.specialisation import specialisation_report
+from workbench.train.checkpoint import load_model
+from workbench.data.classification import build_splits
+from workbench.analysis.specialisation import specialisation_report
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model, _ = load_model(os.path.join(ROOT, "experiments/checkpoints/vimoe_tiny_fmnist"))
@@ -142,7 +143,7 @@ print(f"specialised at equal loads: trained {int(trained['specialised_balanced']
 # then "specialised" reads as "more class-aligned than a random split", not as "learned from the labels".
 
 # %%
-from workbench.specialisation import principal_weights, random_router_test, router_inputs, RouterInputs
+from workbench.analysis.specialisation import principal_weights, random_router_test, router_inputs, RouterInputs
 model, _ = load_model(os.path.join(ROOT, "experiments/checkpoints/vimoe_tiny_fmnist"))
 for block, inp in router_inputs(model, val, max_images=1000).items():
     pca = RouterInputs(inp.x, inp.labels, inp.positions, principal_weights(inp), num_experts=inp.num_experts)

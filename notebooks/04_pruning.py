@@ -16,8 +16,9 @@ import os, warnings
 warnings.filterwarnings("ignore")
 import torch, pandas as pd
 import workbench
-from workbench import report, viz
-from workbench import study as st
+from workbench import viz
+from workbench.studies import report
+from workbench import studies as st
 pd.set_option("display.width", 180)
 ROOT = os.path.abspath("..")
 
@@ -57,12 +58,12 @@ viz.pruning_subsets(rec["pruning"], title="scratch, all, seed 0: every 2-of-4 de
 # exact McNemar test.
 
 # %%
-from workbench.checkpoint import load_model
-from workbench.data import build_splits
-from workbench.densify import densify
-from workbench.flops import profile
-from workbench.specialisation import specialisation_report, layers_to_densify
-from workbench.stats import mcnemar
+from workbench.train.checkpoint import load_model
+from workbench.data.classification import build_splits
+from workbench.analysis.densify import densify
+from workbench.analysis.flops import profile
+from workbench.analysis.specialisation import specialisation_report, layers_to_densify
+from workbench.analysis.stats import mcnemar
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model, _ = load_model(os.path.join(ROOT, "experiments/checkpoints/vimoe_tiny_fmnist"))

@@ -15,7 +15,7 @@ pd.set_option("display.width", 120)
 ROOT = os.path.abspath("..")
 
 # %%
-from workbench.flops import profile, analytic_macs
+from workbench.analysis.flops import profile, analytic_macs
 rows = []
 for name, kw in [("dense", dict(moe_layers="none")), ("last-2 top-1", dict(moe_layers="last-2")),
                  ("last-2 top-1 + shared", dict(moe_layers="last-2", shared_expert="add")),

@@ -20,9 +20,10 @@ import json, warnings
 warnings.filterwarnings("ignore")
 import pandas as pd
 import workbench
-from workbench import report, viz, study as st
-from workbench.checkpoint import load_model
-from workbench.segdata import SCENE_CLASSES, example_scenes
+from workbench import studies as st, viz
+from workbench.studies import report
+from workbench.train.checkpoint import load_model
+from workbench.data.scenes import SCENE_CLASSES, example_scenes
 pd.set_option("display.width", 160)
 
 # %% [markdown]
@@ -87,8 +88,8 @@ viz.regions_by_depth(st.load_regions(report.study_file("segmentation", "scratch"
 # expert entropies beside NMI, against 200 random routers (enough for a layer to be able to pass Holm's correction):
 
 # %%
-from workbench.regions import region_report
-from workbench.segdata import build_seg_splits
+from workbench.analysis.regions import region_report
+from workbench.data.scenes import build_seg_splits
 _, val_scenes, _ = build_seg_splits("fmnist-scenes", val_size=2000, model=model, augment=False)
 check = region_report(model, val_scenes, max_images=500, draws=200)
 print(check.set_index("block")[["nmi", "random_nmi", "p_nmi", "mi", "random_mi", "p_mi", "expert_entropy",

@@ -18,9 +18,9 @@ import timm
 import torch
 from PIL import Image
 
-from workbench.checkpoint import CheckpointError, model_config, save_model
+from workbench.train.checkpoint import CheckpointError, model_config, save_model
 from workbench.explorer import BadImage, Explorer, example_images, read_image, render_overlay, to_model_input
-from workbench.palette import EXPERT_COLORS, SHARED_COLOR, expert_rgb
+from workbench.viz.palette import EXPERT_COLORS, SHARED_COLOR, expert_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = example_images()[0]

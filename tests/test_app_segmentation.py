@@ -15,12 +15,12 @@ import timm
 import torch
 from PIL import Image
 
-from workbench.checkpoint import model_config, save_model
-from workbench.class_palette import CLASS_COLORS, class_rgb_array
+from workbench.train.checkpoint import model_config, save_model
+from workbench.viz.class_palette import CLASS_COLORS, class_rgb_array
 from workbench.explorer import (SCENES, BadImage, Explorer, example_images, example_scenes_paths, mask_scores,
                                 render_mask)
-from workbench.palette import EXPERT_COLORS, SHARED_COLOR, hex_rgb
-from workbench.segdata import SCENE_CLASSES
+from workbench.viz.palette import EXPERT_COLORS, SHARED_COLOR, hex_rgb
+from workbench.data.scenes import SCENE_CLASSES
 
 SEG = "vimoe_seg_micro_patch7_56"
 SEG_KWARGS = {"moe_layers": "last-2", "num_experts": 8, "shared_expert": "add", "head": "progressive"}
@@ -86,7 +86,7 @@ def test_class_palette_stands_apart_from_black_each_other_and_the_experts():
 
 
 def test_example_scenes_ship_with_their_ground_truth():
-    from workbench.segdata import example_scenes
+    from workbench.data.scenes import example_scenes
 
     scenes = example_scenes_paths()
     assert [Path(p).name for p in scenes] == [f"scene_{i:02d}.png" for i in range(6)]

@@ -1,4 +1,5 @@
 """The benchmark runs and reports what it claims to; speed itself is never asserted here."""
+import os
 import json
 import sys
 from pathlib import Path, PureWindowsPath
@@ -7,7 +8,9 @@ import pytest
 import torch
 
 from workbench import bench
-from workbench.bench import bench_moe, bench_peers, bench_train, format_peers_table, saved_bytes, write_result
+from workbench.bench.layers import bench_moe, bench_peers, format_peers_table
+from workbench.bench.models import bench_train
+from workbench.bench.timing import saved_bytes, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = sorted((ROOT / "experiments" / "results" / "bench").glob("*.json"))
@@ -90,11 +93,11 @@ def test_bench_cli_rejects_bad_top_k(capsys):
 
 def test_bench_app(tmp_path):
     import timm
-    from workbench.checkpoint import model_config, save_model
+    from workbench.train.checkpoint import model_config, save_model
 
     model = timm.create_model("vimoe_tiny_patch4_28", moe_layers="last-1", num_experts=2)
     save_model(model, model_config("vimoe_tiny_patch4_28", {"moe_layers": "last-1", "num_experts": 2}), tmp_path)
-    from workbench.bench import bench_app
+    from workbench.bench.models import bench_app
 
     result = bench_app(tmp_path, reps=2)
     assert result["total_ms"] >= result["forward_ms"] > 0
@@ -185,10 +188,10 @@ def test_format_peers_table():
 
 
 def test_load_note_warns_under_load(monkeypatch, capsys):
-    monkeypatch.setattr(bench.os, "getloadavg", lambda: (3.2, 1.0, 0.5))
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.2, 1.0, 0.5))
     assert bench.load_note() == {"load_avg_1min": 3.2, "quiet": False}
     assert "load average is 3.20" in capsys.readouterr().err
-    monkeypatch.setattr(bench.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
     assert bench.load_note() == {"load_avg_1min": 0.1, "quiet": True}
     assert capsys.readouterr().err == ""
 

@@ -71,8 +71,8 @@ def test_train_help_shows_defaults_of_train_config():
     """The help's defaults come from TrainConfig's source (no torch import): they must match the dataclass."""
     import dataclasses
 
-    from workbench.cli import _train_defaults
-    from workbench.train import TrainConfig
+    from workbench.train.cli import _train_defaults
+    from workbench.train.config import TrainConfig
 
     parsed = _train_defaults()
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
@@ -132,7 +132,7 @@ def _write_bytes(path, data: bytes):
 def test_not_a_checkpoint_vs_truncated_checkpoint(tmp_path, capsys):
     import torch
 
-    from workbench.checkpoint import CheckpointError, read_checkpoint
+    from workbench.train.checkpoint import CheckpointError, read_checkpoint
 
     text = _write_bytes(tmp_path / "text.pt", b"just some notes\n")
     png = _write_bytes(tmp_path / "png.pt", b"\x89PNG\r\n\x1a\n" + bytes(100))
@@ -162,7 +162,7 @@ def test_not_a_checkpoint_vs_truncated_checkpoint(tmp_path, capsys):
 def test_pickled_objects_are_not_a_checkpoint(tmp_path):
     import torch
 
-    from workbench.checkpoint import CheckpointError, read_checkpoint
+    from workbench.train.checkpoint import CheckpointError, read_checkpoint
 
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "model_config": Path("x")}, path)  # a Python object: not weights
@@ -272,7 +272,7 @@ def test_default_train_script_ships_only_when_asked(tmp_path, how, ships):
     assert run.returncode == 0, run.stderr
     calls = log.read_text()
     assert calls.count("workbench train --config") == 2
-    assert ("workbench.ship" in calls) == ships
+    assert ("workbench.train.ship" in calls) == ships
     if not ships:
         assert "unchanged" in run.stdout
 

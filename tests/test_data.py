@@ -4,8 +4,7 @@ import os
 import pytest
 import torch
 
-from workbench.data import DatasetNotFound, TensorData, build_datasets, find_fashion_mnist, load_fashion_mnist, \
-    synthetic
+from workbench.data.classification import (DatasetNotFound, TensorData, build_datasets, find_fashion_mnist, load_fashion_mnist, synthetic)
 
 HAVE_FMNIST = os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz") or \
     bool(os.environ.get("WORKBENCH_DATA"))
@@ -13,7 +12,7 @@ HAVE_FMNIST = os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1
 
 def test_missing_fashion_mnist_names_places_and_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("WORKBENCH_DATA", str(tmp_path / "nowhere"))
-    monkeypatch.setattr("workbench.data.DEBIAN_FMNIST", tmp_path / "debian")
+    monkeypatch.setattr("workbench.data.classification.DEBIAN_FMNIST", tmp_path / "debian")
     with pytest.raises(DatasetNotFound) as err:
         find_fashion_mnist(tmp_path / "explicit")
     message = str(err.value)

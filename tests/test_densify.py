@@ -3,8 +3,8 @@ import timm
 import torch
 
 import workbench
-from workbench.densify import densify
-from workbench.flops import profile
+from workbench.analysis.densify import densify
+from workbench.analysis.flops import profile
 from workbench.moe import moe_modules
 
 
@@ -43,7 +43,7 @@ def test_top_keeps_the_most_used_expert():
     layer = moe.blocks[5].mlp
     with torch.no_grad():
         layer.w1[2] += 1.0
-    from workbench.densify import dense_from_moe
+    from workbench.analysis.densify import dense_from_moe
 
     mlp = dense_from_moe(layer, "top", usage=torch.tensor([1.0, 0.0, 9.0, 0.0]))
     torch.testing.assert_close(mlp.fc1.weight, layer.w1[2].t())
@@ -63,8 +63,8 @@ def test_densify_errors():
 def test_top2_merge_scales_by_the_sum_of_kept_gates():
     """An upcycled renormalised top-2 layer (identical experts, gates summing to 1) densifies exactly; an
     unnormalised top-2 layer is scaled by the mean of g1 + g2, not by the first gate alone."""
-    from workbench.routing import collect_routing
-    from workbench.data import synthetic, TensorData
+    from workbench.analysis.routing import collect_routing
+    from workbench.data.classification import synthetic, TensorData
 
     images, labels = synthetic(64, 10, 28, 1, seed=0)
     data = TensorData(images, labels, (0.5,), (0.25,), 10)

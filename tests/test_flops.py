@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from workbench.flops import analytic_macs, profile
+from workbench.analysis.flops import analytic_macs, profile
 
 
 def test_vit_small_matches_published_gmacs():

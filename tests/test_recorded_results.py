@@ -20,8 +20,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from workbench import report  # noqa: E402
-from workbench.study import _records, load_study, plan, run_one  # noqa: E402
+from workbench.studies import report  # noqa: E402
+from workbench.studies.records import iter_records as _records
+from workbench.studies.spec import load_study, plan
+from workbench.studies.run import run_one  # noqa: E402
 
 REGEN = Path(__file__).resolve().parent / "regen"
 STUDIES = sorted((ROOT / "experiments" / "studies").glob("[a-z]*/*.yaml"))
@@ -38,7 +40,7 @@ def _tiny(kind, protocol, config, seed) -> dict:
 
 def cpu_family() -> str:
     """This machine's CPU as the records name it (``provenance.device_description``), as a folder name."""
-    from workbench.provenance import device_description
+    from workbench.train.provenance import device_description
 
     name = device_description("cpu").split(": ", 1)[1].rsplit(",", 1)[0]
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -186,6 +188,10 @@ def test_repeated_claim_takes_the_repeats_as_one_holm_family(monkeypatch):
 def test_recorded_run_regenerates_exactly(kind, config, seed, tmp_path):
     study = load_study(report.study_file(kind, "scratch"))
     recorded = json.loads((ROOT / "experiments" / "results" / study["name"] / f"{config}__seed{seed}.json").read_text())
+    family = re.sub(r"[^a-z0-9]+", "-", recorded["provenance"]["device"].split(": ", 1)[1].rsplit(",", 1)[0].lower())
+    if family.strip("-") != cpu_family():  # float reductions differ between CPU families: exact only on the same
+        pytest.skip(f"recorded on {recorded['provenance']['device']}; this machine is {cpu_family()}: exact "
+                    f"regeneration holds within one CPU family (the tiny-budget slices cover every family)")
     rerun = run_one(study, config, seed, device="cpu", results=tmp_path / "results", threads=1, allow_dirty=True)
     for key in ("test_acc", "val_acc", "test_predictions", "params", "gmacs", "pruning"):
         assert rerun[key] == recorded[key], key

@@ -3,8 +3,8 @@ router is detected, a random one is not)."""
 import pytest
 import torch
 
-from workbench.regions import patch_labels, region_test
-from workbench.specialisation import RouterInputs
+from workbench.analysis.regions import patch_labels, region_test
+from workbench.analysis.specialisation import RouterInputs
 
 
 def test_patch_labels_majority_boundary_and_ignore():
@@ -47,8 +47,8 @@ def test_region_report_on_an_untrained_segmentation_vimoe():
     import timm
 
     import workbench  # noqa: F401
-    from workbench.regions import NMI_METRICS, region_report
-    from workbench.segdata import build_seg_splits
+    from workbench.analysis.regions import NMI_METRICS, region_report
+    from workbench.data.scenes import build_seg_splits
 
     torch.manual_seed(0)
     model = timm.create_model("vimoe_seg_micro_patch7_56", moe_layers="all", num_experts=4)

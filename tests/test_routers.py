@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import workbench  # noqa: F401  (registers the models)
-from workbench import flops
+from workbench.analysis import flops
 from workbench.moe import MoEMlp
 from workbench.moe import experts_choose as ec
-from workbench.routing import run_with_routing
+from workbench.analysis.routing import run_with_routing
 
 
 def _ffn(layer, e, x):
@@ -190,9 +190,9 @@ def test_meta_device_and_checkpoint_config():
 def test_explorer_shows_experts_choose_and_soft_checkpoints(tmp_path, kw):
     import numpy as np
 
-    from workbench.checkpoint import model_config, save_model
+    from workbench.train.checkpoint import model_config, save_model
     from workbench.explorer import Explorer, example_images
-    from workbench.palette import SHARED_COLOR, expert_rgb_array, hex_rgb
+    from workbench.viz.palette import SHARED_COLOR, expert_rgb_array, hex_rgb
 
     torch.manual_seed(0)
     args = dict(moe_layers="last-2", num_experts=4, **kw)

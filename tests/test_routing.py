@@ -4,9 +4,9 @@ import pytest
 import timm
 import torch
 
-from workbench.data import TensorData, synthetic
-from workbench.routing import LayerStats, RoutingStats, collect_routing, run_with_routing
-from workbench.specialisation import class_metrics, layer_report, layers_to_densify, nmi, null_metrics
+from workbench.data.classification import TensorData, synthetic
+from workbench.analysis.routing import LayerStats, RoutingStats, collect_routing, run_with_routing
+from workbench.analysis.specialisation import class_metrics, layer_report, layers_to_densify, nmi, null_metrics
 
 
 def _model(**kw):

@@ -8,10 +8,9 @@ import timm  # noqa: F401  (imported before workbench.vimoe, as the package expe
 import torch
 from PIL import Image
 
-from workbench.data import VAL_SEED, DatasetNotFound, build_splits, load_fashion_mnist
-from workbench.segdata import BACKGROUND_MAX, SCENE_CLASSES, SegTensorData, _resize_items, build_seg_splits, \
-    example_scenes, fmnist_scenes, make_scenes
-from workbench.vimoe import FASHION_MNIST_LABELS
+from workbench.data.classification import VAL_SEED, DatasetNotFound, build_splits, load_fashion_mnist
+from workbench.data.scenes import (BACKGROUND_MAX, SCENE_CLASSES, SegTensorData, _resize_items, build_seg_splits, example_scenes, fmnist_scenes, make_scenes)
+from workbench.models.vimoe import FASHION_MNIST_LABELS
 
 HAVE_FMNIST = os.path.isfile("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz") or \
     bool(os.environ.get("WORKBENCH_DATA"))

@@ -11,12 +11,14 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import workbench
-from workbench import checkpoint as ckpt
-from workbench.flops import profile
+from workbench.train import checkpoint as ckpt
+from workbench.analysis.flops import profile
 from workbench.moe import moe_modules
-from workbench.routing import run_with_routing
-from workbench.segmentation import SegViMoE, confusion_matrix, evaluate_segmentation, segmentation_scores
-from workbench.train import TrainConfig, Trainer, train
+from workbench.analysis.routing import run_with_routing
+from workbench.models.segmentation import SegViMoE
+from workbench.train.metrics import confusion_matrix, evaluate_segmentation, segmentation_scores
+from workbench.train.config import TrainConfig
+from workbench.train.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(img_size=28, depth=2, embed_dim=32, num_heads=2)  # 4x4 patch grid with the micro's 7x7 patches
@@ -80,9 +82,9 @@ def fake_build_seg_splits(name, *, val_size=0, root=None, model=None, train_subs
 
 @pytest.fixture
 def fake_segdata(monkeypatch):
-    module = types.ModuleType("workbench.segdata")
+    module = types.ModuleType("workbench.data.scenes")
     module.SEG_DATASETS, module.build_seg_splits = ("fmnist-scenes", "ade"), fake_build_seg_splits
-    monkeypatch.setitem(sys.modules, "workbench.segdata", module)
+    monkeypatch.setitem(sys.modules, "workbench.data.scenes", module)
     return module
 
 
@@ -297,11 +299,11 @@ def test_ddp_two_gloo_processes(tmp_path):
 import sys, types, pathlib, torch, torch.distributed as dist
 sys.path.insert(0, r"{Path(__file__).parent}")
 import test_segmentation as t
-module = types.ModuleType("workbench.segdata")
+module = types.ModuleType("workbench.data.scenes")
 module.SEG_DATASETS, module.build_seg_splits = ("fmnist-scenes", "ade"), t.fake_build_seg_splits
-sys.modules["workbench.segdata"] = module
-from workbench.segmentation import evaluate_segmentation
-from workbench.train import Trainer
+sys.modules["workbench.data.scenes"] = module
+from workbench.train.metrics import evaluate_segmentation
+from workbench.train.trainer import Trainer
 trainer = Trainer(t._cfg(pathlib.Path(r"{tmp_path}"), output=r"{tmp_path / 'ddp'}", epochs=1, device="cpu"))
 trainer.run()
 flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()] +
@@ -356,8 +358,8 @@ def test_data_options_belong_to_segmentation_datasets(tmp_path):
 
 def test_real_fmnist_scenes(tmp_path):
     """The real scenes (workbench.segdata, Fashion-MNIST on disk) at the model's input size, through the trainer."""
-    segdata = pytest.importorskip("workbench.segdata")
-    from workbench.data import DatasetNotFound, find_fashion_mnist
+    segdata = pytest.importorskip("workbench.data.scenes")
+    from workbench.data.classification import DatasetNotFound, find_fashion_mnist
 
     assert segdata.build_seg_splits is not fake_build_seg_splits
 

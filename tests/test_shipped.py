@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 
-from workbench.checkpoint import load_model
-from workbench.data import DatasetNotFound, build_datasets
+from workbench.train.checkpoint import load_model
+from workbench.data.classification import DatasetNotFound, build_datasets
 from workbench.explorer import DEFAULT_CHECKPOINT, Explorer, example_images
-from workbench.train import evaluate
+from workbench.train.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = [DEFAULT_CHECKPOINT, ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist_dense",
@@ -96,7 +96,7 @@ SEG = ROOT / "experiments" / "checkpoints" / "vimoe_seg_micro_scenes"
 def test_shipped_segmentation_checkpoint_scores_exactly_what_was_recorded():
     """The shipped segmentation ViMoE: its record (mIoU on the 2,000 test scenes after the fp16 round trip), and the
     weights on the first 200 test scenes (test_subset=200, seed 0), CPU fp32 one thread, computed once, exactly."""
-    from workbench.segdata import build_seg_splits
+    from workbench.data.scenes import build_seg_splits
 
     model, _ = load_model(SEG)
     record = json.loads((SEG / "config.json").read_text())

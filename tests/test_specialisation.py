@@ -5,11 +5,10 @@ import timm
 import torch
 
 import workbench  # noqa: F401
-from workbench.data import synthetic, TensorData
-from workbench.routing import collect_routing
-from workbench.specialisation import (RouterInputs, _table, layer_report, layers_to_densify, nmi,
-                                      random_router_baseline, random_router_test, specialisation_report)
-from workbench.stats import empirical_p
+from workbench.data.classification import synthetic, TensorData
+from workbench.analysis.routing import collect_routing
+from workbench.analysis.specialisation import (RouterInputs, _table, layer_report, layers_to_densify, nmi, random_router_baseline, random_router_test, specialisation_report)
+from workbench.analysis.stats import empirical_p
 
 
 def _class_clustered(n=3000, d=16, classes=10, seed=0, spread=2.0):
@@ -61,7 +60,7 @@ def test_trained_router_specialises_where_it_was_trained_to():
     model = timm.create_model("vimoe_micro_patch7_28", moe_layers="last-2", num_experts=4).eval()
     images, labels = synthetic(400, 10, 28, 1, seed=3)
     data = TensorData(images, labels, (0.5,), (0.25,), 10)
-    from workbench.specialisation import router_inputs
+    from workbench.analysis.specialisation import router_inputs
 
     inputs = router_inputs(model, data, max_images=None)[3]
     means = torch.stack([inputs.x[inputs.labels == c].mean(0) for c in range(4)])
@@ -100,7 +99,7 @@ def _is_biased_argmax(scores, experts, E):
 
 
 def test_match_load_meets_every_quota_with_one_bias_per_expert():
-    from workbench.specialisation import match_load
+    from workbench.analysis.specialisation import match_load
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(1000, 8, generator=g)
@@ -121,7 +120,7 @@ def test_match_load_meets_every_quota_with_one_bias_per_expert():
 
 def test_match_load_meets_the_quotas_when_scores_tie():
     """Identical units cannot be split by biases; the least committed move so that every quota still holds."""
-    from workbench.specialisation import match_load
+    from workbench.analysis.specialisation import match_load
 
     g = torch.Generator().manual_seed(1)
     scores = torch.randn(10000, 4, generator=g)
@@ -148,7 +147,7 @@ def test_untrained_routers_pass_the_balanced_test_as_often_as_alpha():
 def test_matching_the_draws_to_the_trained_loads_would_not_be_a_fair_null():
     """Why the balanced test balances both sides: random routers forced to an untrained router's own (uneven)
     loads carry less class information than it does, so it would beat them far more often than alpha."""
-    from workbench.specialisation import match_load, random_weights
+    from workbench.analysis.specialisation import match_load, random_weights
 
     x, labels, _ = _class_clustered(spread=3.0)
     rejected = 0
@@ -170,7 +169,7 @@ def test_balanced_test_detects_a_planted_router_and_equalises_the_loads():
     r = random_router_test(inputs, 10, draws=50, seed=0)
     assert r["p_random"] == pytest.approx(1 / 51) and r["p_balanced"] == pytest.approx(1 / 51)
     assert r["bal_excess"] > 0.1
-    from workbench.specialisation import match_load, mutual_information, random_weights, uniform_counts
+    from workbench.analysis.specialisation import match_load, mutual_information, random_weights, uniform_counts
 
     equal = uniform_counts(len(labels), 8)
     assert equal.sum() == len(labels) and equal.max() - equal.min() <= 1
@@ -193,7 +192,7 @@ def test_untrained_vimoe_layers_are_not_specialised_in_the_balanced_test_either(
 
 
 def test_principal_weights_are_label_free_directions_at_the_trained_norm():
-    from workbench.specialisation import principal_weights
+    from workbench.analysis.specialisation import principal_weights
 
     x, labels, _ = _class_clustered()
     inputs = RouterInputs(x, labels, None, torch.randn(8, 16))

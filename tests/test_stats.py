@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from workbench.stats import (bootstrap_sd, bootstrap_sd_difference, empirical_p, holm, mcnemar, paired, pitman_morgan,
-                             slope_interval, verdict)
+from workbench.analysis.stats import (bootstrap_sd, bootstrap_sd_difference, empirical_p, holm, mcnemar, paired, pitman_morgan, slope_interval, verdict)
 
 
 def test_paired_interval_matches_a_hand_computed_t_interval():

@@ -8,10 +8,13 @@ import yaml
 
 import workbench
 
-from workbench.checkpoint import model_config, save_model
-from workbench.study import (StudyError, base_accuracy, base_fingerprint, contrasts, evaluate_claims,
-                             expert_spread, load_pruning, load_record, load_results, load_routing, load_study,
-                             parse_shard, plan, routing_tables, run_one, run_study, summary)
+from workbench.train.checkpoint import model_config, save_model
+from workbench.studies.spec import StudyError, load_study, parse_shard, plan
+from workbench.studies.run import base_accuracy, base_fingerprint, run_one
+from workbench.studies.claims import contrasts, evaluate_claims, summary
+from workbench.analysis.movement import expert_spread
+from workbench.studies.records import load_pruning, load_record, load_results, load_routing, routing_tables
+from workbench.studies.runner import run_study
 
 TRAIN = {"dataset": "synthetic", "train_subset": 96, "val_size": 64, "test_subset": 48, "epochs": 1,
          "batch_size": 32}
@@ -86,7 +89,7 @@ def test_jobs_and_shards_split_the_work(scratch_file, tmp_path):
 
 
 def test_dirty_tree_is_refused(scratch_file, tmp_path, monkeypatch):
-    monkeypatch.setattr("workbench.provenance.git_commit", lambda: "abc+dirty")
+    monkeypatch.setattr("workbench.train.provenance.git_commit", lambda: "abc+dirty")
     with pytest.raises(StudyError, match="clean commit"):
         run_study(scratch_file, results=tmp_path / "r")
     with pytest.raises(StudyError, match="clean commit"):
@@ -318,7 +321,7 @@ def test_cli_says_plainly_what_is_missing(tmp_path, scratch_file, capsys):
 def test_seeds_for_half_width_uses_the_t_quantile_of_the_new_sample_size():
     from scipy import stats as sps
 
-    from workbench.study import seeds_for_half_width
+    from workbench.studies.claims import seeds_for_half_width
 
     hw = sps.t.ppf(0.975, 15) / 4  # SD 1 with 16 seeds
     assert seeds_for_half_width(hw, 16, target=hw) == 16
@@ -331,7 +334,7 @@ def test_seeds_for_half_width_uses_the_t_quantile_of_the_new_sample_size():
 def test_an_untracked_file_makes_the_tree_dirty_but_new_records_do_not(tmp_path, monkeypatch):
     import subprocess
 
-    from workbench import provenance
+    from workbench.train import provenance
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
@@ -351,10 +354,11 @@ def test_an_untracked_file_makes_the_tree_dirty_but_new_records_do_not(tmp_path,
 
 def test_router_at_init_rebuilds_the_trainers_start(tmp_path):
     """The init router that the upcycled run's routing is compared with is the one the trainer started from."""
-    from workbench.data import build_splits
+    from workbench.data.classification import build_splits
     from workbench.moe import moe_modules
-    from workbench.study import _train_config, router_at_init
-    from workbench.train import Trainer
+    from workbench.studies.run import train_config as _train_config
+    from workbench.analysis.movement import router_at_init
+    from workbench.train.trainer import Trainer
 
     study = {"name": "ri", "protocol": "upcycle", "base": _dense_base(tmp_path), "train": TRAIN, "seeds": [2],
              "common": {"num_experts": 4, "renormalize": "straight_through"}, "configs": {"all": {"moe_layers": "all"}}}

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
-from workbench.train import NonFiniteLoss, TrainConfig, Trainer, train
+from workbench.train.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from workbench.train.config import NonFiniteLoss, TrainConfig
+from workbench.train.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +175,7 @@ def test_wrong_architecture_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="vimoe_small_patch16_224"):
         Trainer(_cfg(tmp_path, output=str(tmp_path / "c"), init_from=str(tmp_path / "run" / "model"),
                      model="vimoe_small_patch16_224", model_kwargs={}))
-    from workbench.checkpoint import load_state_into
+    from workbench.train.checkpoint import load_state_into
     import timm
     other = timm.create_model("vimoe_tiny_patch4_28", moe_layers="none")
     state = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
@@ -192,7 +193,8 @@ def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
     script = tmp_path / "ddp_check.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
-from workbench.train import TrainConfig, Trainer
+from workbench.train.config import TrainConfig
+from workbench.train.trainer import Trainer
 cfg = TrainConfig(dataset="synthetic", train_subset=128, test_subset=64, epochs=1, batch_size=32, quiet=True,
                   output=r"{tmp_path / 'ddp'}", device="cpu",
                   model_kwargs=dict(moe_layers="last-1", num_experts=4, depth=2, embed_dim=32, num_heads=2))

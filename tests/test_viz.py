@@ -7,11 +7,11 @@ import plotly.graph_objects as go
 import pytest
 import timm
 
-from workbench.data import TensorData, synthetic
-from workbench.flops import profile
-from workbench.palette import EXPERT_COLORS, expert_color, expert_rgb
-from workbench.routing import collect_routing, run_with_routing
-from workbench.specialisation import layer_report
+from workbench.data.classification import TensorData, synthetic
+from workbench.analysis.flops import profile
+from workbench.viz.palette import EXPERT_COLORS, expert_color, expert_rgb
+from workbench.analysis.routing import collect_routing, run_with_routing
+from workbench.analysis.specialisation import layer_report
 from workbench import viz
 
 

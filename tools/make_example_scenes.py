@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from workbench.explorer import SCENES  # noqa: E402
-from workbench.segdata import example_scenes  # noqa: E402
+from workbench.data.scenes import example_scenes  # noqa: E402
 
 
 def write_scenes(n: int = 6, folder: Path = SCENES) -> list[Path]:

@@ -3,6 +3,17 @@
 Importing the package registers the ``vimoe_*`` models (classifiers and ``vimoe_seg_*``) with timm: at once if timm
 is already imported (``import timm, workbench``), otherwise right after timm is first imported.  The package itself
 imports nothing heavy (torch, timm) until one of its names is used, so ``python -m workbench --help`` answers at once.
+
+The packages follow the flow of the work, each importing only those before it:
+
+    moe (router, dispatch, MoE layer)      data (datasets from local files)
+        -> models (timm ViMoE, SegViMoE, upcycling)
+        -> train (trainer, metrics, checkpoints, provenance)
+        -> analysis (routing capture, specialisation, regions, movement, FLOPs, densify, statistics)
+        -> studies (study files, runs, records, claims, the notebooks' report)
+        -> explorer (what the app computes), bench, cli; viz (palettes, figures) stands apart, used by the top
+
+``atomic`` (atomic file writes) and ``_lazy`` (lazy exports) are leaves anyone may import.
 """
 from __future__ import annotations
 
@@ -17,10 +28,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.1.0"
 _LAZY = {"MoEMlp": "moe", "moe_aux_loss": "moe", "moe_aux_terms": "moe", "moe_modules": "moe", "set_capture": "moe",
-         "MODEL_NAMES": "vimoe", "ViMoE": "vimoe", "resolve_moe_layers": "vimoe", "upcycle": "vimoe",
-         "SegViMoE": "segmentation", "SEG_MODEL_NAMES": "segmentation", "evaluate_segmentation": "segmentation"}
+         "MODEL_NAMES": "models.vimoe", "ViMoE": "models.vimoe", "resolve_moe_layers": "models.vimoe",
+         "upcycle": "models.vimoe", "SegViMoE": "models.segmentation", "SEG_MODEL_NAMES": "models.segmentation",
+         "evaluate_segmentation": "train.metrics", "load_model": "train.checkpoint", "profile": "analysis.flops"}
 __all__ = ["MoEMlp", "ViMoE", "upcycle", "resolve_moe_layers", "moe_modules", "moe_aux_loss", "moe_aux_terms",
-           "set_capture", "MODEL_NAMES", "SegViMoE", "SEG_MODEL_NAMES", "evaluate_segmentation"]
+           "set_capture", "MODEL_NAMES", "SegViMoE", "SEG_MODEL_NAMES", "evaluate_segmentation", "load_model",
+           "profile"]
 
 
 def __getattr__(name: str):
@@ -38,8 +51,8 @@ def __dir__():
 
 
 class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
-    """Imports ``workbench.vimoe`` and ``workbench.segmentation`` (which register the models) as soon as ``timm``
-    has been imported."""
+    """Imports ``workbench.models.vimoe`` and ``workbench.models.segmentation`` (which register the models) as soon
+    as ``timm`` has been imported."""
 
     active = True
 
@@ -61,8 +74,12 @@ class _RegisterAfterTimm(importlib.abc.MetaPathFinder):
 
 
 def _register() -> None:
-    importlib.import_module(f"{__name__}.vimoe")
-    importlib.import_module(f"{__name__}.segmentation")
+    for name in ("vimoe", "segmentation"):
+        module = sys.modules.get(f"{__name__}.models.{name}")
+        if module is not None and getattr(getattr(module, "__spec__", None), "_initializing", False):
+            return  # being imported now (its `import timm` fired this hook): it registers itself as it finishes, and
+            # whoever builds a model by name calls workbench.models.register() first
+        importlib.import_module(f"{__name__}.models.{name}")
 
 
 if "timm" in sys.modules:

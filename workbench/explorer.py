@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .checkpoint import CheckpointError, load_model
-from .class_palette import class_rgb_array
-from .palette import expert_rgb_array, paint
-from .routing import run_with_routing
+from .analysis.routing import run_with_routing
+from .train.checkpoint import CheckpointError, load_model
+from .viz.class_palette import class_rgb_array
+from .viz.palette import expert_rgb_array, paint
 
 MAX_PIXELS = 64_000_000  # decoded pixels allowed before we refuse (PIL's bomb guard is on top of this)
 WORKING_SIZE = 1024  # large images are reduced to this before preprocessing
@@ -237,7 +237,7 @@ def read_truth(mask_path: Path, img: Image.Image, cfg: dict) -> np.ndarray:
 def mask_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> dict:
     """Pixel accuracy, mIoU and per-class IoU of one predicted mask against its ground truth, as the trainer scores
     a whole split (:func:`workbench.segmentation.segmentation_scores`: mIoU over the classes in either mask)."""
-    from .segmentation import confusion_matrix, segmentation_scores
+    from .train.metrics import confusion_matrix, segmentation_scores
 
     conf = confusion_matrix(torch.from_numpy(pred).long(), torch.from_numpy(truth).long(), num_classes)
     return segmentation_scores(conf)
@@ -245,7 +245,7 @@ def mask_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> dict:
 
 def segment(logits: torch.Tensor, cfg: dict, img: Image.Image, image_path) -> dict:
     """The segmentation fields of an :class:`Analysis` from one image's logits (C, H, W)."""
-    from .segdata import SCENE_CLASSES
+    from .data.scenes import SCENE_CLASSES
 
     mask = logits.argmax(0).numpy().astype(np.int64)
     names = tuple(cfg.get("label_names") or (str(c) for c in range(logits.shape[0])))

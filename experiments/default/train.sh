@@ -22,8 +22,8 @@ done
 $PY -m workbench train --config experiments/default/dense.yaml --resume
 $PY -m workbench train --config experiments/default/moe.yaml --resume
 if [ "$SHIP" = 1 ]; then
-    $PY -m workbench.ship experiments/runs/default/dense experiments/checkpoints/vimoe_tiny_fmnist_dense
-    $PY -m workbench.ship experiments/runs/default/moe experiments/checkpoints/vimoe_tiny_fmnist
+    $PY -m workbench.train.ship experiments/runs/default/dense experiments/checkpoints/vimoe_tiny_fmnist_dense
+    $PY -m workbench.train.ship experiments/runs/default/moe experiments/checkpoints/vimoe_tiny_fmnist
 else
     echo "trained: experiments/runs/default/dense/model and experiments/runs/default/moe/model"
     echo "(the shipped experiments/checkpoints/ are unchanged; run with --ship or SHIP=1 to replace them)"

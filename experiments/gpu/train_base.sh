@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 $PY -m workbench train --config experiments/gpu/dense.yaml --resume
-$PY -m workbench.ship experiments/runs/gpu/dense experiments/checkpoints/vimoe_small_fmnist_dense
+$PY -m workbench.train.ship experiments/runs/gpu/dense experiments/checkpoints/vimoe_small_fmnist_dense

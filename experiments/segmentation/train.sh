@@ -16,7 +16,7 @@ for arg in "$@"; do
 done
 $PY -m workbench train --config experiments/segmentation/seg.yaml --resume
 if [ "$SHIP" = 1 ]; then
-    $PY -m workbench.ship experiments/runs/segmentation/seg experiments/checkpoints/vimoe_seg_micro_scenes
+    $PY -m workbench.train.ship experiments/runs/segmentation/seg experiments/checkpoints/vimoe_seg_micro_scenes
 else
     echo "trained: experiments/runs/segmentation/seg/model (run with --ship or SHIP=1 to replace the shipped one)"
 fi

@@ -40,7 +40,7 @@ sys.exit(0 if a >= 0.90 else 1)" "experiments/runs/upcycle/$NAME/metrics.jsonl";
   done
 fi
 if [ "$SHIP" = 1 ] || [ ! -e "$DEST" ]; then
-  $PY -m workbench.ship "experiments/runs/upcycle/$NAME" "$DEST"
+  $PY -m workbench.train.ship "experiments/runs/upcycle/$NAME" "$DEST"
 else
   echo "kept the shipped $DEST (the recorded upcycle studies start from it); pass --ship to replace it"
 fi

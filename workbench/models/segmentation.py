@@ -116,45 +116,6 @@ class SegViMoE(ViMoE):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-# -- metrics ----------------------------------------------------------------------------------------------------
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int | None = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
-    """(num_classes, num_classes) int64 counts, rows = target class, columns = predicted class; pixels whose
-    target is ``ignore_index`` are left out.  ``pred``: class indices of target's shape, or logits (B, C, ...)."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-    if pred.is_floating_point():
-        pred = pred.argmax(1)
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
-    return multiclass_confusion_matrix(pred, target, num_classes, ignore_index=ignore_index, validate_args=False)
-
-
-def segmentation_scores(confusion: torch.Tensor) -> dict:
-    """mIoU, pixel accuracy and per-class IoU (None for a class absent from target and prediction)."""
-    conf = confusion.double().cpu()
-    tp = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - tp
-    present = union > 0
-    iou = torch.where(present, tp / union.clamp(min=1), torch.nan)
-    total = conf.sum()
-    return {"miou": float(iou[present].mean()) if present.any() else float("nan"),
-            "pixel_acc": float(tp.sum() / total) if total > 0 else float("nan"),
-            "iou": [round(float(v), 6) if ok else None for v, ok in zip(iou, present)]}
-
-
-def evaluate_segmentation(model: nn.Module, data, batch_size: int = 500, device=None, **kwargs) -> dict:
-    """``{"miou", "pixel_acc", "iou" (per class), "loss" (per pixel), "n" (images), "pixels", "confusion", "acc"
-    (= pixel_acc), "moe"}`` over a whole split, on ``device`` (default: the model's); the trainer's evaluation loop
-    (``amp``, ``d``, ``progress`` pass through)."""
-    from .train import evaluate, model_task
-
-    if model_task(model) != "segmentation":
-        raise ValueError(f"{type(model).__name__} is not a segmentation model (no task='segmentation'); use "
-                         "workbench.train.evaluate for classifiers")
-    return evaluate(model, data, batch_size=batch_size, device=device, **kwargs)
-
-
 # -- timm registration ------------------------------------------------------------------------------------------
 SCENES_CFG = dict(num_classes=11, input_size=(1, 56, 56), crop_pct=1.0, interpolation="bilinear",
                   mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, label_names=SCENE_LABELS,

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from .moe import MoEMlp, moe_modules
+from ..moe import MoEMlp, moe_modules
 
 METHODS = ("shared", "top", "merge")
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import VAL_SEED, DatasetNotFound, _num_batches, epoch_batches, find_fashion_mnist, load_fashion_mnist, \
+from .classification import VAL_SEED, DatasetNotFound, _num_batches, epoch_batches, find_fashion_mnist, load_fashion_mnist, \
     normalise
 
 SEG_DATASETS = ("fmnist-scenes", "ade")

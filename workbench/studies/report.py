@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import study as st
+from .. import studies as st
 
 STUDIES = st.ROOT / "experiments" / "studies"
 # study folders under experiments/studies/, in the order the notebooks show them: ``upcycle`` starts from the
@@ -88,7 +88,7 @@ def clean_starts(kind: str) -> pd.DataFrame:
         s = st.load_study(study_file(kind, protocol))
         if s["protocol"] != "upcycle":
             continue
-        records = list(st._records(s))
+        records = list(st.iter_records(s))
         for config in s["configs"]:
             recs = [r for r in records if r["config"] == config]
             if not recs:
@@ -212,7 +212,7 @@ def repeated_claim(claim_id: str, kinds=("confirm", "confirm_shared"), protocol:
     one Holm family (each study's adjusted p adjusted again across the repeats) and the verdict that gives.  The
     family verdict is the one to read: testing a claim again must not raise the chance of a false 'agrees'.
     Studies with no records yet are left out."""
-    from .stats import holm, verdict
+    from ..analysis.stats import holm, verdict
 
     rows = []
     for kind in kinds:
@@ -236,10 +236,10 @@ def repeated_claim(claim_id: str, kinds=("confirm", "confirm_shared"), protocol:
 def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.DataFrame:
     """The paired difference (points of test accuracy) between two arms after every epoch, over the seeds both
     recorded: does a gap close or widen as training goes on?"""
-    from .stats import paired
+    from ..analysis.stats import paired
 
     s = st.load_study(study_file(kind, protocol))
-    src = {c: st._source(s, c) for c in (treatment, control)}  # either may be another study's: "study/config"
+    src = {c: st.source_of(s, c) for c in (treatment, control)}  # either may be another study's: "study/config"
     seeds = [k for k in s["seeds"] if all(st.result_path(*src[c], k).exists() for c in src)]
     if len(seeds) < 2:
         raise FileNotFoundError(f"{kind} ({protocol}): fewer than two seeds recorded for both {treatment} and {control}")
@@ -262,14 +262,14 @@ def prediction_changes(kind: str, protocol: str) -> pd.DataFrame:
 
     def predictions(study: dict) -> dict:
         return {(r["config"], r["seed"]): np.frombuffer(r["test_predictions"].encode(), np.uint8)
-                for r in st._records(study)
+                for r in st.iter_records(study)
                 if isinstance(r.get("test_predictions"), str) and "," not in r["test_predictions"]}
 
     s = st.load_study(study_file(kind, protocol))
     preds = predictions(s)
     control = s["control"]
     if "/" in control:  # the control is another study's arm (e.g. upcycle4-placement/dense)
-        source, config = st._source(s, control)
+        source, config = st.source_of(s, control)
         preds.update({(control, seed): p for (c, seed), p in predictions(source).items() if c == config})
     seeds = sorted(seed for c, seed in preds if c == control)
     noise = [float((preds[control, a] != preds[control, b]).mean()) for a, b in zip(seeds, seeds[1:])]
@@ -289,7 +289,7 @@ def pruning_bounds(kind: str, protocol: str, config: str = "all") -> pd.DataFram
     best subset chosen in hindsight on the test set against the mean of every subset (the most a perfect choice
     could beat chance by), and the worst subset against the unpruned model (the most any choice could lose).  A
     pruning claim whose verdict these bounds already fix cannot tell a good selection rule from a bad one."""
-    from .stats import paired
+    from ..analysis.stats import paired
 
     pr = st.load_pruning(study_file(kind, protocol), [config])
     if pr.empty:
@@ -315,7 +315,7 @@ def init_vs_trained(kind: str, protocol: str, config: str = "all") -> dict:
 
     s = st.load_study(study_file(kind, protocol))
     init_x, trained_x, moved = [], [], []
-    for r in st._records(s):
+    for r in st.iter_records(s):
         if r["config"] != config or "router_init" not in r:
             continue
         for b, v in r["router_init"].items():
@@ -336,7 +336,7 @@ def movement_table(kind: str, protocol: str, config: str = "all") -> pd.DataFram
     of the init router vs the trained router on the same inputs.  Empty for records made before these were kept."""
     s = st.load_study(study_file(kind, protocol))
     rows = [{"seed": r["seed"], "block": int(b), "expert_spread": r["expert_spread"][b], **r["router_init"][b]}
-            for r in st._records(s) if r["config"] == config and "router_init" in r for b in r["router_init"]]
+            for r in st.iter_records(s) if r["config"] == config and "router_init" in r for b in r["router_init"]]
     if not rows:
         return pd.DataFrame()
     return pd.DataFrame(rows).groupby("block").agg(
@@ -377,9 +377,9 @@ def region_table(kind: str, protocol: str, configs=None) -> pd.DataFrame:
 def scene_rows(model, n: int = 4) -> list[dict]:
     """For :func:`workbench.viz.segmentation_panels`: the first ``n`` fixed test scenes with their ground truth,
     the model's prediction and each MoE block's expert map."""
-    from .data import normalise
-    from .routing import run_with_routing
-    from .segdata import example_scenes
+    from ..data.classification import normalise
+    from ..analysis.routing import run_with_routing
+    from ..data.scenes import example_scenes
 
     images, masks = example_scenes(n)
     logits, cache = run_with_routing(model, normalise(images, model.pretrained_cfg["mean"],
@@ -396,13 +396,13 @@ def arm_costs(kind: str, protocol: str = "scratch", batch: int | None = None) ->
     claim's control."""
     import timm
 
-    from .flops import profile
+    from ..analysis.flops import profile
 
     s = st.load_study(study_file(kind, protocol))
     batch = batch or s["train"].get("batch_size", 128)
 
     def gmacs(name: str) -> float:
-        source, config = st._source(s, name)
+        source, config = st.source_of(s, name)
         kwargs, _ = st.arm_model_kwargs(source, config)
         return profile(timm.create_model(source["model"], **kwargs), batch=batch).macs / 1e9
 

@@ -1,6 +1,6 @@
 """Copy a finished run's model into ``experiments/checkpoints/<name>/`` with its metrics and provenance.
 
-    python -m workbench.ship RUN_DIR DEST_DIR
+    python -m workbench.train.ship RUN_DIR DEST_DIR
 
 Weights are stored in fp16 (loaded back into fp32); the shipped file is evaluated again on the full test set and
 that accuracy (segmentation: mIoU, pixel accuracy, per-class IoU) is recorded as ``shipped_test``.
@@ -13,9 +13,10 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write, atomic_write_text, load_model
-from .data import build_datasets
-from .train import evaluate
+from ..atomic import atomic_write, atomic_write_text
+from ..data.classification import build_datasets
+from .checkpoint import load_model
+from .metrics import evaluate
 from .provenance import provenance
 
 
@@ -38,7 +39,7 @@ def ship(run: str | Path, dest: str | Path) -> Path:
     atomic_write_text(dest / "config.json", json.dumps(record, indent=2) + "\n")
     shipped, _ = load_model(dest)  # what is shipped, after the fp16 round trip, on the full test set
     if getattr(shipped, "task", None) == "segmentation":
-        from .segdata import build_seg_splits
+        from ..data.scenes import build_seg_splits
 
         _, _, test = build_seg_splits(train_config["dataset"], root=train_config.get("data_root"), model=shipped,
                                       val_size=train_config.get("val_size", 0), augment=False,
@@ -53,5 +54,5 @@ def ship(run: str | Path, dest: str | Path) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        sys.exit("usage: python -m workbench.ship RUN_DIR DEST_DIR")
+        sys.exit("usage: python -m workbench.train.ship RUN_DIR DEST_DIR")
     print(ship(sys.argv[1], sys.argv[2]))

@@ -116,7 +116,7 @@ class RouterInputs:
         """(U, E) how much each unit prefers each expert under ``weight``: router logits; for Soft MoE the share
         of the token's combine weight held by each expert's slots."""
         if self.router == "soft":
-            from .moe.soft import expert_weights, slot_logits
+            from ..moe.soft import expert_weights, slot_logits
 
             scale = None if self.scale is None else torch.tensor(self.scale)
             return expert_weights(slot_logits(self.x, weight, scale), self.num_experts)
@@ -133,7 +133,7 @@ class RouterInputs:
 def capture_router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int = 500):
     """One pass over the first ``max_images`` items of ``data`` in eval mode: (the MoE layers by block, each one's
     router inputs (units, d) fp32 on the CPU, the batches' targets (labels or masks) concatenated)."""
-    from .moe import moe_modules
+    from ..moe import moe_modules
 
     layers = {i: m for i, m in moe_modules(model).items() if isinstance(i, int)}
     seen: dict[int, list] = {i: [] for i in layers}
@@ -159,23 +159,58 @@ def capture_router_inputs(model, data, *, max_images: int | None = 2000, batch_s
     return layers, {i: torch.cat(seen[i]).cpu() for i in layers}, torch.cat(targets)
 
 
-def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int = 500) -> dict[int, RouterInputs]:
-    """Capture each MoE layer's router inputs over the first ``max_images`` images of ``data`` (prefix tokens
-    dropped: routing is measured on patches)."""
+def router_inputs(model, data, *, max_images: int | None = 2000, batch_size: int = 500,
+                  tokens: str = "patch") -> dict[int, RouterInputs]:
+    """Capture each MoE layer's router inputs over the first ``max_images`` images of ``data``.  ``tokens='patch'``
+    (default): the patch tokens (prefix tokens dropped); ``'cls'``: the class token alone, one unit per image: under
+    token pooling (``global_pool='token'``) it is the only token whose routing reaches the prediction in the last
+    block.  Image-routed layers have one unit per image either way; a model without a class token has no 'cls'
+    units (an empty result)."""
+    if tokens not in ("patch", "cls"):
+        raise ValueError(f"tokens={tokens!r} is invalid: use 'patch' or 'cls'")
     layers, inputs, y = capture_router_inputs(model, data, max_images=max_images, batch_size=batch_size)
     out = {}
     for i, layer in layers.items():
         x = inputs[i]
         if layer.routing == "image":
-            out[i] = RouterInputs.of_layer(layer, x, y, None)
+            if tokens == "patch":
+                out[i] = RouterInputs.of_layer(layer, x, y, None)
             continue
-        tokens = x.shape[0] // len(y)
+        per_image = x.shape[0] // len(y)
         prefix = layer.num_prefix_tokens
-        x = x.view(len(y), tokens, -1)[:, prefix:]
+        x = x.view(len(y), per_image, -1)
+        if tokens == "cls":
+            if prefix and getattr(model, "cls_token", None) is not None:
+                out[i] = RouterInputs.of_layer(layer, x[:, 0].contiguous(), y, None)
+            continue
+        x = x[:, prefix:]
         n = x.shape[1]
         out[i] = RouterInputs.of_layer(layer, x.reshape(-1, x.shape[-1]), y.repeat_interleave(n),
                                        torch.arange(n).repeat(len(y)))
     return out
+
+
+def cls_router_report(model, data, *, draws: int = 100, max_images: int | None = 2000, seed: int = 0,
+                      alpha: float = 0.05) -> pd.DataFrame:
+    """Per MoE layer, the class token's routing against ``draws`` random routers of the trained router's norm on
+    the same class-token inputs (one unit per image): its NMI, the random routers' mean, ``excess``, ``p_random``
+    and its Holm correction across the layers, and the balanced test beside it.  Empty for a model without a
+    class token or with image routing."""
+    from .stats import holm
+
+    inputs = router_inputs(model, data, max_images=max_images, tokens="cls")
+    classes = getattr(model, "num_classes", None) or getattr(data, "num_classes")
+    rows = []
+    for block, inp in inputs.items():
+        r = random_router_test(inp, classes, draws=draws, seed=seed + 1000 + block)
+        rows.append({"block": block, **{k: r[k] for k in ("nmi", "random_nmi", "random_nmi_std", "excess", "p_random",
+                                                           "bal_nmi", "bal_random_nmi", "bal_excess", "p_balanced",
+                                                           "units")}})
+    table = pd.DataFrame(rows, columns=["block", "nmi", "random_nmi", "random_nmi_std", "excess", "p_random",
+                                        "bal_nmi", "bal_random_nmi", "bal_excess", "p_balanced", "units"])
+    table["p_holm"] = holm(table["p_random"]) if len(table) else []
+    table["specialised"] = table["p_holm"] < alpha
+    return table
 
 
 def _table(rows: torch.Tensor, experts: torch.Tensor, num_rows: int, num_experts: int) -> torch.Tensor:

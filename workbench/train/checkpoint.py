@@ -9,49 +9,24 @@ a run is finished, its ``model/`` folder (weights only) is all the other command
 A shipped model is a folder with ``model.safetensors`` and ``config.json``.  The model config is
 ``{"model": <timm name>, "model_kwargs": {...}, "upcycle": {...} | None}``: ``upcycle`` is set when a plain timm ViT
 (not a ``vimoe_*`` model) was turned into a ViMoE, and replays ``workbench.upcycle`` after creation.
+
+Imports: timm, ``workbench.moe``, ``workbench.models`` (to rebuild a model), ``workbench.atomic``.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
 
-from .moe import moe_modules
+from ..atomic import atomic_write, atomic_write_text  # noqa: F401  (re-exported)
+from ..moe import moe_modules
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says which and what to do."""
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash leaves the old file (or none), never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_text(path, text: str) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    atomic_write(path, write)
 
 
 def save_checkpoint(path, state: dict) -> None:
@@ -122,8 +97,10 @@ def model_config(name: str, model_kwargs: dict | None = None, upcycle: dict | No
 
 def build_model(config: dict) -> nn.Module:
     """Create the model a config describes (no weights loaded)."""
-    import workbench  # noqa: F401  (registers the vimoe_* models)
-    from .vimoe import upcycle
+    from ..models import register
+
+    register()  # the vimoe_* models, by name
+    from ..models.vimoe import upcycle
 
     try:
         model = timm.create_model(config["model"], **config.get("model_kwargs", {}))

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .moe import MoEMlp, moe_modules
+from ..moe import MoEMlp, moe_modules
 
 
 @dataclass

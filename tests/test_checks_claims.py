@@ -1,0 +1,179 @@
+"""Pre-registered checks (did the arms learn?), claims over sets of placements (the interaction that claim 2 is
+about), the class-token routing analysis and the project-wide view of every claim."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from workbench.studies.checks import evaluate_checks, prediction_change, run_metric, study_is_void
+from workbench.studies.claims import evaluate_claims, project_claims
+from workbench.studies.spec import StudyError, load_study
+
+PLACES = ["a", "b", "c"]
+
+
+def _study(tmp_path, checks=None, claims=None, name="s"):
+    study = {"name": name, "protocol": "scratch", "model": "vimoe_micro_patch7_28", "seeds": [0, 1, 2, 3],
+             "configs": {"dense": {"moe_layers": "none"}, **{p: {"moe_layers": "last-1"} for p in PLACES},
+                         **{f"{p}-s": {"moe_layers": "last-1", "shared_expert": "add"} for p in PLACES}},
+             "checks": checks or [], "claims": claims or []}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def _record(results, study, config, seed, acc, spread=0.2, shift=0.5, preds=None, val=(0.8, 0.85, 0.86)):
+    rec = {"study": study, "config": config, "seed": seed, "test_acc": acc, "val_acc": val[-1], "params": 1,
+           "active_params": 1, "gmacs": 0.1, "expert_spread": {"2": spread, "3": spread},
+           "router_init": {"3": {"router_shift": shift, "init_nmi": 0.1, "trained_nmi": 0.15}},
+           "history": [{"val_acc": v} for v in val], "test_predictions": preds or "0123456789",
+           "provenance": {"wall_time_s": 1.0, "threads": 1, "device": "cpu", "commit": "x"}}
+    path = results / study / f"{config}__seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+
+
+def test_range_and_worst_claims_are_treatment_minus_control_per_seed(tmp_path):
+    claims = [{"id": "r", "says": "s", "kind": "range", "treatment": [f"{p}-s" for p in PLACES], "control": PLACES,
+               "expect": "less"},
+              {"id": "w", "says": "s", "kind": "worst", "treatment": [f"{p}-s" for p in PLACES], "control": PLACES,
+               "expect": "greater"}]
+    path = _study(tmp_path, claims=claims)
+    results = tmp_path / "results"
+    rng = np.random.default_rng(0)
+    acc = {}
+    for seed in range(4):
+        for p in PLACES:
+            acc[p, seed] = 0.80 + rng.normal(0, 0.01)
+            acc[f"{p}-s", seed] = 0.82 + rng.normal(0, 0.002)
+            _record(results, "s", p, seed, acc[p, seed])
+            _record(results, "s", f"{p}-s", seed, acc[f"{p}-s", seed])
+        _record(results, "s", "dense", seed, 0.8)
+    table = evaluate_claims(path, results=results).set_index("id")
+
+    def spread(names, s):
+        v = [acc[n, s] * 100 for n in names]
+        return max(v) - min(v)
+
+    want_range = np.mean([spread([f"{p}-s" for p in PLACES], s) - spread(PLACES, s) for s in range(4)])
+    want_worst = np.mean([min(acc[f"{p}-s", s] for p in PLACES) * 100 - min(acc[p, s] for p in PLACES) * 100
+                          for s in range(4)])
+    assert table.loc["r", "estimate"] == pytest.approx(want_range) and table.loc["r", "estimate"] < 0
+    assert table.loc["w", "estimate"] == pytest.approx(want_worst) and table.loc["w", "n"] == 4
+    assert "range over placements" in table.loc["r", "contrast"]
+
+
+def test_a_failed_check_voids_the_claims_that_read_it(tmp_path):
+    checks = [{"id": "moved", "says": "s", "metric": "expert_spread", "at_least": 0.10, "configs": ["a", "b"]}]
+    claims = [{"id": "c", "says": "s", "treatment": "b", "expect": "greater"},
+              {"id": "d", "says": "s", "treatment": "a", "expect": "greater"}]
+    results = tmp_path / "results"
+    path = _study(tmp_path, checks=checks, claims=claims)
+    for seed in range(4):
+        _record(results, "s", "dense", seed, 0.80)
+        _record(results, "s", "a", seed, 0.85 + seed / 1000, spread=0.3)
+        _record(results, "s", "b", seed, 0.85 + seed / 1000, spread=0.02)  # b's experts stayed copies
+    table = evaluate_checks(path, results=results).set_index("config")
+    assert table.loc["a", "passed"] and not table.loc["b", "passed"] and table.loc["b", "value"] == 0.02
+    assert study_is_void(path, results=results) == (True, ["moved"])
+    claims_table = evaluate_claims(path, results=results)
+    # only the claim that reads b is void; the one about a keeps its verdict
+    assert claims_table["verdict"].tolist() == ["void", "agrees"] and claims_table.attrs["failed_checks"] == ["moved"]
+    for seed in range(4):  # the same arm passing the check gets a real verdict
+        _record(results, "s", "b", seed, 0.85 + seed / 1000, spread=0.3)
+    assert evaluate_claims(path, results=results)["verdict"].tolist() == ["agrees", "agrees"]
+
+
+def test_a_config_with_no_records_fails_its_check(tmp_path):
+    checks = [{"id": "moved", "says": "s", "metric": "router_shift", "at_least": 0.25}]  # default: every arm
+    path = _study(tmp_path, checks=checks)
+    results = tmp_path / "results"
+    _record(results, "s", "a", 0, 0.8, shift=0.9)
+    table = evaluate_checks(path, results=results)
+    assert set(table["config"]) == set(load_study(path)["configs"]) - {"dense"}
+    assert table.set_index("config").loc["a", "passed"] and not table.set_index("config").loc["b", "passed"]
+
+
+def test_run_metrics_read_the_record():
+    rec = {"expert_spread": {"0": 0.1, "1": 0.3, "2": 0.2}, "router_init": {
+        "0": {"router_shift": 0.4, "init_nmi": 0.1, "trained_nmi": 0.3},
+        "1": {"router_shift": 0.6, "init_nmi": 0.2, "trained_nmi": 0.1}},
+        "history": [{"val_acc": v} for v in (0.5, 0.6, 0.7, 0.71, 0.72, 0.725)]}
+    assert run_metric(rec, "expert_spread") == 0.2
+    assert run_metric(rec, "router_shift") == pytest.approx(0.5)
+    assert run_metric(rec, "router_nmi_moved") == pytest.approx(0.15)
+    assert run_metric(rec, "late_gain") == pytest.approx((0.725 - 0.71) * 100)  # epochs 5-6 of 6: from epoch 4
+    assert np.isnan(run_metric({}, "expert_spread"))
+
+
+def test_prediction_change_is_relative_to_the_controls_own_seed_noise(tmp_path):
+    path = _study(tmp_path)
+    results = tmp_path / "results"
+    _record(results, "s", "dense", 0, 0.8, preds="0000000000")
+    _record(results, "s", "dense", 1, 0.8, preds="0000000011")  # control seed-to-seed: 20%
+    _record(results, "s", "a", 0, 0.8, preds="0000111100")  # 40% from seed 0's control
+    _record(results, "s", "a", 1, 0.8, preds="1111000011")  # 40% from seed 1's control
+    assert prediction_change(load_study(path), results) == {"a": pytest.approx(2.0)}
+
+
+def test_check_and_set_claim_errors_name_the_fix(tmp_path):
+    with pytest.raises(StudyError, match="exactly one of at_least / at_most"):
+        load_study(_study(tmp_path, checks=[{"id": "x", "says": "s", "metric": "expert_spread"}]))
+    with pytest.raises(StudyError, match="metric='spread' is not one of"):
+        load_study(_study(tmp_path, checks=[{"id": "x", "says": "s", "metric": "spread", "at_least": 1}]))
+    with pytest.raises(StudyError, match="lists of at least two configs"):
+        load_study(_study(tmp_path, claims=[{"id": "x", "says": "s", "kind": "range", "treatment": "a",
+                                             "control": PLACES, "expect": "less"}]))
+    with pytest.raises(StudyError, match="unique"):
+        load_study(_study(tmp_path, claims=[{"id": "x", "says": "s", "treatment": "a", "expect": "greater"}],
+                          checks=[{"id": "x", "says": "s", "metric": "expert_spread", "at_least": 1}]))
+    with pytest.raises(StudyError, match="tokens="):
+        load_study(_study(tmp_path, claims=[{"id": "x", "says": "s", "kind": "excess", "treatment": "a",
+                                             "tokens": "all", "expect": "greater"}]))
+
+
+def test_project_claims_put_every_study_in_one_family(tmp_path):
+    results = tmp_path / "results"
+    paths = []
+    for name, shift in (("one", 0.0), ("two", 0.3)):
+        claims = [{"id": f"c{i}", "says": "s", "treatment": p, "expect": "greater"} for i, p in enumerate(PLACES)]
+        paths.append(_study(tmp_path, claims=claims, name=name))
+        for seed in range(4):
+            _record(results, name, "dense", seed, 0.80)
+            for i, p in enumerate(PLACES):
+                _record(results, name, p, seed, 0.80 + (shift + 0.1 * i) / 100 + seed * 1e-4 * (i + 1))
+    table = project_claims(paths, results=results)
+    assert len(table) == 6 and set(table["study"]) == {"one", "two"}
+    family = table["p"].to_numpy()
+    from workbench.analysis.stats import holm
+
+    assert table["p_project_holm"].to_numpy() == pytest.approx(holm(family))
+    assert (table["p_project_holm"] >= table["p_holm"] - 1e-12).all()  # a larger family never lowers p
+    assert set(table["verdict_project_bh"]) <= {"agrees", "disagrees", "inconclusive"}
+
+
+def test_cls_router_report_covers_the_class_token_only():
+    import timm
+
+    import workbench  # noqa: F401
+    from workbench.analysis.specialisation import cls_router_report, router_inputs
+    from workbench.data.classification import TensorData, synthetic
+
+    torch.manual_seed(0)
+    model = timm.create_model("vimoe_micro_patch7_28", moe_layers="last-2", num_experts=4, embed_dim=32,
+                              num_heads=2).eval()
+    data = TensorData(*synthetic(64, seed=1), (0.5,), (0.25,), 10)
+    patch = router_inputs(model, data, max_images=32)
+    cls = router_inputs(model, data, max_images=32, tokens="cls")
+    assert set(cls) == set(patch) == {2, 3}
+    assert cls[3].x.shape[0] == 32 and patch[3].x.shape[0] == 32 * 16 and cls[3].positions is None
+    table = cls_router_report(model, data, draws=5, max_images=32)
+    assert table["block"].tolist() == [2, 3] and (table["units"] == 32).all()
+    assert table["p_random"].between(0, 1).all() and "specialised" in table
+    pooled = timm.create_model("vimoe_micro_patch7_28", moe_layers="last-1", num_experts=4, embed_dim=32,
+                               num_heads=2, class_token=False, global_pool="avg").eval()
+    assert router_inputs(pooled, data, max_images=8, tokens="cls") == {}
+    with pytest.raises(ValueError, match="tokens="):
+        router_inputs(model, data, tokens="image")

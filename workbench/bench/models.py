@@ -1,0 +1,144 @@
+"""``python -m workbench bench train | app``: training images/s of a ViMoE against its dense twin, eval latency of 1
+and 8 images as a ratio to dense and to what the MACs predict, and the app's per-request time.
+
+Imports: ``workbench.moe``, ``workbench.analysis.flops``, ``workbench.explorer`` (bench app) and ``.timing``.
+"""
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..moe import moe_aux_loss
+
+from .timing import _plural, time_interleaved
+
+
+def _train_step(model, opt, x, y, dtype):
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = F.cross_entropy(model(x).float(), y) + moe_aux_loss(model).to(x.device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def bench_train(*, model: str = "vimoe_tiny_patch4_28", dense_model: str | None = None, moe_layers: str = "last-3",
+                num_experts: int = 8, top_k: int = 1, batch: int = 128, steps: int = 12, warmup: int = 3,
+                device: str | None = None, latency_reps: int = 50, latency_batches=(1, 8), threads=None,
+                compile: bool = False, **model_kwargs) -> dict:
+    """Training images/s and eval-forward latency of a ViMoE against its dense model, at each thread count in
+    ``threads`` (default: the current one).  The first thread count's figures are also at the top level."""
+    import timm
+
+    from ..models import register
+
+    register()
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    moe = timm.create_model(model, moe_layers=moe_layers, num_experts=num_experts, top_k=top_k,
+                            **model_kwargs).to(device)
+    if dense_model is None:
+        dense = timm.create_model(model, moe_layers="none", **model_kwargs).to(device)
+    else:
+        dense = timm.create_model(dense_model, **model_kwargs).to(device)
+    macs_ratio = _macs_ratio(moe, dense)
+    threads = list(threads or [torch.get_num_threads()])
+    before, training, latency = torch.get_num_threads(), [], []
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            training.append(_training_speed(moe, dense, batch, steps, warmup, device, dtype, compile))
+            latency += _latency(moe, dense, latency_batches, latency_reps, device, macs_ratio)
+    finally:
+        torch.set_num_threads(before)
+    first = next(r for r in latency if r["threads"] == threads[0] and r["batch"] == latency_batches[0])
+    return {"model": model, "dense_model": dense_model or f"{model}(moe_layers='none')", "moe_layers": moe_layers,
+            "num_experts": num_experts, "top_k": top_k, **model_kwargs, "batch": batch, "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), **training[0],
+            "moe_latency_ms": first["moe_ms"], "dense_latency_ms": first["dense_ms"], "macs_ratio": macs_ratio,
+            "training": training, "latency": latency,
+            "params_moe": sum(p.numel() for p in moe.parameters()),
+            "params_dense": sum(p.numel() for p in dense.parameters())}
+
+
+def _macs_ratio(moe: nn.Module, dense: nn.Module) -> float:
+    """Activated MACs of one image, ViMoE over dense (the router and a shared expert count; experts count k times)."""
+    from ..analysis.flops import profile
+
+    x = torch.zeros(1, *moe.pretrained_cfg["input_size"], device=next(moe.parameters()).device)
+    return round(profile(moe, x).macs / profile(dense, x).macs, 4)
+
+
+def _training_speed(moe, dense, batch, steps, warmup, device, dtype, compile) -> dict:
+    x = torch.randn(batch, *moe.pretrained_cfg["input_size"], device=device)
+    y = torch.randint(0, moe.num_classes, (batch,), device=device)
+    models = {"moe": moe.train(), "dense": dense.train()}
+    if compile:
+        models = {k: torch.compile(m) for k, m in models.items()}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    med = time_interleaved({k: (lambda k=k: _train_step(models[k], opts[k], x, y, dtype)) for k in models},
+                           steps, warmup, device)
+    return {"threads": torch.get_num_threads(), "moe_img_s": round(batch / med["moe"], 1),
+            "dense_img_s": round(batch / med["dense"], 1), "throughput_ratio": round(med["dense"] / med["moe"], 3)}
+
+
+def _latency(moe, dense, batches, reps: int, device, macs_ratio: float) -> list[dict]:
+    """Eval forward under ``torch.no_grad()``, interleaved; ``vs_macs`` = (ViMoE / dense) / MACs ratio, so 1.0 means
+    the ViMoE costs exactly what its extra MACs predict."""
+    rows = []
+    moe.eval()
+    dense.eval()
+    with torch.no_grad():
+        for b in batches:
+            x = torch.randn(b, *moe.pretrained_cfg["input_size"], device=device)
+            med = time_interleaved({"moe": lambda: moe(x), "dense": lambda: dense(x)}, reps, 5, device)
+            ratio = med["moe"] / med["dense"]
+            rows.append({"threads": torch.get_num_threads(), "batch": b, "moe_ms": round(med["moe"] * 1e3, 2),
+                         "dense_ms": round(med["dense"] * 1e3, 2), "ratio": round(ratio, 3),
+                         "vs_macs": round(ratio / macs_ratio, 3)})
+    return rows
+
+
+def bench_app(checkpoint=None, reps: int = 30) -> dict:
+    """Per-request latency of the routing explorer (decode + preprocess, forward with capture, first overlay),
+    over the shipped example images, after one warm-up request that loads the checkpoint."""
+    from ..explorer import DEFAULT_CHECKPOINT, Explorer, example_images
+
+    explorer = Explorer()
+    examples = example_images()
+    checkpoint = checkpoint or DEFAULT_CHECKPOINT
+    explorer.analyse(examples[0], checkpoint)
+    timings = []
+    for i in range(reps):
+        analysis = explorer.analyse(examples[i % len(examples)], checkpoint)
+        t0 = time.perf_counter()
+        analysis.overlay(analysis.layers[-1])  # what the page shows first
+        overlay_ms = (time.perf_counter() - t0) * 1e3
+        t = analysis.timings
+        timings.append({**t, "overlay_ms": overlay_ms, "total_ms": t["total_ms"] + overlay_ms})
+    med = {k: round(statistics.median(t[k] for t in timings), 2) for k in timings[0]}
+    return {"checkpoint": str(checkpoint), "reps": reps, "threads": torch.get_num_threads(), **med}
+
+
+
+
+def format_train(result: dict) -> str:
+    r = result
+    lines = [f"training {r['model']} (moe_layers={r['moe_layers']}, E={r['num_experts']}, top-{r['top_k']}) vs "
+             f"{r['dense_model']}, batch {r['batch']}, {r['dtype']} on {r['device']}"]
+    for t in r["training"]:
+        lines.append(f"  {_plural(t['threads'], 'thread'):>10}: ViMoE {t['moe_img_s']:.1f} img/s   dense "
+                     f"{t['dense_img_s']:.1f} img/s   ratio {t['throughput_ratio']:.3f}")
+    lines.append(f"eval forward latency (ViMoE MACs = {r['macs_ratio']:.3f}x dense; vs MACs = latency ratio / MACs "
+                 "ratio, 1.00 = costs what its MACs predict)")
+    lines.append(f"  {'threads':>7} {'batch':>5} {'ViMoE ms':>9} {'dense ms':>9} {'ratio':>6} {'vs MACs':>8}")
+    for t in r["latency"]:
+        lines.append(f"  {t['threads']:>7} {t['batch']:>5} {t['moe_ms']:>9.2f} {t['dense_ms']:>9.2f} "
+                     f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,101 @@
+"""The pre-registered checks that a study's arms learned what its claims compare (``checks:`` in a study file).
+
+A verdict counts only where the compared models moved: upcycled experts apart from their copies, routers away from
+their init, predictions further from the control than the control's own seed-to-seed noise; scratch arms trained to
+a plateau.  Each check names a metric (``CHECK_METRICS``), the configs it covers (default: every arm but the
+control) and a threshold (``at_least`` or ``at_most``) for the median over seeds of each config.  A config failing a
+check voids every claim that reads it: those claims are printed with their estimates, and their verdict reads
+``void``.
+
+Imports: this package's ``spec`` and ``records``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+import pandas as pd
+
+from .records import iter_records, source_of
+from .spec import as_study
+
+
+def run_metric(record: dict, metric: str) -> float:
+    """One run's value of a per-run check metric (NaN when the record lacks what it needs)."""
+    if metric == "expert_spread":
+        values = list((record.get("expert_spread") or {}).values())
+    elif metric == "router_shift":
+        values = [v["router_shift"] for v in (record.get("router_init") or {}).values()]
+    elif metric == "router_nmi_moved":
+        values = [abs(v["trained_nmi"] - v["init_nmi"]) for v in (record.get("router_init") or {}).values()]
+    elif metric == "late_gain":
+        val = [row.get("val_acc") for row in record.get("history", [])]
+        if len(val) < 2 or any(v is None for v in val):
+            return math.nan
+        start = max(1, round(2 * len(val) / 3))  # the epoch that ends the first two thirds
+        return (val[-1] - val[start - 1]) * 100
+    else:
+        raise ValueError(f"{metric!r} is not a per-run check metric")
+    return statistics.median(values) if values else math.nan
+
+
+def _differ(a: str, b: str) -> float:
+    if "," in a or "," in b:
+        a, b = a.split(","), b.split(",")
+    return sum(x != y for x, y in zip(a, b)) / max(1, len(a))
+
+
+def prediction_change(study: dict, results=None) -> dict[str, float]:
+    """Per config: the median over seeds of the share of test predictions that differ from the same seed's control,
+    divided by the control's own seed-to-seed share (mean over consecutive seeds): above 1, the arm moved further
+    from the control than re-drawing the control's seed does."""
+    control_study, control = source_of(study, study["control"])
+    base = {r["seed"]: r["test_predictions"] for r in iter_records(control_study, results)
+            if r["config"] == control and isinstance(r.get("test_predictions"), str)}
+    seeds = sorted(base)
+    noise = [_differ(base[a], base[b]) for a, b in zip(seeds, seeds[1:])]
+    scale = sum(noise) / len(noise) if noise else math.nan
+    arms: dict[str, list[float]] = {}
+    for r in iter_records(study, results):
+        if r["config"] != control and r["seed"] in base and isinstance(r.get("test_predictions"), str):
+            arms.setdefault(r["config"], []).append(_differ(r["test_predictions"], base[r["seed"]]))
+    return {c: statistics.median(v) / scale if scale and scale == scale else math.nan for c, v in arms.items()}
+
+
+def evaluate_checks(study_or_path, results=None) -> pd.DataFrame:
+    """One row per (check, config): the median over seeds, the threshold, and whether it passes; a config with no
+    records fails (nothing shows it learned)."""
+    study = as_study(study_or_path)
+    rows = []
+    records = list(iter_records(study, results))
+    for check in study.get("checks", []):
+        metric = check["metric"]
+        changes = prediction_change(study, results) if metric == "prediction_change" else {}
+        for config in check["configs"]:
+            if metric == "prediction_change":
+                n = sum(r["config"] == config for r in records)
+                value = changes.get(config, math.nan)
+            else:
+                values = [run_metric(r, metric) for r in records if r["config"] == config]
+                values = [v for v in values if v == v]
+                n, value = len(values), statistics.median(values) if values else math.nan
+            bound, at_least = (check["at_least"], True) if "at_least" in check else (check["at_most"], False)
+            passed = value == value and (value >= bound if at_least else value <= bound)
+            rows.append({"id": check["id"], "metric": metric, "config": config, "n": n, "value": value,
+                         "rule": f"{'>=' if at_least else '<='} {bound:g}", "passed": bool(passed)})
+    return pd.DataFrame(rows, columns=["id", "metric", "config", "n", "value", "rule", "passed"])
+
+
+def study_is_void(study_or_path, results=None) -> tuple[bool, list[str]]:
+    """(void, the ids of the failed checks): a study with checks is void when any of them fails."""
+    table = evaluate_checks(study_or_path, results)
+    failed = sorted(set(table.loc[~table["passed"], "id"])) if len(table) else []
+    return bool(failed), failed
+
+
+def format_checks(table: pd.DataFrame) -> str:
+    lines = []
+    for r in table.itertuples():
+        lines.append(f"check {r.id} ({r.metric}) {r.config}: {r.value:.4g} (median of {r.n}) {r.rule} -> "
+                     f"{'passes' if r.passed else 'FAILS'}")
+    return "\n".join(lines)

@@ -1,0 +1,268 @@
+"""A study's verdicts: per-config summary, contrasts against the control, and each pre-registered claim's estimate,
+95% interval, Holm-adjusted p and verdict; their one-line formats.
+
+Claim kinds (``kind:`` in a study file): ``paired`` (treatment - control, paired by seed), ``spread`` (seed SD
+difference), ``excess`` / ``depth_trend`` (routing against random routers; ``tokens: cls`` for the class token),
+``pruning``, and over *sets* of configs (the placements of a configuration study, with and without a change):
+``range`` (per seed, max - min of accuracy over the treatment placements minus the same over the control
+placements: is accuracy less sensitive to where the MoE layers are?) and ``worst`` (per seed, the worst treatment
+placement minus the worst control placement).  A claim that reads a config failing one of the study's
+pre-registered checks has no verdict: it reads ``void``.
+
+Imports: ``workbench.analysis.stats`` and this package's ``spec``, ``records`` and ``checks``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from .records import config_values, load_pruning, load_regions, load_results, load_routing, source_of
+from .spec import StudyError, as_study
+
+
+def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:
+    """Per config (in the study's order): seeds, mean and seed SD of test accuracy, params and GMACs beside."""
+    study = as_study(study_or_path)
+    df = load_results(study, results)
+    if df.empty:
+        return pd.DataFrame(columns=["config", "n", "acc_mean", "acc_std", "params_M", "gmacs"])
+    g = df.groupby("config")
+    table = pd.DataFrame({"n": g["seed"].count(), "acc_mean": g["score"].mean(),
+                          "acc_std": g["score"].std(ddof=1).fillna(0.0),
+                          "params_M": g["params"].first() / 1e6, "gmacs": g["gmacs"].first()})
+    order = [c for c in study["configs"] if c in table.index]
+    return table.loc[order].reset_index()
+
+
+def contrasts(study_or_path, results: Path | None = None) -> pd.DataFrame:
+    """Every config against the study's control, paired by seed: delta of test accuracy in points with its 95%
+    t-interval, two-sided p and Holm-adjusted p across the configs; params and GMACs beside."""
+    from ..analysis.stats import holm, paired
+
+    study = as_study(study_or_path)
+    control = study["control"]
+    base = config_values(study, control, results)
+    if base.empty:
+        raise StudyError(f"the control {control!r} of {study['name']} has no records yet: run the study first")
+    s = summary(study, results).set_index("config")
+    rows = []
+    for config in study["configs"]:
+        if config == control or config not in s.index:
+            continue
+        values = config_values(study, config, results)
+        seeds = sorted(set(values.index) & set(base.index))
+        d = paired(values[seeds] * 100, base[seeds] * 100)
+        rows.append({"config": config, "n": d.n, "delta": d.mean, "low": d.low, "high": d.high, "p": d.p,
+                     "params_M": s.loc[config, "params_M"], "gmacs": s.loc[config, "gmacs"]})
+    table = pd.DataFrame(rows, columns=["config", "n", "delta", "low", "high", "p", "params_M", "gmacs"])
+    table.insert(6, "p_holm", holm(table["p"]))
+    return table
+
+
+def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
+    """Each pre-registered claim: its estimate with a 95% interval, p (Holm-adjusted across the study's
+    directional claims that have one; an 'equal' claim is decided by its interval and margin alone), and the
+    verdict from :func:`workbench.stats.verdict`."""
+    from ..analysis.stats import bootstrap_sd_difference, holm, paired, pitman_morgan, slope_interval, verdict
+
+    study = as_study(study_or_path)
+    rows = []
+    for claim in study["claims"]:
+        kind, expect, margin = claim["kind"], claim["expect"], float(claim.get("margin", 0.0))
+        row = {"id": claim["id"], "says": claim["says"], "kind": kind, "expect": expect, "margin": margin}
+        if kind in ("paired", "spread"):
+            control = claim.get("control", study["control"])
+            a = config_values(study, claim["treatment"], results)
+            b = (config_values(study, claim["treatment"], results, metric="step0_test_acc") if control == "step0"
+                 else config_values(study, control, results))
+            seeds = sorted(set(a.index) & set(b.index))
+            row["contrast"] = f"{claim['treatment']} vs {control}"
+            if kind == "paired":
+                d = paired(a[seeds] * 100, b[seeds] * 100)
+                row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+            else:
+                # the interval: a paired bootstrap of the SD difference; the test: Pitman-Morgan (Holm family)
+                est, low, high = bootstrap_sd_difference(a[seeds] * 100, b[seeds] * 100)
+                row.update(n=len(seeds), estimate=est, low=low, high=high,
+                           p=pitman_morgan(a[seeds] * 100, b[seeds] * 100))
+        elif kind in ("range", "worst"):
+            treat = pd.concat({c: config_values(study, c, results) for c in claim["treatment"]}, axis=1)
+            ctrl = pd.concat({c: config_values(study, c, results) for c in claim["control"]}, axis=1)
+            seeds = sorted(set(treat.dropna().index) & set(ctrl.dropna().index))
+            treat, ctrl = treat.loc[seeds] * 100, ctrl.loc[seeds] * 100
+            if kind == "range":
+                a, b = treat.max(axis=1) - treat.min(axis=1), ctrl.max(axis=1) - ctrl.min(axis=1)
+                row["contrast"] = "range over placements: " + ", ".join(claim["treatment"]) + " vs " + \
+                    ", ".join(claim["control"])
+            else:
+                a, b = treat.min(axis=1), ctrl.min(axis=1)
+                row["contrast"] = "worst placement: " + ", ".join(claim["treatment"]) + " vs " + \
+                    ", ".join(claim["control"])
+            d = paired(a.values, b.values)
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        elif kind in ("excess", "depth_trend"):
+            source, config = source_of(study, claim["treatment"])
+            regions = claim.get("source", "routing") == "regions"
+            if regions:
+                routing = load_regions(source, [config], results)
+            else:
+                routing = load_routing(source, [config], results, tokens=claim.get("tokens", "patch"))
+            if claim.get("blocks") is not None:
+                routing = routing[routing["block"].isin(claim["blocks"])]
+            row["contrast"] = f"{claim['treatment']}: {'NMI over random routers' if kind == 'excess' else 'slope of NMI excess over random routers per block'}"
+            if kind == "excess":
+                per_seed = routing.groupby("seed")["excess"].mean()
+                d = paired(per_seed.values, [0.0] * len(per_seed))
+            else:
+                d = slope_interval({s: (g["block"].values, g["excess"].values) for s, g in routing.groupby("seed")})
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        else:  # pruning
+            source, config = source_of(study, claim["treatment"])
+            pr = load_pruning(source, [config], results)
+            compare = claim.get("compare", "all_mean")
+            column = {"all_mean": "all_mean_test", "random": "random_mean_test", "unpruned": "full_test",
+                      "most": "most_test"}[compare]
+            row["contrast"] = f"{claim['treatment']}: densify least specialised vs {compare.replace('_', ' ')}"
+            d = paired(pr["least_test"] * 100, pr[column] * 100)
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=["id", "says", "kind", "contrast", "n", "estimate", "low", "high", "p",
+                                        "expect", "margin"])
+    # the Holm family: the directional claims; an 'equal' claim is decided by its interval against the margin
+    directional = table["expect"].isin(["greater", "less"])
+    table["p_holm"] = float("nan")
+    table.loc[directional, "p_holm"] = holm(table.loc[directional, "p"])
+    table["verdict"] = [verdict(r.low, r.high, r.p_holm, r.expect, r.margin) for r in table.itertuples()]
+    if study.get("checks"):  # a claim whose arms did not learn what it compares has no verdict
+        from .checks import evaluate_checks
+
+        checks = evaluate_checks(study, results)
+        failed = checks[~checks["passed"]]
+        bad = set(failed["config"])
+        for i, claim in enumerate(study["claims"]):
+            if bad & claim_configs(study, claim):
+                table.loc[i, "verdict"] = "void"
+        table.attrs["failed_checks"] = sorted(set(failed["id"]))
+        table.attrs["failed_configs"] = sorted(bad)
+    # which side of zero (or of the margin) the point estimate falls on, whatever the interval: an inconclusive
+    # verdict with the estimate on the other side is not the same as one on the paper's side
+    table["side"] = [_side(r.estimate, r.expect, r.margin) for r in table.itertuples()]
+    # seeds that would make the interval +/- 0.5 points at the observed spread (accuracy claims)
+    table["seeds_needed"] = [seeds_for_half_width((r.high - r.low) / 2, int(r.n))
+                              if r.kind in ("paired", "pruning", "range", "worst") and r.high == r.high else None
+                              for r in table.itertuples()]
+    return table
+
+
+def claim_configs(study: dict, claim: dict) -> set[str]:
+    """The configs of this study whose runs a claim reads (configs of referenced studies left out)."""
+    names = []
+    for key in ("treatment", "control"):
+        value = claim.get(key, study["control"] if key == "control" and claim["kind"] in ("paired", "spread")
+                          else None)
+        names += value if isinstance(value, list) else [value] if value not in (None, "step0") else []
+    return {n for n in names if "/" not in n}
+
+
+def seeds_for_half_width(half_width: float, n: int, target: float = 0.5, limit: int = 10_000) -> int | None:
+    """The smallest number of seeds whose 95% t-interval is at most +/- ``target`` at the spread that gave
+    ``half_width`` with ``n`` seeds (SD = half_width * sqrt(n) / t(n-1)); the t quantile is the new n's, not the
+    observed one's.  A point estimate of the spread: with few seeds the SD itself is uncertain."""
+    from scipy import stats as sps
+
+    if n < 2 or half_width != half_width:
+        return None
+    sd = half_width * math.sqrt(n) / sps.t.ppf(0.975, n - 1)
+    for m in range(2, limit + 1):
+        if sps.t.ppf(0.975, m - 1) * sd / math.sqrt(m) <= target:
+            return m
+    return None
+
+
+def _side(estimate: float, expect: str, margin: float) -> str:
+    if estimate != estimate:
+        return "-"
+    claimed = {"greater": estimate > 0, "less": estimate < 0, "equal": abs(estimate) <= margin,
+               "no_less": estimate > -margin, "no_greater": estimate < margin}[expect]
+    return "claimed side" if claimed else "other side"
+
+
+def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
+    """One line per claim: estimate [95% CI], p (Holm), verdict."""
+    lines = []
+    for r in table.itertuples():
+        p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
+        unit = " pts" if r.kind in ("paired", "pruning", "spread", "range", "worst") else ""
+        need = getattr(r, "seeds_needed", None)
+        extra = f"; estimate on the {r.side}" + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
+        lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} [{r.low:+.3f}, {r.high:+.3f}] (n={r.n}{p}) "
+                     f"expect {r.expect}{f' (margin {r.margin:g})' if r.margin else ''} -> {r.verdict}{extra}")
+    return "\n".join(lines)
+
+
+def format_summary(table: pd.DataFrame, metric: str = "test_acc") -> str:
+    name = {"test_acc": "acc", "test_miou": "mIoU", "test_pixel_acc": "pix acc"}[metric]
+    lines = [f"{'config':<16} {'n':>2} {name + ' mean':>9} {name + ' std':>8} {'params M':>9} {'GMACs':>7}"]
+    for r in table.itertuples():
+        lines.append(f"{r.config:<16} {r.n:>2} {r.acc_mean:>9.4f} {r.acc_std:>8.4f} {r.params_M:>9.3f} {r.gmacs:>7.4f}")
+    return "\n".join(lines)
+
+
+def format_contrasts(table: pd.DataFrame) -> str:
+    lines = [f"{'config':<16} {'n':>2} {'delta pts':>9} {'95% CI':>17} {'p_holm':>8} {'params M':>9} {'GMACs':>7}"]
+    for r in table.itertuples():
+        lines.append(f"{r.config:<16} {r.n:>2} {r.delta:>+9.3f} [{r.low:+7.3f},{r.high:+7.3f}] {r.p_holm:>8.3g} "
+                     f"{r.params_M:>9.3f} {r.gmacs:>7.4f}")
+    return "\n".join(lines)
+
+
+def project_claims(paths=None, results: Path | None = None) -> pd.DataFrame:
+    """Every claim of every recorded study file (default: ``experiments/studies/*/*.yaml`` but the pilots), with its
+    own study's verdict (Holm within the file) beside a project-wide one: Holm, and Benjamini-Hochberg, across
+    every directional claim of every file that has a p-value.  Intervals stay per-claim 95% intervals; only the
+    p-values change family.  A void study's claims stay void in both."""
+    from scipy.stats import false_discovery_control
+
+    from ..analysis.stats import holm, verdict
+    from .records import load_results
+    from .spec import ROOT, load_study
+
+    if paths is None:
+        paths = [p for p in sorted((ROOT / "experiments" / "studies").glob("*/*.yaml")) if p.parent.name != "pilots"]
+    tables = []
+    for path in paths:
+        study = load_study(path)
+        if not study["claims"] or study["profile"] == "gpu" or load_results(study, results).empty:
+            continue
+        table = evaluate_claims(study, results)
+        table.insert(0, "study", study["name"])
+        tables.append(table)
+    if not tables:
+        return pd.DataFrame(columns=["study", "id", "estimate", "low", "high", "p", "p_holm", "verdict",
+                                     "p_project_holm", "verdict_project", "p_project_bh", "verdict_project_bh"])
+    table = pd.concat(tables, ignore_index=True)
+    family = table["expect"].isin(["greater", "less"]) & table["p"].notna()
+    table["p_project_holm"] = float("nan")
+    table["p_project_bh"] = float("nan")
+    table.loc[family, "p_project_holm"] = holm(table.loc[family, "p"])
+    if family.any():
+        table.loc[family, "p_project_bh"] = false_discovery_control(table.loc[family, "p"].to_numpy(), method="bh")
+    for column, p in (("verdict_project", "p_project_holm"), ("verdict_project_bh", "p_project_bh")):
+        table[column] = ["void" if r.verdict == "void" else
+                         verdict(r.low, r.high, getattr(r, p), r.expect, r.margin) for r in table.itertuples()]
+    return table
+
+
+def format_project_claims(table: pd.DataFrame) -> str:
+    """One line per claim: study, id, estimate [CI], the study's verdict and the project-wide ones; the claims whose
+    verdict changes with the family are marked."""
+    lines = [f"{len(table)} claims in {table['study'].nunique()} recorded studies; project-wide family: "
+             f"{int(table['p_project_holm'].notna().sum())} directional claims with a p-value"]
+    for r in table.itertuples():
+        changed = " *" if r.verdict != r.verdict_project or r.verdict != r.verdict_project_bh else ""
+        lines.append(f"{r.study}/{r.id}: {r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}] study: {r.verdict}; "
+                     f"project Holm: {r.verdict_project}; project BH: {r.verdict_project_bh}{changed}")
+    lines.append("* the verdict depends on the family it is read in")
+    return "\n".join(lines)

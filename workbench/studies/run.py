@@ -1,0 +1,177 @@
+"""One run of a study: train one (config, seed) under the study's protocol, check an upcycled arm's clean start,
+analyse the trained model, and write the record (atomically).
+
+Imports: ``workbench.data``, ``workbench.models``, ``workbench.train``, ``workbench.analysis`` and this package's
+``spec`` and ``analyse``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from ..atomic import atomic_write_text
+from .analyse import analyse_regions, analyse_run, predict
+from .spec import RESULTS, ROOT, RUNS, StudyError, arm_model_kwargs, arm_spec, result_path
+
+
+def train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
+    from ..train.config import TrainConfig
+
+    kwargs, init_kwargs = arm_model_kwargs(study, config)
+    values = {"quiet": quiet, "device": device, **study["train"], **init_kwargs, "seed": seed,
+              "model_kwargs": kwargs, "output": str(out)}
+    if study["protocol"] == "upcycle":
+        values["init_from"] = str(ROOT / study["base"])  # step 0 is measured by check_clean_start, not the trainer
+    else:
+        values["model"] = study["model"]
+    return TrainConfig.from_dict(values)
+
+
+def base_fingerprint(base: str | Path) -> str:
+    """SHA-256 of a dense base's weights file: records name the exact base they started from."""
+    import hashlib
+
+    path = ROOT / base / "model.safetensors"
+    if not path.is_file():
+        raise StudyError(f"the dense base {base} has no model.safetensors: train and ship it first "
+                         f"(experiments/upcycle/train_base.sh)")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def base_accuracy(study: dict, results: Path | None = None) -> dict:
+    """The dense base's test (and validation) accuracy and weights fingerprint, measured once per study and cached
+    beside its records.  A base whose weights changed since (a re-trained, re-shipped base) is refused, so one
+    study never mixes bases; so is a base below the study's ``base_min_test_acc``."""
+    from ..data.classification import build_splits
+    from ..train.checkpoint import load_model
+    from ..train.metrics import evaluate
+
+    path = Path(results or RESULTS) / study["name"] / "_base.json"
+    if path.is_file():
+        out = json.loads(path.read_text())
+        if "sha256" in out and out["sha256"] != base_fingerprint(study["base"]):
+            raise StudyError(f"{study['name']}: the dense base {study['base']} is not the one its records started "
+                             f"from (weights fingerprint changed): restore that base, or give the study a new name "
+                             f"for the new base")
+    else:
+        train = study["train"]
+        model, _ = load_model(ROOT / study["base"])
+        _, val, test = build_splits(train.get("dataset", "fashion-mnist"), val_size=train.get("val_size", 0),
+                                    root=train.get("data_root"), model=model, augment=False,
+                                    test_subset=train.get("test_subset"))
+        out = {"base": study["base"], "sha256": base_fingerprint(study["base"]),
+               "test_acc": round(evaluate(model, test)["acc"], 6)}
+        if val is not None:
+            out["val_acc"] = round(evaluate(model, val)["acc"], 6)
+    least = study.get("base_min_test_acc")
+    if least is not None and out["test_acc"] < least:
+        raise StudyError(f"{study['name']}: the dense base {study['base']} has test accuracy {out['test_acc']}, "
+                         f"below the study's base_min_test_acc {least}: train the base longer (or larger) first")
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(out) + "\n")
+    return out
+
+
+def check_clean_start(study: dict, config: str, cfg, results: Path | None = None, device=None) -> dict:
+    """Upcycle protocol: build the arm exactly as training will, measure its step-0 test accuracy, and refuse to
+    train an arm that does not start where the dense base is.  On a GPU (``device``) both are evaluated there in
+    fp32, and the step-0 accuracy is compared with the base's measured on that device (``base_test_acc_device``),
+    since the cached base accuracy is the CPU's."""
+    import torch
+
+    from ..data.classification import build_splits
+    from ..train.checkpoint import load_model
+    from ..train.metrics import evaluate
+    from ..train.trainer import build_training_model
+
+    device = torch.device(device or "cpu")
+    base = base_accuracy(study, results)
+    model, _ = build_training_model(cfg)
+    model.to(device)
+    _, _, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model, augment=False,
+                              test_subset=cfg.test_subset)
+    step0 = round(evaluate(model, test)["acc"], 6)
+    dense, _ = load_model(ROOT / study["base"])
+    dense.to(device)
+    reference = base["test_acc"] if device.type == "cpu" else round(evaluate(dense, test)["acc"], 6)
+    x = next(iter(test.batches(500, shuffle=False)))[0].to(device)
+    model.eval()
+    with torch.no_grad():
+        gap = float((model(x) - dense.eval()(x)).abs().max())
+    clean = step0 == reference and gap <= 1e-3
+    declared = study["configs"][config].get("clean_start", study["common"].get("clean_start", True))
+    if not clean and declared:
+        raise StudyError(f"{study['name']}/{config}: at step 0 the arm differs from the dense base (test accuracy "
+                         f"{step0} vs {reference}, max logit difference {gap:.2g}): it does not start "
+                         f"function-preserving. Use renormalize: true (gates summing to 1) and shared_init zero or "
+                         f"split for a shared expert, or mark an intended ablation clean_start: false")
+    return {"step0_test_acc": step0, "base_test_acc": base["test_acc"], "step0_max_logit_diff": gap,
+            "clean_start": clean, **({"base_test_acc_device": reference} if device.type != "cpu" else {}),
+            **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
+
+
+def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
+            results: Path | None = None, threads: int | None = 1, allow_dirty: bool = False) -> dict:
+    """Train one config with one seed under the study's protocol and record the result (atomically)."""
+    import torch
+
+    from ..analysis.flops import profile
+    from ..data.classification import build_splits
+    from ..train.checkpoint import load_model
+    from ..train.distributed import Dist, resolve_device
+    from ..train.provenance import git_commit, provenance
+    from ..train.trainer import train
+
+    commit = git_commit()
+    if commit.endswith("+dirty") and not allow_dirty:
+        raise StudyError("the working tree has uncommitted changes: a study record must come from a clean commit; "
+                         "commit first (or pass --allow-dirty for a throw-away run)")
+    if threads:
+        torch.set_num_threads(threads)
+    out = (Path(results).parent / "runs" if results else RUNS) / study["name"] / config / f"seed{seed}"
+    cfg = train_config(study, config, seed, out, device, quiet)
+    started = time.time()
+    resume = (out / "checkpoint.pt").exists()
+    # the arm is rebuilt as training builds it (also on resume: the check is of the construction, not of weights)
+    # checks and analyses run where the training ran (fp32; the random-router draws stay on the CPU)
+    where = resolve_device(device, Dist())
+    start = check_clean_start(study, config, cfg, results, where) if study["protocol"] == "upcycle" else {}
+    history = train(cfg, resume=resume)["history"]
+    model, model_cfg = load_model(out / "model")
+    model.eval()
+    batch_groups = any(getattr(m, "choice_group", "image") == "batch" for m in model.modules())
+    prof = profile(model, batch=cfg.batch_size if batch_groups else 1)  # per-batch choice: at the training batch
+    model.to(where)
+    last = history[-1]
+    seg = getattr(model, "task", None) == "segmentation"
+    if seg:
+        from ..data.scenes import build_seg_splits
+
+        _, val, test = build_seg_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
+                                        augment=False, test_subset=cfg.test_subset, **cfg.data_options)
+        scores = {k: last.get(k) for k in ("test_miou", "val_miou", "test_pixel_acc", "test_iou")}
+        analysis = analyse_regions(model, study.get("analysis", {}), seed, val)
+    else:
+        _, val, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
+                                    augment=False, test_subset=cfg.test_subset)
+        scores = {"test_predictions": predict(model, test)}
+        analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test)
+    record = {"study": study["name"], "protocol": study["protocol"], "config": config, "seed": seed,
+              "arm_spec": arm_spec(study, config),
+              "model_config": model_cfg,
+              "train_config": {**{k: v for k, v in cfg.__dict__.items() if k not in ("quiet", "output")},
+                               "init_from": study.get("base")},  # repo-relative, not this machine's path
+              "test_acc": last["test_acc"], "test_loss": last["test_loss"], "test_n": last["test_n"],
+              "val_acc": last.get("val_acc"), "train_acc": last["train_acc"], **start,
+              "params": prof.params, "active_params": prof.active_params, "gmacs": prof.macs / 1e9,
+              "moe_test": last["moe_test"], "history": history, **scores, **analysis,
+              "provenance": provenance(device if device != "auto" else None, threads=torch.get_num_threads(),
+                                       wall_time_s=round(time.time() - started, 1),
+                                       train_wall_time_s=last["wall_time"])}
+    if record["provenance"]["commit"] != commit:
+        raise StudyError("the commit changed while the run trained; record again from one clean commit")
+    atomic_write_text(result_path(study, config, seed, results), json.dumps(record, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)  # the record holds what matters; weights of every variant would bloat
+    return record

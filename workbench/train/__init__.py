@@ -1,0 +1,16 @@
+"""Training: one loop for CPU, one GPU and ``torchrun`` (``trainer``), what a run is (``config``), where it runs
+(``distributed``), how it is scored (``metrics``: classification and segmentation), checkpoints written atomically
+and rebuilt from their architecture (``checkpoint``), shipping a finished run (``ship``), the provenance every
+record carries (``provenance``) and the ``train`` / ``eval`` / ``info`` commands (``cli``).
+
+Imports: ``workbench.data``, ``workbench.moe``, ``workbench.models``, ``workbench.atomic``.
+"""
+from .._lazy import exports
+
+__getattr__, __dir__, __all__ = exports(__name__, {
+    "TrainConfig": "config", "NonFiniteLoss": "config", "dataset_task": "config", "model_task": "config",
+    "DEFAULT_MODEL": "config", "DEFAULT_SEG_MODEL": "config", "Trainer": "trainer", "train": "trainer",
+    "build_training_model": "trainer", "evaluate": "metrics", "evaluate_segmentation": "metrics",
+    "confusion_matrix": "metrics", "segmentation_scores": "metrics", "Dist": "distributed",
+    "resolve_device": "distributed", "load_model": "checkpoint", "save_model": "checkpoint",
+    "CheckpointError": "checkpoint"})
