@@ -26,6 +26,7 @@ from .models.args import DEFAULT_MODEL, UsageError, parse_moe_layers  # noqa: F4
 EXTENSIONS = {  # command -> (module with register_cli, one-line help); the module is imported only when used
     "bench": ("workbench.bench.cli", "speed and memory of MoE layers and ViMoE training vs dense equivalents"),
     "profile": ("workbench.analysis.cli", "parameters and activated MACs (per image), dense-equivalent, per block"),
+    "prune": ("workbench.analysis.cli", "prune a ViMoE checkpoint: MoE layers to dense, or experts pruned / merged"),
     "study": ("workbench.studies.cli", "run a study (configs x seeds, resumable) or print its summary"),
 }
 

@@ -1,6 +1,8 @@
-"""``python -m workbench profile``: parameters and activated MACs of a model or checkpoint, per block.
+"""``python -m workbench profile | prune``: parameters and activated MACs of a model or checkpoint, per block; a
+pruned copy of a checkpoint (MoE layers made dense, or experts pruned or merged), optionally fine-tuned.
 
-Imports: ``workbench.models.args`` at import time; ``.flops`` inside the command.
+Imports: ``workbench.models.args`` at import time; ``.flops``, ``.prune``, ``workbench.data`` and
+``workbench.train`` inside the commands.
 """
 from __future__ import annotations
 
@@ -14,6 +16,31 @@ def register_cli(sub) -> None:
     p.add_argument("--json", action="store_true")
     add_moe_args(p)
     p.set_defaults(func=_cmd_profile)
+    q = sub.add_parser("prune", help="prune a ViMoE checkpoint: MoE layers back to dense, or every MoE layer to M "
+                                     "experts (frequency, REAP, M-SMoE merge, HC-SMoE cluster), optionally fine-tuned")
+    q.add_argument("--checkpoint", required=True, metavar="PATH", help="a ViMoE model folder or run folder")
+    q.add_argument("--method", required=True, choices=("densify", "frequency", "reap", "merge", "cluster"),
+                   help="densify: --layers back to dense FFNs; the others: every MoE layer to --keep-experts")
+    q.add_argument("--layers", metavar="BLOCKS", help="densify: MoE blocks to make dense, e.g. 4 or 4,5")
+    q.add_argument("--keep-experts", type=int, metavar="M", help="expert-level methods: experts left per layer")
+    q.add_argument("--calibration", default="val", choices=("val",),
+                   help="where experts are chosen: the validation split (never the test set) (default: val)")
+    q.add_argument("--calibration-images", type=int, default=2000, metavar="N", help="(default: 2000)")
+    q.add_argument("--dataset", default="fashion-mnist", help="the data the checkpoint was trained on (default: "
+                   "fashion-mnist); its validation split calibrates and its test split scores")
+    q.add_argument("--data-root", metavar="DIR")
+    q.add_argument("--val-size", type=int, default=10000, metavar="N",
+                   help="images held out of the training set as the validation split (default: 10000, as the "
+                        "studies)")
+    q.add_argument("--test-subset", type=int, metavar="N", help="score on a fixed random N test images")
+    q.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
+                   help="fine-tune the pruned model N epochs on the training split (default: 0, none)")
+    q.add_argument("--finetune-lr", type=float, default=1e-4, help="peak lr of that fine-tune (default: 1e-4)")
+    q.add_argument("--train-subset", type=int, metavar="N", help="fine-tune on a fixed random N training images")
+    q.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned model (model.safetensors + "
+                   "config.json, loadable by eval, info and the app)")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_prune)
 
 
 def _cmd_profile(args) -> int:
@@ -36,4 +63,77 @@ def _cmd_profile(args) -> int:
     for col in ("attn_macs", "ffn_macs", "router_macs", "shared_macs", "macs"):
         table[col] = (table[col] / 1e6).round(3)
     print(table.rename(columns=lambda c: c.replace("_macs", " MMACs")).to_string(index=False))
+    return 0
+
+
+def _cmd_prune(args) -> int:
+    import json
+    import shutil
+    from pathlib import Path
+
+    from ..models.args import UsageError, parse_moe_layers
+
+    if args.method == "densify" and args.keep_experts is not None:
+        raise UsageError("--keep-experts is for the expert-level methods; densify takes --layers")
+    if args.method != "densify" and args.layers:
+        raise UsageError(f"--layers is for --method densify; {args.method} prunes every MoE layer to --keep-experts")
+    if args.calibration_images < 1 or args.finetune_epochs < 0 or not args.finetune_lr > 0:
+        raise UsageError("--calibration-images >= 1, --finetune-epochs >= 0 and --finetune-lr > 0, please")
+    layers = parse_moe_layers(args.layers) if args.layers else None
+    if args.layers and not isinstance(layers, list):
+        raise UsageError(f"--layers {args.layers!r} is invalid: give block indices, e.g. --layers 4,5")
+    from ..data.classification import build_splits
+    from ..train.checkpoint import load_model, save_model
+    from ..train.metrics import evaluate
+    from .flops import profile
+    from .prune import PruneError, calibrate, prune
+
+    model, config = load_model(args.checkpoint)
+    _, val, test = build_splits(args.dataset, val_size=args.val_size, root=args.data_root, model=model,
+                                augment=False, test_subset=args.test_subset)
+    calib = calibrate(model, val, max_images=args.calibration_images) if args.method != "densify" else None
+    if args.method == "densify":
+        from .routing import collect_routing
+
+        calib = {"_stats": collect_routing(model, val, progress=False)}
+    try:
+        pruned, new_config = prune(model, config, args.method, keep=args.keep_experts, layers=layers, calib=calib)
+    except PruneError as err:
+        raise UsageError(str(err)) from None
+    out = Path(args.output)
+    base = {k: new_config[k] for k in ("model", "model_kwargs", "upcycle") if k in new_config}
+    extra = {"pruned": {**new_config["pruned"], "from": str(args.checkpoint), "calibration": args.calibration,
+                        "calibration_images": args.calibration_images}}
+    rows = [("before", model), ("pruned", pruned)]
+    if args.finetune_epochs:
+        from ..train.config import TrainConfig
+        from ..train.trainer import train
+
+        staged = out / "pruned"
+        save_model(pruned, base, staged, extra)
+        cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, val_size=args.val_size,
+                          epochs=args.finetune_epochs, lr=args.finetune_lr, min_lr=args.finetune_lr / 10,
+                          warmup_epochs=0.0, weights_from=str(staged), train_subset=args.train_subset,
+                          test_subset=args.test_subset, output=str(out / "finetune"), quiet=args.json)
+        train(cfg)
+        tuned, _ = load_model(out / "finetune" / "model")
+        rows.append(("fine-tuned", tuned))
+        extra["pruned"]["finetune"] = {"epochs": args.finetune_epochs, "lr": args.finetune_lr}
+        shutil.rmtree(staged, ignore_errors=True)
+        pruned = tuned
+    save_model(pruned, base, out, extra)
+    result = []
+    for name, m in rows:
+        p = profile(m)
+        result.append({"model": name, "params": p.params, "gmacs": round(p.macs / 1e9, 6),
+                       "val_acc": round(evaluate(m, val)["acc"], 6), "test_acc": round(evaluate(m, test)["acc"], 6)})
+    if args.json:
+        print(json.dumps({"output": str(out), "pruned": extra["pruned"], "rows": result}, indent=2))
+        return 0
+    print(f"{args.checkpoint} -> {out} ({args.method}"
+          + (f", {args.keep_experts} experts per MoE layer" if args.keep_experts else f", blocks {layers} dense")
+          + f"; chosen on {args.calibration_images} validation images)")
+    print(f"{'':<11} {'params':>11} {'GMACs':>9} {'val acc':>8} {'test acc':>8}")
+    for r in result:
+        print(f"{r['model']:<11} {r['params']:>11,} {r['gmacs']:>9.5f} {r['val_acc']:>8.4f} {r['test_acc']:>8.4f}")
     return 0

@@ -40,6 +40,7 @@ class TrainConfig:
     eval_at_start: bool = False  # evaluate before the first step (step-0 accuracy: is an upcycled start clean?)
     seed: int = 0
     init_from: str | None = None  # dense checkpoint to upcycle (folder, .safetensors or .pt)
+    weights_from: str | None = None  # a checkpoint to continue as it is (its architecture and weights), e.g. a pruned model
     shared_init: str = "copy"  # upcycling only: see workbench.upcycle
     expert_noise: float = 0.0  # upcycling only
     output: str = "runs/default"

@@ -47,6 +47,12 @@ def build_training_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
     from ..models.vimoe import upcycle
 
     task = resolve_task(cfg)
+    if cfg.weights_from is not None:  # fine-tune a saved model as it is (its own architecture)
+        if cfg.init_from is not None or cfg.model_kwargs:
+            raise ValueError("weights_from continues a saved model as it is: leave init_from and model keywords out")
+        model, config = ckpt.load_model(cfg.weights_from)
+        check_model_task(model, task, f"weights_from {cfg.weights_from}")
+        return model.train(), {k: config[k] for k in ("model", "model_kwargs", "upcycle") if k in config}
     if cfg.init_from is None:
         name = cfg.model or (DEFAULT_SEG_MODEL if task == "segmentation" else DEFAULT_MODEL)
         config = ckpt.model_config(name, cfg.model_kwargs)

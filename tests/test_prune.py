@@ -1,0 +1,128 @@
+"""Pruning a ViMoE: experts kept by frequency or saliency, merged (M-SMoE) or clustered (HC-SMoE), layers made
+dense; the result is an ordinary checkpoint; bad requests get one line."""
+import json
+
+import pytest
+import timm
+import torch
+
+import workbench  # noqa: F401
+from workbench.analysis.prune import PruneError, calibrate, expert_groups, prune
+from workbench.cli import main
+from workbench.data.classification import TensorData, synthetic
+from workbench.moe import moe_modules
+from workbench.train.checkpoint import load_model, model_config, save_model
+
+KW = {"embed_dim": 32, "num_heads": 2, "depth": 4}
+
+
+def _data(n=64, seed=1):
+    return TensorData(*synthetic(n, seed=seed), (0.5,), (0.25,), 10)
+
+
+def _moe(**kw):
+    torch.manual_seed(0)
+    kwargs = {**KW, "moe_layers": "last-2", "num_experts": 4, "top_k": 1, **kw}
+    return timm.create_model("vimoe_micro_patch7_28", **kwargs).eval(), model_config("vimoe_micro_patch7_28", kwargs)
+
+
+def test_frequency_keeps_the_most_used_experts_exactly():
+    model, config = _moe()
+    calib = calibrate(model, _data(), max_images=64)
+    pruned, new = prune(model, config, "frequency", keep=2, calib=calib)
+    assert new["model_kwargs"]["num_experts"] == 2 and new["pruned"]["method"] == "frequency"
+    for block, layer in moe_modules(pruned).items():
+        if not isinstance(block, int):
+            continue
+        kept = sorted(torch.argsort(calib[block]["load"], descending=True, stable=True)[:2].tolist())
+        old = moe_modules(model)[block]
+        assert layer.num_experts == 2 and [g[0] for g in new["pruned"]["groups"][str(block)]] == kept
+        assert torch.equal(layer.w1, old.w1[kept]) and torch.equal(layer.router.weight, old.router.weight[kept])
+
+
+def test_reap_keeps_the_expert_whose_routed_output_is_largest():
+    model, config = _moe()
+    layer = moe_modules(model)[3]
+    calib = calibrate(model, _data(), max_images=64)
+    used = int(torch.argmax(calib[3]["load"]))
+    quiet = [e for e in range(4) if calib[3]["load"][e] > 0 and e != used]
+    assert quiet, "needs two experts in use"
+    with torch.no_grad():
+        layer.w2[quiet[0]] *= 50  # its routed tokens now get a far larger output
+    calib = calibrate(model, _data(), max_images=64)
+    assert [quiet[0]] in expert_groups("reap", calib[3], 1)
+    assert expert_groups("frequency", calib[3], 1) == [[used]]
+
+
+@pytest.mark.parametrize("method", ["merge", "cluster", "frequency", "reap"])
+def test_pruning_copies_of_one_ffn_keeps_the_function(method):
+    """Upcycled experts are copies: any choice or merge of them computes the same FFN (gates sum to 1)."""
+    torch.manual_seed(0)
+    dense = timm.create_model("vimoe_micro_patch7_28", moe_layers="none", **KW).eval()
+    moe = workbench.upcycle(dense, moe_layers="last-2", num_experts=4, top_k=1, renormalize=True).eval()
+    config = model_config("vimoe_micro_patch7_28", {**KW, "moe_layers": "last-2", "num_experts": 4, "top_k": 1,
+                                                     "renormalize": True})
+    x = _data(8).batches(8, shuffle=False).__next__()[0]
+    pruned, new = prune(moe, config, method, keep=2, calib=calibrate(moe, _data(), max_images=64))
+    assert sum(len(g) for g in new["pruned"]["groups"]["3"]) == (4 if method in ("merge", "cluster") else 2)
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), dense(x), atol=1e-5)
+
+
+def test_densify_makes_layers_dense_and_the_result_rebuilds(tmp_path):
+    model, config = _moe()
+    from workbench.analysis.routing import collect_routing
+
+    pruned, new = prune(model, config, "densify", layers=[2], calib={"_stats": collect_routing(model, _data())})
+    assert new["model_kwargs"]["moe_layers"] == [3] and sorted(k for k in moe_modules(pruned) if isinstance(k, int)) == [3]
+    save_model(pruned, {k: new[k] for k in ("model", "model_kwargs", "upcycle")}, tmp_path / "m", {"pruned": new["pruned"]})
+    again, cfg = load_model(tmp_path / "m")
+    x = _data(4).batches(4, shuffle=False).__next__()[0]
+    with torch.no_grad():
+        assert torch.equal(again(x), pruned(x)) and cfg["pruned"]["layers"] == [2]
+
+
+def test_bad_requests_name_the_fix():
+    model, config = _moe()
+    calib = calibrate(model, _data(), max_images=16)
+    with pytest.raises(PruneError, match="top_k \\(1\\) <= M < the 4 experts"):
+        prune(model, config, "frequency", keep=4, calib=calib)
+    with pytest.raises(PruneError, match="not MoE blocks"):
+        prune(model, config, "densify", layers=[0])
+    with pytest.raises(PruneError, match="needs --keep-experts"):
+        prune(model, config, "reap", calib=calib)
+    dense, dense_config = _moe(moe_layers="none")
+    with pytest.raises(PruneError, match="no MoE layers"):
+        prune(dense, dense_config, "frequency", keep=2, calib={})
+    shared, shared_config = _moe(shared_expert="add")
+    with pytest.raises(PruneError, match="shared expert"):
+        prune(shared, shared_config, "densify", layers=[3])
+    top2, top2_config = _moe(top_k=2)
+    with pytest.raises(PruneError, match="top_k \\(2\\)"):
+        prune(top2, top2_config, "frequency", keep=1, calib=calibrate(top2, _data(), max_images=16))
+
+
+def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_path, capsys):
+    model, config = _moe(shared_expert="add")
+    save_model(model, config, tmp_path / "ck")
+    args = ["prune", "--checkpoint", str(tmp_path / "ck"), "--dataset", "synthetic", "--val-size", "64",
+            "--calibration-images", "64", "--test-subset", "32", "--output", str(tmp_path / "out")]
+    assert main(args + ["--method", "merge", "--keep-experts", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["model"] for r in out["rows"]] == ["before", "pruned"]
+    assert out["rows"][1]["params"] < out["rows"][0]["params"] and out["pruned"]["calibration"] == "val"
+    pruned, cfg = load_model(tmp_path / "out")
+    assert cfg["model_kwargs"]["num_experts"] == 2 and cfg["pruned"]["from_experts"] == 4
+    assert main(["eval", "--checkpoint", str(tmp_path / "out"), "--dataset", "synthetic", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--method", "frequency", "--keep-experts", "2", "--finetune-epochs", "1",
+                        "--train-subset", "256"]) == 0
+    text = capsys.readouterr().out
+    assert "fine-tuned" in text and "params" in text
+    assert load_model(tmp_path / "out")[1]["pruned"]["finetune"]["epochs"] == 1
+    for bad, message in ((["--method", "frequency", "--keep-experts", "9"], "--keep-experts 9 is invalid"),
+                         (["--method", "densify", "--layers", "3"], "shared expert"),
+                         (["--method", "densify", "--keep-experts", "2"], "densify takes --layers")):
+        with pytest.raises(SystemExit) as exit_:
+            main(args + bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
