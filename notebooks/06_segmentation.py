@@ -61,7 +61,8 @@ viz.segmentation_panels(report.scene_rows(model, 4), SCENE_CLASSES,
 contrasts = report.show_summary("segmentation")
 
 # %%
-viz.forest_plot(contrasts, title="Segmentation: paired difference in mIoU from the dense model (95% CI)")
+viz.forest_plot(contrasts, title="Segmentation: paired difference in mIoU from the dense model (95% CI)",
+                unit="mIoU points")
 
 # %% [markdown]
 # ## Routing against ground-truth regions

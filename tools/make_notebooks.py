@@ -6,9 +6,15 @@ edit and diff) becomes ``notebooks/NN_name.ipynb``, executed in place so its sto
     python tools/make_notebooks.py 01 03        # the ones whose names start with these
 
 In JupyterLab, the jupytext extension can also open the .py files as notebooks directly.
+
+Every plotly figure is stored twice: the interactive figure (JupyterLab shows it) and a static PNG beside it (what
+GitHub, nbviewer and an HTML export show; PLOTLY_RENDERER=plotly_mimetype+png, through kaleido and Chromium).
+``python tools/export_notebooks.py`` writes the self-contained HTML.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +35,18 @@ def sources(prefixes=()) -> list[Path]:
     return paths
 
 
+def static_images() -> bool:
+    """Store a PNG beside each figure when kaleido can draw one (it needs Chromium)."""
+    import importlib.util
+
+    if importlib.util.find_spec("kaleido") is None or not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        print("kaleido or chromium missing: figures are stored without their static image, so exported notebooks "
+              "will not show them (apt-get install chromium)", file=sys.stderr)
+        return False
+    os.environ["PLOTLY_RENDERER"] = "plotly_mimetype+png"  # the kernel inherits it
+    return True
+
+
 def build(source: Path, timeout: int = 1800) -> Path:
     nb = jupytext.read(source)
     nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
@@ -41,5 +59,6 @@ def build(source: Path, timeout: int = 1800) -> Path:
 
 
 if __name__ == "__main__":
+    static_images()
     for path in sources(sys.argv[1:]):
         print(build(path), flush=True)

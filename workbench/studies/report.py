@@ -416,3 +416,33 @@ def arm_costs(kind: str, protocol: str = "scratch", batch: int | None = None) ->
     table = pd.DataFrame(rows)
     table["ratio"] = table["gmacs"] / table["control_gmacs"]
     return table.round(5)
+
+
+def pilots() -> pd.DataFrame:
+    """The regime pilots (``experiments/studies/pilots/``), one row per recorded run: final test and validation
+    accuracy, the validation points gained over the last third of the epochs (the plateau rule), and how far an
+    upcycled arm moved (median block: expert spread, router shift, router class NMI moved from its init)."""
+    from .checks import run_metric
+
+    rows = []
+    for path in sorted((STUDIES / "pilots").glob("*.yaml")):
+        s = st.load_study(path)
+        for r in st.iter_records(s):
+            rows.append({"pilot": s["name"], "config": r["config"], "seed": r["seed"],
+                         "epochs": len(r["history"]), "test_acc": r["test_acc"], "val_acc": r["val_acc"],
+                         "late_gain_pts": round(run_metric(r, "late_gain"), 3),
+                         **{m: round(run_metric(r, m), 4) for m in ("expert_spread", "router_shift",
+                                                                    "router_nmi_moved")}})
+    return pd.DataFrame(rows)
+
+
+def pilot_curves() -> pd.DataFrame:
+    """Validation (and test) accuracy by epoch of every pilot run: one row per (pilot, config, epoch)."""
+    rows = []
+    for path in sorted((STUDIES / "pilots").glob("*.yaml")):
+        s = st.load_study(path)
+        for r in st.iter_records(s):
+            for h in r["history"]:
+                rows.append({"pilot": s["name"], "config": r["config"], "epoch": h["epoch"],
+                             "val_acc": h.get("val_acc"), "test_acc": h["test_acc"]})
+    return pd.DataFrame(rows)

@@ -20,6 +20,7 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "save_figure": "figures",
     "segmentation_panels": "figures",
     "regions_by_depth": "figures",
+    "accuracy_by_epoch": "figures",
     "EXPERT_COLORS": "palette",
     "SHARED_COLOR": "palette",
     "NULL_COLOR": "palette",
