@@ -29,6 +29,7 @@ import json
 import os
 import pickle
 import shlex
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -289,6 +290,9 @@ def make_executor(study: dict, cluster: str, block: dict, jobs: int | None, resu
 
     if cluster not in CLUSTERS:
         raise StudyError(f"--cluster {cluster} is not one of {CLUSTERS}")
+    if cluster == "slurm" and shutil.which("srun") is None:
+        raise StudyError("--cluster slurm: this machine has no SLURM (srun is not on PATH); submit from the cluster's "
+                         "login node, or use --cluster local to run the jobs here")
     folder = jobs_folder(study, results)
     folder.mkdir(parents=True, exist_ok=True)
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
