@@ -114,6 +114,8 @@ def test_a_killed_job_resumes_from_its_checkpoint_when_resubmitted(tmp_path, cap
     deadline = time.time() + 300
     while time.time() < deadline and not ((folder / "checkpoint.pt").exists() and started.exists()):
         time.sleep(0.02)
+    [row] = run_states(study, plan(study), results)
+    assert row["state"] == "running" and row["detail"].startswith("on ")  # and its host
     os.kill(json.loads(started.read_text())["pid"], signal.SIGKILL)  # as a scheduler ends a job: no warning
     thread.join(300)
     assert errors and "1 of 1 jobs failed (last-1 seed 0)" in errors[0] and "study status" in errors[0]

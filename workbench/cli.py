@@ -26,7 +26,8 @@ from .models.args import DEFAULT_MODEL, UsageError, parse_moe_layers  # noqa: F4
 EXTENSIONS = {  # command -> (module with register_cli, one-line help); the module is imported only when used
     "bench": ("workbench.bench.cli", "speed and memory of MoE layers and ViMoE training vs dense equivalents"),
     "profile": ("workbench.analysis.cli", "parameters and activated MACs (per image), dense-equivalent, per block"),
-    "study": ("workbench.studies.cli", "run a study (configs x seeds, resumable) or print its summary"),
+    "study": ("workbench.studies.cli", "run a study (configs x seeds, resumable; here or as cluster jobs), show its "
+                                       "status, summary or claims"),
 }
 
 

@@ -14,7 +14,8 @@ from .spec import METRICS, StudyError, load_study, parse_shard
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("study", help="run a study (configs x seeds, resumable), print its summary or its claims")
+    p = sub.add_parser("study", help="run a study (configs x seeds, resumable; here or as cluster jobs), show its "
+                                      "status, summary, claims or checks")
     ssub = p.add_subparsers(dest="study_command", required=True)
     r = ssub.add_parser("run", help="train every (config, seed) not yet recorded")
     r.add_argument("study", help="study YAML file")
