@@ -10,11 +10,12 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: a crash leaves the old file (or none), never half a file."""
+def atomic_write(path: str | os.PathLike, write, prefix: str | None = None) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: a crash leaves the old file (or none), never half a file.
+    ``prefix``: the temporary file's (default ``.<name>.``), for readers that pick files by name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

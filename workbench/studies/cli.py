@@ -1,8 +1,11 @@
-"""``python -m workbench study run | summary | claims``.
+"""``python -m workbench study run | status | summary | claims | checks | tensorboard``.
 
-Imports: this package's ``spec``, ``runner``, ``records`` and ``claims``.
+Imports: this package's ``spec``, ``runner``, ``records``, ``claims`` and ``cluster``.
 """
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 from .claims import contrasts, evaluate_claims, format_claims, format_contrasts, format_summary, summary
 from .records import load_results
@@ -11,19 +14,52 @@ from .spec import METRICS, StudyError, load_study, parse_shard
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("study", help="run a study (configs x seeds, resumable), print its summary or its claims")
+    p = sub.add_parser("study", help="run a study (configs x seeds, resumable; here or as cluster jobs), show its "
+                                      "status, summary, claims or checks")
     ssub = p.add_subparsers(dest="study_command", required=True)
     r = ssub.add_parser("run", help="train every (config, seed) not yet recorded")
     r.add_argument("study", help="study YAML file")
     r.add_argument("--only", nargs="+", help="config names to run (default: all)")
     r.add_argument("--seeds", nargs="+", type=int, help="seeds to run (default: the study's)")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    r.add_argument("--jobs", type=int, default=1, help="parallel single-thread workers on this machine (default 1)")
+    r.add_argument("--jobs", type=int, help="parallel single-thread workers on this machine (default 1); with "
+                   "--executor submitit, at most this many jobs at once (default: local 1, slurm no limit)")
     r.add_argument("--shard", help="i/N: run only the i-th of N disjoint slices (N machines, one results folder)")
     r.add_argument("--allow-dirty", action="store_true",
                    help="record from a tree with uncommitted changes (throw-away runs only)")
-    r.set_defaults(func=lambda a: (run_study(a.study, a.only, a.seeds, a.device, jobs=a.jobs,
-                                             shard=parse_shard(a.shard), allow_dirty=a.allow_dirty), 0)[1])
+    r.add_argument("--results", metavar="DIR", help="results folder (default: experiments/results), e.g. on a "
+                   "cluster's shared file system; runs train in DIR/../runs")
+    r.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard event files (default: <results>/<study>/tensorboard/<config>/seed<k>)")
+    c = r.add_argument_group("cluster jobs (--executor submitit; flags override the study file's launcher: block)")
+    c.add_argument("--executor", choices=("local", "submitit"), default="local",
+                   help="local: --jobs workers of this command (default); submitit: each run a scheduler job")
+    c.add_argument("--cluster", choices=("slurm", "local"), default="slurm",
+                   help="slurm (a job array; default) or local (jobs as processes of this machine, no scheduler)")
+    c.add_argument("--partition", help="SLURM partition")
+    c.add_argument("--time", help="time limit per job: minutes, or HH:MM:SS / D-HH:MM as sbatch --time "
+                   "(required for slurm)")
+    c.add_argument("--gpus", type=int, help="GPUs per job (default 0)")
+    c.add_argument("--cpus", type=int, help="CPUs per job (default 1)")
+    c.add_argument("--mem-gb", type=float, help="memory per job in GB")
+    c.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                   help="another sbatch option, e.g. account=lab or constraint=a100; repeat for several")
+    c.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="a shell line run before each SLURM job, e.g. 'module load cuda'; repeat for several")
+    c.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
+                   help="wait for the jobs and report each (default: yes for --cluster local, no for slurm)")
+    r.set_defaults(func=_cmd_run)
+    t = ssub.add_parser("status", help="each planned run: recorded, queued, running, failed (with the tail of its "
+                                       "log) or not submitted")
+    t.add_argument("study")
+    t.add_argument("--results", metavar="DIR", help="results folder (default: experiments/results)")
+    t.add_argument("--lines", type=int, default=12, help="log lines shown for a failed job (default 12)")
+    t.set_defaults(func=_cmd_status)
+    b = ssub.add_parser("tensorboard", help="(re)write each recorded run's TensorBoard event files from its record "
+                                            "(<results>/<study>/tensorboard/<config>/seed<k>)")
+    b.add_argument("study")
+    b.add_argument("--results", metavar="DIR", help="results folder (default: experiments/results)")
+    b.set_defaults(func=_cmd_tensorboard)
     s = ssub.add_parser("summary", help="per config: mean, seed SD, params, GMACs; then deltas vs the control")
     s.add_argument("study")
     s.add_argument("--json", action="store_true")
@@ -37,6 +73,52 @@ def register_cli(sub) -> None:
                                        "each config's median, its rule, pass or fail")
     k.add_argument("study")
     k.set_defaults(func=_cmd_checks)
+
+
+def _slurm_options(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise StudyError(f"--slurm {pair!r} is invalid: use KEY=VALUE, e.g. --slurm account=lab")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _cmd_run(a) -> int:
+    launcher = {"partition": a.partition, "time": a.time, "gpus": a.gpus, "cpus": a.cpus, "mem_gb": a.mem_gb,
+                "slurm": _slurm_options(a.slurm), "setup": a.setup}
+    run_study(a.study, a.only, a.seeds, a.device, results=a.results, jobs=a.jobs, shard=parse_shard(a.shard),
+              allow_dirty=a.allow_dirty, executor=a.executor, cluster=a.cluster, launcher=launcher, wait=a.wait,
+              tensorboard=not a.no_tensorboard)
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from .cluster import format_status, run_states
+    from .spec import plan
+
+    if args.lines < 0:
+        raise StudyError(f"--lines {args.lines} is invalid: use 0 or more")
+    study = load_study(args.study)
+    print(format_status(study, run_states(study, plan(study), args.results, args.lines)))
+    return 0
+
+
+def _cmd_tensorboard(args) -> int:
+    from ..train.events import write_events
+    from .records import iter_records
+    from .spec import RESULTS, tensorboard_folder
+
+    study = load_study(args.study)
+    n = 0
+    for record in iter_records(study, args.results):
+        write_events(tensorboard_folder(study, record["config"], record["seed"], args.results), record["history"])
+        n += 1
+    where = Path(args.results or RESULTS) / study["name"] / "tensorboard"
+    print(f"{study['name']}: event files of {n} recorded runs in {where}" + (f"; tensorboard --logdir {where}"
+                                                                               if n else ""))
+    return 0
 
 
 def _cmd_claims(args) -> int:

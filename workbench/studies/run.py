@@ -13,7 +13,10 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from .analyse import analyse_regions, analyse_run, predict
-from .spec import RESULTS, ROOT, RUNS, StudyError, arm_model_kwargs, arm_spec, result_path
+from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, arm_spec, result_path, run_folder, tensorboard_folder
+
+
+NOT_RECORDED = ("quiet", "output", "tensorboard", "tensorboard_dir")  # how a run is watched, not what it trains
 
 
 def train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
@@ -113,8 +116,14 @@ def check_clean_start(study: dict, config: str, cfg, results: Path | None = None
 
 
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
-            results: Path | None = None, threads: int | None = 1, allow_dirty: bool = False) -> dict:
-    """Train one config with one seed under the study's protocol and record the result (atomically)."""
+            results: Path | None = None, threads: int | None = 1, allow_dirty: bool = False,
+            tensorboard: bool = True, launch: dict | None = None) -> dict:
+    """Train one config with one seed under the study's protocol and record the result (atomically).  A run folder
+    holding a checkpoint (a run killed before) is resumed from it.  ``tensorboard``: event files under
+    ``<results>/<study>/tensorboard/<config>/seed<k>``; ``launch``: what ran it, for the provenance (``executor``,
+    ``job_id``; default: this process, ``local``)."""
+    import socket
+
     import torch
 
     from ..analysis.flops import profile
@@ -130,8 +139,10 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
                          "commit first (or pass --allow-dirty for a throw-away run)")
     if threads:
         torch.set_num_threads(threads)
-    out = (Path(results).parent / "runs" if results else RUNS) / study["name"] / config / f"seed{seed}"
+    out = run_folder(study, config, seed, results)
     cfg = train_config(study, config, seed, out, device, quiet)
+    cfg.tensorboard = tensorboard
+    cfg.tensorboard_dir = str(tensorboard_folder(study, config, seed, results)) if tensorboard else None
     started = time.time()
     resume = (out / "checkpoint.pt").exists()
     # the arm is rebuilt as training builds it (also on resume: the check is of the construction, not of weights)
@@ -161,7 +172,7 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     record = {"study": study["name"], "protocol": study["protocol"], "config": config, "seed": seed,
               "arm_spec": arm_spec(study, config),
               "model_config": model_cfg,
-              "train_config": {**{k: v for k, v in cfg.__dict__.items() if k not in ("quiet", "output")},
+              "train_config": {**{k: v for k, v in cfg.__dict__.items() if k not in NOT_RECORDED},
                                "init_from": study.get("base")},  # repo-relative, not this machine's path
               "test_acc": last["test_acc"], "test_loss": last["test_loss"], "test_n": last["test_n"],
               "val_acc": last.get("val_acc"), "train_acc": last["train_acc"], **start,
@@ -169,7 +180,9 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
               "moe_test": last["moe_test"], "history": history, **scores, **analysis,
               "provenance": provenance(device if device != "auto" else None, threads=torch.get_num_threads(),
                                        wall_time_s=round(time.time() - started, 1),
-                                       train_wall_time_s=last["wall_time"])}
+                                       train_wall_time_s=last["wall_time"],
+                                       **{"executor": "local", "job_id": None, **(launch or {})},
+                                       host=socket.gethostname())}
     if record["provenance"]["commit"] != commit:
         raise StudyError("the commit changed while the run trained; record again from one clean commit")
     atomic_write_text(result_path(study, config, seed, results), json.dumps(record, indent=1) + "\n")

@@ -2,6 +2,8 @@
 judged by claims written into the study file before it runs.
 
     python -m workbench study run experiments/studies/scratch/placement.yaml [--jobs 2] [--shard 0/4]
+    python -m workbench study run experiments/studies/scratch/placement.yaml --executor submitit [--cluster local]
+    python -m workbench study status experiments/studies/scratch/placement.yaml
     python -m workbench study summary experiments/studies/scratch/placement.yaml
     python -m workbench study claims experiments/studies/scratch/placement.yaml
 
@@ -34,6 +36,7 @@ A study file::
         says: MoE in the last two blocks beats the dense model
         treatment: last-2
         expect: greater
+    launcher: {partition: gpu, time: "02:00:00", gpus: 1, cpus: 8, mem_gb: 32}   # optional: cluster jobs
 
 Seeds pair configs: with one seed every config sees the same training subset and data order.  Records:
 ``<results>/<name>/<config>__seed<k>.json`` with the config, seed, commit (a clean tree is required unless
@@ -53,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
 RUNS = ROOT / "experiments" / "runs" / "studies"
 STUDY_KEYS = {"name", "description", "protocol", "profile", "model", "base", "base_min_test_acc", "train", "seeds",
-              "control", "references", "common", "configs", "analysis", "claims", "metric", "checks"}
+              "control", "references", "common", "configs", "analysis", "claims", "metric", "checks", "launcher"}
 METRICS = {"test_acc": "test accuracy", "test_miou": "test mIoU", "test_pixel_acc": "test pixel accuracy"}
 PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
@@ -70,6 +73,11 @@ CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts
                                       "the control's own seed-to-seed share",
                  "late_gain": "validation accuracy gained (points) over the last third of the epochs"}
 CHECK_KEYS = {"id", "says", "metric", "configs", "at_least", "at_most"}
+# ``launcher:``: how a cluster runs each (config, seed) as a job (``study run --executor submitit``; flags override)
+LAUNCHER_KEYS = {"partition": "SLURM partition", "time": "time limit per job: minutes, or as sbatch --time (HH:MM:SS, D-HH:MM)",
+                 "gpus": "GPUs per job", "cpus": "CPUs per job", "mem_gb": "memory per job in GB",
+                 "slurm": "other sbatch options, e.g. {account: lab, qos: normal, constraint: a100}",
+                 "setup": "shell lines run before each job, e.g. [module load cuda, source .venv/bin/activate]"}
 CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare", "tokens",
               "source"}  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
 
@@ -131,11 +139,68 @@ def load_study(path) -> dict:
     study.setdefault("checks", [])
     for check in study["checks"]:
         _check_check(path, study, check)
+    if "launcher" in study:
+        check_launcher(study["launcher"], f"{path}: launcher")
     ids = [c["id"] for c in study["claims"]] + [c["id"] for c in study["checks"]]
     if len(ids) != len(set(ids)):
         raise StudyError(f"{path}: claim and check ids must be unique; repeated: "
                          f"{sorted({i for i in ids if ids.count(i) > 1})}")
     return study
+
+
+def parse_minutes(value, where: str) -> int:
+    """A time limit as whole minutes (rounded up), read as SLURM reads ``--time``: minutes, MM:SS, HH:MM:SS,
+    D-HH, D-HH:MM or D-HH:MM:SS."""
+    text = str(value).strip()
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, (int, float)):
+            minutes = float(value)
+        else:
+            days, dash, clock = text.partition("-")
+            if not dash:
+                days, clock = "0", text
+            parts = [int(p) for p in clock.split(":")]
+            if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts):
+                raise ValueError
+            if dash:  # D-H, D-H:M, D-H:M:S
+                hours, mins, secs = (parts + [0, 0])[:3]
+            else:  # M, M:S, H:M:S
+                hours, mins, secs = parts if len(parts) == 3 else [0] + (parts + [0])[:2]
+            minutes = int(days) * 1440 + hours * 60 + mins + secs / 60
+    except ValueError:
+        raise StudyError(f"{where}: time={value!r} is not a time limit; give minutes (e.g. 90) or HH:MM:SS "
+                         f"(e.g. 01:30:00)") from None
+    if minutes < 1:
+        raise StudyError(f"{where}: time={value!r} is under a minute; give the time one run needs (e.g. 01:30:00)")
+    return int(-(-minutes // 1))
+
+
+def check_launcher(block, where: str) -> dict:
+    """A ``launcher:`` block (or the flags that override it), checked: known keys, sensible values."""
+    if not isinstance(block, dict):
+        raise StudyError(f"{where} must be a mapping of {sorted(LAUNCHER_KEYS)}")
+    unknown = set(block) - set(LAUNCHER_KEYS)
+    if unknown:
+        raise StudyError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(LAUNCHER_KEYS)} (other sbatch "
+                         f"options go under slurm:)")
+    for key, least, allowed in (("gpus", 0, "an integer >= 0"), ("cpus", 1, "an integer >= 1"),
+                                ("mem_gb", 1e-3, "a number of GB > 0")):
+        value = block.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < least
+                                  or key != "mem_gb" and value != int(value)):
+            raise StudyError(f"{where}: {key}={value!r} is invalid: use {allowed}")
+    if block.get("time") is not None:
+        parse_minutes(block["time"], where)
+    if not isinstance(block.get("slurm", {}), dict):
+        raise StudyError(f"{where}: slurm must be a mapping of sbatch options (e.g. {{account: lab, qos: normal}})")
+    setup = block.get("setup", [])
+    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
+        raise StudyError(f"{where}: setup must be a list of shell lines (e.g. [module load cuda])")
+    if "partition" in block and not isinstance(block["partition"], str):
+        raise StudyError(f"{where}: partition={block['partition']!r} must be a partition name")
+    return block
 
 
 def _check_check(path, study: dict, check: dict) -> None:
@@ -209,6 +274,22 @@ def as_study(study_or_path) -> dict:
 
 def result_path(study: dict, config: str, seed: int, results: Path | None = None) -> Path:
     return Path(results or RESULTS) / study["name"] / f"{config}__seed{seed}.json"
+
+
+def runs_folder(study: dict, results: Path | None = None) -> Path:
+    """Where a study's runs train (``experiments/runs/studies/<study>``, or ``<results>/../runs/<study>``)."""
+    return (Path(results).parent / "runs" if results else RUNS) / study["name"]
+
+
+def run_folder(study: dict, config: str, seed: int, results: Path | None = None) -> Path:
+    """Where one run trains (its checkpoint, removed once the run is recorded)."""
+    return runs_folder(study, results) / config / f"seed{seed}"
+
+
+def tensorboard_folder(study: dict, config: str, seed: int, results: Path | None = None) -> Path:
+    """One run's TensorBoard event files: ``<results>/<study>/tensorboard/<config>/seed<k>`` (not committed with
+    the records: .gitignore; every point is also in the record's history)."""
+    return Path(results or RESULTS) / study["name"] / "tensorboard" / config / f"seed{seed}"
 
 
 def plan(study: dict, only=None, seeds=None, shard: tuple[int, int] | None = None) -> list[tuple[str, int]]:

@@ -1,9 +1,11 @@
 """Training: one loop for CPU, one GPU and ``torchrun`` (``trainer``), what a run is (``config``), where it runs
 (``distributed``), how it is scored (``metrics``: classification and segmentation), checkpoints written atomically
-and rebuilt from their architecture (``checkpoint``), shipping a finished run (``ship``), the provenance every
-record carries (``provenance``) and the ``train`` / ``eval`` / ``info`` commands (``cli``).
+and rebuilt from their architecture (``checkpoint``), the TensorBoard event files of its curves (``events``),
+shipping a finished run (``ship``), the provenance every record carries (``provenance``) and the ``train`` /
+``eval`` / ``info`` commands (``cli``).
 
-Imports: ``workbench.data``, ``workbench.moe``, ``workbench.models``, ``workbench.atomic``.
+Imports: ``workbench.data``, ``workbench.moe``, ``workbench.models``, ``workbench.atomic``; tensorboard's event
+format (``events``).
 """
 from .._lazy import exports
 

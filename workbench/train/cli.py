@@ -92,6 +92,10 @@ def cmd_train(args) -> int:
         values["clip_grad"] = args.clip_grad or None  # 0 / none: no clipping
     if args.quiet:
         values["quiet"] = True
+    if args.no_tensorboard:
+        values["tensorboard"] = False
+    if args.tensorboard_dir:
+        values["tensorboard_dir"] = args.tensorboard_dir
     if args.compile:
         values["compile"] = True
     if args.no_amp:
@@ -270,6 +274,9 @@ def register_cli(sub) -> None:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (CPU always runs fp32)")
     p.add_argument("--no-augment", action="store_true", help="no random flips / shifts of training images")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="no TensorBoard event files (default: written beside metrics.jsonl, for tensorboard --logdir)")
+    p.add_argument("--tensorboard-dir", metavar="DIR", help="write the TensorBoard event files here instead")
     add_moe_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -51,6 +51,8 @@ class TrainConfig:
     eval_batch_size: int = 500
     num_workers: int = 4
     quiet: bool = False
+    tensorboard: bool = True  # TensorBoard event files of the curves (workbench.train.events); not recorded
+    tensorboard_dir: str | None = None  # where they go; None: the run folder, beside metrics.jsonl
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":

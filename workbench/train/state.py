@@ -5,7 +5,7 @@ Every batch, augmentation and noise draw is a function of (seed, epoch, step) or
 run killed anywhere resumes from its last checkpoint and ends with the same weights and metrics as an uninterrupted
 run (on CPU; CUDA kernels are not bitwise deterministic).
 
-Imports: torch, numpy and this package's ``config`` and ``checkpoint``.
+Imports: torch, numpy and this package's ``config``, ``checkpoint`` and ``events``.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def resumed_config(state: dict, cfg: TrainConfig) -> TrainConfig:
     """The config a resumed run continues with: the checkpoint's, except for how long to train and where to run."""
     saved = TrainConfig.from_dict(state["train_config"])
     saved.epochs, saved.device, saved.quiet, saved.output = cfg.epochs, cfg.device, cfg.quiet, cfg.output
+    saved.tensorboard, saved.tensorboard_dir = cfg.tensorboard, cfg.tensorboard_dir  # where to log, as now asked
     return saved
 
 
@@ -58,10 +59,15 @@ def snapshot(trainer) -> dict:
 
 
 def save(trainer) -> None:
-    """The checkpoint (atomically), then ``metrics.jsonl`` rewritten from its history, so the two always agree."""
+    """The checkpoint (atomically), then ``metrics.jsonl`` rewritten from its history, so the two always agree; then
+    the TensorBoard event file gets the new epochs (``workbench.train.events``)."""
     ckpt.save_checkpoint(trainer.ckpt_path, snapshot(trainer))
     lines = "".join(json.dumps(row) + "\n" for row in trainer.history)
     ckpt.atomic_write_text(trainer.out / "metrics.jsonl", lines)
+    if trainer.cfg.tensorboard:
+        from .events import sync_trainer
+
+        sync_trainer(trainer)
 
 
 def restore(trainer, state: dict) -> None:
