@@ -37,6 +37,26 @@ from workbench.studies import report
 pd.set_option("display.width", 140)
 
 # %% [markdown]
+# ## First: did the arms learn? (the regime, from the pilots)
+#
+# A verdict about placement means something only where the compared models learned: scratch arms trained to a
+# plateau, upcycled experts moved apart and routers away from their init. The records below were recorded in the
+# regimes whose limits they expose (scratch: 3 epochs; upcycle: 2 epochs at lr 1e-4). Before the regime studies,
+# two pilots (one seed each, `experiments/studies/pilots/`; they decide no claim) sized the budgets:
+#
+# * **scratch**: the dense model trained 20 epochs. The plateau rule (at most 0.3 validation points gained over
+#   the last third of the epochs) fails: `late_gain_pts` below. A plateau needs a longer budget than this CPU
+#   allows for a whole study this round, so the scratch verdicts further down remain early-training results.
+# * **upcycle**: a re-warmed fine-tune (4 epochs, peak lr 1e-3). The experts moved apart (median block's
+#   `expert_spread` about 0.2, against 0.018-0.026 in the recorded studies) and the routers moved; the dense
+#   control lost about 0.3 test points to the re-warm. `experiments/studies/regime/upcycle4.yaml` is the study
+#   run under this schedule, with its movement checks stated beside its claims.
+
+# %%
+print(report.pilots().to_string(index=False))
+viz.accuracy_by_epoch(report.pilot_curves(), title="Pilots: validation accuracy by epoch (shaded: the last third)")
+
+# %% [markdown]
 # ## Results
 #
 # Mean test accuracy and seed standard deviation per arm, parameters and activated GMACs per image beside, then
