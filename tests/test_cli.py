@@ -177,6 +177,18 @@ def test_unknown_flag_exits_2(capsys):
     assert err.value.code == 2
 
 
+def test_malformed_config_yaml_is_one_line(tmp_path, capsys):
+    for text, message in [("epochs: [1\n", "is not valid YAML"), ("- 1\n- 2\n", "must hold a mapping"),
+                          ("epochs: 1\nepochz: 2\n", "unknown config keys ['epochz']")]:
+        config = tmp_path / "bad.yaml"
+        config.write_text(text)
+        with pytest.raises(SystemExit) as err:
+            main(["train", "--config", str(config), "--output", str(tmp_path / "o")])
+        err_text = capsys.readouterr().err
+        assert err.value.code == 2 and message in err_text and str(config) in err_text or "epochz" in err_text
+        assert err_text.count("\n") == 1 and "Traceback" not in err_text
+
+
 def test_missing_checkpoint_exits_1(capsys):
     with pytest.raises(SystemExit) as err:
         main(["eval", "--checkpoint", "/nonexistent/checkpoint.pt"])
