@@ -13,20 +13,13 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from .analyse import analyse_regions, analyse_run, predict
-from .spec import RESULTS, ROOT, RUNS, StudyError, arm_model_kwargs, arm_spec, result_path
+from .spec import RESULTS, ROOT, RUNS, StudyError, arm_spec, arm_train_values, result_path
 
 
 def train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
     from ..train.config import TrainConfig
 
-    kwargs, init_kwargs = arm_model_kwargs(study, config)
-    values = {"quiet": quiet, "device": device, **study["train"], **init_kwargs, "seed": seed,
-              "model_kwargs": kwargs, "output": str(out)}
-    if study["protocol"] == "upcycle":
-        values["init_from"] = str(ROOT / study["base"])  # step 0 is measured by check_clean_start, not the trainer
-    else:
-        values["model"] = study["model"]
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(arm_train_values(study, config, seed, out, device, quiet))
 
 
 def base_fingerprint(base: str | Path) -> str:
@@ -50,7 +43,11 @@ def base_accuracy(study: dict, results: Path | None = None) -> dict:
 
     path = Path(results or RESULTS) / study["name"] / "_base.json"
     if path.is_file():
-        out = json.loads(path.read_text())
+        try:
+            out = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StudyError(f"{path} (the dense base's cached accuracy) is damaged ({type(err).__name__}); delete "
+                             "it and study run measures the base again") from None
         if "sha256" in out and out["sha256"] != base_fingerprint(study["base"]):
             raise StudyError(f"{study['name']}: the dense base {study['base']} is not the one its records started "
                              f"from (weights fingerprint changed): restore that base, or give the study a new name "

@@ -49,8 +49,6 @@ from .state import apply_changes, restore, resumed_config, save, seed_everything
 # -- model ------------------------------------------------------------------------------------------------------
 def build_training_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
     """The model to train and the config that rebuilds it (``checkpoint.model_config``)."""
-    from ..models.vimoe import upcycle
-
     task = resolve_task(cfg)
     if cfg.init_from is None:
         name = cfg.model or (DEFAULT_SEG_MODEL if task == "segmentation" else DEFAULT_MODEL)
@@ -59,6 +57,14 @@ def build_training_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
         check_model_task(model, task, f"model {name}")
         return model, config
     dense, dense_config = ckpt.load_model(cfg.init_from)
+    return upcycle_dense(dense, dense_config, cfg, task)
+
+
+def upcycle_dense(dense: nn.Module, dense_config: dict, cfg: TrainConfig, task: str) -> tuple[nn.Module, dict]:
+    """The ViMoE an upcycling run (``init_from``) trains, from its dense model, and the config that rebuilds it;
+    also what a study checks on the meta device before any run."""
+    from ..models.vimoe import upcycle
+
     if model_task(dense) != task:
         raise ckpt.CheckpointError(f"--init-from {cfg.init_from} is a {model_task(dense)} checkpoint "
                                    f"({dense_config['model']}) but {cfg.dataset} is a {task} dataset; upcycle a "
