@@ -116,6 +116,8 @@ def cmd_train(args) -> int:
     if getattr(args, "data_arg", None):
         options = parse_model_args(args.data_arg, "--data-arg", "train_size=5000")
         values["data_options"] = {**(values.get("data_options") or {}), **options}
+    if values.get("model") is not None and not isinstance(values.get("model_kwargs"), dict):
+        check_model_kwargs(values["model"], {})  # a model timm does not know: one line naming --model
     if isinstance(values.get("model_kwargs"), dict):
         from .config import DEFAULT_SEG_MODEL, dataset_task
 
