@@ -242,3 +242,17 @@ def test_ctrl_c_mid_run_saves_and_resume_gives_the_uninterrupted_weights(tmp_pat
     assert resumed.returncode == 0 and "resuming with" not in resumed.stdout, resumed.stderr
     assert _same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
     assert _strip_timing(_metrics(tmp_path / "full")) == _strip_timing(_metrics(tmp_path / "cut"))
+
+
+def test_progress_bars_need_no_ipywidgets():
+    """Without ipywidgets (not a dependency) the bars are tqdm's text bars, so a notebook shows no TqdmWarning."""
+    import importlib.util
+
+    from workbench.train import progress
+    from workbench.train import trainer as trainer_module
+
+    if importlib.util.find_spec("ipywidgets") is None:
+        import tqdm.std
+
+        assert progress.tqdm is tqdm.std.tqdm
+    assert trainer_module.tqdm is progress.tqdm

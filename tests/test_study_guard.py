@@ -239,3 +239,23 @@ def test_sigterm_to_study_run_with_workers_saves_and_resumes(tmp_path):
         a = json.loads((fresh / "stop" / f"{config}__seed0.json").read_text())
         b = json.loads((results / "stop" / f"{config}__seed0.json").read_text())
         assert _strip(a) == _strip(b)
+
+
+def test_summary_columns_keep_their_spacing_with_long_names_and_wide_intervals():
+    import pandas as pd
+
+    from workbench.studies.claims import format_contrasts, format_summary
+
+    table = pd.DataFrame([
+        {"config": "last-2", "n": 5, "delta": 0.1, "low": -0.5, "high": 0.7, "p": 0.5, "p_holm": 1.0,
+         "params_M": 0.669, "gmacs": 0.0036},
+        {"config": "experts-choose-cf2-per-batch", "n": 2, "delta": -12.5, "low": -140.25, "high": 115.25,
+         "p": 0.2, "p_holm": 0.000557, "params_M": 1.134, "gmacs": 0.0059}])
+    lines = format_contrasts(table).splitlines()
+    assert "[-140.250, +115.250]" in lines[2] and "[-0.500, +0.700]" in lines[1]
+    ends = {line.index("]") for line in lines[1:]}
+    assert len(ends) == 1 and lines[0].index("95% CI") + len("95% CI") - 1 == ends.pop()  # one right edge
+    assert all(" " + col in lines[0] for col in ("n", "p_holm", "GMACs"))
+    assert lines[2].split()[0] == "experts-choose-cf2-per-batch" and lines[2].split()[1] == "2"
+    summary_lines = format_summary(table.assign(acc_mean=0.8, acc_std=0.01)).splitlines()
+    assert len({len(line) for line in summary_lines}) == 1  # every row as wide as the header

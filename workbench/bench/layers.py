@@ -40,7 +40,7 @@ def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidd
     top-k dispatch paths, at the same k: experts-choose with capacity factor k (per image: about k experts per
     token) and Soft MoE with round(k x tokens / E) slots per expert (about the same expert FLOPs).  ``progress``: a
     bar on stderr over every timing round, with the time it expects the rest to take."""
-    from tqdm.auto import tqdm
+    from ..train.progress import tqdm
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[dtype]

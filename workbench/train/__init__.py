@@ -1,7 +1,7 @@
 """Training: one loop for CPU, one GPU and ``torchrun`` (``trainer``), what a run is (``config``), where it runs
 (``distributed``), how it is scored (``metrics``: classification and segmentation), checkpoints written atomically
 and rebuilt from their architecture (``checkpoint``), what a checkpoint holds and how a resumed run's config is decided
-(``state``), stopping cleanly on SIGINT / SIGTERM (``interrupt``), shipping a finished run (``ship``), the provenance every
+(``state``), stopping cleanly on SIGINT / SIGTERM (``interrupt``), progress bars (``progress``), shipping a finished run (``ship``), the provenance every
 record carries (``provenance``) and the ``train`` / ``eval`` / ``info`` commands (``cli``).
 
 Imports: ``workbench.data``, ``workbench.moe``, ``workbench.models``, ``workbench.atomic``.
