@@ -256,3 +256,19 @@ def test_progress_bars_need_no_ipywidgets():
 
         assert progress.tqdm is tqdm.std.tqdm
     assert trainer_module.tqdm is progress.tqdm
+
+
+def test_a_checkpoint_config_this_version_cannot_read_is_named(tmp_path, capsys):
+    from workbench.train.checkpoint import save_checkpoint
+
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--output", str(out)]) == 0
+    state = read_checkpoint(out / "checkpoint.pt")
+    state["train_config"]["schedule"] = "cosine-v2"  # written by another version
+    save_checkpoint(out / "checkpoint.pt", state)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--resume", "--output", str(out)])
+    text = capsys.readouterr().err
+    assert err.value.code == 2 and text.count("\n") == 1
+    assert f"{out / 'checkpoint.pt'} holds a run config this version cannot read" in text and "schedule" in text

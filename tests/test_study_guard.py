@@ -259,3 +259,19 @@ def test_summary_columns_keep_their_spacing_with_long_names_and_wide_intervals()
     assert lines[2].split()[0] == "experts-choose-cf2-per-batch" and lines[2].split()[1] == "2"
     summary_lines = format_summary(table.assign(acc_mean=0.8, acc_std=0.01)).splitlines()
     assert len({len(line) for line in summary_lines}) == 1  # every row as wide as the header
+
+
+def test_a_run_in_progress_is_not_finished_under_an_edited_arm(tmp_path):
+    from workbench.studies.run import run_one, train_config
+
+    path = _write(tmp_path, GOOD)
+    results = tmp_path / "results"
+    out = tmp_path / "runs" / "g" / "last-1" / "seed0"
+    out.mkdir(parents=True)
+    started = train_config(load_study(path), "last-1", 0, out, "auto", True)
+    (out / "train_config.json").write_text(json.dumps(started.__dict__))
+    (out / "checkpoint.pt").write_bytes(b"in progress")
+    edited = load_study(_write(tmp_path, _edit(GOOD, train__epochs=3)))
+    with pytest.raises(StudyError, match="started under another definition of arm 'last-1' \\(epochs 1 -> 3\\); "
+                                         "restore the study file, or delete"):
+        run_one(edited, "last-1", 0, results=results, allow_dirty=True)

@@ -109,6 +109,25 @@ def check_clean_start(study: dict, config: str, cfg, results: Path | None = None
             **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
 
 
+def _check_resumable(out: Path, cfg, study: dict, config: str) -> None:
+    """A run in progress continues only under the arm definition it started with: a study file edited since (its
+    budget, the arm's keywords) would otherwise finish a run half under each."""
+    import dataclasses
+
+    path = out / "train_config.json"
+    try:
+        started = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # the checkpoint's own config decides (and is checked by the trainer)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = [f"{k} {started.get(k)!r} -> {v!r}" for k, v in now.items()
+               if k not in ("device", "quiet", "output") and k in started and started[k] != v]
+    if changed:
+        raise StudyError(f"{study['name']}/{config}: the run in progress in {out} started under another definition of "
+                         f"arm {config!r} ({', '.join(changed)}); restore the study file, or delete {out} to start "
+                         "that run again as the file now says")
+
+
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
             results: Path | None = None, threads: int | None = 1, allow_dirty: bool = False) -> dict:
     """Train one config with one seed under the study's protocol and record the result (atomically)."""
@@ -131,6 +150,8 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     cfg = train_config(study, config, seed, out, device, quiet)
     started = time.time()
     resume = (out / "checkpoint.pt").exists()
+    if resume:
+        _check_resumable(out, cfg, study, config)
     # the arm is rebuilt as training builds it (also on resume: the check is of the construction, not of weights)
     # checks and analyses run where the training ran (fp32; the random-router draws stay on the CPU)
     where = resolve_device(device, Dist())

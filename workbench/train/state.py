@@ -89,7 +89,11 @@ def resumed_config(state: dict, cfg: TrainConfig, given=None, source="the checkp
     studies pass a whole config) whose value differs from the saved one.  ``changes``: (field, old, new) of each
     change made.  A change to a field outside ``CHANGEABLE`` is refused in one line that names the fields and the
     fix; ``quiet`` and ``output`` are always the new call's."""
-    saved = TrainConfig.from_dict(state["train_config"])
+    try:
+        saved = TrainConfig.from_dict(state["train_config"])
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{source} holds a run config this version cannot read ({err}); resume it with the version "
+                         "that wrote it, or start a new run with another --output") from None
     values, new = dataclasses.asdict(saved), dataclasses.asdict(cfg)
     names = [f.name for f in dataclasses.fields(TrainConfig)
              if f.name not in RUN_LOCAL and (given is None or f.name in given)]
