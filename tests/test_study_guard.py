@@ -61,6 +61,11 @@ def _edit(base: dict, **changes) -> dict:
     ({"train__epochs": 0}, "arm 'dense': epochs=0 is invalid"),
     ({"train__dataset": "mnist3d"}, "dataset='mnist3d' is not known"),
     ({"train__seed": 3}, "train.seed is set by the study itself (seeds)"),
+    ({"train__data_options": {"train_sise": 5}}, "data_options ['train_sise'] are options of the segmentation"),
+    ({"train__dataset": "fmnist-scenes", "train__data_options": {"train_sise": 5}},
+     "unknown option(s) ['train_sise'] for fmnist-scenes: use train_size"),
+    ({"train__dataset": "fmnist-scenes"}, "arm 'dense': model vimoe_micro_patch7_28 is a classification model but "
+                                          "the dataset is a segmentation dataset"),
     ({"seeds": [0, 0]}, "seeds=[0, 0] is invalid: give a list of distinct integers"),
     ({"seeds": "0"}, "seeds='0' is invalid"),
     ({"references": ["nowhere"]}, "references names study 'nowhere', which has no file in"),

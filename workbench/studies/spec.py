@@ -59,8 +59,7 @@ METRICS = {"test_acc": "test accuracy", "test_miou": "test mIoU", "test_pixel_ac
 PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
 ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "prune_min_layers", "random_routers", "max_images",
-                 "random_subsets",
-                 "regions"}
+                 "random_subsets", "regions"}
 CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst")
 SET_KINDS = ("range", "worst")  # claims over a set of placements: treatment and control are lists of configs
 # pre-registered checks that the arms learned what is compared (``checks:``); a study failing one is void
@@ -345,7 +344,6 @@ def arm_model_kwargs(study: dict, config: str) -> tuple[dict, dict]:
     return kwargs, init_kwargs
 
 
-
 def arm_train_values(study: dict, config: str, seed: int, out, device: str = "auto", quiet: bool = True) -> dict:
     """The TrainConfig fields of one run of an arm: the study's ``train`` with the arm's model (scratch) or base
     (upcycle), keywords, seed and output."""
@@ -381,6 +379,7 @@ def check_arms(study: dict) -> None:
 def _check_arm(study: dict, config: str) -> None:
     import torch
 
+    from ..data.scenes import check_data_options
     from ..models.args import UsageError, kwarg_problem, model_params
     from ..train.config import TrainConfig, resolve_task
 
@@ -390,6 +389,7 @@ def _check_arm(study: dict, config: str) -> None:
         cfg = TrainConfig.from_dict(arm_train_values(study, config, study["seeds"][0], "-"))
         cfg.validate()
         task = resolve_task(cfg)
+        check_data_options(cfg.dataset, cfg.data_options)
     except (ValueError, TypeError) as err:
         raise StudyError(f"{where}: {err}; fix the study's train block") from None
     fix = (f"fix configs.{config}" + (" or common" if study["common"] else "")
