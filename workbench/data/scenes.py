@@ -335,6 +335,8 @@ def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, tra
     ``val_size`` images of ``training`` are carved out by the fixed ``VAL_SEED`` draw, ``validation`` is the test
     split.  ``in_chans`` defaults to the model's; mean/std come from the model's pretrained config when it has them
     for that many channels."""
+    if name not in SEG_DATASETS:
+        raise ValueError(f"dataset={name!r} is not a segmentation dataset: use one of {SEG_DATASETS}")
     check_data_options(name, options)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     in_chans = options.get("in_chans") or _model_channels(model) or (1 if name == "fmnist-scenes" else 3)
