@@ -494,3 +494,21 @@ def test_restricted_app_loads_only_listed_checkpoints_and_reveals_no_path(checkp
         assert "does not exist" not in refused[0] and "not a workbench checkpoint" not in refused[0]
     finally:
         demo.close()
+
+
+def test_main_serves_with_one_line_and_no_share_hint(monkeypatch, capsys):
+    import gradio as gr
+
+    import app
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    handlers = list(app.LOG.handlers)
+    try:
+        app.main(["--port", str(_free_port()), "--host", "0.0.0.0"])
+    finally:
+        app.LOG.handlers[:] = handlers
+    out = capsys.readouterr().out
+    assert launched["share"] is False and launched["quiet"] is True  # quiet: no "set share=True" hint
+    assert out.count("\n") == 1 and out.startswith("serving the routing explorer on http://0.0.0.0:")
+    assert "checkpoints only from" in out

@@ -272,3 +272,14 @@ def test_a_checkpoint_config_this_version_cannot_read_is_named(tmp_path, capsys)
     text = capsys.readouterr().err
     assert err.value.code == 2 and text.count("\n") == 1
     assert f"{out / 'checkpoint.pt'} holds a run config this version cannot read" in text and "schedule" in text
+
+
+def test_under_torchrun_only_the_main_process_prints_the_final_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("workbench.train.trainer.train", lambda cfg, resume, given: {
+        "history": [{"epoch": 1, "test_acc": 0.5}], "output": cfg.output})
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", *TINY, "--output", str(tmp_path / "r")]) == 0
+    assert "done:" not in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", *TINY, "--output", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.count("done: test accuracy 0.5000 after 1 epochs") == 1
