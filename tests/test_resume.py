@@ -283,3 +283,50 @@ def test_under_torchrun_only_the_main_process_prints_the_final_line(tmp_path, mo
     monkeypatch.setenv("RANK", "0")
     assert main(["train", *TINY, "--output", str(tmp_path / "r")]) == 0
     assert capsys.readouterr().out.count("done: test accuracy 0.5000 after 1 epochs") == 1
+
+
+def test_under_ddp_a_signal_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+    """torchrun (two gloo processes): a SIGTERM to rank 1 alone stops both ranks after the same step, rank 0 saves
+    there before any rank exits, and the resumed run ends with an uninterrupted run's weights."""
+    script = tmp_path / "ddp_stop.py"
+    script.write_text(f"""
+import os, signal
+import torch, torch.distributed as dist
+from workbench.train.config import TrainConfig
+from workbench.train.interrupt import Interrupted
+from workbench.train.trainer import Trainer, train
+
+def cfg(name):
+    return TrainConfig(dataset="synthetic", train_subset=128, test_subset=32, epochs=2, batch_size=32, quiet=True,
+                       output=os.path.join(r"{tmp_path}", name), device="cpu",
+                       model_kwargs=dict(moe_layers="last-1", num_experts=2, depth=2, embed_dim=32, num_heads=2))
+
+train(cfg("full"))
+original, calls = Trainer.compute_loss, []
+def signalled(self, x, y):
+    calls.append(1)
+    if dist.get_rank() == 1 and len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, x, y)
+Trainer.compute_loss = signalled
+try:
+    train(cfg("cut"))
+    raise SystemExit("not interrupted")
+except Interrupted as err:
+    message = str(err)
+Trainer.compute_loss = original
+dist.barrier()
+if dist.get_rank() == 0:
+    print("MESSAGE", message)
+train(cfg("cut"), resume=True)
+dist.destroy_process_group()
+""")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MESSAGE interrupted by SIGTERM at epoch 1, step 3 of 4" in out.stdout
+    assert "torchrun --nproc_per_node=2 -m workbench train" in out.stdout
+    assert _same_weights(tmp_path / "full" / "model", tmp_path / "cut" / "model")
+    # the interrupted epoch's metrics count both ranks' steps once (rank 0 saved every rank's partial sums)
+    assert _strip_timing(_metrics(tmp_path / "full")) == _strip_timing(_metrics(tmp_path / "cut"))

@@ -143,18 +143,20 @@ def apply_changes(trainer, changes) -> None:
         optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (param_groups' order)
 
 
-def snapshot(trainer) -> dict:
-    """Everything a checkpoint holds for an exact resume."""
+def snapshot(trainer, accumulators=None) -> dict:
+    """Everything a checkpoint holds for an exact resume (``accumulators``: the epoch's partial sums to save, by
+    default the trainer's own)."""
     return {"model": trainer.model.state_dict(), "model_config": trainer.model_config,
             "train_config": dataclasses.asdict(trainer.cfg), "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(), "epoch": trainer.epoch, "step": trainer.step,
-            "history": trainer.history, "step0": trainer.step0, "accumulators": trainer.acc,
+            "history": trainer.history, "step0": trainer.step0,
+            "accumulators": trainer.acc if accumulators is None else accumulators,
             "rng": rng_state(trainer.device), "wall_time": trainer.wall_offset + (time.time() - trainer.started)}
 
 
-def save(trainer) -> None:
+def save(trainer, accumulators=None) -> None:
     """The checkpoint (atomically), then ``metrics.jsonl`` rewritten from its history, so the two always agree."""
-    ckpt.save_checkpoint(trainer.ckpt_path, snapshot(trainer))
+    ckpt.save_checkpoint(trainer.ckpt_path, snapshot(trainer, accumulators))
     lines = "".join(json.dumps(row) + "\n" for row in trainer.history)
     ckpt.atomic_write_text(trainer.out / "metrics.jsonl", lines)
 
@@ -166,5 +168,7 @@ def restore(trainer, state: dict) -> None:
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.epoch, trainer.step, trainer.history = state["epoch"], state["step"], state["history"]
     trainer.acc, trainer.wall_offset = state.get("accumulators"), state.get("wall_time", 0.0)
+    if trainer.d.rank != 0:  # under DDP rank 0 saved every rank's partial sums; the others start theirs afresh
+        trainer.acc = None
     trainer.step0 = state.get("step0")
     set_rng_state(state["rng"], trainer.device)

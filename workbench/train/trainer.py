@@ -215,9 +215,25 @@ class Trainer:
                 "drop": {str(i): 0.0 for i in self.layers}, "steps": 0}
 
     def save(self) -> None:
-        """The checkpoint (atomically) and ``metrics.jsonl``, from the main rank."""
+        """The checkpoint (atomically) and ``metrics.jsonl``, from the main rank.  Mid-epoch under DDP every rank
+        takes part: rank 0 saves the epoch's partial sums of all ranks (each rank's own are only its share), so a
+        resumed epoch's metrics count every rank's steps once."""
+        acc = self._all_ranks_accumulators() if self.d.world > 1 and self.acc is not None and self.step else None
         if self.d.main:
-            save(self)
+            save(self, acc)
+
+    def _all_ranks_accumulators(self) -> dict:
+        """The epoch's partial sums that the epoch's end sums over ranks (losses, counts, expert loads and drops),
+        summed over ranks now; the rest (steps, aux terms, time) rank 0's own, as the epoch's end reads them."""
+        acc = self.acc
+        f64 = dict(dtype=torch.float64, device=self.device)
+        sums = all_reduce(torch.tensor([acc["task"], acc["aux"], acc["correct"], acc["seen"], acc.get("images", 0)],
+                                       **f64), self.d).tolist()
+        out = {**acc, "task": sums[0], "aux": sums[1], "correct": int(sums[2]), "seen": int(sums[3]),
+               "images": int(sums[4])}
+        out["load"] = {k: all_reduce(torch.tensor(v, **f64), self.d).tolist() for k, v in acc["load"].items()}
+        out["drop"] = {k: float(all_reduce(torch.tensor(v, **f64), self.d)) for k, v in acc["drop"].items()}
+        return out
 
     def _train_epoch(self) -> None:
         cfg = self.cfg
@@ -272,6 +288,8 @@ class Trainer:
                 t0 = time.time()
             if stop:
                 bar.close()
+                if self.d.world > 1:
+                    dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
                 raise self._interrupted(stop)
         self._fold(acc, loads, drops, t0)
 
