@@ -49,7 +49,8 @@ app: setup
 test: setup
 	$(PY) -m pytest -q -m "not slow" --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-# the full re-training of a recorded study run, compared with its record exactly (a few minutes)
+# the full re-training of a recorded study run, compared with its record exactly, and the README's commands and
+# Python blocks at small budgets (a few minutes)
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 

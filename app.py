@@ -1,6 +1,6 @@
 """ViMoE routing explorer: which expert does each image patch go to?
 
-    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860]
+    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--checkpoint-dir DIR ...]
 
 Upload an image (PNG, JPEG, WebP, GIF; any size) or pick a Fashion-MNIST example; see the model's view, its top-5
 classes, the expert of every patch in every MoE layer (one colour per expert; opacity by gate, or plain), each
@@ -8,20 +8,28 @@ layer's expert load, and, on clicking a patch, its router distribution in every 
 (``vimoe_seg_*``) also shows its predicted mask in the class palette beside the experts of the selected layer, the
 classes in the mask by share of pixels instead of a top-5, and, for the example scenes, their ground truth, pixel
 accuracy and mIoU.  Nothing leaves the machine: analytics are off and no share link is made.
+
+Served beyond loopback (``--host`` other than 127.0.0.1 / ::1 / localhost) the checkpoint box is a list: the shipped
+models, ``--checkpoint`` and the model folders in each ``--checkpoint-dir``; nothing else is loaded, and a request
+for anything else gets the same answer whether that path exists or not.  ``--restrict-checkpoints`` does the same on
+loopback.
 """
 from __future__ import annotations
 
 import argparse
 import atexit
 import base64
+import errno
 import hashlib
 import io
 import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import threading
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,8 +42,8 @@ from PIL import Image  # noqa: E402
 
 from workbench.train.checkpoint import CheckpointError  # noqa: E402
 from workbench.viz.class_palette import CLASS_COLORS, class_color, class_label  # noqa: E402
-from workbench.explorer import (DEFAULT_CHECKPOINT, BadImage, Explorer, example_images,  # noqa: E402
-                                example_scenes_paths, list_checkpoints, one_line)
+from workbench.explorer import (CHECKPOINTS, DEFAULT_CHECKPOINT, BadImage, Explorer,  # noqa: E402
+                                example_images, example_scenes_paths, list_checkpoints, model_folders, one_line)
 from workbench.viz.palette import SHARED_COLOR, expert_color, expert_name  # noqa: E402
 
 LOG = logging.getLogger("workbench.app")
@@ -190,11 +198,22 @@ def _router_figure(analysis, row: int, col: int) -> go.Figure:
     return fig
 
 
-def _choices(current: str | None = None) -> list[str]:
-    found = list_checkpoints()
+def _choices(current: str | None = None, allowed=None) -> list[str]:
+    """The checkpoint box's list: the shipped models (restricted: and those in the ``allowed`` folders)."""
+    found = list_checkpoints() if allowed is None else [p for root in allowed for p in model_folders(root)]
     if current and current not in found:
         found.append(current)
     return found
+
+
+NOT_LISTED = ("this server loads only the checkpoints it lists: pick one from the checkpoint box (its operator "
+              "adds folders with --checkpoint-dir)")
+
+
+def _listed(checkpoint, listed) -> bool:
+    """Restricted serving: a checkpoint is loaded only when it is one the page lists (the same string), so a request
+    learns nothing about any other path, whether it exists or not."""
+    return listed is None or str(checkpoint) in listed
 
 
 OUTPUTS = ("seen", "top5", "layer", "overlay", "layers", "load_plot", "router_plot", "legend", "status", "state",
@@ -220,10 +239,13 @@ def _segmentation_note(analysis) -> str:
                    f"mIoU {analysis.scores['miou']:.1%}. ")
 
 
-def analyse(image_path, checkpoint, layer, invert, mode=GATE):
-    """The main request: everything the page shows for one image."""
+def analyse(image_path, checkpoint, layer, invert, mode=GATE, listed=None):
+    """The main request: everything the page shows for one image.  ``listed``: restricted serving, the checkpoints
+    (and the only ones) that may be loaded."""
     if not image_path:
         return _refuse(NO_IMAGE)
+    if not _listed(checkpoint or DEFAULT_CHECKPOINT, listed):
+        return _refuse(f"Cannot load the checkpoint: {NOT_LISTED}")
     try:
         a = EXPLORER.analyse(image_path, checkpoint or DEFAULT_CHECKPOINT, bool(invert))
     except BadImage as err:
@@ -259,11 +281,11 @@ def analyse(image_path, checkpoint, layer, invert, mode=GATE):
             _legend_html(a.num_experts, any((e < 0).any() for e in a.experts.values())), status, a, picked)
 
 
-def on_upload(image_path, checkpoint, layer, invert, mode):
+def on_upload(image_path, checkpoint, layer, invert, mode, listed=None):
     """A new upload or example is analysed; clearing the upload keeps the page as it is, quietly."""
     if not image_path:
         return tuple(gr.skip() for _ in OUTPUTS)
-    return analyse(image_path, checkpoint, layer, invert, mode)
+    return analyse(image_path, checkpoint, layer, invert, mode, listed)
 
 
 def _block(state, layer) -> int | None:
@@ -309,8 +331,20 @@ def click_patch(state, layer, mode, evt: gr.SelectData):
     return _router_figure(state, row, col), _overlay(state, block, mode, picked), picked
 
 
-def build_app(checkpoint=None) -> gr.Blocks:
+def build_app(checkpoint=None, allowed=None) -> gr.Blocks:
+    """The page.  ``allowed``: None serves any model folder the checkpoint box names (loopback use); a list of
+    folders restricts loading to the shipped models, the models in those folders and ``checkpoint``, picked from a
+    list (what serving beyond loopback needs)."""
     checkpoint = str(checkpoint or DEFAULT_CHECKPOINT)
+    choices = _choices(checkpoint, allowed)
+    listed = None if allowed is None else choices
+
+    def analyse_here(image_path, checkpoint, layer, invert, mode=GATE):
+        return analyse(image_path, checkpoint, layer, invert, mode, listed)
+
+    def on_upload_here(image_path, checkpoint, layer, invert, mode):
+        return on_upload(image_path, checkpoint, layer, invert, mode, listed)
+
     with gr.Blocks(title="ViMoE routing explorer", analytics_enabled=False) as demo:
         gr.Markdown("# ViMoE routing explorer\nWhich expert does each patch go to, in every MoE layer?")
         state = gr.State(None)
@@ -318,8 +352,9 @@ def build_app(checkpoint=None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 upload = gr.File(label="Image (PNG, JPEG, WebP, GIF)", type="filepath", elem_id="upload")
-                ckpt = gr.Dropdown(_choices(checkpoint), value=checkpoint, label="Checkpoint (or type a path)",
-                                   allow_custom_value=True, elem_id="checkpoint")
+                ckpt = gr.Dropdown(choices, value=checkpoint,
+                                   label="Checkpoint" + (" (or type a path)" if allowed is None else ""),
+                                   allow_custom_value=allowed is None, elem_id="checkpoint")
                 invert = gr.Checkbox(False, label="Invert (dark object on a light background)")
                 run = gr.Button("Route this image", variant="primary", elem_id="run")
                 gr.Examples(example_images(), inputs=[upload], label="Fashion-MNIST test images")
@@ -344,9 +379,9 @@ def build_app(checkpoint=None) -> gr.Blocks:
             load_plot = gr.Plot(label="Expert load")
             router_plot = gr.Plot(label="Router distribution")
         outputs = [seen, top5, layer, overlay, layers, load_plot, router_plot, legend, status, state, picked]
-        run.click(analyse, [upload, ckpt, layer, invert, mode], outputs, api_name="analyse").then(
+        run.click(analyse_here, [upload, ckpt, layer, invert, mode], outputs, api_name="analyse").then(
             label_classes, state, top5, api_name=False)
-        upload.change(on_upload, [upload, ckpt, layer, invert, mode], outputs, api_name=False).then(
+        upload.change(on_upload_here, [upload, ckpt, layer, invert, mode], outputs, api_name=False).then(
             label_classes, state, top5, api_name=False)
         layer.input(show_layer, [state, layer, mode, picked], [overlay, layers], api_name=False)
         mode.input(change_mode, [state, layer, mode, picked], [overlay, layers], api_name=False)
@@ -355,18 +390,84 @@ def build_app(checkpoint=None) -> gr.Blocks:
     return demo
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: use --port with a number from 1 to 65535 "
+                                         "(default 7860)")
+    return port
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` serves this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def parse_args(argv=None):
+    """The options, and the folders checkpoints may be loaded from: None (any, on loopback) or a list (restricted:
+    served beyond loopback, or --restrict-checkpoints)."""
+    parser = _Parser(prog="app.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="model folder or checkpoint file")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1, this machine only); any other than a loopback "
+                             "address restricts checkpoints to the shipped ones and --checkpoint-dir folders")
+    parser.add_argument("--port", type=_port, default=7860, help="port to serve on, 1-65535 (default 7860)")
+    parser.add_argument("--checkpoint-dir", action="append", default=[], metavar="DIR",
+                        help="when restricted: also list the model folders in DIR (and DIR/*/model of run folders); "
+                             "repeat for several")
+    parser.add_argument("--restrict-checkpoints", action="store_true",
+                        help="load only listed checkpoints even on a loopback address (the checkpoint box becomes a "
+                             "list; typed paths are refused)")
     args = parser.parse_args(argv)
+    allowed = None
+    if args.restrict_checkpoints or not is_loopback(args.host):
+        for folder in args.checkpoint_dir:
+            if not Path(folder).is_dir():
+                parser.exit(2, f"app.py: error: --checkpoint-dir {folder} is not a folder: give folders holding "
+                               "model folders (model.safetensors + config.json)\n")
+        allowed = [str(CHECKPOINTS), *args.checkpoint_dir]
+    return parser, args, allowed
+
+
+def _check_port(parser, host: str, port: int) -> None:
+    """A busy or forbidden port: one line naming --port, before the model is loaded."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            reason = "is in use" if err.errno == errno.EADDRINUSE else f"cannot be used ({err.strerror or err})"
+            parser.exit(1, f"app.py: error: port {port} on {host} {reason}: pass --port with a free port, e.g. "
+                           f"--port {port + 1 if port < 65535 else 7860}\n")
+
+
+def main(argv=None) -> None:
+    parser, args, allowed = parse_args(argv)
     if not LOG.handlers:  # one line per refused request or warned image; user errors print no traceback
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         LOG.addHandler(handler)
         LOG.setLevel(logging.INFO)
         LOG.propagate = False
+    _check_port(parser, args.host, args.port)
     try:
         EXPLORER.model(args.checkpoint)  # fail fast, with the reason, before serving
     except CheckpointError as err:
@@ -374,8 +475,17 @@ def main(argv=None) -> None:
         hint = ("pass --checkpoint a model folder (model.safetensors + config.json)" if chosen else
                 "train the default with experiments/default/train.sh, or pass --checkpoint")
         parser.exit(1, f"app.py: error: {one_line(err)} ({hint})\n")
-    build_app(args.checkpoint).launch(server_name=args.host, server_port=args.port, share=False,
-                                      show_error=True)
+    demo = build_app(args.checkpoint, allowed)
+    where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    print(f"serving the routing explorer on {where} (Ctrl-C stops it)"
+          + (f"; checkpoints only from {', '.join(allowed)}" if allowed is not None else ""), flush=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, quiet=True)
+    except OSError as err:  # taken between the check and the start
+        parser.exit(1, f"app.py: error: cannot serve on {args.host}:{args.port} ({one_line(err)}): pass --port "
+                       "with a free port\n")
+    except KeyboardInterrupt:
+        pass
 
 
 if __name__ == "__main__":

@@ -416,3 +416,99 @@ def test_a_missing_checkpoint_is_one_line_that_names_the_fix(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "nowhere" in err and "pass --checkpoint a model folder" in err and "default/train.sh" not in err
+
+
+def _main_exit(argv, capsys):
+    import app
+
+    handlers = list(app.LOG.handlers)
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            app.main(argv)
+    finally:
+        app.LOG.handlers[:] = handlers
+    return exit_.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1", "http"])
+def test_a_bad_port_is_one_line_naming_port(port, capsys):
+    code, err = _main_exit(["--port", port], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "OverflowError" not in err
+    assert f"'{port}' is not a port: use --port with a number from 1 to 65535" in err
+
+
+def test_a_busy_port_is_one_line_naming_port(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = _main_exit(["--port", str(port)], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"port {port} on 127.0.0.1 is in use: pass --port with a free port" in err
+
+
+def test_serving_beyond_loopback_restricts_checkpoints(checkpoints, capsys):
+    import app
+    from workbench.explorer import CHECKPOINTS
+
+    assert app.parse_args([])[2] is None and app.parse_args(["--host", "::1"])[2] is None
+    assert app.parse_args(["--host", "localhost"])[2] is None and app.parse_args(["--host", "127.0.0.2"])[2] is None
+    for host in ("0.0.0.0", "192.168.1.5", "::", "lab-server"):
+        assert app.parse_args(["--host", host])[2] == [str(CHECKPOINTS)]
+    restricted = app.parse_args(["--restrict-checkpoints", "--checkpoint-dir", str(checkpoints)])[2]
+    assert restricted == [str(CHECKPOINTS), str(checkpoints)]
+    code, err = _main_exit(["--host", "0.0.0.0", "--checkpoint-dir", str(checkpoints / "nope")], capsys)
+    assert code == 2 and "--checkpoint-dir" in err and err.count("\n") == 1
+
+
+def test_restricted_app_loads_only_listed_checkpoints_and_reveals_no_path(checkpoints, tmp_path, caplog, capfd):
+    """--restrict-checkpoints on loopback (as beyond it): the box is a list; anything else gets one answer, the same
+    for a path that exists and one that does not."""
+    import app
+    from gradio_client import Client
+
+    allowed = app.parse_args(["--restrict-checkpoints", "--checkpoint-dir", str(checkpoints)])[2]
+    listed = app._choices(str(checkpoints / "token"), allowed)
+    assert str(checkpoints / "token") in listed and str(checkpoints / "run" / "model") in listed
+    assert str(checkpoints / "notes.txt") not in listed and str(app.DEFAULT_CHECKPOINT) in listed
+    answers = []
+    for path in (checkpoints / "notes.txt", tmp_path, tmp_path / "nope", "/etc/passwd", checkpoints / "run"):
+        with pytest.warns(UserWarning, match="Cannot load the checkpoint"):
+            out = app.analyse(EXAMPLE, str(path), None, False, listed=listed)
+        answers.append(out[app.OUTPUTS.index("status")])
+    assert len(set(answers)) == 1 and "pick one from the checkpoint box" in answers[0]
+    assert "exist" not in answers[0] and "folder" not in answers[0].split(":")[0]
+    port = _free_port()
+    demo = app.build_app(checkpoints / "token", allowed)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, share=False, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert len(_predict(client, EXAMPLE, checkpoints / "token")[1]["confidences"]) == 5
+        assert len(_predict(client, EXAMPLE, checkpoints / "run" / "model")[1]["confidences"]) == 5
+        refused = []
+        for path in (checkpoints / "notes.txt", tmp_path / "nope"):  # the list refuses a typed value first
+            with pytest.raises(Exception) as err:
+                _predict(client, EXAMPLE, path)
+            refused.append(str(err.value).replace(str(path), "PATH"))
+        assert refused[0] == refused[1]
+        assert "does not exist" not in refused[0] and "not a workbench checkpoint" not in refused[0]
+    finally:
+        demo.close()
+
+
+def test_main_serves_with_one_line_and_no_share_hint(monkeypatch, capsys):
+    import gradio as gr
+
+    import app
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.update(kw))
+    handlers = list(app.LOG.handlers)
+    try:
+        app.main(["--port", str(_free_port()), "--host", "0.0.0.0"])
+    finally:
+        app.LOG.handlers[:] = handlers
+    out = capsys.readouterr().out
+    assert launched["share"] is False and launched["quiet"] is True  # quiet: no "set share=True" hint
+    assert out.count("\n") == 1 and out.startswith("serving the routing explorer on http://0.0.0.0:")
+    assert "checkpoints only from" in out

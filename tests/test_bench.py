@@ -85,6 +85,18 @@ def test_bench_cli_json(capsys, tmp_path):
     assert len(saved) == 1 and "provenance" in json.loads(saved[0].read_text())
 
 
+def test_bench_moe_shows_progress_and_the_expected_time(capsys):
+    assert main(["bench", "moe", "--batch", "2", "--tokens", "4", "--dim", "16", "--expert-hidden", "32",
+                 "--num-experts", "2", "--top-k", "1", "2", "--shared", "none", "--reps", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # the bar goes to stderr: stdout stays the JSON
+    assert "bench moe: top-2, shared none" in captured.err and "14/14 rounds" in captured.err  # 2 x (5 + 2)
+    assert "expected" in captured.err and "more]" in captured.err
+    assert main(["bench", "moe", "--batch", "2", "--tokens", "4", "--dim", "16", "--expert-hidden", "32",
+                 "--num-experts", "2", "--top-k", "1", "--shared", "none", "--reps", "1", "--quiet"]) == 0
+    assert "rounds" not in capsys.readouterr().err
+
+
 def test_bench_cli_rejects_bad_top_k(capsys):
     with pytest.raises(SystemExit) as err:
         main(["bench", "moe", "--num-experts", "2", "--top-k", "3"])

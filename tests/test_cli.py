@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["train", "--model-arg", "depth=abc", "--quiet"], "depth='abc' is invalid: depth takes an integer"),
     (["info", "--model-arg", "renormalize=3"], "renormalize=3 is invalid: use False, True or 'straight_through'"),
     (["info", "--model", "no_such_model"], "is not a timm model"),
+    (["train", "--model", "nonexistent", "--quiet"], "--model 'nonexistent' is not a timm model"),
     # moe_layers: the error shows the accepted list forms
     (["info", "--moe-layers", "[1, x]"], "1,3 or '1 3' or '[1, 3]'"),
     (["info", "--moe-layers", "middle-2"], "--moe-layers 1,3 or '1 3' or '[1, 3]'"),
@@ -177,11 +178,37 @@ def test_unknown_flag_exits_2(capsys):
     assert err.value.code == 2
 
 
-def test_missing_checkpoint_exits_1(capsys):
+def test_malformed_config_yaml_is_one_line(tmp_path, capsys):
+    for text, message in [("epochs: [1\n", "is not valid YAML"), ("- 1\n- 2\n", "must hold a mapping"),
+                          ("epochs: 1\nepochz: 2\n", "unknown config keys ['epochz']")]:
+        config = tmp_path / "bad.yaml"
+        config.write_text(text)
+        with pytest.raises(SystemExit) as err:
+            main(["train", "--config", str(config), "--output", str(tmp_path / "o")])
+        err_text = capsys.readouterr().err
+        assert err.value.code == 2 and message in err_text and str(config) in err_text or "epochz" in err_text
+        assert err_text.count("\n") == 1 and "Traceback" not in err_text
+
+
+def test_missing_checkpoint_exits_1(capsys, tmp_path):
+    for path in ("/nonexistent/checkpoint.pt", "runs/nope/model.safetensors", str(tmp_path / "model.safetensors")):
+        with pytest.raises(SystemExit) as err:
+            main(["eval", "--checkpoint", path])
+        text = capsys.readouterr().err
+        assert err.value.code == 1 and f"checkpoint {path} does not exist" in text and text.count("\n") == 1
+
+
+def test_a_checkpoint_naming_an_unknown_model_says_so(tmp_path, capsys):
+    from safetensors.torch import save_file
+    import torch
+
+    (tmp_path / "m").mkdir()
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "m" / "model.safetensors"))
+    (tmp_path / "m" / "config.json").write_text('{"model": "vimoe_gone", "model_kwargs": {}}')
     with pytest.raises(SystemExit) as err:
-        main(["eval", "--checkpoint", "/nonexistent/checkpoint.pt"])
-    assert err.value.code == 1
-    assert "does not exist" in capsys.readouterr().err
+        main(["eval", "--checkpoint", str(tmp_path / "m")])
+    text = capsys.readouterr().err
+    assert err.value.code == 1 and "timm has no model 'vimoe_gone'" in text and "checkpoint config" not in text
 
 
 def test_train_eval_info_end_to_end(tmp_path, capsys):

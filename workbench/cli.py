@@ -6,7 +6,9 @@
 * ``bench``: ``workbench.bench.cli``
 
 Usage errors (a bad flag, a bad value, a config that does not validate) exit with code 2 and one line naming the
-value and what is allowed; a failed run (missing data, unreadable checkpoint, non-finite loss) exits with 1.
+value and what is allowed; a failed run (missing data, unreadable checkpoint, non-finite loss) exits with 1.  A run
+stopped by SIGINT (Ctrl-C) or SIGTERM exits with 128 + the signal's number (130, 143) and one line saying what was
+saved and the command that continues it (under torchrun: from the main process only).
 
 Building the parser imports nothing heavy: torch, timm and the command modules are imported inside the command that
 needs them (and the bench / profile / study parsers only when that command is asked for), so ``--help`` is quick.
@@ -22,6 +24,7 @@ import os
 import sys
 
 from .models.args import DEFAULT_MODEL, UsageError, parse_moe_layers  # noqa: F401  (public: workbench.cli.*)
+from .train.interrupt import Interrupted
 
 EXTENSIONS = {  # command -> (module with register_cli, one-line help); the module is imported only when used
     "bench": ("workbench.bench.cli", "speed and memory of MoE layers and ViMoE training vs dense equivalents"),
@@ -90,6 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as err:  # SIGINT / SIGTERM: the trainer or the study runner saved and says how to go on
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"{parser.prog} {args.command}: {err}\n")
+        sys.stderr.flush()
+        return err.exit_code
+    except KeyboardInterrupt:  # Ctrl-C where nothing is saved (reading data, evaluating, printing)
+        if os.environ.get("RANK", "0") == "0":
+            sys.stderr.write(f"{parser.prog} {args.command}: interrupted (Ctrl-C); nothing was saved\n")
+        return 130
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -382,6 +382,23 @@ def top5_classes(logits: torch.Tensor, cfg: dict) -> dict[str, float]:
     return {str(names[i]): float(p) for p, i in zip(top.values, top.indices)}
 
 
+def model_folders(root) -> list[str]:
+    """The model folders in ``root``: ``root`` itself if it is one, its subfolders that are, and the ``model/`` of
+    its run folders."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    if (root / "model.safetensors").is_file() and (root / "config.json").is_file():
+        return [str(root)]
+    found = []
+    for p in sorted(root.iterdir()):
+        for folder in (p, p / "model"):
+            if (folder / "model.safetensors").is_file() and (folder / "config.json").is_file():
+                found.append(str(folder))
+                break
+    return found
+
+
 def list_checkpoints(root: Path = CHECKPOINTS) -> list[str]:
     if not root.is_dir():
         return []

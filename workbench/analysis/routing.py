@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
+from ..train.progress import tqdm
 
 from ..moe import MoEMlp, moe_modules
 

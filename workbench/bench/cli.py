@@ -37,6 +37,8 @@ def register_cli(sub) -> None:
     m.add_argument("--threads", type=int)
     m.add_argument("--json", action="store_true")
     m.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench")
+    m.add_argument("--quiet", action="store_true",
+                   help="no progress bar (by default one on stderr, with the time the rest is expected to take)")
     m.set_defaults(func=_cmd_moe)
     t = bsub.add_parser("train", help="training img/s of the tiny ViMoE vs the dense tiny ViT; 1- and 8-image latency")
     t.add_argument("--model", default="vimoe_tiny_patch4_28")
@@ -108,7 +110,8 @@ def _cmd_moe(args) -> int:
         raise ValueError(f"--top-k {args.top_k} is invalid: each must be in 1..{args.num_experts}")
     rows = bench_moe(batch=args.batch, tokens=args.tokens, dim=args.dim, expert_hidden=args.expert_hidden,
                      num_experts=args.num_experts, top_ks=args.top_k, dispatches=args.dispatch, shared=args.shared,
-                     reps=args.reps, device=args.device, dtype=args.dtype, routers=args.routers)
+                     reps=args.reps, device=args.device, dtype=args.dtype, routers=args.routers,
+                     progress=not args.quiet)
     return _emit(args, "moe", rows, format_moe_table(rows))
 
 

@@ -27,49 +27,57 @@ from timm.layers import Mlp
 
 from ..moe import MoEMlp
 
-from .timing import (PEER_DISTRIBUTIONS, PEERS_INSTALL, _fresh_grads, _memory, _plural, _step,
+from .timing import (PEER_DISTRIBUTIONS, PEERS_INSTALL, PROGRESS_FORMAT, _fresh_grads, _memory, _plural, _step,
                      _versions, default_threads, load_note, machine, time_interleaved)
 
 
 def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidden: int = 768,
               num_experts: int = 8, top_ks=(1, 2), dispatches=("grouped", "loop", "einsum"),
               shared=("none", "add"), reps: int = 30, warmup: int = 5, device: str | None = None,
-              dtype: str | None = None, seed: int = 0, routers=("topk", "experts_choose", "soft")) -> list[dict]:
+              dtype: str | None = None, seed: int = 0, routers=("topk", "experts_choose", "soft"),
+              progress: bool = False) -> list[dict]:
     """One MoE layer, fwd+bwd, against a dense FFN of the activated width, interleaved in one run.  Beside the
     top-k dispatch paths, at the same k: experts-choose with capacity factor k (per image: about k experts per
-    token) and Soft MoE with round(k x tokens / E) slots per expert (about the same expert FLOPs)."""
+    token) and Soft MoE with round(k x tokens / E) slots per expert (about the same expert FLOPs).  ``progress``: a
+    bar on stderr over every timing round, with the time it expects the rest to take."""
+    from ..train.progress import tqdm
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[dtype]
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     rows = []
-    for k in top_ks:
-        for shared_mode in shared:
-            torch.manual_seed(seed)
-            shared_hidden = expert_hidden if shared_mode != "none" else 0
-            dense = Mlp(dim, k * expert_hidden + shared_hidden).to(device)
-            x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
-            grad = torch.randn(batch, tokens, dim, device=device)
-            layers = {d: MoEMlp(dim, expert_hidden, num_experts=num_experts, top_k=k, dispatch=d,
-                                shared_expert=shared_mode).to(device) for d in dispatches} if "topk" in routers else {}
-            if "experts_choose" in routers:
-                layers[f"experts_choose(cf={k})"] = MoEMlp(dim, expert_hidden, num_experts=num_experts,
-                                                           router="experts_choose", capacity_factor=float(k),
-                                                           shared_expert=shared_mode).to(device)
-            if "soft" in routers:
-                slots = max(1, round(k * tokens / num_experts))
-                layers[f"soft(S={slots})"] = MoEMlp(dim, expert_hidden, num_experts=num_experts, router="soft",
-                                                    slots_per_expert=slots, shared_expert=shared_mode).to(device)
-            fns = {"dense": lambda: _step(dense, x, grad, dtype)}
-            fns.update({d: (lambda m=m: _step(m, x, grad, dtype)) for d, m in layers.items()})
-            med = time_interleaved(fns, reps, warmup, device)
-            mem_dense = _memory(dense, x, grad, dtype, device)
-            for d, layer in layers.items():
-                mem = _memory(layer, x, grad, dtype, device)
-                rows.append({"top_k": k, "shared": shared_mode, "dispatch": d, "ms": round(med[d] * 1e3, 3),
-                             "dense_ms": round(med["dense"] * 1e3, 3), "ratio": round(med[d] / med["dense"], 3),
-                             "mem_bytes": mem, "dense_mem_bytes": mem_dense,
-                             "mem_mb": round(mem / 2**20, 2), "dense_mem_mb": round(mem_dense / 2**20, 2),
-                             "mem_ratio": round(mem / max(mem_dense, 1), 3)})
+    settings = [(k, mode) for k in top_ks for mode in shared]
+    bar = tqdm(total=len(settings) * (warmup + reps), desc="bench moe", unit="round", disable=not progress,
+               bar_format=PROGRESS_FORMAT, smoothing=0.1)
+    for k, shared_mode in settings:
+        bar.set_description(f"bench moe: top-{k}, shared {shared_mode}")
+        torch.manual_seed(seed)
+        shared_hidden = expert_hidden if shared_mode != "none" else 0
+        dense = Mlp(dim, k * expert_hidden + shared_hidden).to(device)
+        x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+        grad = torch.randn(batch, tokens, dim, device=device)
+        layers = {d: MoEMlp(dim, expert_hidden, num_experts=num_experts, top_k=k, dispatch=d,
+                            shared_expert=shared_mode).to(device) for d in dispatches} if "topk" in routers else {}
+        if "experts_choose" in routers:
+            layers[f"experts_choose(cf={k})"] = MoEMlp(dim, expert_hidden, num_experts=num_experts,
+                                                       router="experts_choose", capacity_factor=float(k),
+                                                       shared_expert=shared_mode).to(device)
+        if "soft" in routers:
+            slots = max(1, round(k * tokens / num_experts))
+            layers[f"soft(S={slots})"] = MoEMlp(dim, expert_hidden, num_experts=num_experts, router="soft",
+                                                slots_per_expert=slots, shared_expert=shared_mode).to(device)
+        fns = {"dense": lambda: _step(dense, x, grad, dtype)}
+        fns.update({d: (lambda m=m: _step(m, x, grad, dtype)) for d, m in layers.items()})
+        med = time_interleaved(fns, reps, warmup, device, on_round=bar.update)
+        mem_dense = _memory(dense, x, grad, dtype, device)
+        for d, layer in layers.items():
+            mem = _memory(layer, x, grad, dtype, device)
+            rows.append({"top_k": k, "shared": shared_mode, "dispatch": d, "ms": round(med[d] * 1e3, 3),
+                         "dense_ms": round(med["dense"] * 1e3, 3), "ratio": round(med[d] / med["dense"], 3),
+                         "mem_bytes": mem, "dense_mem_bytes": mem_dense,
+                         "mem_mb": round(mem / 2**20, 2), "dense_mem_mb": round(mem_dense / 2**20, 2),
+                         "mem_ratio": round(mem / max(mem_dense, 1), 3)})
+    bar.close()
     meta = {"batch": batch, "tokens": tokens, "dim": dim, "expert_hidden": expert_hidden,
             "num_experts": num_experts, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
             "threads": torch.get_num_threads(), "reps": reps}

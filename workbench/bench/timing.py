@@ -83,8 +83,9 @@ def _memory(module, x, grad, dtype, device) -> int:
     return total[0]
 
 
-def time_interleaved(fns: dict, reps: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each callable, run round-robin ``reps`` times after ``warmup`` rounds."""
+def time_interleaved(fns: dict, reps: int, warmup: int, device: torch.device, on_round=None) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin ``reps`` times after ``warmup`` rounds; ``on_round()`` after
+    each round (a progress bar)."""
     times = {name: [] for name in fns}
     for i in range(warmup + reps):
         for name, fn in fns.items():
@@ -94,7 +95,12 @@ def time_interleaved(fns: dict, reps: int, warmup: int, device: torch.device) ->
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+        if on_round is not None:
+            on_round()
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+PROGRESS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} rounds [{elapsed} so far, expected {remaining} more]"
 
 
 

@@ -308,6 +308,22 @@ def _model_channels(model) -> int | None:
     return (cfg.get("input_size") or (None,))[0] or getattr(model, "in_chans", None)
 
 
+SEG_OPTIONS = {"fmnist-scenes": ("train_size", "size", "max_items", "in_chans"),
+               "ade": ("reduce_zero_label", "num_classes", "img_size", "in_chans", "class_names")}
+
+
+def check_data_options(name: str, options: dict) -> None:
+    """A one-line ValueError for options a dataset does not take (classification datasets take none)."""
+    if name not in SEG_DATASETS:
+        if options:
+            raise ValueError(f"data_options {sorted(options)} are options of the segmentation datasets; {name} takes "
+                             "none, leave them out")
+        return
+    unknown = sorted(set(options) - set(SEG_OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for {name}: use {', '.join(SEG_OPTIONS[name])}")
+
+
 def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, train_subset: int | None = None,
                      test_subset: int | None = None, augment: bool = True, seed: int = 0, **options):
     """(train, validation or None, test) :class:`SegTensorData` for ``name`` in SEG_DATASETS.
@@ -319,13 +335,9 @@ def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, tra
     ``val_size`` images of ``training`` are carved out by the fixed ``VAL_SEED`` draw, ``validation`` is the test
     split.  ``in_chans`` defaults to the model's; mean/std come from the model's pretrained config when it has them
     for that many channels."""
-    allowed = {"fmnist-scenes": ("train_size", "size", "max_items", "in_chans"),
-               "ade": ("reduce_zero_label", "num_classes", "img_size", "in_chans", "class_names")}
     if name not in SEG_DATASETS:
         raise ValueError(f"dataset={name!r} is not a segmentation dataset: use one of {SEG_DATASETS}")
-    unknown = sorted(set(options) - set(allowed[name]))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {name}: use {', '.join(allowed[name])}")
+    check_data_options(name, options)
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     in_chans = options.get("in_chans") or _model_channels(model) or (1 if name == "fmnist-scenes" else 3)
     if name == "fmnist-scenes":

@@ -111,26 +111,27 @@ def _kind_ok(value, annotation) -> str | None:
     return None
 
 
-def check_model_kwargs(name: str | None, kwargs: dict) -> None:
-    """One-line UsageError for an unknown model keyword or one of the wrong type (instead of a traceback from deep
-    inside timm).  Checked for the ViT family (``vimoe_*`` and timm's ``vit_*``); other timm models pass through."""
+def model_params(name: str) -> dict | None:
+    """The keywords a ViT-family model takes (``vimoe_*``, ``vimoe_seg_*`` and timm's ``vit_*``): name -> (default,
+    annotation); None for other timm models (left to the model).  A UsageError for a name timm does not know."""
     import inspect
 
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
     from ..moe import MoEMlp
+    from . import register
     from .segmentation import SegViMoE
     from .vimoe import ViMoE
 
-    name = name or DEFAULT_MODEL
+    register()
     if not timm.is_model(name):
         raise UsageError(f"--model {name!r} is not a timm model: use e.g. {DEFAULT_MODEL} "
                          "(python -c \"import timm, workbench; print(timm.list_models('vimoe_*'))\")")
     entry = timm.models.model_entrypoint(name)
     if entry.__module__ not in ("timm.models.vision_transformer", "workbench.models.vimoe",
                                 "workbench.models.segmentation"):
-        return
+        return None
     params = {}
     extra = (SegViMoE.__init__,) if entry.__module__ == "workbench.models.segmentation" else ()
     for fn in (VisionTransformer.__init__, ViMoE.__init__, *extra, MoEMlp.__init__):
@@ -139,20 +140,39 @@ def check_model_kwargs(name: str | None, kwargs: dict) -> None:
                 params.setdefault(key, (p.default, p.annotation))
     for key in ("in_features", "hidden_features", "out_features", "num_prefix_tokens", "device", "dtype"):
         params.pop(key, None)  # set by the model itself
-    for key, value in kwargs.items():
-        if key not in params:
-            import difflib
+    return params
 
-            close = difflib.get_close_matches(key, params, n=1)
-            raise UsageError(f"unknown model argument {key!r} (--model-arg or the config's model_kwargs)"
-                             + (f"; did you mean {close[0]!r}?" if close else "")
+
+def kwarg_problem(params: dict, key: str, value) -> str | None:
+    """Why ``key=value`` does not fit a model whose keywords are ``params`` (see :func:`model_params`), or None."""
+    if key not in params:
+        import difflib
+
+        close = difflib.get_close_matches(key, params, n=1)
+        return f"unknown model argument {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    default, annotation = params[key]
+    wanted = _kind_ok(value, annotation)
+    if wanted:
+        return f"model argument {key}={value!r} is invalid: {key} takes {wanted}"
+    return None
+
+
+def check_model_kwargs(name: str | None, kwargs: dict) -> None:
+    """One-line UsageError for an unknown model keyword or one of the wrong type (instead of a traceback from deep
+    inside timm).  Checked for the ViT family (``vimoe_*`` and timm's ``vit_*``); other timm models pass through."""
+    name = name or DEFAULT_MODEL
+    params = model_params(name)
+    if params is None:
+        return
+    for key, value in kwargs.items():
+        problem = kwarg_problem(params, key, value)
+        if problem and key not in params:
+            raise UsageError(problem.replace(f"{key!r}", f"{key!r} (--model-arg or the config's model_kwargs)", 1)
                              + f" ({name} takes: {', '.join(sorted(params))})")
-        default, annotation = params[key]
-        wanted = _kind_ok(value, annotation)
-        if wanted:
+        if problem:
+            default = params[key][0]
             example = str(default).lower() if isinstance(default, bool) else default
-            raise UsageError(f"model argument {key}={value!r} is invalid: {key} takes {wanted}, "
-                             f"e.g. --model-arg {key}={example}")
+            raise UsageError(f"{problem}, e.g. --model-arg {key}={example}")
 
 
 def model_from_args(args):

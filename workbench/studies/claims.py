@@ -204,16 +204,24 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
 
 def format_summary(table: pd.DataFrame, metric: str = "test_acc") -> str:
     name = {"test_acc": "acc", "test_miou": "mIoU", "test_pixel_acc": "pix acc"}[metric]
-    lines = [f"{'config':<16} {'n':>2} {name + ' mean':>9} {name + ' std':>8} {'params M':>9} {'GMACs':>7}"]
+    name_w = max([16, *(len(str(c)) for c in table["config"])])
+    lines = [f"{'config':<{name_w}} {'n':>2} {name + ' mean':>9} {name + ' std':>8} {'params M':>9} {'GMACs':>7}"]
     for r in table.itertuples():
-        lines.append(f"{r.config:<16} {r.n:>2} {r.acc_mean:>9.4f} {r.acc_std:>8.4f} {r.params_M:>9.3f} {r.gmacs:>7.4f}")
+        lines.append(f"{r.config:<{name_w}} {r.n:>2} {r.acc_mean:>9.4f} {r.acc_std:>8.4f} {r.params_M:>9.3f} "
+                     f"{r.gmacs:>7.4f}")
     return "\n".join(lines)
 
 
 def format_contrasts(table: pd.DataFrame) -> str:
-    lines = [f"{'config':<16} {'n':>2} {'delta pts':>9} {'95% CI':>17} {'p_holm':>8} {'params M':>9} {'GMACs':>7}"]
-    for r in table.itertuples():
-        lines.append(f"{r.config:<16} {r.n:>2} {r.delta:>+9.3f} [{r.low:+7.3f},{r.high:+7.3f}] {r.p_holm:>8.3g} "
+    """One line per config; every column keeps its spacing whatever the widths (long config names, wide
+    intervals of few seeds)."""
+    cis = [f"[{r.low:+.3f}, {r.high:+.3f}]" for r in table.itertuples()]
+    name_w = max([16, *(len(str(c)) for c in table["config"])])
+    ci_w = max([17, *map(len, cis)])
+    lines = [f"{'config':<{name_w}} {'n':>2} {'delta pts':>9} {'95% CI':>{ci_w}} {'p_holm':>8} {'params M':>9} "
+             f"{'GMACs':>7}"]
+    for r, ci in zip(table.itertuples(), cis):
+        lines.append(f"{r.config:<{name_w}} {r.n:>2} {r.delta:>+9.3f} {ci:>{ci_w}} {r.p_holm:>8.3g} "
                      f"{r.params_M:>9.3f} {r.gmacs:>7.4f}")
     return "\n".join(lines)
 

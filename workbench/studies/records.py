@@ -1,22 +1,86 @@
 """Reading a study's records: one JSON file per (config, seed) under ``<results>/<study>/``, as tables (results,
-routing, regions, pruning) and per-seed values of one config (which may live in a referenced study).
+routing, regions, pruning) and per-seed values of one config (which may live in a referenced study).  Only the
+records the study file describes are read (``iter_records``: the one reader); a damaged record names its file.
 
 Imports: this package's ``spec``.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 
-from .spec import RESULTS, ROOT, StudyError, as_study, load_study, result_path
+from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, arm_spec, as_study, load_study, result_path
+
+
+def read_record(path) -> dict:
+    """One record file, or a StudyError naming the file when it is damaged (not JSON, not a record)."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StudyError(f"record {path} is damaged ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                         "restore it (git checkout -- FILE) or delete it, and study run records that run again") \
+            from None
+    except OSError as err:
+        raise StudyError(f"record {path} cannot be read ({err.strerror or err})") from None
+    if not isinstance(record, dict) or not {"config", "seed"} <= set(record):
+        raise StudyError(f"record {path} is damaged (not a study record: no config and seed); restore it "
+                         "(git checkout -- FILE) or delete it, and study run records that run again")
+    return record
+
+
+def describes(study: dict, record: dict) -> str | None:
+    """None when the study file describes a record (its arm as defined now, one of its seeds), else why not."""
+    config = record["config"]
+    if config not in study["configs"]:
+        return "of arms the file no longer has"
+    if record["seed"] not in study["seeds"]:
+        return "of seeds the file does not list"
+    if "arm_spec" in record:  # the whole arm definition: protocol, model or base, budget, keywords, analysis
+        if record["arm_spec"] != json.loads(json.dumps(arm_spec(study, config))):
+            return "recorded with another definition of their arm (keywords, budget or analysis since changed)"
+        return None
+    if "train_config" not in record:  # nothing to compare with
+        return None
+    kwargs, init = arm_model_kwargs(study, config)  # records from before arm_spec: their budget and keywords
+    recorded = record["train_config"]
+    if (any(recorded.get(k) != v for k, v in {**study["train"], **init}.items())
+            or json.loads(json.dumps(recorded.get("model_kwargs"))) != json.loads(json.dumps(kwargs))
+            or study["protocol"] == "scratch" and recorded.get("model") != study["model"]):
+        return "recorded with another definition of their arm (keywords or budget since changed)"
+    return None
+
+
+_WARNED: set = set()
 
 
 def iter_records(study_or_path, results: Path | None = None):
+    """The study's records that its file describes (see :func:`describes`), read by every table and claim; the
+    others (a seed run beyond the file's, an arm edited since it was recorded) are left out, with one warning on
+    stderr naming how many and why.  A damaged record stops with its file named."""
     study = as_study(study_or_path)
-    for path in sorted((Path(results or RESULTS) / study["name"]).glob("*__seed*.json")):
-        yield json.loads(path.read_text())
+    folder = Path(results or RESULTS) / study["name"]
+    left_out = {}
+    for path in sorted(folder.glob("*__seed*.json")):
+        record = read_record(path)
+        why = describes(study, record)
+        if why is None:
+            yield record
+        else:
+            left_out.setdefault(why, []).append(f"{record['config']} seed {record['seed']}")
+    if left_out:
+        n = sum(map(len, left_out.values()))
+        text = (f"warning: study {study['name']}: {n} record{'s' if n > 1 else ''} in {folder} left out of its "
+                f"tables and claims: " + "; ".join(f"{len(runs)} {why} ({', '.join(runs[:4])}"
+                                                  f"{', ...' if len(runs) > 4 else ''})"
+                                                  for why, runs in left_out.items())
+                + ": list those seeds in the file, or restore the arm, or move the records away")
+        if text not in _WARNED:
+            _WARNED.add(text)
+            print(text, file=sys.stderr, flush=True)
 
 
 def load_record(study_or_path, config: str, seed: int, results: Path | None = None) -> dict:
@@ -24,7 +88,7 @@ def load_record(study_or_path, config: str, seed: int, results: Path | None = No
     path = result_path(study, config, seed, results)
     if not path.is_file():
         raise StudyError(f"{config} seed {seed} is not recorded in study {study['name']} ({path})")
-    return json.loads(path.read_text())
+    return read_record(path)
 
 
 def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:

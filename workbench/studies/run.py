@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from .analyse import analyse_regions, analyse_run, predict
-from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, arm_spec, result_path, run_folder, tensorboard_folder
+from .spec import (RESULTS, ROOT, StudyError, arm_spec, arm_train_values, result_path, run_folder,
+                   tensorboard_folder)
 
 
 NOT_RECORDED = ("quiet", "output", "tensorboard", "tensorboard_dir")  # how a run is watched, not what it trains
@@ -22,14 +23,7 @@ NOT_RECORDED = ("quiet", "output", "tensorboard", "tensorboard_dir")  # how a ru
 def train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
     from ..train.config import TrainConfig
 
-    kwargs, init_kwargs = arm_model_kwargs(study, config)
-    values = {"quiet": quiet, "device": device, **study["train"], **init_kwargs, "seed": seed,
-              "model_kwargs": kwargs, "output": str(out)}
-    if study["protocol"] == "upcycle":
-        values["init_from"] = str(ROOT / study["base"])  # step 0 is measured by check_clean_start, not the trainer
-    else:
-        values["model"] = study["model"]
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(arm_train_values(study, config, seed, out, device, quiet))
 
 
 def base_fingerprint(base: str | Path) -> str:
@@ -53,7 +47,11 @@ def base_accuracy(study: dict, results: Path | None = None) -> dict:
 
     path = Path(results or RESULTS) / study["name"] / "_base.json"
     if path.is_file():
-        out = json.loads(path.read_text())
+        try:
+            out = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise StudyError(f"{path} (the dense base's cached accuracy) is damaged ({type(err).__name__}); delete "
+                             "it and study run measures the base again") from None
         if "sha256" in out and out["sha256"] != base_fingerprint(study["base"]):
             raise StudyError(f"{study['name']}: the dense base {study['base']} is not the one its records started "
                              f"from (weights fingerprint changed): restore that base, or give the study a new name "
@@ -115,6 +113,25 @@ def check_clean_start(study: dict, config: str, cfg, results: Path | None = None
             **({"base_sha256": base["sha256"]} if "sha256" in base else {})}
 
 
+def _check_resumable(out: Path, cfg, study: dict, config: str) -> None:
+    """A run in progress continues only under the arm definition it started with: a study file edited since (its
+    budget, the arm's keywords) would otherwise finish a run half under each."""
+    import dataclasses
+
+    path = out / "train_config.json"
+    try:
+        started = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # the checkpoint's own config decides (and is checked by the trainer)
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    changed = [f"{k} {started.get(k)!r} -> {v!r}" for k, v in now.items()
+               if k not in ("device", *NOT_RECORDED) and k in started and started[k] != v]
+    if changed:
+        raise StudyError(f"{study['name']}/{config}: the run in progress in {out} started under another definition of "
+                         f"arm {config!r} ({', '.join(changed)}); restore the study file, or delete {out} to start "
+                         "that run again as the file now says")
+
+
 def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bool = True,
             results: Path | None = None, threads: int | None = 1, allow_dirty: bool = False,
             tensorboard: bool = True, launch: dict | None = None) -> dict:
@@ -145,6 +162,8 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     cfg.tensorboard_dir = str(tensorboard_folder(study, config, seed, results)) if tensorboard else None
     started = time.time()
     resume = (out / "checkpoint.pt").exists()
+    if resume:
+        _check_resumable(out, cfg, study, config)
     # the arm is rebuilt as training builds it (also on resume: the check is of the construction, not of weights)
     # checks and analyses run where the training ran (fp32; the random-router draws stay on the CPU)
     where = resolve_device(device, Dist())

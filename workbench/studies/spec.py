@@ -43,14 +43,21 @@ Seeds pair configs: with one seed every config sees the same training subset and
 ``--allow-dirty``), device, thread count, wall time, final validation and test accuracy, every test prediction
 (for McNemar tests), parameters, activated MACs and what the ``analysis`` block asks for.
 
-This module reads and checks study files and plans their runs.  Imports: ``workbench.analysis.stats`` (the claim
-directions) and, to build an arm's keywords, ``workbench.models``.
+This module reads study files and checks all of them before anything runs (keys, seeds, control, references, each
+arm's train config and model, built on the meta device) and plans their runs.  Imports: ``workbench.analysis.stats``
+(the claim directions), ``workbench.models`` and ``workbench.train`` (an arm's keywords, config and model).
+
+Long because every rule a study file must meet (its keys, arms, claims, checks, launcher, references) is checked
+here, in one place, before any run and by every command that reads the file.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+
+from .errors import StudyError
+from .launcher import LAUNCHER_KEYS, check_launcher, parse_minutes  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "results"
@@ -61,8 +68,7 @@ METRICS = {"test_acc": "test accuracy", "test_miou": "test mIoU", "test_pixel_ac
 PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
 ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "prune_min_layers", "random_routers", "max_images",
-                 "random_subsets",
-                 "regions"}
+                 "random_subsets", "regions"}
 CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst")
 SET_KINDS = ("range", "worst")  # claims over a set of placements: treatment and control are lists of configs
 # pre-registered checks that the arms learned what is compared (``checks:``); a study failing one is void
@@ -73,17 +79,8 @@ CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts
                                       "the control's own seed-to-seed share",
                  "late_gain": "validation accuracy gained (points) over the last third of the epochs"}
 CHECK_KEYS = {"id", "says", "metric", "configs", "at_least", "at_most"}
-# ``launcher:``: how a cluster runs each (config, seed) as a job (``study run --executor submitit``; flags override)
-LAUNCHER_KEYS = {"partition": "SLURM partition", "time": "time limit per job: minutes, or as sbatch --time (HH:MM:SS, D-HH:MM)",
-                 "gpus": "GPUs per job", "cpus": "CPUs per job", "mem_gb": "memory per job in GB",
-                 "slurm": "other sbatch options, e.g. {account: lab, qos: normal, constraint: a100}",
-                 "setup": "shell lines run before each job, e.g. [module load cuda, source .venv/bin/activate]"}
 CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare", "tokens",
               "source"}  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
-
-
-class StudyError(ValueError):
-    """A study file, or a request about one, that cannot be carried out; the message names the fix."""
 
 
 # -- study files ------------------------------------------------------------------------------------------------
@@ -115,6 +112,7 @@ def load_study(path) -> dict:
     study.setdefault("common", {})
     study.setdefault("train", {})
     study.setdefault("profile", "cpu")
+    implicit_control = "control" not in study
     study.setdefault("control", "dense")
     study.setdefault("references", [])
     study.setdefault("claims", [])
@@ -134,6 +132,7 @@ def load_study(path) -> dict:
         raise StudyError(f"{path}: analysis.prune_fraction={fraction} must be in [0, 1)")
     if study.get("control") == "step0":
         raise StudyError(f"{path}: the study's control must be a config; 'step0' is for a claim's control")
+    _check_shape(path, study)
     for claim in study["claims"]:
         _check_claim(path, study, claim)
     study.setdefault("checks", [])
@@ -145,62 +144,94 @@ def load_study(path) -> dict:
     if len(ids) != len(set(ids)):
         raise StudyError(f"{path}: claim and check ids must be unique; repeated: "
                          f"{sorted({i for i in ids if ids.count(i) > 1})}")
+    if not implicit_control or any(c["kind"] in ("paired", "spread") and "control" not in c for c in study["claims"]):
+        _check_control(path, study)  # a control left at its default matters once a claim compares with it
+    _check_references(path, study)
+    check_arms(study)
     return study
 
 
-def parse_minutes(value, where: str) -> int:
-    """A time limit as whole minutes (rounded up), read as SLURM reads ``--time``: minutes, MM:SS, HH:MM:SS,
-    D-HH, D-HH:MM or D-HH:MM:SS."""
-    text = str(value).strip()
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, (int, float)):
-            minutes = float(value)
-        else:
-            days, dash, clock = text.partition("-")
-            if not dash:
-                days, clock = "0", text
-            parts = [int(p) for p in clock.split(":")]
-            if not 1 <= len(parts) <= 3 or any(p < 0 for p in parts):
-                raise ValueError
-            if dash:  # D-H, D-H:M, D-H:M:S
-                hours, mins, secs = (parts + [0, 0])[:3]
-            else:  # M, M:S, H:M:S
-                hours, mins, secs = parts if len(parts) == 3 else [0] + (parts + [0])[:2]
-            minutes = int(days) * 1440 + hours * 60 + mins + secs / 60
-    except ValueError:
-        raise StudyError(f"{where}: time={value!r} is not a time limit; give minutes (e.g. 90) or HH:MM:SS "
-                         f"(e.g. 01:30:00)") from None
-    if minutes < 1:
-        raise StudyError(f"{where}: time={value!r} is under a minute; give the time one run needs (e.g. 01:30:00)")
-    return int(-(-minutes // 1))
+def _check_shape(path, study: dict) -> None:
+    """The parts every later step reads: configs (a mapping of arm name -> keywords), common, train (TrainConfig
+    fields the study does not set itself), seeds (distinct integers >= 0) and the control (an arm of this study, or
+    ``study/config`` of a referenced one)."""
+    import dataclasses
+
+    from ..train.config import TrainConfig
+
+    for key in ("configs", "common", "train", "analysis"):
+        if not isinstance(study[key], dict) or (key == "configs" and not study[key]):
+            raise StudyError(f"{path}: '{key}' must be a mapping" + (" of arm name -> model keywords, e.g. configs: "
+                             "{dense: {moe_layers: none}}" if key == "configs" else ""))
+    for name, arm in study["configs"].items():
+        if arm is None:
+            study["configs"][name] = {}
+        elif not isinstance(arm, dict):
+            raise StudyError(f"{path}: arm {name!r} must be a mapping of model keywords (e.g. {{moe_layers: "
+                             f"last-2}}), not {arm!r}")
+    known = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in TRAIN_SET_BY_STUDY]
+    for key in study["train"]:
+        if key in TRAIN_SET_BY_STUDY:
+            raise StudyError(f"{path}: train.{key} is set by the study itself ({TRAIN_SET_BY_STUDY[key]}); take it "
+                             "out of train")
+        if key not in known:
+            import difflib
+
+            close = difflib.get_close_matches(key, known, n=1)
+            raise StudyError(f"{path}: unknown train key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; train takes TrainConfig fields: {', '.join(known)}")
+    seeds = study["seeds"]
+    if (not isinstance(seeds, list) or not seeds or any(type(s) is not int or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise StudyError(f"{path}: seeds={seeds!r} is invalid: give a list of distinct integers >= 0, e.g. [0, 1, 2]")
+    if not isinstance(study["references"], list) or not all(isinstance(r, str) for r in study["references"]):
+        raise StudyError(f"{path}: references must be a list of study names, e.g. [scratch-placement]")
 
 
-def check_launcher(block, where: str) -> dict:
-    """A ``launcher:`` block (or the flags that override it), checked: known keys, sensible values."""
-    if not isinstance(block, dict):
-        raise StudyError(f"{where} must be a mapping of {sorted(LAUNCHER_KEYS)}")
-    unknown = set(block) - set(LAUNCHER_KEYS)
-    if unknown:
-        raise StudyError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(LAUNCHER_KEYS)} (other sbatch "
-                         f"options go under slurm:)")
-    for key, least, allowed in (("gpus", 0, "an integer >= 0"), ("cpus", 1, "an integer >= 1"),
-                                ("mem_gb", 1e-3, "a number of GB > 0")):
-        value = block.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < least
-                                  or key != "mem_gb" and value != int(value)):
-            raise StudyError(f"{where}: {key}={value!r} is invalid: use {allowed}")
-    if block.get("time") is not None:
-        parse_minutes(block["time"], where)
-    if not isinstance(block.get("slurm", {}), dict):
-        raise StudyError(f"{where}: slurm must be a mapping of sbatch options (e.g. {{account: lab, qos: normal}})")
-    setup = block.get("setup", [])
-    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
-        raise StudyError(f"{where}: setup must be a list of shell lines (e.g. [module load cuda])")
-    if "partition" in block and not isinstance(block["partition"], str):
-        raise StudyError(f"{where}: partition={block['partition']!r} must be a partition name")
-    return block
+def _check_control(path, study: dict) -> None:
+    other, _, control = str(study["control"]).rpartition("/")
+    if other and other not in study["references"]:
+        raise StudyError(f"{path}: control {study['control']!r} names study {other!r}; list it under 'references'")
+    if not other and control not in study["configs"]:
+        import difflib
+
+        close = difflib.get_close_matches(control, list(study["configs"]), n=1)
+        raise StudyError(f"{path}: control {control!r} is not an arm of this study"
+                         + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; name one of {list(study['configs'])} (every arm is compared with it)")
+
+
+# train keys a study sets itself, and where
+TRAIN_SET_BY_STUDY = {"seed": "seeds", "model": "model", "model_kwargs": "common and configs", "init_from": "base",
+                      "output": "its runs folder", "quiet": "study run"}
+
+
+def _check_references(path, study: dict) -> None:
+    """Every referenced study has a file beside this one, and every ``study/config`` a claim or the control names is
+    an arm of it."""
+    folder = Path(path).parent
+    names = {}
+    for other in sorted(folder.glob("*.yaml")):
+        try:
+            text = yaml.safe_load(other.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, OSError):
+            continue
+        if isinstance(text, dict) and isinstance(text.get("name"), str):
+            names.setdefault(text["name"], (other, text.get("configs") or {}))
+    for ref in study["references"]:
+        if ref not in names:
+            raise StudyError(f"{path}: references names study {ref!r}, which has no file in {folder} (study "
+                             f"names there: {sorted(names)}); fix the name or add its file")
+    wanted = [("control", study["control"])]
+    for claim in study["claims"]:
+        for key in ("treatment", "control"):
+            value = claim.get(key)
+            wanted += [(f"claim {claim['id']!r}", v) for v in (value if isinstance(value, list) else [value])]
+    for what, name in wanted:
+        other, _, config = str(name).rpartition("/")
+        if other and config not in names[other][1]:
+            raise StudyError(f"{path}: {what} names {name!r}, but {config!r} is not an arm of study {other!r} "
+                             f"({names[other][0]}: {list(names[other][1])})")
 
 
 def _check_check(path, study: dict, check: dict) -> None:
@@ -335,6 +366,97 @@ def arm_model_kwargs(study: dict, config: str) -> tuple[dict, dict]:
         kwargs = {"moe_layers": "none", **other}
     return kwargs, init_kwargs
 
+
+def arm_train_values(study: dict, config: str, seed: int, out, device: str = "auto", quiet: bool = True) -> dict:
+    """The TrainConfig fields of one run of an arm: the study's ``train`` with the arm's model (scratch) or base
+    (upcycle), keywords, seed and output."""
+    kwargs, init_kwargs = arm_model_kwargs(study, config)
+    values = {"quiet": quiet, "device": device, **study["train"], **init_kwargs, "seed": seed,
+              "model_kwargs": kwargs, "output": str(out)}
+    if study["protocol"] == "upcycle":
+        values["init_from"] = str(ROOT / study["base"])  # step 0 is measured by check_clean_start, not the trainer
+    else:
+        values["model"] = study["model"]
+    return values
+
+
+_ARMS_CHECKED: set = set()
+
+
+def check_arms(study: dict) -> None:
+    """Every arm, before anything runs: its train config validates, and its model builds on the meta device (no
+    weights) exactly as its runs will build it (scratch: from ``model``; upcycle: the base's architecture, then
+    upcycled; a base not trained yet: the MoE switches alone).  Errors name the file, the arm and the fix.  Checked
+    once per study content in a process."""
+    import json
+
+    key = json.dumps({k: study.get(k) for k in ("protocol", "model", "base", "train", "common", "configs", "seeds")},
+                     sort_keys=True, default=str)
+    if key in _ARMS_CHECKED:
+        return
+    for config in study["configs"]:
+        _check_arm(study, config)
+    _ARMS_CHECKED.add(key)
+
+
+def _check_arm(study: dict, config: str) -> None:
+    import torch
+
+    from ..data.scenes import check_data_options
+    from ..models.args import UsageError, kwarg_problem, model_params
+    from ..train.config import TrainConfig, resolve_task
+
+    where = f"{study['_path']}: arm {config!r}"
+    kwargs, _ = arm_model_kwargs(study, config)
+    try:
+        cfg = TrainConfig.from_dict(arm_train_values(study, config, study["seeds"][0], "-"))
+        cfg.validate()
+        task = resolve_task(cfg)
+        check_data_options(cfg.dataset, cfg.data_options)
+    except (ValueError, TypeError) as err:
+        raise StudyError(f"{where}: {err}; fix the study's train block") from None
+    fix = (f"fix configs.{config}" + (" or common" if study["common"] else "")
+           + " (MoE switches and the model's keywords)")
+    if study["protocol"] == "scratch":
+        try:
+            params = model_params(study["model"])
+        except UsageError as err:
+            raise StudyError(f"{study['_path']}: model: {err}") from None
+        for name, value in kwargs.items():
+            problem = params is not None and kwarg_problem(params, name, value)
+            if problem:
+                raise StudyError(f"{where}: {problem}; {fix}")
+    try:
+        with torch.device("meta"):
+            _build_arm(study, cfg, task)
+    except Exception as err:  # what the model's own checks raise (top_k > num_experts, a bad placement, ...)
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StudyError(f"{where}: {text}; {fix}") from None
+
+
+def _build_arm(study: dict, cfg, task: str) -> None:
+    """Build the arm's model as its runs do, under the caller's device (meta)."""
+    import json
+
+    from ..models.vimoe import split_moe_kwargs, validate_moe_kwargs
+    from ..train import checkpoint as ckpt
+    from ..train.trainer import build_training_model, upcycle_dense
+
+    if study["protocol"] == "scratch":
+        build_training_model(cfg)
+        return
+    config_path = ROOT / study["base"] / "config.json"
+    try:
+        dense_config = json.loads(config_path.read_text())
+        dense = ckpt.build_model(dense_config)
+    except (OSError, ValueError, KeyError, ckpt.CheckpointError):  # no base yet: its runs will say so
+        moe, other = split_moe_kwargs(cfg.model_kwargs)
+        other.pop("moe_layers", None)
+        if other:
+            raise ValueError(f"with init_from only MoE switches may be given, not {sorted(other)}") from None
+        validate_moe_kwargs(moe)
+        return
+    upcycle_dense(dense, dense_config, cfg, task)
 
 
 def arm_spec(study: dict, config: str) -> dict:

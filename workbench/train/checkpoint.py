@@ -102,10 +102,10 @@ def build_model(config: dict) -> nn.Module:
     register()  # the vimoe_* models, by name
     from ..models.vimoe import upcycle
 
-    try:
-        model = timm.create_model(config["model"], **config.get("model_kwargs", {}))
-    except RuntimeError as err:
-        raise CheckpointError(f"unknown model {config['model']!r} in checkpoint config: {err}") from err
+    if not timm.is_model(config["model"]):
+        raise CheckpointError(f"timm has no model {config['model']!r}: use one of timm.list_models('vimoe_*') (or "
+                              "any timm ViT); a checkpoint naming it was written by another version")
+    model = timm.create_model(config["model"], **config.get("model_kwargs", {}))
     if config.get("upcycle"):
         model = upcycle(model, inplace=True, **config["upcycle"])
     return model
@@ -149,7 +149,7 @@ def load_model(path, device="cpu", task: str | None = None) -> tuple[nn.Module, 
     """(model in eval mode, its config) from a shipped folder, a ``model.safetensors`` file or a training ``.pt``;
     a run folder works too (its finished ``model/``, else its ``checkpoint.pt``).  ``task`` ('classification' |
     'segmentation'): refuse, in one line, a model built for the other task."""
-    path = Path(path)
+    path = typed = Path(path)
     if path.is_dir():
         if not (path / "model.safetensors").exists() and (path / "model" / "model.safetensors").is_file():
             path = path / "model" / "model.safetensors"  # a finished run folder
@@ -161,6 +161,8 @@ def load_model(path, device="cpu", task: str | None = None) -> tuple[nn.Module, 
         from safetensors.torch import load_file
 
         cfg_path = path.with_name("config.json")
+        if not path.exists() and (typed.suffix == ".safetensors" or not path.parent.exists()):
+            raise CheckpointError(f"checkpoint {typed} does not exist")
         if not path.is_file() or not cfg_path.is_file():
             raise CheckpointError(f"{path.parent} must hold model.safetensors and config.json (or be a run folder "
                                   "with model/ or checkpoint.pt)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -78,9 +79,17 @@ def cmd_train(args) -> int:
         path = Path(args.config)
         if not path.is_file():
             raise UsageError(f"--config {path} does not exist")
-        values = yaml.safe_load(path.read_text()) or {}
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise UsageError(f"--config {path} is not valid YAML ({problem}{at}): fix the file, a mapping of "
+                             "TrainConfig fields such as 'epochs: 10'") from None
         if not isinstance(values, dict):
-            raise UsageError(f"--config {path} must hold a mapping of TrainConfig fields")
+            raise UsageError(f"--config {path} must hold a mapping of TrainConfig fields (e.g. 'epochs: 10'), not "
+                             f"{type(values).__name__}")
     flags = {"model": args.model, "dataset": args.dataset, "data_root": args.data_root, "epochs": args.epochs,
              "batch_size": args.batch_size, "lr": args.lr, "min_lr": args.min_lr, "weight_decay": args.weight_decay,
              "warmup_epochs": args.warmup_epochs, "label_smoothing": args.label_smoothing,
@@ -111,6 +120,8 @@ def cmd_train(args) -> int:
     if getattr(args, "data_arg", None):
         options = parse_model_args(args.data_arg, "--data-arg", "train_size=5000")
         values["data_options"] = {**(values.get("data_options") or {}), **options}
+    if values.get("model") is not None and not isinstance(values.get("model_kwargs"), dict):
+        check_model_kwargs(values["model"], {})  # a model timm does not know: one line naming --model
     if isinstance(values.get("model_kwargs"), dict):
         from .config import DEFAULT_SEG_MODEL, dataset_task
 
@@ -126,7 +137,9 @@ def cmd_train(args) -> int:
         cfg.validate()
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, given=set(values))
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun the main process speaks for the run
     last = result["history"][-1] if result["history"] else {}
     score = (f"test mIoU {last['test_miou']:.4f}, pixel accuracy {last['test_pixel_acc']:.4f}" if "test_miou" in last
              else f"test accuracy {last.get('test_acc', float('nan')):.4f}")
@@ -265,8 +278,13 @@ def register_cli(sub) -> None:
     p.add_argument("--output", metavar="DIR",
                    help="run folder (checkpoint.pt, metrics.jsonl, model/)" + dflt("output"))
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output from its checkpoint (its config wins, except --epochs, "
-                        "--device, --quiet)")
+                   help="continue the run in --output from its checkpoint, as it was planned: its saved config "
+                        "wins, and only flags given now change it (each change is printed). A run in progress may "
+                        "change --epochs (e.g. to extend it), --lr, --min-lr, --warmup-epochs, --weight-decay, "
+                        "--label-smoothing, --clip-grad, --device, --no-amp, --compile, --save-every, --data-root; "
+                        "a change of the model, the data (dataset, subsets, split, augmentation), --batch-size, "
+                        "--seed or --init-from is refused. Ctrl-C or SIGTERM saves a checkpoint at the current "
+                        "step and prints this command; a second Ctrl-C stops at once")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N" + dflt("device"))
     p.add_argument("--save-every", type=int, metavar="N",
                    help="also checkpoint every N steps; 0: only at the end of each epoch" + dflt("save_every"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from ..moe import moe_modules
 from .config import model_task

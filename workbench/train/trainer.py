@@ -5,7 +5,11 @@
 * Upcycling runs: ``init_from`` a dense checkpoint, converted with :func:`workbench.upcycle`, then fine-tuned.
 * Exact resume: every batch, augmentation and noise draw is a function of (seed, epoch, step) or of RNG states
   saved in the checkpoint, so a run killed anywhere resumes from its last checkpoint and ends with the same weights
-  and metrics as an uninterrupted run (on CPU; CUDA kernels are not bitwise deterministic).
+  and metrics as an uninterrupted run (on CPU; CUDA kernels are not bitwise deterministic).  A resumed run keeps
+  its saved config; only what a run in progress can change (epochs, learning rate and schedule, where it runs) may be
+  given anew (``state.resumed_config``).
+* SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption) save a checkpoint at the current step and stop with one
+  line naming the command that continues the run; a second signal stops at once (``interrupt``).
 * ``metrics.jsonl``: one line per epoch (losses, accuracies, per-MoE-layer load / load CV / drop rate,
   throughput, wall time), rewritten atomically from the checkpoint's history so it always matches the checkpoint.
 * Classification or semantic segmentation, decided by the dataset (``fmnist-scenes``, ``ade``: segmentation,
@@ -14,7 +18,7 @@
   ``val_miou``.
 
 Imports: ``workbench.data``, ``workbench.moe``, ``workbench.models`` and this package's ``config``,
-``distributed``, ``metrics``, ``checkpoint``.
+``distributed``, ``interrupt``, ``metrics``, ``checkpoint``, ``state``.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from ..data.classification import build_splits
 from ..moe import moe_aux_loss, moe_modules
@@ -37,15 +41,14 @@ from . import checkpoint as ckpt
 from .config import (DEFAULT_MODEL, DEFAULT_SEG_MODEL, NonFiniteLoss, TrainConfig, check_model_task,  # noqa: F401
                      model_task, resolve_task)
 from .distributed import all_reduce, init_distributed, resolve_device
+from .interrupt import Interrupted, StoppedAtOnce, requested, signal_name, stop_requests
 from .metrics import evaluate, load_stats, seg_metrics
-from .state import restore, resumed_config, save, seed_everything
+from .state import apply_changes, restore, resumed_config, save, seed_everything
 
 
 # -- model ------------------------------------------------------------------------------------------------------
 def build_training_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
     """The model to train and the config that rebuilds it (``checkpoint.model_config``)."""
-    from ..models.vimoe import upcycle
-
     task = resolve_task(cfg)
     if cfg.weights_from is not None:  # fine-tune a saved model as it is (its own architecture)
         if cfg.init_from is not None or cfg.model_kwargs:
@@ -60,6 +63,14 @@ def build_training_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
         check_model_task(model, task, f"model {name}")
         return model, config
     dense, dense_config = ckpt.load_model(cfg.init_from)
+    return upcycle_dense(dense, dense_config, cfg, task)
+
+
+def upcycle_dense(dense: nn.Module, dense_config: dict, cfg: TrainConfig, task: str) -> tuple[nn.Module, dict]:
+    """The ViMoE an upcycling run (``init_from``) trains, from its dense model, and the config that rebuilds it;
+    also what a study checks on the meta device before any run."""
+    from ..models.vimoe import upcycle
+
     if model_task(dense) != task:
         raise ckpt.CheckpointError(f"--init-from {cfg.init_from} is a {model_task(dense)} checkpoint "
                                    f"({dense_config['model']}) but {cfg.dataset} is a {task} dataset; upcycle a "
@@ -108,7 +119,7 @@ def lr_lambda(total_steps: int, warmup_steps: int, base_lr: float, min_lr: float
 class Trainer:
     """Holds the run's state; ``run()`` trains to ``cfg.epochs`` from wherever the checkpoint left off."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, given=None):
         cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.output)
@@ -119,8 +130,13 @@ class Trainer:
             raise FileExistsError(f"{self.ckpt_path} exists; pass --resume to continue that run or choose another "
                                   "--output")
         state = ckpt.read_checkpoint(self.ckpt_path) if resume and self.ckpt_path.exists() else None
-        if state is not None:  # the checkpoint's config wins, except for how long to train and where to run
-            self.cfg = cfg = resumed_config(state, cfg)
+        changes = []
+        if state is not None:  # the checkpoint's config wins; fields given explicitly (``given``) may change it
+            self.cfg, changes = resumed_config(state, cfg, given, self.ckpt_path)
+            cfg = self.cfg
+            if self.d.main:
+                for name, old, new in changes:
+                    print(f"resuming with {name} {old} -> {new}", flush=True)
         seed_everything(cfg.seed)
         self.task = resolve_task(cfg)
         if state is not None:
@@ -171,6 +187,7 @@ class Trainer:
         self.wall_offset = 0.0
         if state is not None:
             restore(self, state)
+            apply_changes(self, changes)
             if self.d.main and not cfg.quiet:
                 print(f"resumed from epoch {self.epoch}"
                       + (f", step {self.step} of {self.steps_per_epoch}" if self.step else "") + f" ({self.ckpt_path})"
@@ -204,9 +221,25 @@ class Trainer:
                 "drop": {str(i): 0.0 for i in self.layers}, "steps": 0}
 
     def save(self) -> None:
-        """The checkpoint (atomically) and ``metrics.jsonl``, from the main rank."""
+        """The checkpoint (atomically) and ``metrics.jsonl``, from the main rank.  Mid-epoch under DDP every rank
+        takes part: rank 0 saves the epoch's partial sums of all ranks (each rank's own are only its share), so a
+        resumed epoch's metrics count every rank's steps once."""
+        acc = self._all_ranks_accumulators() if self.d.world > 1 and self.acc is not None and self.step else None
         if self.d.main:
-            save(self)
+            save(self, acc)
+
+    def _all_ranks_accumulators(self) -> dict:
+        """The epoch's partial sums that the epoch's end sums over ranks (losses, counts, expert loads and drops),
+        summed over ranks now; the rest (steps, aux terms, time) rank 0's own, as the epoch's end reads them."""
+        acc = self.acc
+        f64 = dict(dtype=torch.float64, device=self.device)
+        sums = all_reduce(torch.tensor([acc["task"], acc["aux"], acc["correct"], acc["seen"], acc.get("images", 0)],
+                                       **f64), self.d).tolist()
+        out = {**acc, "task": sums[0], "aux": sums[1], "correct": int(sums[2]), "seen": int(sums[3]),
+               "images": int(sums[4])}
+        out["load"] = {k: all_reduce(torch.tensor(v, **f64), self.d).tolist() for k, v in acc["load"].items()}
+        out["drop"] = {k: float(all_reduce(torch.tensor(v, **f64), self.d)) for k, v in acc["drop"].items()}
+        return out
 
     def _train_epoch(self) -> None:
         cfg = self.cfg
@@ -252,13 +285,49 @@ class Trainer:
             self.step += 1
             if not cfg.quiet:
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.steps_per_epoch:
+            stop = self._stop_requested()  # SIGINT / SIGTERM: save here, at this step, and stop
+            if stop or cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.steps_per_epoch:
                 self._fold(acc, loads, drops, t0)
                 self.save()
                 loads = {i: torch.zeros_like(v) for i, v in loads.items()}
                 drops = {i: torch.zeros_like(v) for i, v in drops.items()}
                 t0 = time.time()
+            if stop:
+                bar.close()
+                if self.d.world > 1:
+                    dist.barrier()  # no rank exits (and makes torchrun stop the others) before rank 0 has saved
+                raise self._interrupted(stop)
         self._fold(acc, loads, drops, t0)
+
+    def _stop_requested(self) -> int:
+        """The signal number of a pending SIGINT / SIGTERM (0: none); under torchrun any rank's, so that every rank
+        stops at the same step."""
+        signum = requested() or 0
+        if self.d.world > 1:
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag)
+        return signum
+
+    def resume_command(self) -> str:
+        if self.d.world > 1:
+            return (f"torchrun --nproc_per_node={self.d.world} -m workbench train --output {self.out} --resume "
+                    "(with the same torchrun options)")
+        return f"python -m workbench train --output {self.out} --resume"
+
+    def _interrupted(self, signum: int, started: bool = True) -> Interrupted:
+        """The one-line stop of a run interrupted by a signal: where it saved, and how to continue."""
+        name = signal_name(signum)
+        if not started:
+            if self.ckpt_path.exists():
+                return Interrupted(f"interrupted by {name} before training went on; {self.ckpt_path} is as it was: "
+                                   f"continue with: {self.resume_command()}", signum)
+            return Interrupted(f"interrupted by {name} before training started; nothing to save: run the same "
+                               "command again to start", signum)
+        where = (f"at epoch {self.epoch + 1}, step {self.step} of {self.steps_per_epoch}" if self.step
+                 else f"after epoch {self.epoch}")
+        return Interrupted(f"interrupted by {name} {where}; saved {self.ckpt_path}: continue with: "
+                           f"{self.resume_command()}", signum)
 
     def _fold(self, acc, loads, drops, t0) -> None:
         """Move device-side accumulators into the (checkpointable) python ones."""
@@ -315,6 +384,9 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.out / "train_config.json",
                                    json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        stop = self._stop_requested()
+        if stop:
+            raise self._interrupted(stop, started=False)
         if cfg.eval_at_start and self.step0 is None and self.epoch == 0 and self.step == 0:
             self.step0 = self._evaluate_start()
             if self.d.main and not cfg.quiet:
@@ -337,6 +409,9 @@ class Trainer:
                     tqdm.write("    expert load CV / drop rate (train): " + "  ".join(
                         f"block {block} {stats['load_cv']:.2f} / {stats['drop_rate']:.3f}"
                         for block, stats in row["moe_train"].items()))
+            stop = self._stop_requested()
+            if stop and self.epoch < cfg.epochs:
+                raise self._interrupted(stop)
         if self.d.main:
             ckpt.save_model(self.model, self.model_config, self.out / "model",
                             {"metrics": self.history[-1] if self.history else None})
@@ -344,5 +419,16 @@ class Trainer:
                 "model_config": self.model_config}
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    return Trainer(cfg, resume=resume).run()
+def train(cfg: TrainConfig, resume: bool = False, given=None) -> dict:
+    """Train (or, ``resume``, continue) the run ``cfg`` describes.  On resume the checkpoint's config wins; the
+    fields named in ``given`` (None: all of ``cfg``'s) may change it, see :func:`workbench.train.state.resumed_config`.
+    SIGINT / SIGTERM save a checkpoint at the current step and raise :class:`~workbench.train.interrupt.Interrupted`
+    (a second one: :class:`~workbench.train.interrupt.StoppedAtOnce`, at once)."""
+    with stop_requests():
+        try:
+            return Trainer(cfg, resume=resume, given=given).run()
+        except StoppedAtOnce as err:
+            path = Path(cfg.output) / "checkpoint.pt"
+            kept = (f"the last checkpoint {path} is kept: continue with: python -m workbench train --output "
+                    f"{cfg.output} --resume" if path.exists() else "no checkpoint had been saved yet")
+            raise StoppedAtOnce(f"{err}; {kept}", err.signum) from None
