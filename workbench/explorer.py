@@ -65,11 +65,21 @@ def render_overlay(image: np.ndarray, experts: np.ndarray, gates: np.ndarray | N
     return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def render_mask(mask: np.ndarray, scale: int = 1, num_classes: int | None = None) -> np.ndarray:
+HATCH_PERIOD = 8  # pixels between the diagonal stripes that mark class regions (experts are drawn solid)
+
+
+def render_mask(mask: np.ndarray, scale: int = 1, num_classes: int | None = None, hatch: bool = False) -> np.ndarray:
     """An RGB uint8 picture of a class mask (H, W), each pixel ``scale`` x ``scale`` in its class colour
-    (:mod:`workbench.class_palette`: background black); classes outside ``num_classes`` are white."""
-    rgb = class_rgb_array(mask, num_classes)
-    return np.repeat(np.repeat(rgb, scale, 0), scale, 1)
+    (:mod:`workbench.class_palette`: background black); classes outside ``num_classes`` are white.  ``hatch``:
+    thin dark diagonal stripes over every class but the background, so that a class region never reads as an
+    expert's solid patch beside it (the legend's class chips are striped the same way)."""
+    rgb = np.repeat(np.repeat(class_rgb_array(mask, num_classes), scale, 0), scale, 1)
+    if hatch:
+        h, w = rgb.shape[:2]
+        stripe = (np.add.outer(np.arange(h), np.arange(w)) % HATCH_PERIOD) < 2
+        objects = np.repeat(np.repeat(np.asarray(mask) > 0, scale, 0), scale, 1)
+        rgb[stripe & objects] = (rgb[stripe & objects] * 0.55).astype(np.uint8)
+    return rgb
 
 
 def resolve_checkpoint(path) -> Path:
@@ -120,6 +130,26 @@ def visible_content_problem(img: Image.Image, seen: np.ndarray, output: str = "t
     if flat or float(seen.max() - seen.min()) < 2 / 255:
         return f"the image is one flat colour, so the model sees no content and its {output} is meaningless"
     return None
+
+
+def invert_hint(seen: np.ndarray, invert: bool) -> str | None:
+    """For a grayscale model (a light object on black, as Fashion-MNIST): a hint when the model sees a light
+    background (the image's edge, padding left out), which Invert would turn dark."""
+    if seen.ndim != 2:
+        return None
+    edge = np.concatenate([seen[0], seen[-1], seen[:, 0], seen[:, -1]])
+    shown = edge[edge > 0.02]  # the black padding of a non-square image is not its background
+    if len(shown) < len(edge) // 4 or float(np.median(shown)) < 0.6:
+        return None
+    if invert:
+        return ("with Invert ticked the model sees a light background, while it expects a light object on black: "
+                "untick Invert")
+    return ("the model sees a light background, while it expects a light object on black (as in Fashion-MNIST): "
+            "for a dark object photographed on a light background, tick Invert")
+
+
+SCENE_ON_CLASSIFIER = ("this is one of the segmentation scenes (several items on a textured background), but the "
+                       "checkpoint is a classifier: its top-5 names one class for the whole scene")
 
 
 def read_image(path) -> Image.Image:
@@ -273,6 +303,8 @@ class Analysis:
     num_experts: int
     timings: dict[str, float] = field(default_factory=dict)
     warning: str | None = None  # set when the image shows the model nothing (see visible_content_problem)
+    hint: str | None = None  # a grayscale model sees a light background (see invert_hint)
+    mismatch: str | None = None  # a segmentation scene through a classifier (SCENE_ON_CLASSIFIER)
     task: str = "classification"  # or "segmentation"; then top5 is ``class_share``, every class in the mask
     mask: np.ndarray | None = None  # segmentation: the predicted class per pixel (H, W) at the model's input size
     class_names: tuple[str, ...] = ()  # segmentation: the model's class names, class 0 first
@@ -282,7 +314,7 @@ class Analysis:
 
     def mask_picture(self, scale: int = 1, truth: bool = False) -> np.ndarray:
         """The predicted mask (or the ground truth) in the class palette, ``scale`` pixels per model pixel."""
-        return render_mask(self.truth if truth else self.mask, scale, len(self.class_names))
+        return render_mask(self.truth if truth else self.mask, scale, len(self.class_names), hatch=True)
 
     def overlay(self, block: int, scale: int = 32, use_gates: bool = True,
                 picked: tuple[int, int] | None = None) -> np.ndarray:
@@ -367,8 +399,10 @@ class Explorer:
                 experts[b] = top
                 gates[b] = lr.gates[0, ..., 0].numpy()
                 router[b] = lr.probs[0].numpy()
+        scene = not seg and scene_truth_path(image_path) is not None
         result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts, warning=warning,
-                          **extra)
+                          hint=None if warning or scene else invert_hint(seen, invert),
+                          mismatch=SCENE_ON_CLASSIFIER if scene else None, **extra)
         result.timings = {"preprocess_ms": (t1 - t0) * 1e3, "forward_ms": (t2 - t1) * 1e3,
                           "total_ms": (time.perf_counter() - t0) * 1e3}
         return result
