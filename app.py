@@ -88,6 +88,7 @@ CSS = """
 #card .card-note { font-size: 0.82em; opacity: 0.85; margin-top: 4px; overflow-wrap: anywhere; }
 #status p { margin: 2px 0; }
 #main { align-items: flex-start; }
+.progress-text { display: none !important; }  /* Gradio's "processing | 2.2/0.1s": the spinner says enough */
 """
 HATCH_CSS = ("repeating-linear-gradient(45deg, {c} 0 5px, rgba(0,0,0,0.45) 5px 7px), {c}")  # like render_mask's
 # the hover readout over the overlay: the page knows each patch's expert and gate (data attributes of the readout,
@@ -260,13 +261,14 @@ def _legend_html(num_experts: int, unrouted: bool = False, inline: bool = False)
     return chips if inline else f"<div>{chips}</div>"
 
 
-def _uniform_line(fig: go.Figure, num_experts: int, x: list[str], text: str) -> None:
-    """The 1/E level as a dashed line across the bars, named in the legend (an annotation would sit on the bars)."""
+def _uniform_line(fig: go.Figure, num_experts: int, x: list[str]) -> None:
+    """The 1/E level as a dashed line across the bars, in the legend as "1/E" and valued in the y-axis title (an
+    annotation would sit on the bars; a long legend entry would widen every legend column)."""
     if not x:
         return
     fig.add_trace(go.Scatter(x=[-0.5, len(x) - 0.5], y=[1 / num_experts] * 2, xaxis="x2", mode="lines",
                              line=dict(color="#333", dash="dash", width=1.5), hoverinfo="skip",
-                             name=f"{text} 1/E={1 / num_experts:.3f}"))
+                             name="1/E"))
     fig.update_layout(xaxis2=dict(overlaying="x", range=[-0.5, len(x) - 0.5], visible=False))
 
 
@@ -274,7 +276,7 @@ def _bar_layout(fig: go.Figure, title: str, ytitle: str, top: float) -> None:
     fig.update_layout(barmode="group", template="plotly_white", height=PLOT_PX, bargap=0.18,
                       margin=dict(l=50, r=10, t=36, b=30), title=dict(text=title, font_size=14, x=0.01),
                       yaxis=dict(range=[0, top], title=ytitle, title_font_size=12),
-                      legend=dict(orientation="h", y=-0.12, x=0, font_size=10, entrywidth=70, itemwidth=30),
+                      legend=dict(orientation="h", y=-0.12, x=0, font_size=10, itemwidth=30),
                       hovermode="closest")
 
 
@@ -286,8 +288,9 @@ def _load_figure(analysis) -> go.Figure:
                              name=expert_name(e), marker_color=expert_color(e),
                              hovertemplate=f"{expert_name(e)}<br>%{{x}}: %{{y:.1%}} of the patches<extra></extra>"))
     top = max([float(v.max()) for v in loads.values()] + [1 / max(analysis.num_experts, 1)])
-    _uniform_line(fig, analysis.num_experts, [f"block {b}" for b in analysis.layers], "balanced")
-    _bar_layout(fig, "Expert load of this image (first choices)", "share of patches", min(1.0, top * 1.2 + 0.02))
+    _uniform_line(fig, analysis.num_experts, [f"block {b}" for b in analysis.layers])
+    _bar_layout(fig, "Expert load of this image (first choices)",
+                f"share of patches (balanced: 1/E = {1 / analysis.num_experts:.3f})", min(1.0, top * 1.2 + 0.02))
     return fig
 
 
@@ -311,8 +314,9 @@ def _router_figure(analysis, row: int, col: int) -> go.Figure:
                              marker_line=dict(color="#111", width=[3 if m else 0 for m in mine]), text=text,
                              textposition="outside", textfont_size=10, cliponaxis=False, constraintext="none",
                              hovertemplate=f"{expert_name(e)}<br>%{{x}}: P = %{{y:.3f}}<extra></extra>"))
-    _uniform_line(fig, analysis.num_experts, blocks, "uniform")
-    _bar_layout(fig, f"Router distribution of {where}", "P(expert)", top * 1.3)
+    _uniform_line(fig, analysis.num_experts, blocks)
+    _bar_layout(fig, f"Router distribution of {where}", f"P(expert) (uniform: 1/E = {1 / analysis.num_experts:.3f})",
+                top * 1.3)
     return fig
 
 
@@ -524,13 +528,11 @@ def label_classes(state):
     return gr.update(label=TOP5_LABEL, num_top_classes=5)
 
 
-def after_analysis(state, layer, picked, checkpoint):
-    """What follows every analysis: the class panel's title, the readout under the overlay, the verdict."""
-    block = _block(state, layer)
-    card, task = _card_state(checkpoint)
+def after_analysis(state, layer, picked):
+    """What follows every analysis: the class panel's title and the readout under the overlay (then the card)."""
     if state is None:
-        return gr.skip(), gr.skip(), gr.skip()
-    return label_classes(state), _readout_html(state, block, picked), _verdict_html(card, block, task)
+        return gr.skip(), gr.skip()
+    return label_classes(state), _readout_html(state, _block(state, layer), picked)
 
 
 def click_patch(state, layer, mode, evt: gr.SelectData):
@@ -611,11 +613,15 @@ def _verdicts_html(card_state, seg: bool) -> str:
     metric = "patch-class NMI" if seg else "class NMI"
     head = (f"<tr><th>block</th><th>{metric}</th><th>random routers (mean)</th><th>p (Holm)</th>"
             "<th>verdict</th></tr>")
+    layers = sorted(card["layers"].items(), key=lambda kv: int(kv[0]))
     rows = "".join(
         f'<tr class="{"yes" if v["specialised"] else "no"}"><td>{b}</td><td>{v["nmi"]:.3f}</td>'
         f'<td>{v["random_nmi"]:.3f}</td><td>{v["p_holm"]:.3g}</td><td>'
-        + ("specialised" if v["specialised"] else f"not specialised: {NOT_SPECIALISED}") + "</td></tr>"
-        for b, v in sorted(card["layers"].items(), key=lambda kv: int(kv[0])))
+        + ("specialised" if v["specialised"] else "<b>not specialised</b>") + "</td></tr>" for b, v in layers)
+    flat = [b for b, v in layers if not v["specialised"]]
+    many = len(flat) > 1
+    warn = ("" if not flat else f'<div class="verdict no" style="margin-top:4px"><b>Block{"s" if many else ""} '
+            f'{", ".join(flat)}</b>{" (each)" if many else ""}: {NOT_SPECIALISED}.</div>')
     seen = (" This checkpoint was trained on the whole training set, so it saw these images in training."
             if t.get("seen_in_training") else "")
     what = ("each patch's majority class in the ground truth" if seg else "the image's class")
@@ -625,21 +631,31 @@ def _verdicts_html(card_state, seg: bool) -> str:
             f"inputs; one-sided p, Holm across the {len(card['layers'])} layers, specialised when p &lt; "
             f"{t['alpha']}.{seen} Weights sha256 {card['weights_sha256'][:12]}…"
             + (f"; cached in {html.escape(card['cached_at'])}" if card.get("cached_at") else "") + ".</div>")
-    return title + f'<table id="card-verdicts">{head}{rows}</table>' + note
+    return title + f'<table id="card-verdicts">{head}{rows}</table>' + warn + note
 
 
-def show_card(checkpoint, layer):
-    """The model card and the verdict beside the overlay; when the card's test has to run, first what is known,
-    then, once it reports, the verdicts (the test runs in the background, one at a time)."""
+def _known(checkpoint) -> bool:
+    """A checkpoint whose card may be shown: a listed one, or one that an analysis has loaded (a typed path loads
+    only through an analysis, with whatever checks that applies)."""
+    checkpoint = str(checkpoint or DEFAULT_CHECKPOINT)
+    return checkpoint in {path for _, path in _choices(None)} or EXPLORER.loaded(checkpoint)
+
+
+def refresh_card(checkpoint, layer):
+    """The model card and the verdict beside the overlay, from what is known now (the card's test runs in the
+    background, once per checkpoint), and the timer that asks again while the test runs."""
+    checkpoint = str(checkpoint or DEFAULT_CHECKPOINT)
+    if not _known(checkpoint):
+        name = html.escape(checkpoint_name(checkpoint))
+        return (f'<div id="card-body"><b>Model card: {name}</b><p>Route an image with this checkpoint to load it; '
+                f"its card follows.</p></div>", "", gr.Timer(active=False))
     card, task = _card_state(checkpoint)
     block = int(layer) if layer not in (None, "") and str(layer).isdigit() else None
-    if card is not None and card.card is not None and block not in (card.card["facts"]["moe_blocks"] or [None]):
-        block = (card.card["facts"]["moe_blocks"] or [None])[-1]
-    yield _card_html(checkpoint, card), _verdict_html(card, block, task)
-    if card is not None and card.pending:
-        model, config, _ = EXPLORER.model(checkpoint or DEFAULT_CHECKPOINT)
-        card = CARDS.wait(checkpoint or DEFAULT_CHECKPOINT, model, config)
-        yield _card_html(checkpoint, card), _verdict_html(card, block, task)
+    moe = (card.card or {}).get("facts", {}).get("moe_blocks") if card is not None and card.card else None
+    if moe and block not in moe:
+        block = moe[-1]
+    pending = card is not None and card.pending
+    return _card_html(checkpoint, card), _verdict_html(card, block, task), gr.Timer(active=pending)
 
 
 def _example_items() -> list[tuple[str, str]]:
@@ -708,21 +724,27 @@ def build_app(checkpoint=None) -> gr.Blocks:
             with gr.Column(scale=1, min_width=320):
                 load_plot = gr.Plot(show_label=False, elem_id="load-plot")
         outputs = [seen, top5, layer, overlay, layers, load_plot, router_plot, legend, status, state, picked]
-        after = [top5, readout, verdict]
+        card_timer = gr.Timer(3.0, active=False)  # ticks while a card's test runs
         quick = dict(api_name=False, show_progress="hidden")
         busy = dict(show_progress="full", show_progress_on=[overlay])
-        run.click(analyse, [upload, ckpt, layer, invert, mode], outputs, api_name="analyse", **busy).then(
-            after_analysis, [state, layer, picked, ckpt], after, **quick).then(
-            None, [status], None, js=CLEAR_WARNINGS_JS, **quick)
-        upload.change(on_upload, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy).then(
-            after_analysis, [state, layer, picked, ckpt], after, **quick).then(
-            None, [status], None, js=CLEAR_WARNINGS_JS, **quick).then(None, None, None, js=SHOW_RESULT_JS, **quick)
-        for control in (ckpt, invert):  # a new checkpoint or Invert: the same image again
-            control.input(rerun, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy).then(
-                after_analysis, [state, layer, picked, ckpt], after, **quick).then(
+        card_io = ([ckpt, layer], [card, verdict, card_timer])
+
+        def then_show(event, *js):
+            """After an analysis: the class title and readout, stale warnings closed, the card and verdict."""
+            event = event.then(after_analysis, [state, layer, picked], [top5, readout], **quick).then(
                 None, [status], None, js=CLEAR_WARNINGS_JS, **quick)
-        ckpt.change(show_card, [ckpt, layer], [card, verdict], concurrency_limit=None, **quick)
-        demo.load(show_card, [ckpt, layer], [card, verdict], concurrency_limit=None, **quick)
+            for code in js:
+                event = event.then(None, None, None, js=code, **quick)
+            event.then(refresh_card, *card_io, **quick)
+
+        then_show(run.click(analyse, [upload, ckpt, layer, invert, mode], outputs, api_name="analyse", **busy))
+        then_show(upload.change(on_upload, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy),
+                  SHOW_RESULT_JS)
+        for control in (ckpt, invert):  # a new checkpoint or Invert: the same image again
+            then_show(control.input(rerun, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy))
+        ckpt.change(refresh_card, *card_io, **quick)
+        demo.load(refresh_card, *card_io, **quick)
+        card_timer.tick(refresh_card, *card_io, **quick)
 
         def pick_example(evt: gr.SelectData):
             return None, examples_list[evt.index][0]

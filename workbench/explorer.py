@@ -368,6 +368,15 @@ class Explorer:
                 self._models[key] = (model, config, threading.Lock())
             return self._models[key]
 
+    def loaded(self, checkpoint) -> bool:
+        """Whether ``checkpoint`` is loaded already (an earlier request was allowed to load it)."""
+        try:
+            key = str(resolve_checkpoint(checkpoint).resolve())
+        except (CheckpointError, OSError):
+            return False
+        with self._lock:
+            return key in self._models
+
     def analyse(self, image_path, checkpoint=DEFAULT_CHECKPOINT, invert: bool = False) -> Analysis:
         t0 = time.perf_counter()
         model, _, lock = self.model(checkpoint)

@@ -22,10 +22,11 @@ import hashlib
 import json
 import math
 import os
+import queue
 import tempfile
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -346,9 +347,30 @@ class ModelCards:
         self.draws = draws or int(os.environ.get("WORKBENCH_CARD_DRAWS", DRAWS))
         env_images = os.environ.get("WORKBENCH_CARD_IMAGES")
         self.max_images = max_images or (int(env_images) if env_images else None)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-card")
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
         self._jobs: dict[tuple, Future] = {}
         self._lock = threading.Lock()
+
+    def _submit(self, fn, *args, **kwargs) -> Future:
+        """Run ``fn`` on the one worker thread, a daemon (unlike a ThreadPoolExecutor's, which the interpreter
+        waits for at exit: stopping the app must not wait minutes for a card)."""
+        job: Future = Future()
+        self._queue.put((job, fn, args, kwargs))
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="model-card", daemon=True)
+            self._worker.start()
+        return job
+
+    def _work(self) -> None:
+        while True:
+            job, fn, args, kwargs = self._queue.get()
+            if not job.set_running_or_notify_cancel():
+                continue
+            try:
+                job.set_result(fn(*args, **kwargs))
+            except BaseException as err:  # noqa: BLE001 (handed to whoever waits for the card)
+                job.set_exception(err)
 
     def _images(self, task: str) -> int:
         return self.max_images or IMAGES[task]
@@ -379,8 +401,8 @@ class ModelCards:
         if job is None and start:
             with self._lock:
                 if key not in self._jobs:
-                    self._jobs[key] = self._pool.submit(model_card, path, draws=self.draws,
-                                                        max_images=self._images(task))
+                    self._jobs[key] = self._submit(model_card, path, draws=self.draws,
+                                                   max_images=self._images(task))
                 job = self._jobs[key]
         return CardState(bare, pending=job is not None)
 
