@@ -74,6 +74,7 @@ CSS = """
   height: auto !important; aspect-ratio: 1 / 1; min-width: 0; }
 #examples .caption-label, #scenes .caption-label { font-size: 9px; padding: 0 1px; max-width: 100%;
   overflow: hidden; text-overflow: clip; white-space: nowrap; }
+#examples .gallery-item:nth-child(n+11) .caption-label { display: none; }  /* one name per column */
 .verdict { padding: 6px 10px; border-radius: 6px; font-size: 0.92em; line-height: 1.35; color: #1f2937; }
 .verdict.no { background: #fff4e5; border-left: 4px solid #d97706; }
 .verdict.yes { background: #ecfdf5; border-left: 4px solid #059669; }
@@ -599,6 +600,10 @@ def _card_html(checkpoint, card_state) -> str:
     return out + "</div>"
 
 
+def _p(value) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
 def _verdicts_html(card_state, seg: bool) -> str:
     card = card_state.card
     title = ('<div style="font-weight:600;margin:8px 0 4px">Is the routing specialised? The project\'s test against '
@@ -612,18 +617,20 @@ def _verdicts_html(card_state, seg: bool) -> str:
     t = card["test"]
     metric = "patch-class NMI" if seg else "class NMI"
     head = (f"<tr><th>block</th><th>{metric}</th><th>random routers (mean)</th><th>p (Holm)</th>"
-            "<th>verdict</th></tr>")
+            '<th title="the sensitivity check: trained and random routers each given equal expert loads">'
+            "p, equal loads</th><th>verdict</th></tr>")
     layers = sorted(card["layers"].items(), key=lambda kv: int(kv[0]))
     rows = "".join(
         f'<tr class="{"yes" if v["specialised"] else "no"}"><td>{b}</td><td>{v["nmi"]:.3f}</td>'
-        f'<td>{v["random_nmi"]:.3f}</td><td>{v["p_holm"]:.3g}</td><td>'
+        f'<td>{v["random_nmi"]:.3f}</td><td>{v["p_holm"]:.3g}</td><td>{_p(v.get("p_balanced"))}</td><td>'
         + ("specialised" if v["specialised"] else "<b>not specialised</b>") + "</td></tr>" for b, v in layers)
     flat = [b for b, v in layers if not v["specialised"]]
     many = len(flat) > 1
     warn = ("" if not flat else f'<div class="verdict no" style="margin-top:4px"><b>Block{"s" if many else ""} '
             f'{", ".join(flat)}</b>{" (each)" if many else ""}: {NOT_SPECIALISED}.</div>')
-    seen = (" This checkpoint was trained on the whole training set, so it saw these images in training."
-            if t.get("seen_in_training") else "")
+    seen = (" The equal-loads p (no Holm) is the test's sensitivity check, not its decision."
+            + (" This checkpoint was trained on the whole training set, so it saw these images in training."
+               if t.get("seen_in_training") else ""))
     what = ("each patch's majority class in the ground truth" if seg else "the image's class")
     note = (f'<div class="card-note">Test: the first {t["images"]:,} {"scenes" if seg else "images"} of the '
             f"{html.escape(t['dataset'])} {html.escape(t['split'])}; the NMI between each patch's first-choice expert "
@@ -667,8 +674,9 @@ def _example_items() -> list[tuple[str, str]]:
         per_class.setdefault(int(head) if head.isdigit() else 99, []).append(p)
     rows = max((len(v) for v in per_class.values()), default=0)
     ordered = [v[i] for i in range(rows) for _, v in sorted(per_class.items()) if i < len(v)]
-    return [(p, os.path.basename(p).removesuffix(".png").split("_", 1)[-1].rsplit("_", 1)[0].replace("-", " "))
-            for p in ordered]
+    short = {"t-shirt-top": "T-shirt", "ankle-boot": "boot"}
+    names = [os.path.basename(p).removesuffix(".png").split("_", 1)[-1].rsplit("_", 1)[0] for p in ordered]
+    return [(p, short.get(n, n.replace("-", " "))) for p, n in zip(ordered, names)]
 
 
 def build_app(checkpoint=None) -> gr.Blocks:
@@ -681,7 +689,7 @@ def build_app(checkpoint=None) -> gr.Blocks:
                     "checkpoint and an image; hover over the overlay, click a patch.", elem_id="title")
         state = gr.State(None)
         picked = gr.State(None)
-        chosen = gr.State(None)  # the example a thumbnail picked, on its way into the upload
+        chosen = gr.State(None)  # the scene a thumbnail picked, on its way into the upload
         with gr.Row(equal_height=False, elem_id="main"):
             with gr.Column(scale=1, min_width=300, elem_id="inputs"):
                 ckpt = gr.Dropdown(_choices(checkpoint), value=checkpoint, label="Checkpoint (or type a path)",
@@ -747,7 +755,7 @@ def build_app(checkpoint=None) -> gr.Blocks:
         card_timer.tick(refresh_card, *card_io, **quick)
 
         def pick_example(evt: gr.SelectData):
-            return None, examples_list[evt.index][0]
+            return examples_list[evt.index][0]
 
         def pick_scene(current, evt: gr.SelectData):
             target = _segmentation_checkpoint(current)
@@ -755,9 +763,9 @@ def build_app(checkpoint=None) -> gr.Blocks:
                 gr.Info(f"Opened {checkpoint_name(target)} for the scene: a classifier cannot segment it.")
             return None, scenes_list[evt.index], target or gr.skip()
 
-        # the upload is emptied first, so that picking the image already shown analyses it again (say after the
-        # checkpoint changed); the analysis then follows the upload's change
-        examples.select(pick_example, None, [upload, chosen], **quick).then(lambda p: p, chosen, upload, **quick)
+        # the analysis follows the upload's change; a scene empties the upload first, so that the scene already
+        # shown is analysed again when picking it opened the segmentation checkpoint
+        examples.select(pick_example, None, upload, **quick)
         scenes.select(pick_scene, [ckpt], [upload, chosen, ckpt], **quick).then(lambda p: p, chosen, upload,
                                                                                  **quick)
         layer.input(show_layer, [state, layer, mode, picked, ckpt], [overlay, layers, readout, verdict], **quick)

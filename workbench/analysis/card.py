@@ -363,6 +363,10 @@ class ModelCards:
         return job
 
     def _work(self) -> None:
+        try:  # Linux: a thread's own niceness; the app's requests come first while a card is tested
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             job, fn, args, kwargs = self._queue.get()
             if not job.set_running_or_notify_cancel():
