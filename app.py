@@ -55,7 +55,7 @@ PANEL_PX = 200  # the side of each panel of "All MoE layers" and of the segmenta
 PLOT_PX = 330  # the router and load plots' height
 GATE, PLAIN = "gate", "plain"
 TOP5_LABEL = "Top-5 classes"
-SHARE_LABEL = "Objects in the predicted mask (share of object pixels)"
+SHARE_LABEL = "Objects in the mask (share of object pixels)"
 NO_IMAGE = "Upload an image or pick an example first."
 _OUT = {"dir": None}
 _OUT_LOCK = threading.Lock()
@@ -84,11 +84,15 @@ CSS = """
   vertical-align: middle; border: 1px solid #888; }
 #card table { border-collapse: collapse; width: 100%; font-size: 0.9em; }
 #card th, #card td { text-align: left; vertical-align: top; padding: 3px 6px; border-bottom: 1px solid #e5e7eb; }
+#card th { white-space: nowrap; }
+#card #card-verdicts { font-size: 0.85em; }
+#card #card-verdicts th, #card #card-verdicts td { white-space: normal; padding: 3px 4px; }
 #card tr.no td { background: #fff4e5; color: #1f2937; }
 #card tr.yes td { background: #ecfdf5; color: #1f2937; }
 #card .card-note { font-size: 0.82em; opacity: 0.85; margin-top: 4px; overflow-wrap: anywhere; }
 #status p { margin: 2px 0; }
 #main { align-items: flex-start; }
+#top5 label.float, #seen label.float { position: static !important; }  /* their titles above, not over them */
 .progress-text { display: none !important; }  /* Gradio's "processing | 2.2/0.1s": the spinner says enough */
 """
 HATCH_CSS = ("repeating-linear-gradient(45deg, {c} 0 5px, rgba(0,0,0,0.45) 5px 7px), {c}")  # like render_mask's
@@ -524,7 +528,7 @@ def label_classes(state):
         return gr.skip()
     if state.task == "segmentation":
         background = state.class_share.get(state.class_names[0], 0.0)
-        return gr.update(label=f"{SHARE_LABEL}; background: {background:.0%} of the image",
+        return gr.update(label=f"{SHARE_LABEL}; background {background:.0%} of the image",
                          num_top_classes=len(state.class_names) - 1)
     return gr.update(label=TOP5_LABEL, num_top_classes=5)
 
@@ -601,7 +605,7 @@ def _card_html(checkpoint, card_state) -> str:
 
 
 def _p(value) -> str:
-    return "" if value is None else f"{value:.3g}"
+    return "" if value is None else f"{value:.2g}"
 
 
 def _verdicts_html(card_state, seg: bool) -> str:
@@ -615,14 +619,14 @@ def _verdicts_html(card_state, seg: bool) -> str:
                             'into the routing.</p>')
         return title + f'<p id="card-verdicts">Not tested: {html.escape(card_state.error or "unknown reason")}.</p>'
     t = card["test"]
-    metric = "patch-class NMI" if seg else "class NMI"
-    head = (f"<tr><th>block</th><th>{metric}</th><th>random routers (mean)</th><th>p (Holm)</th>"
+    metric = "patch NMI" if seg else "class NMI"
+    head = (f"<tr><th>block</th><th>{metric}</th><th>random NMI</th><th>p, Holm</th>"
             '<th title="the sensitivity check: trained and random routers each given equal expert loads">'
             "p, equal loads</th><th>verdict</th></tr>")
     layers = sorted(card["layers"].items(), key=lambda kv: int(kv[0]))
     rows = "".join(
         f'<tr class="{"yes" if v["specialised"] else "no"}"><td>{b}</td><td>{v["nmi"]:.3f}</td>'
-        f'<td>{v["random_nmi"]:.3f}</td><td>{v["p_holm"]:.3g}</td><td>{_p(v.get("p_balanced"))}</td><td>'
+        f'<td>{v["random_nmi"]:.3f}</td><td>{v["p_holm"]:.2g}</td><td>{_p(v.get("p_balanced"))}</td><td>'
         + ("specialised" if v["specialised"] else "<b>not specialised</b>") + "</td></tr>" for b, v in layers)
     flat = [b for b, v in layers if not v["specialised"]]
     many = len(flat) > 1
@@ -634,11 +638,13 @@ def _verdicts_html(card_state, seg: bool) -> str:
     what = ("each patch's majority class in the ground truth" if seg else "the image's class")
     note = (f'<div class="card-note">Test: the first {t["images"]:,} {"scenes" if seg else "images"} of the '
             f"{html.escape(t['dataset'])} {html.escape(t['split'])}; the NMI between each patch's first-choice expert "
-            f"and {what}, against {t['draws']} random routers with the trained router's norm on the same layer "
+            f"and {what}, against {t['draws']} random routers (random NMI: their mean) with the trained router's "
+            "norm on the same layer "
             f"inputs; one-sided p, Holm across the {len(card['layers'])} layers, specialised when p &lt; "
             f"{t['alpha']}.{seen} Weights sha256 {card['weights_sha256'][:12]}…"
             + (f"; cached in {html.escape(card['cached_at'])}" if card.get("cached_at") else "") + ".</div>")
-    return title + f'<table id="card-verdicts">{head}{rows}</table>' + warn + note
+    return (title + f'<div style="overflow-x:auto"><table id="card-verdicts">{head}{rows}</table></div>' + warn
+            + note)
 
 
 def _known(checkpoint) -> bool:
