@@ -333,16 +333,18 @@ def _choices(current: str | None = None) -> list[tuple[str, str]]:
 
 
 def _segmentation_checkpoint(current) -> str | None:
-    """The first listed segmentation MoE checkpoint, when ``current`` is a classifier (else None)."""
+    """The first listed segmentation checkpoint (MoE ones first), when ``current`` is a classifier (else None; a
+    path neither listed nor loaded counts as a classifier)."""
     def task(path):
         try:
             return config_summary(json.loads(weights_file(path).with_name("config.json").read_text()))
         except (OSError, ValueError):
             return {"task": None, "moe": False}
 
-    if task(current or DEFAULT_CHECKPOINT)["task"] != "classification":
+    current = str(current or DEFAULT_CHECKPOINT)
+    if _known(current) and task(current)["task"] != "classification":  # a typed path is not read here
         return None
-    for _, path in _choices(str(current or DEFAULT_CHECKPOINT)):
+    for _, path in _choices(None):
         if task(path)["task"] == "segmentation":
             return path
     return None
@@ -477,13 +479,14 @@ def _verdict_html(card_state, block: int | None, task: str = "classification") -
     layer = (card.get("layers") or {}).get(str(block))
     if layer is None:
         if card_state.pending:
-            why = "is running (once per checkpoint, a few minutes; the model card below fills in)"
+            why, then = ("is running (once per checkpoint, a few minutes; the model card below fills in)",
+                         "Until it reports")
         elif card_state.error:
-            why = f"could not run ({html.escape(card_state.error)})"
+            why, then = f"could not run ({html.escape(card_state.error)})", "Without it"
         else:
             return ""
         return (f'<div class="verdict pending"><b>Block {block}</b>: the specialisation test against random routers '
-                f'{why}. Until it reports, do not read class structure into this routing.</div>')
+                f'{why}. {then}, do not read class structure into this routing.</div>')
     draws = (card.get("test") or {}).get("draws", "the")
     if layer["specialised"]:
         return (f'<div class="verdict yes"><b>Block {block}: specialised.</b> Its routing follows {what} more '

@@ -205,7 +205,7 @@ def facts(model, config: dict) -> dict:
     if moe:
         first = moe[min(moe)]
         out.update({"num_experts": first.num_experts, "top_k": first.top_k, "router": first.router_type,
-                    "routing": first.routing, "shared_expert": first.shared_expert_mode or None,
+                    "routing": first.routing, "shared_expert": first.shared_expert_mode if first.shared_expert_mode not in (None, "", "none") else None,
                     "same_in_every_layer": len({(m.num_experts, m.top_k, m.router_type, m.routing)
                                                 for m in moe.values()}) == 1})
     out["accuracy"] = _accuracy(config, task)
@@ -233,8 +233,10 @@ def _validation(model, dataset: str | None, task: str, max_images: int):
     from ..data.classification import DatasetNotFound
 
     if dataset not in VAL_SIZE or (dataset == "fmnist-scenes") != (task == "segmentation"):
-        raise CardUnavailable(f"no validation split is known for dataset {dataset!r} (the card tests Fashion-MNIST "
-                              "classifiers and Fashion-MNIST scene segmenters)")
+        what = (f"dataset {dataset!r} has no validation split the card knows" if dataset else
+                "the checkpoint records no dataset and its shape is not a Fashion-MNIST model's")
+        raise CardUnavailable(f"{what} (the card tests Fashion-MNIST classifiers and Fashion-MNIST scene "
+                              "segmenters)")
     val_size = VAL_SIZE[dataset]
     try:
         if task == "segmentation":
