@@ -3,6 +3,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# the app's model cards: a quick specialisation test (a checkpoint's cached card with more draws still serves)
+os.environ.setdefault("WORKBENCH_CARD_DRAWS", "10")
+os.environ.setdefault("WORKBENCH_CARD_IMAGES", "64")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -468,7 +468,7 @@ def test_restricted_app_loads_only_listed_checkpoints_and_reveals_no_path(checkp
     from gradio_client import Client
 
     allowed = app.parse_args(["--restrict-checkpoints", "--checkpoint-dir", str(checkpoints)])[2]
-    listed = app._choices(str(checkpoints / "token"), allowed)
+    listed = [path for _, path in app._choices(str(checkpoints / "token"), allowed)]  # (label, path) pairs
     assert str(checkpoints / "token") in listed and str(checkpoints / "run" / "model") in listed
     assert str(checkpoints / "notes.txt") not in listed and str(app.DEFAULT_CHECKPOINT) in listed
     answers = []

@@ -180,26 +180,31 @@ def test_app_shows_masks_beside_the_experts_for_a_segmentation_checkpoint(checkp
 
     out = dict(zip(app.OUTPUTS, app.analyse(SCENE, str(checkpoints / "seg"), None, False)))
     a = out["state"]
-    assert a.task == "segmentation" and out["top5"] == a.class_share and out["layer"]["value"] == "3"
+    assert a.task == "segmentation" and out["layer"]["value"] == "3"
+    objects = {k: v for k, v in a.class_share.items() if k != "background"}  # the class panel: objects only
+    assert out["top5"] == pytest.approx({k: v / sum(objects.values()) for k, v in objects.items()})
     assert "Segmentation model (11 classes)" in out["status"] and "8x8 patch grid" in out["status"]
     acc, miou = a.scores["pixel_acc"], a.scores["miou"]
     assert f"pixel accuracy {acc:.1%}, mIoU {miou:.1%}" in out["status"]
     panels = _panels(out["layers"])
     assert [alt for alt, _ in panels] == ["ground truth", "prediction", "experts, block 3", "block 2", "block 3"]
     scale = int(np.ceil(app.PANEL_PX / 56))
-    np.testing.assert_array_equal(panels[0][1], render_mask(a.truth, scale))
-    np.testing.assert_array_equal(panels[1][1], render_mask(a.mask, scale))
+    np.testing.assert_array_equal(panels[0][1], render_mask(a.truth, scale, hatch=True))  # classes striped
+    np.testing.assert_array_equal(panels[1][1], render_mask(a.mask, scale, hatch=True))
     np.testing.assert_array_equal(panels[2][1], panels[4][1])  # the selected layer's experts, as in its panel
     legend = re.search(r'<div id="class-legend".*?</div>', out["layers"]).group(0)
     assert all(name in legend for name in SCENE_CLASSES) and "IoU" in legend
     assert "expert 7" in out["legend"]  # the expert legend beside the overlay is the experts' own
+    expert_legend = re.search(r'<div id="seg-expert-legend".*?</div>', out["layers"]).group(0)
+    assert "expert 7" in expert_legend  # and the experts panel beside the masks has its own
     upload = app.analyse(EXAMPLE, str(checkpoints / "seg"), "2", False)
     assert "No ground truth for this image" in upload[app.OUTPUTS.index("status")]
     assert [alt for alt, _ in _panels(upload[app.OUTPUTS.index("layers")])][:2] == ["prediction", "experts, block 2"]
-    overlay, layers = app.show_layer(a, "2", "plain", None)  # another layer: the experts beside the masks follow
+    overlay, layers, readout, _ = app.show_layer(a, "2", "plain", None)  # another layer: the experts beside the masks follow
     assert Path(overlay).is_file() and [alt for alt, _ in _panels(layers)][2] == "experts, block 2"
     label = app.label_classes(a)
-    assert label["label"] == app.SHARE_LABEL and label["num_top_classes"] == 11
+    assert label["label"].startswith(app.SHARE_LABEL) and "background" in label["label"]
+    assert label["num_top_classes"] == 10
     dense = dict(zip(app.OUTPUTS, app.analyse(SCENE, str(checkpoints / "dense"), None, False)))
     assert "dense (no MoE layers)" in dense["status"] and "only its mask" in dense["status"]
     assert [alt for alt, _ in _panels(dense["layers"])] == ["ground truth", "prediction"]
@@ -224,10 +229,11 @@ def test_scenes_appear_in_the_example_gallery(checkpoints):
     import app
 
     demo = app.build_app(checkpoints / "seg")
-    samples = {c["props"].get("label"): [s[0] for s in c["props"]["samples"]]
-               for c in demo.config["components"] if c.get("type") == "dataset"}
-    assert samples["Segmentation scenes (ground truth beside them)"] == [f"scene_{i:02d}.png" for i in range(6)]
-    assert "scene_00.png" not in samples["Fashion-MNIST test images"]
+    galleries = {c["props"].get("elem_id"): [Path(item["image"]["path"]).name for item in c["props"]["value"]]
+                 for c in demo.config["components"] if c.get("type") == "gallery"}
+    assert [Path(p).name for p in example_scenes_paths()] == [f"scene_{i:02d}.png" for i in range(6)]
+    assert len(galleries["scenes"]) == 6
+    assert not any(name.startswith("scene_") for name in galleries["examples"])
     assert all(Path(p).parent == SCENES for p in example_scenes_paths())
 
 
@@ -270,13 +276,13 @@ def test_browser_example_scene_shows_masks_and_class_legend(served, tmp_path):
             "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.goto(served)
-        page.locator("#scenes").get_by_text("scene_01.png").click()
+        page.locator("#scenes img").nth(1).click()
         page.locator("#status").get_by_text("pixel accuracy").wait_for(timeout=60_000)
         page.locator("#segmentation figure img[alt='prediction']").wait_for(state="visible", timeout=30_000)
         shown = {alt: page.locator(f"#segmentation figure img[alt='{alt}']").is_visible()
                  for alt in ("ground truth", "prediction", "experts, block 3")}
         legend = page.locator("#class-legend").inner_text()
-        page.get_by_text("Classes in the predicted mask (share of pixels)").wait_for(timeout=30_000)
+        page.get_by_text("Objects in the mask (share of object pixels)").wait_for(timeout=30_000)
         shot = tmp_path / "segmentation.png"
         page.screenshot(path=str(shot), full_page=True)
         errors = page.locator(".error, .toast-body.error").count()

@@ -14,8 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .analysis.routing import run_with_routing
 from .train.checkpoint import CheckpointError, load_model
-from .viz.class_palette import class_rgb_array
-from .viz.palette import expert_rgb_array, paint
+from .viz.overlay import GATE_FLOOR, HATCH_PERIOD, render_mask, render_overlay  # noqa: F401  (re-exported)
 
 MAX_PIXELS = 64_000_000  # decoded pixels allowed before we refuse (PIL's bomb guard is on top of this)
 WORKING_SIZE = 1024  # large images are reduced to this before preprocessing
@@ -27,49 +26,6 @@ SCENES = EXAMPLES / "scenes"  # segmentation scenes, each with its ground truth 
 
 class BadImage(ValueError):
     """An upload we cannot use; the message is shown to the user as it is."""
-
-
-GATE_FLOOR = 0.3  # in gate mode, the weakest gate of an image still shows its colour at this strength
-
-
-def render_overlay(image: np.ndarray, experts: np.ndarray, gates: np.ndarray | None = None, *, scale: int = 32,
-                   picked: tuple[int, int] | None = None) -> np.ndarray:
-    """An RGB uint8 picture of the patch grid ``experts`` (gh, gw) over ``image`` ((H, W) or (H, W, 3) in [0, 1]),
-    each patch in its expert's palette colour drawn with :func:`~workbench.palette.paint`: opaque (the legend colour
-    exactly, over black) without ``gates``, else with strength from the patch's gate relative to the image's largest.
-    Thin dark lines mark the patch grid; ``picked`` (row, col) gets a black-and-white frame."""
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    gh, gw = experts.shape
-    h, w = img.shape[:2]
-    ph, pw = max(scale, int(np.ceil(h / gh))), max(scale, int(np.ceil(w / gw)))  # whole pixels per patch
-    base = img[(np.arange(gh * ph) * h // (gh * ph))][:, (np.arange(gw * pw) * w // (gw * pw))]
-    strength = np.ones((gh, gw), dtype=np.float32)
-    if gates is not None:
-        g = np.asarray(gates, dtype=np.float32)
-        strength = GATE_FLOOR + (1 - GATE_FLOOR) * g / max(float(g.max()), 1e-6)
-    color = np.repeat(np.repeat(expert_rgb_array(experts), ph, 0), pw, 1)
-    rgb = paint(base, color, np.repeat(np.repeat(strength, ph, 0), pw, 1))
-    rgb[::ph] = rgb[::ph] * 0.6 + 0.05  # faint patch grid, dark over any colour
-    rgb[:, ::pw] = rgb[:, ::pw] * 0.6 + 0.05
-    if picked is not None:
-        r, c = picked
-        t = max(2, min(ph, pw) // 12)
-        y0, y1, x0, x1 = r * ph, (r + 1) * ph, c * pw, (c + 1) * pw
-        rgb[y0:y1, x0:x1][:t] = rgb[y0:y1, x0:x1][-t:] = 0.0
-        rgb[y0:y1, x0:x1][:, :t] = rgb[y0:y1, x0:x1][:, -t:] = 0.0
-        inner = rgb[y0 + t:y1 - t, x0 + t:x1 - t]
-        inner[:t] = inner[-t:] = 1.0
-        inner[:, :t] = inner[:, -t:] = 1.0
-    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8)
-
-
-def render_mask(mask: np.ndarray, scale: int = 1, num_classes: int | None = None) -> np.ndarray:
-    """An RGB uint8 picture of a class mask (H, W), each pixel ``scale`` x ``scale`` in its class colour
-    (:mod:`workbench.class_palette`: background black); classes outside ``num_classes`` are white."""
-    rgb = class_rgb_array(mask, num_classes)
-    return np.repeat(np.repeat(rgb, scale, 0), scale, 1)
 
 
 def resolve_checkpoint(path) -> Path:
@@ -120,6 +76,26 @@ def visible_content_problem(img: Image.Image, seen: np.ndarray, output: str = "t
     if flat or float(seen.max() - seen.min()) < 2 / 255:
         return f"the image is one flat colour, so the model sees no content and its {output} is meaningless"
     return None
+
+
+def invert_hint(seen: np.ndarray, invert: bool) -> str | None:
+    """For a grayscale model (a light object on black, as Fashion-MNIST): a hint when the model sees a light
+    background (the image's edge, padding left out), which Invert would turn dark."""
+    if seen.ndim != 2:
+        return None
+    edge = np.concatenate([seen[0], seen[-1], seen[:, 0], seen[:, -1]])
+    shown = edge[edge > 0.02]  # the black padding of a non-square image is not its background
+    if len(shown) < len(edge) // 4 or float(np.median(shown)) < 0.6:
+        return None
+    if invert:
+        return ("with Invert ticked the model sees a light background, while it expects a light object on black: "
+                "untick Invert")
+    return ("the model sees a light background, while it expects a light object on black (as in Fashion-MNIST): "
+            "for a dark object photographed on a light background, tick Invert")
+
+
+SCENE_ON_CLASSIFIER = ("this is one of the segmentation scenes (several items on a textured background), but the "
+                       "checkpoint is a classifier: its top-5 names one class for the whole scene")
 
 
 def read_image(path) -> Image.Image:
@@ -273,6 +249,8 @@ class Analysis:
     num_experts: int
     timings: dict[str, float] = field(default_factory=dict)
     warning: str | None = None  # set when the image shows the model nothing (see visible_content_problem)
+    hint: str | None = None  # a grayscale model sees a light background (see invert_hint)
+    mismatch: str | None = None  # a segmentation scene through a classifier (SCENE_ON_CLASSIFIER)
     task: str = "classification"  # or "segmentation"; then top5 is ``class_share``, every class in the mask
     mask: np.ndarray | None = None  # segmentation: the predicted class per pixel (H, W) at the model's input size
     class_names: tuple[str, ...] = ()  # segmentation: the model's class names, class 0 first
@@ -282,7 +260,7 @@ class Analysis:
 
     def mask_picture(self, scale: int = 1, truth: bool = False) -> np.ndarray:
         """The predicted mask (or the ground truth) in the class palette, ``scale`` pixels per model pixel."""
-        return render_mask(self.truth if truth else self.mask, scale, len(self.class_names))
+        return render_mask(self.truth if truth else self.mask, scale, len(self.class_names), hatch=True)
 
     def overlay(self, block: int, scale: int = 32, use_gates: bool = True,
                 picked: tuple[int, int] | None = None) -> np.ndarray:
@@ -336,6 +314,15 @@ class Explorer:
                 self._models[key] = (model, config, threading.Lock())
             return self._models[key]
 
+    def loaded(self, checkpoint) -> bool:
+        """Whether ``checkpoint`` is loaded already (an earlier request was allowed to load it)."""
+        try:
+            key = str(resolve_checkpoint(checkpoint).resolve())
+        except (CheckpointError, OSError):
+            return False
+        with self._lock:
+            return key in self._models
+
     def analyse(self, image_path, checkpoint=DEFAULT_CHECKPOINT, invert: bool = False) -> Analysis:
         t0 = time.perf_counter()
         model, _, lock = self.model(checkpoint)
@@ -367,8 +354,10 @@ class Explorer:
                 experts[b] = top
                 gates[b] = lr.gates[0, ..., 0].numpy()
                 router[b] = lr.probs[0].numpy()
+        scene = not seg and scene_truth_path(image_path) is not None
         result = Analysis(seen, top5, sorted(cache), routing, experts, gates, router, num_experts, warning=warning,
-                          **extra)
+                          hint=None if warning or scene else invert_hint(seen, invert),
+                          mismatch=SCENE_ON_CLASSIFIER if scene else None, **extra)
         result.timings = {"preprocess_ms": (t1 - t0) * 1e3, "forward_ms": (t2 - t1) * 1e3,
                           "total_ms": (time.perf_counter() - t0) * 1e3}
         return result

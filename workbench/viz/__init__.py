@@ -21,6 +21,7 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "segmentation_panels": "figures",
     "regions_by_depth": "figures",
     "accuracy_by_epoch": "figures",
+    "render_overlay": "overlay", "render_mask": "overlay",
     "EXPERT_COLORS": "palette",
     "SHARED_COLOR": "palette",
     "NULL_COLOR": "palette",
