@@ -344,3 +344,14 @@ def test_model_flags_with_a_checkpoint_are_refused_in_one_line(capsys):
     assert err.value.code == 2
     line = capsys.readouterr().err
     assert "--router describe a new model" in line and line.count("\n") == 1
+
+
+def test_resume_of_a_folder_without_a_checkpoint_is_refused_and_eval_checks_its_device(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--dataset", "synthetic", "--output", str(tmp_path / "typo"), "--resume"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "holds no checkpoint.pt" in err and "drop --resume" in err
+    assert not (tmp_path / "typo" / "checkpoint.pt").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--checkpoint", "experiments/checkpoints/vimoe_tiny_fmnist", "--device", "banana"])
+    assert exit_.value.code == 2 and "--device 'banana' is invalid" in capsys.readouterr().err

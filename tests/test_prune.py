@@ -126,3 +126,16 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
         with pytest.raises(SystemExit) as exit_:
             main(args + bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prune_refuses_a_bad_request_before_reading_any_data(tmp_path, capsys):
+    model, config = _moe(shared_expert="add")
+    save_model(model, config, tmp_path / "ck")
+    base = ["prune", "--checkpoint", str(tmp_path / "ck"), "--dataset", "no-such-dataset", "--output", str(tmp_path / "o")]
+    for bad, message in ((["--method", "densify", "--layers", "3"], "shared expert"),
+                         (["--method", "reap"], "needs --keep-experts"),
+                         (["--method", "frequency", "--keep-experts", "4"], "--keep-experts 4 is invalid")):
+        with pytest.raises(SystemExit) as exit_:
+            main(base + bad)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "no-such-dataset" not in err

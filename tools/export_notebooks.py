@@ -31,12 +31,26 @@ def export(notebook: Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    out = Path(argv[0]) if argv and not argv[0][:2].isdigit() else NOTEBOOKS / "html"
-    prefixes = [a for a in argv if a[:2].isdigit()]
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python tools/export_notebooks.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", default=str(NOTEBOOKS / "html"), help="folder for the HTML pages "
+                        "(default: notebooks/html/)")
+    parser.add_argument("notebooks", nargs="*", help="two-digit numbers of the notebooks to export (default: all)")
+    args = parser.parse_args(argv)
+    if args.out[:2].isdigit() and len(args.out) == 2:  # only numbers given
+        args.notebooks, args.out = [args.out, *args.notebooks], str(NOTEBOOKS / "html")
+    paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+    if args.notebooks:
+        bad = [n for n in args.notebooks if not (len(n) == 2 and n.isdigit())]
+        if bad:
+            parser.error(f"{bad} are not notebook numbers: give two digits, e.g. 01 03")
+        paths = [p for p in paths if p.stem[:2] in args.notebooks]
+        if not paths:
+            parser.error(f"no notebook numbered {args.notebooks} in {NOTEBOOKS}")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for path in sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")):
-        if prefixes and not any(path.stem.startswith(p) for p in prefixes):
-            continue
+    for path in paths:
         target = out / f"{path.stem}.html"
         target.write_text(export(path))
         print(target, flush=True)

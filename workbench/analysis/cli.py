@@ -86,9 +86,13 @@ def _cmd_prune(args) -> int:
     from ..train.checkpoint import load_model, save_model
     from ..train.metrics import evaluate
     from .flops import profile
-    from .prune import PruneError, calibrate, prune
+    from .prune import PruneError, calibrate, check_request, prune
 
     model, config = load_model(args.checkpoint)
+    try:  # the request against the model, before any data is read
+        check_request(model, args.method, keep=args.keep_experts, layers=layers)
+    except PruneError as err:
+        raise UsageError(str(err)) from None
     _, val, test = build_splits(args.dataset, val_size=args.val_size, root=args.data_root, model=model,
                                 augment=False, test_subset=args.test_subset)
     calib = calibrate(model, val, max_images=args.calibration_images) if args.method != "densify" else None

@@ -166,12 +166,8 @@ def prune_config(config: dict, **changes) -> dict:
     return config
 
 
-def prune(model, config: dict, method: str, *, keep: int | None = None, layers=None, calib: dict | None = None):
-    """(pruned model, its config).  ``method='densify'`` with ``layers`` (block indices): those MoE layers merged
-    into dense FFNs.  An expert-level ``method`` with ``keep``: every MoE layer reduced to ``keep`` experts,
-    chosen on ``calib`` (from :func:`calibrate` on the validation split)."""
-    from ..train.checkpoint import build_model
-
+def check_request(model, method: str, *, keep: int | None = None, layers=None) -> None:
+    """Refuses, in one line, what :func:`prune` cannot do with ``model``, before any data is read."""
     blocks = _moe_blocks(model)
     if not blocks:
         raise PruneError("this checkpoint has no MoE layers to prune: pick a ViMoE checkpoint (e.g. "
@@ -191,6 +187,27 @@ def prune(model, config: dict, method: str, *, keep: int | None = None, layers=N
         if any(blocks[i].shared is not None for i in layers):
             raise PruneError("densifying a layer with a shared expert gives an FFN wider than the architecture can "
                              "rebuild from its config; prune experts instead (--method frequency --keep-experts M)")
+        return
+    if keep is None:
+        raise PruneError(f"--method {method} needs --keep-experts M (experts left in every MoE layer)")
+    counts = {layer.num_experts for layer in blocks.values()}
+    k = max(layer.top_k for layer in blocks.values())
+    if len(counts) != 1:
+        raise PruneError(f"the MoE layers have different expert counts {sorted(counts)}; pruning keeps one count for all")
+    E = counts.pop()
+    if not k <= keep < E:
+        raise PruneError(f"--keep-experts {keep} is invalid: use top_k ({k}) <= M < the {E} experts each layer has")
+
+
+def prune(model, config: dict, method: str, *, keep: int | None = None, layers=None, calib: dict | None = None):
+    """(pruned model, its config).  ``method='densify'`` with ``layers`` (block indices): those MoE layers merged
+    into dense FFNs.  An expert-level ``method`` with ``keep``: every MoE layer reduced to ``keep`` experts,
+    chosen on ``calib`` (from :func:`calibrate` on the validation split)."""
+    from ..train.checkpoint import build_model
+
+    check_request(model, method, keep=keep, layers=layers)
+    blocks = _moe_blocks(model)
+    if method == "densify":
         from .densify import densify
 
         stats = calib.get("_stats") if calib else None
@@ -201,15 +218,7 @@ def prune(model, config: dict, method: str, *, keep: int | None = None, layers=N
         pruned.load_state_dict(dense.state_dict())
         new_config["pruned"] = {"method": "densify", "layers": sorted(layers)}
         return pruned.eval(), new_config
-    if keep is None:
-        raise PruneError(f"--method {method} needs --keep-experts M (experts left in every MoE layer)")
-    E = {layer.num_experts for layer in blocks.values()}
-    k = max(layer.top_k for layer in blocks.values())
-    if len(E) != 1:
-        raise PruneError(f"the MoE layers have different expert counts {sorted(E)}; pruning keeps one count for all")
-    E = E.pop()
-    if not k <= keep < E:
-        raise PruneError(f"--keep-experts {keep} is invalid: use top_k ({k}) <= M < the {E} experts each layer has")
+    E = next(iter(blocks.values())).num_experts
     if calib is None:
         raise PruneError("expert-level pruning needs calibration data (the validation split): pass calib=")
     state = {n: t.detach().clone() for n, t in model.state_dict().items()}

@@ -96,6 +96,23 @@ def study_is_void(study_or_path, results=None) -> tuple[bool, list[str]]:
 def format_checks(table: pd.DataFrame) -> str:
     lines = []
     for r in table.itertuples():
+        if r.value != r.value:  # nothing to measure yet: no runs, or (prediction_change) no control to compare with
+            lines.append(f"check {r.id} ({r.metric}) {r.config}: not measurable yet ({r.n} runs recorded) {r.rule} "
+                         f"-> FAILS until it is")
+            continue
         lines.append(f"check {r.id} ({r.metric}) {r.config}: {r.value:.4g} (median of {r.n}) {r.rule} -> "
                      f"{'passes' if r.passed else 'FAILS'}")
     return "\n".join(lines)
+
+
+def progress_line(study: dict, results=None) -> str | None:
+    """'k of n planned runs recorded' when a study is incomplete (its checks and claims are then provisional)."""
+    from .spec import plan
+
+    todo = plan(study)
+    done = {(r["config"], r["seed"]) for r in iter_records(study, results)}
+    k = sum(run in done for run in todo)
+    if k >= len(todo):
+        return None
+    return (f"{study['name']}: {k} of {len(todo)} planned runs recorded; the study is incomplete, so its checks and "
+            f"claims below are provisional (python -m workbench study run {study['_path']} continues it)")

@@ -267,7 +267,8 @@ def format_project_claims(table: pd.DataFrame) -> str:
     """One line per claim: study, id, estimate [CI], the study's verdict and the project-wide ones; the claims whose
     verdict changes with the family are marked."""
     lines = [f"{len(table)} claims in {table['study'].nunique()} recorded studies; project-wide family: "
-             f"{int(table['p_project_holm'].notna().sum())} directional claims with a p-value"]
+             f"{int(table['p_project_holm'].notna().sum())} directional claims with a p-value (a study still being "
+             f"recorded shows n below its planned seeds: study claims FILE says how many)"]
     for r in table.itertuples():
         changed = " *" if r.verdict != r.verdict_project or r.verdict != r.verdict_project_bh else ""
         lines.append(f"{r.study}/{r.id}: {r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}] study: {r.verdict}; "

@@ -145,6 +145,10 @@ def _cmd_claims(args) -> int:
         print(f"{study['name']}: no runs recorded yet, so no verdicts: python -m workbench study run {args.study}")
         return 0
     table = evaluate_claims(study, args.results)
+    from .checks import progress_line
+
+    if progress_line(study, args.results):
+        print(progress_line(study, args.results))
     if study.get("checks"):
         from .checks import evaluate_checks, format_checks
 
@@ -164,6 +168,10 @@ def _cmd_checks(args) -> int:
     if not study.get("checks"):
         print(f"{study['name']} states no checks")
         return 0
+    from .checks import progress_line
+
+    if progress_line(study, args.results):
+        print(progress_line(study, args.results))
     print(format_checks(evaluate_checks(study, args.results)))
     return 0
 

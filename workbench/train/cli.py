@@ -137,6 +137,9 @@ def cmd_train(args) -> int:
         cfg.validate()
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
+    if args.resume and not (Path(cfg.output) / "checkpoint.pt").is_file():
+        raise UsageError(f"--resume: {cfg.output} holds no checkpoint.pt to continue (a typo in --output?); drop "
+                         "--resume to start a new run there")
     result = train(cfg, resume=args.resume, given=set(values))
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun the main process speaks for the run
@@ -153,6 +156,8 @@ def cmd_eval(args) -> int:
                          "evaluate on the whole test set")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size} is invalid: use an integer >= 1")
+    if args.device not in ("auto", "cpu", "cuda") and not str(args.device).startswith("cuda:"):
+        raise UsageError(f"--device {args.device!r} is invalid: use auto, cpu, cuda or cuda:N")
     from ..data.classification import build_datasets
     from .checkpoint import load_model
     from .config import dataset_task, model_task
