@@ -95,11 +95,12 @@ def _cmd_prune(args) -> int:
         raise UsageError(str(err)) from None
     _, val, test = build_splits(args.dataset, val_size=args.val_size, root=args.data_root, model=model,
                                 augment=False, test_subset=args.test_subset)
-    calib = calibrate(model, val, max_images=args.calibration_images) if args.method != "densify" else None
-    if args.method == "densify":
+    if args.method == "densify":  # the merge weighs experts by their use on the validation split
         from .routing import collect_routing
 
         calib = {"_stats": collect_routing(model, val, progress=False)}
+    else:
+        calib = calibrate(model, val, max_images=args.calibration_images)
     try:
         pruned, new_config = prune(model, config, args.method, keep=args.keep_experts, layers=layers, calib=calib)
     except PruneError as err:

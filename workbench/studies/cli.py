@@ -147,8 +147,9 @@ def _cmd_claims(args) -> int:
     table = evaluate_claims(study, args.results)
     from .checks import progress_line
 
-    if progress_line(study, args.results):
-        print(progress_line(study, args.results))
+    progress = progress_line(study, args.results)
+    if progress:
+        print(progress)
     if study.get("checks"):
         from .checks import evaluate_checks, format_checks
 
@@ -170,8 +171,9 @@ def _cmd_checks(args) -> int:
         return 0
     from .checks import progress_line
 
-    if progress_line(study, args.results):
-        print(progress_line(study, args.results))
+    progress = progress_line(study, args.results)
+    if progress:
+        print(progress)
     print(format_checks(evaluate_checks(study, args.results)))
     return 0
 
