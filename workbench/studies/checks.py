@@ -45,21 +45,30 @@ def _differ(a: str, b: str) -> float:
     return sum(x != y for x, y in zip(a, b)) / max(1, len(a))
 
 
-def prediction_change(study: dict, results=None) -> dict[str, float]:
-    """Per config: the median over seeds of the share of test predictions that differ from the same seed's control,
-    divided by the control's own seed-to-seed share (mean over consecutive seeds): above 1, the arm moved further
-    from the control than re-drawing the control's seed does."""
+def prediction_shares(study: dict, results=None) -> tuple[dict[str, dict[int, float]], list[float]]:
+    """The share of test images whose predicted class differs from the same seed's control, per config and seed,
+    and the control's own seed-to-seed shares (consecutive seeds): how far each arm moved beyond seed noise.  The
+    control may be another study's arm (``other-study/dense``)."""
     control_study, control = source_of(study, study["control"])
     base = {r["seed"]: r["test_predictions"] for r in iter_records(control_study, results)
             if r["config"] == control and isinstance(r.get("test_predictions"), str)}
     seeds = sorted(base)
     noise = [_differ(base[a], base[b]) for a, b in zip(seeds, seeds[1:])]
-    scale = sum(noise) / len(noise) if noise else math.nan
-    arms: dict[str, list[float]] = {}
+    arms: dict[str, dict[int, float]] = {}
     for r in iter_records(study, results):
-        if r["config"] != control and r["seed"] in base and isinstance(r.get("test_predictions"), str):
-            arms.setdefault(r["config"], []).append(_differ(r["test_predictions"], base[r["seed"]]))
-    return {c: statistics.median(v) / scale if scale and scale == scale else math.nan for c, v in arms.items()}
+        if r["config"] != study["control"] and r["seed"] in base and isinstance(r.get("test_predictions"), str):
+            arms.setdefault(r["config"], {})[r["seed"]] = _differ(r["test_predictions"], base[r["seed"]])
+    return arms, noise
+
+
+def prediction_change(study: dict, results=None) -> dict[str, float]:
+    """Per config: the median over seeds of the share of test predictions that differ from the same seed's control,
+    divided by the control's own seed-to-seed share (mean over consecutive seeds): above 1, the arm moved further
+    from the control than re-drawing the control's seed does."""
+    arms, noise = prediction_shares(study, results)
+    scale = sum(noise) / len(noise) if noise else math.nan
+    return {c: statistics.median(v.values()) / scale if scale and scale == scale else math.nan
+            for c, v in arms.items()}
 
 
 def evaluate_checks(study_or_path, results=None) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import studies as st
+from .checks import prediction_shares
 
 STUDIES = st.ROOT / "experiments" / "studies"
 # study folders under experiments/studies/, in the order the notebooks show them: ``upcycle`` starts from the
@@ -257,30 +258,17 @@ def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.D
 def prediction_changes(kind: str, protocol: str) -> pd.DataFrame:
     """Per arm, over seeds: the share of test images whose predicted class differs from the control's prediction on
     the same seed (``vs_control``), and the same between two seeds of the control itself (``control_seed_to_seed``,
-    consecutive seed pairs): how much an arm's fine-tune changed the model beyond seed noise."""
-    import numpy as np
-
-    def predictions(study: dict) -> dict:
-        return {(r["config"], r["seed"]): np.frombuffer(r["test_predictions"].encode(), np.uint8)
-                for r in st.iter_records(study)
-                if isinstance(r.get("test_predictions"), str) and "," not in r["test_predictions"]}
-
+    consecutive seed pairs): how much an arm's fine-tune changed the model beyond seed noise (the numbers the
+    ``prediction_change`` check reads)."""
     s = st.load_study(study_file(kind, protocol))
-    preds = predictions(s)
-    control = s["control"]
-    if "/" in control:  # the control is another study's arm (e.g. upcycle4-placement/dense)
-        source, config = st.source_of(s, control)
-        preds.update({(control, seed): p for (c, seed), p in predictions(source).items() if c == config})
-    seeds = sorted(seed for c, seed in preds if c == control)
-    noise = [float((preds[control, a] != preds[control, b]).mean()) for a, b in zip(seeds, seeds[1:])]
+    arms, noise = prediction_shares(s)
     rows = []
     for config in s["configs"]:
-        diffs = [float((preds[config, seed] != preds[control, seed]).mean())
-                 for seed in seeds if (config, seed) in preds and config != control]
+        diffs = list(arms.get(config, {}).values())
         if diffs:
-            rows.append({"config": config, "seeds": len(diffs), "vs_control": round(float(np.mean(diffs)), 5),
+            rows.append({"config": config, "seeds": len(diffs), "vs_control": round(sum(diffs) / len(diffs), 5),
                          "vs_control_max": round(max(diffs), 5),
-                         "control_seed_to_seed": round(float(np.mean(noise)), 5) if noise else float("nan")})
+                         "control_seed_to_seed": round(sum(noise) / len(noise), 5) if noise else float("nan")})
     return pd.DataFrame(rows)
 
 
