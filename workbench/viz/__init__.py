@@ -2,7 +2,7 @@
 (``class_palette``) and the plotly figures of the notebooks (``figures``; each is also a name here:
 ``viz.forest_plot``).
 
-Imports: plotly, pandas, numpy; nothing else of ``workbench``.
+Imports: plotly, pandas, numpy, scipy; nothing else of ``workbench``.
 """
 from .._lazy import exports
 
@@ -21,6 +21,7 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "segmentation_panels": "figures",
     "regions_by_depth": "figures",
     "accuracy_by_epoch": "figures",
+    "placement_interaction": "interaction",
     "render_overlay": "overlay", "render_mask": "overlay",
     "EXPERT_COLORS": "palette",
     "SHARED_COLOR": "palette",

@@ -350,9 +350,9 @@ def regions_by_depth(table: pd.DataFrame, config: str | None = None,
 
 
 def accuracy_by_epoch(rows: pd.DataFrame, group=("pilot", "config"), metric: str = "val_acc",
-                      title: str = "Validation accuracy by epoch") -> go.Figure:
-    """One line per run (``group`` columns name it) of ``metric`` by ``epoch``, with the last third of each run's
-    epochs shaded: the plateau rule reads the gain there."""
+                      title: str = "Validation accuracy by epoch", shade: bool = True) -> go.Figure:
+    """One line per run (``group`` columns name it) of ``metric`` by ``epoch``, with (``shade``) the last third of
+    each run's epochs shaded: the plateau rule reads the gain there."""
     fig = go.Figure()
     for i, (name, df) in enumerate(rows.groupby(list(group), sort=False)):
         label = " / ".join(map(str, name if isinstance(name, tuple) else (name,)))
@@ -360,7 +360,8 @@ def accuracy_by_epoch(rows: pd.DataFrame, group=("pilot", "config"), metric: str
                                  line=dict(color=expert_color(i))))
         last = int(df["epoch"].max())
         start = max(1, round(2 * last / 3))
-        fig.add_vrect(x0=start, x1=last, fillcolor=expert_color(i), opacity=0.07, line_width=0)
-    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="epoch"),
+        if shade:
+            fig.add_vrect(x0=start, x1=last, fillcolor=expert_color(i), opacity=0.07, line_width=0)
+    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="epoch", dtick=1),
                       yaxis=dict(title=f"{metric.replace('_acc', '')} accuracy (%)"))
     return fig

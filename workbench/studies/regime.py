@@ -1,0 +1,108 @@
+"""The regime studies (``experiments/studies/regime/``) as the notebooks show them: did the arms learn (training
+curves, the pre-registered checks), and the placement x shared-expert grid that claim 2 is read from.
+
+    from workbench.studies import regime
+    s = regime.load("upcycle4")
+    regime.status(s)              # "7 of 56 planned runs recorded ..." or "complete"
+    regime.curves(s)              # validation / test accuracy by epoch, one row per (config, seed, epoch)
+    regime.checks_table(s)        # each check per config: median over seeds, rule, passes
+    regime.placement_grid(s)      # test accuracy per (placement, shared expert or not, seed)
+    regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
+
+Imports: this package's ``spec``, ``records`` and ``checks``.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from .checks import evaluate_checks
+from .records import iter_records
+from .spec import ROOT, load_study
+
+REGIME = ROOT / "experiments" / "studies" / "regime"
+
+
+def load(name: str) -> dict:
+    """A regime study by its file's stem (``upcycle4``)."""
+    path = REGIME / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in REGIME.glob("*.yaml")))
+        raise FileNotFoundError(f"no regime study {name!r} (known: {known})")
+    return load_study(path)
+
+
+def progress(study: dict, results=None) -> tuple[int, int]:
+    """(recorded runs, planned runs)."""
+    done = sum(1 for _ in iter_records(study, results))
+    return done, len(study["configs"]) * len(study["seeds"])
+
+
+def status(study: dict, results=None) -> str:
+    done, planned = progress(study, results)
+    if done >= planned:
+        return f"{study['name']}: all {planned} planned runs recorded"
+    seeds = sorted({r["seed"] for r in iter_records(study, results)})
+    return (f"{study['name']}: {done} of {planned} planned runs recorded (seeds {', '.join(map(str, seeds))}); "
+            "the study is incomplete, so what follows is provisional: no claim has a verdict until every run is in")
+
+
+def curves(study: dict, mean: bool = False, results=None) -> pd.DataFrame:
+    """Validation and test accuracy (fractions) by epoch: one row per (config, seed, epoch), or with ``mean`` one
+    per (config, epoch), averaged over the seeds recorded (``seeds`` counts them)."""
+    rows = [{"config": r["config"], "seed": r["seed"], "epoch": h["epoch"], "val_acc": h.get("val_acc"),
+             "test_acc": h["test_acc"]}
+            for r in iter_records(study, results) for h in r["history"]]
+    table = pd.DataFrame(rows, columns=["config", "seed", "epoch", "val_acc", "test_acc"])
+    if not mean:
+        return table
+    order = list(study["configs"])
+    out = table.groupby(["config", "epoch"], sort=False).agg(val_acc=("val_acc", "mean"),
+                                                              test_acc=("test_acc", "mean"),
+                                                              seeds=("seed", "nunique")).reset_index()
+    return out.sort_values(["config", "epoch"], key=lambda c: c.map(order.index) if c.name == "config" else c)
+
+
+def checks_table(study: dict, results=None) -> pd.DataFrame:
+    """The pre-registered checks, one row per (check, config), with the value rounded for reading."""
+    table = evaluate_checks(study, results)
+    table["value"] = table["value"].round(4)
+    return table.rename(columns={"id": "check", "n": "seeds", "value": "median over seeds"})
+
+
+def _shared(study: dict, config: str) -> bool:
+    spec = {**study.get("common", {}), **study["configs"][config]}
+    return spec.get("shared_expert", "none") not in (None, "none")
+
+
+def placement_grid(study: dict, results=None) -> pd.DataFrame:
+    """Test accuracy (%) of every MoE arm: one row per (config, placement, shared, seed); the control is left out."""
+    rows = []
+    for r in iter_records(study, results):
+        config = r["config"]
+        if config == study["control"]:
+            continue
+        rows.append({"config": config, "placement": study["configs"][config].get("moe_layers"),
+                     "shared": _shared(study, config), "seed": r["seed"], "test_acc": 100 * r["test_acc"]})
+    order = list(study["configs"])
+    rows.sort(key=lambda row: (order.index(row["config"]), row["seed"]))
+    return pd.DataFrame(rows, columns=["config", "placement", "shared", "seed", "test_acc"])
+
+
+def control_mean(study: dict, seeds=None, results=None) -> float | None:
+    """The control's mean test accuracy (%) over its recorded seeds, or over ``seeds`` only (the seeds the arms it
+    is drawn beside have); None when none is recorded."""
+    values = [100 * r["test_acc"] for r in iter_records(study, results)
+              if r["config"] == study["control"] and (seeds is None or r["seed"] in set(seeds))]
+    return sum(values) / len(values) if values else None
+
+
+def placement_ranges(grid: pd.DataFrame) -> pd.DataFrame:
+    """Per seed, with and without a shared expert: the range of test accuracy across placements (max - min, points)
+    and the worst placement's accuracy; only seeds where every placement of that half is recorded."""
+    placements = grid["placement"].nunique()
+    rows = []
+    for (seed, shared), g in grid.groupby(["seed", "shared"]):
+        if g["placement"].nunique() == placements:
+            rows.append({"seed": seed, "shared": shared, "range": g["test_acc"].max() - g["test_acc"].min(),
+                         "worst": g["test_acc"].min()})
+    return pd.DataFrame(rows, columns=["seed", "shared", "range", "worst"])
