@@ -69,6 +69,8 @@ def _edit(base: dict, **changes) -> dict:
     ({"seeds": [0, 0]}, "seeds=[0, 0] is invalid: give a list of distinct integers"),
     ({"seeds": "0"}, "seeds='0' is invalid"),
     ({"references": ["nowhere"]}, "references names study 'nowhere', which has no file in"),
+    ({"references": ["nowhere"]}, "copy 'nowhere''s study file beside this one"),
+    ({"comon": {"top_k": 1}}, "unknown keys 'comon' (did you mean 'common'?)"),
     ({"model": "no_such_model"}, "model: --model 'no_such_model' is not a timm model"),
     ({"configs": {}}, "'configs' must be a mapping of arm name -> model keywords"),
 ])

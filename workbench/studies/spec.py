@@ -95,9 +95,13 @@ def load_study(path) -> dict:
                          f"in experiments/studies/") from None
     if not isinstance(study, dict):
         raise StudyError(f"{path} is not a study file (a YAML mapping with name, protocol, configs, ...)")
-    unknown = set(study) - STUDY_KEYS
+    unknown = sorted(set(study) - STUDY_KEYS)
     if unknown:
-        raise StudyError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(STUDY_KEYS)}")
+        import difflib
+
+        hints = [f"{k!r} (did you mean {c[0]!r}?)" if (c := difflib.get_close_matches(k, STUDY_KEYS, n=1)) else repr(k)
+                 for k in unknown]
+        raise StudyError(f"{path}: unknown keys {', '.join(hints)}; allowed: {sorted(STUDY_KEYS)}")
     for key in ("name", "configs"):
         if key not in study:
             raise StudyError(f"{path}: '{key}' is required")
@@ -221,7 +225,8 @@ def _check_references(path, study: dict) -> None:
     for ref in study["references"]:
         if ref not in names:
             raise StudyError(f"{path}: references names study {ref!r}, which has no file in {folder} (study "
-                             f"names there: {sorted(names)}); fix the name or add its file")
+                             f"names there: {sorted(names)}); fix the name, or copy {ref!r}'s study file beside this "
+                             "one (a study that references another must sit in the same folder)")
     wanted = [("control", study["control"])]
     for claim in study["claims"]:
         for key in ("treatment", "control"):
