@@ -75,7 +75,7 @@ from workbench import viz
 images, y = next(test.batches(8, shuffle=False))
 logits, cache = run_with_routing(model, images)
 print("cached blocks:", cache.layers(), "| probs", tuple(cache[5].probs.shape), "| experts", tuple(cache[5].experts.shape))
-print("image 0 is a", labels[int(y[0])], "-> predicted", labels[int(logits[0].argmax())])
+print("image 0: label", labels[int(y[0])], "-> predicted", labels[int(logits[0].argmax())])
 print("experts used by its patches in block 5:", sorted(set(cache[5].top1()[0].flatten().tolist())))
 
 # %%

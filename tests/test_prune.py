@@ -108,7 +108,9 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
     args = ["prune", "--checkpoint", str(tmp_path / "ck"), "--dataset", "synthetic", "--val-size", "64",
             "--calibration-images", "64", "--test-subset", "32", "--output", str(tmp_path / "out")]
     assert main(args + ["--method", "merge", "--keep-experts", "2", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)  # a checkpoint trained with no held-out split: its val acc is on seen images
+    assert "was not trained with --val-size 64 held out" in captured.err
     assert [r["model"] for r in out["rows"]] == ["before", "pruned"]
     assert out["rows"][1]["params"] < out["rows"][0]["params"] and out["pruned"]["calibration"] == "val"
     pruned, cfg = load_model(tmp_path / "out")
@@ -126,6 +128,10 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
         with pytest.raises(SystemExit) as exit_:
             main(args + bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+    save_model(model, {**config, "train_config": {"val_size": 64}}, tmp_path / "held-out")
+    assert main([*args[:2], str(tmp_path / "held-out"), *args[3:-1], str(tmp_path / "out2"), "--method", "frequency",
+                 "--keep-experts", "2", "--json"]) == 0
+    assert "not trained with" not in capsys.readouterr().err
 
 
 def test_prune_refuses_a_bad_request_before_reading_any_data(tmp_path, capsys):

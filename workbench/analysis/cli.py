@@ -69,6 +69,7 @@ def _cmd_profile(args) -> int:
 def _cmd_prune(args) -> int:
     import json
     import shutil
+    import sys
     from pathlib import Path
 
     from ..models.args import UsageError, parse_moe_layers
@@ -93,6 +94,12 @@ def _cmd_prune(args) -> int:
         check_request(model, args.method, keep=args.keep_experts, layers=layers)
     except PruneError as err:
         raise UsageError(str(err)) from None
+    trained_val = ((config.get("train_config") or {}).get("val_size") or 0,
+                   ((config.get("pretrain") or {}).get("train_config") or {}).get("val_size"))
+    if any(v is not None and v != args.val_size for v in trained_val) or not trained_val[0]:
+        print(f"note: {args.checkpoint} was not trained with --val-size {args.val_size} held out (its train config: "
+              f"val_size {trained_val[0] or 0}), so its 'val acc' below is on images it trained on and the "
+              "experts are chosen on them; the test accuracy is the held-out number", file=sys.stderr)
     _, val, test = build_splits(args.dataset, val_size=args.val_size, root=args.data_root, model=model,
                                 augment=False, test_subset=args.test_subset)
     if args.method == "densify":  # the merge weighs experts by their use on the validation split
@@ -131,7 +138,8 @@ def _cmd_prune(args) -> int:
     for name, m in rows:
         p = profile(m)
         result.append({"model": name, "params": p.params, "gmacs": round(p.macs / 1e9, 6),
-                       "val_acc": round(evaluate(m, val)["acc"], 6), "test_acc": round(evaluate(m, test)["acc"], 6)})
+                       "val_acc": round(evaluate(m, val, progress=not args.json)["acc"], 6),
+                       "test_acc": round(evaluate(m, test, progress=not args.json)["acc"], 6)})
     if args.json:
         print(json.dumps({"output": str(out), "pruned": extra["pruned"], "rows": result}, indent=2))
         return 0
