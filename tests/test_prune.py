@@ -145,3 +145,13 @@ def test_prune_refuses_a_bad_request_before_reading_any_data(tmp_path, capsys):
             main(base + bad)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and "no-such-dataset" not in err
+
+
+def test_random_baseline_draws_keep_experts_reproducibly():
+    from workbench.analysis.prune import expert_groups
+
+    calib = {"load": torch.tensor([5.0, 1.0, 3.0, 0.0, 2.0, 4.0])}
+    draws = {tuple(map(tuple, expert_groups("random", calib, 3, seed=s))) for s in range(20)}
+    assert all(len(d) == 3 and list(d) == sorted(d) and all(len(g) == 1 for g in d) for d in draws)
+    assert expert_groups("random", calib, 3, seed=7) == expert_groups("random", calib, 3, seed=7)
+    assert len(draws) > 5  # the seed matters: not always the same experts

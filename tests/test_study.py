@@ -375,3 +375,49 @@ def test_router_at_init_rebuilds_the_trainers_start(tmp_path):
         moe_modules(moved)[3].router.weight.mul_(-1)
     after = router_at_init(moved, cfg, val, max_images=64)
     assert after["3"]["router_shift"] == pytest.approx(2.0) and after["0"]["router_shift"] == 0.0
+
+
+def test_expert_pruning_analysis_records_each_method_and_random_draws(tmp_path):
+    path = _write(tmp_path, "ep", {
+        "name": "ep", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "train": TRAIN, "seeds": [5],
+        "common": {"num_experts": 4, **MICRO},
+        "analysis": {"expert_pruning": {"keep": [2, 3], "random_draws": 2, "configs": ["all"],
+                                        "calibration_images": 32}},
+        "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
+                    "last-1": {"moe_layers": "last-1"}}})
+    results = tmp_path / "results"
+    run_study(path, results=results, allow_dirty=True)
+    read = lambda name: json.loads((results / "ep" / f"{name}__seed5.json").read_text())  # noqa: E731
+    assert "expert_pruning" not in read("last-1") and "expert_pruning" not in read("dense")  # only the listed arm
+    ep = read("all")["expert_pruning"]
+    assert ep["unpruned"]["test_acc"] == pytest.approx(read("all")["test_acc"], abs=1e-6)
+    assert set(ep) == {"unpruned", "2", "3"}
+    assert set(ep["2"]) == {"frequency", "reap", "merge", "cluster", "random"}
+    assert len(ep["2"]["random"]["draws"]) == 2
+    assert ep["2"]["random"]["test_acc"] == pytest.approx(sum(ep["2"]["random"]["draws"]) / 2, abs=1e-6)
+    assert ep["2"]["frequency"]["params"] < ep["3"]["frequency"]["params"] < ep["unpruned"]["params"]
+    assert ep["2"]["merge"]["gmacs"] == pytest.approx(ep["unpruned"]["gmacs"], rel=0.02)  # top-1: FLOPs kept
+    from workbench.studies.pruning import expert_pruning_table
+
+    table = expert_pruning_table(load_study(path), "all", results=results)
+    assert set(table["method"]) == {"frequency", "reap", "merge", "cluster", "random"}
+    row = table[(table["keep"] == 2) & (table["method"] == "random")].iloc[0]
+    assert row["test_acc"] == pytest.approx(100 * ep["2"]["random"]["test_acc"])
+    assert row["vs_random"] == "-"  # the baseline itself
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"keep": [4]}, "keep [4] is invalid for arm 'all' (4 experts, top-1)"),
+    ({"keep": [2], "methods": ["prune-everything"]}, "methods=['prune-everything'] is invalid"),
+    ({"keep": [2], "configs": ["dense"]}, "configs names ['dense'], not MoE arms"),
+    ({"keep": "2"}, "keep='2' is invalid"),
+    ({"kept": [2]}, "analysis.expert_pruning must be a mapping with keep"),
+])
+def test_a_bad_expert_pruning_block_is_refused_in_one_line(tmp_path, block, message):
+    path = _write(tmp_path, "epb", {
+        "name": "epb", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "train": TRAIN, "seeds": [5],
+        "common": {"num_experts": 4, **MICRO}, "analysis": {"expert_pruning": block},
+        "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"}}})
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -19,8 +19,10 @@ def register_cli(sub) -> None:
     q = sub.add_parser("prune", help="prune a ViMoE checkpoint: MoE layers back to dense, or every MoE layer to M "
                                      "experts (frequency, REAP, M-SMoE merge, HC-SMoE cluster), optionally fine-tuned")
     q.add_argument("--checkpoint", required=True, metavar="PATH", help="a ViMoE model folder or run folder")
-    q.add_argument("--method", required=True, choices=("densify", "frequency", "reap", "merge", "cluster"),
-                   help="densify: --layers back to dense FFNs; the others: every MoE layer to --keep-experts")
+    q.add_argument("--method", required=True, choices=("densify", "frequency", "reap", "merge", "cluster", "random"),
+                   help="densify: --layers back to dense FFNs; the others: every MoE layer to --keep-experts "
+                        "(random: the baseline, experts drawn with --seed)")
+    q.add_argument("--seed", type=int, default=0, help="the draw of --method random (default: 0)")
     q.add_argument("--layers", metavar="BLOCKS", help="densify: MoE blocks to make dense, e.g. 4 or 4,5")
     q.add_argument("--keep-experts", type=int, metavar="M", help="expert-level methods: experts left per layer")
     q.add_argument("--calibration", default="val", choices=("val",),
@@ -109,7 +111,8 @@ def _cmd_prune(args) -> int:
     else:
         calib = calibrate(model, val, max_images=args.calibration_images)
     try:
-        pruned, new_config = prune(model, config, args.method, keep=args.keep_experts, layers=layers, calib=calib)
+        pruned, new_config = prune(model, config, args.method, keep=args.keep_experts, layers=layers, calib=calib,
+                                   seed=args.seed)
     except PruneError as err:
         raise UsageError(str(err)) from None
     out = Path(args.output)

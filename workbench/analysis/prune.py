@@ -15,6 +15,7 @@ the test set), after the methods of the MoE-compression literature (all of them 
   the dominant expert's router row.  MC-SMoE first aligns the experts' hidden units by permutation; that step is
   left out here (upcycled experts start aligned; experts trained from scratch are not, so merging them averages
   unaligned units).
+* ``random`` (the baseline every method must beat): ``keep`` experts drawn at random (seeded), the rest dropped.
 * ``cluster`` (HC-SMoE, ICML 2025): experts clustered hierarchically (average linkage, scipy) by their mean output
   on the calibration tokens into ``keep`` groups; each group merged as above, its router row the usage-weighted
   mean of the members' rows.
@@ -36,8 +37,8 @@ import torch.nn.functional as F
 
 from ..moe import moe_modules
 
-METHODS = ("densify", "frequency", "reap", "merge", "cluster")
-EXPERT_METHODS = ("frequency", "reap", "merge", "cluster")
+METHODS = ("densify", "frequency", "reap", "merge", "cluster", "random")
+EXPERT_METHODS = ("frequency", "reap", "merge", "cluster")  # the literature's; ``random`` is their baseline
 
 
 class PruneError(ValueError):
@@ -113,11 +114,15 @@ def _expert_outputs(layer, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def expert_groups(method: str, calib: dict, keep: int) -> list[list[int]]:
-    """The ``keep`` groups of one layer's experts: one member each for frequency / reap (the kept experts), the
-    merged groups for merge / cluster; the first member of a group gives the router row (merge: the dominant one)."""
+def expert_groups(method: str, calib: dict, keep: int, seed: int = 0) -> list[list[int]]:
+    """The ``keep`` groups of one layer's experts: one member each for frequency / reap / random (the kept
+    experts), the merged groups for merge / cluster; the first member of a group gives the router row (merge: the
+    dominant one).  ``seed`` draws ``random``'s experts."""
     load = calib["load"]
     E = len(load)
+    if method == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return [[int(e)] for e in sorted(torch.randperm(E, generator=generator)[:keep].tolist())]
     if method == "frequency":
         return [[int(e)] for e in sorted(torch.argsort(load, descending=True, stable=True)[:keep].tolist())]
     if method == "reap":
@@ -145,7 +150,7 @@ def expert_groups(method: str, calib: dict, keep: int) -> list[list[int]]:
             big = out.pop()
             out += [big[:1], big[1:]]
         return sorted(out, key=lambda g: min(g))
-    raise PruneError(f"method={method!r} is not an expert-level method: use one of {EXPERT_METHODS}")
+    raise PruneError(f"method={method!r} is not an expert-level method: use one of {(*EXPERT_METHODS, 'random')}")
 
 
 def _merged(tensor: torch.Tensor, groups: list[list[int]], weights: torch.Tensor) -> torch.Tensor:
@@ -199,10 +204,12 @@ def check_request(model, method: str, *, keep: int | None = None, layers=None) -
         raise PruneError(f"--keep-experts {keep} is invalid: use top_k ({k}) <= M < the {E} experts each layer has")
 
 
-def prune(model, config: dict, method: str, *, keep: int | None = None, layers=None, calib: dict | None = None):
+def prune(model, config: dict, method: str, *, keep: int | None = None, layers=None, calib: dict | None = None,
+          seed: int = 0):
     """(pruned model, its config).  ``method='densify'`` with ``layers`` (block indices): those MoE layers merged
     into dense FFNs.  An expert-level ``method`` with ``keep``: every MoE layer reduced to ``keep`` experts,
-    chosen on ``calib`` (from :func:`calibrate` on the validation split)."""
+    chosen on ``calib`` (from :func:`calibrate` on the validation split); ``random`` draws them with ``seed`` (each
+    layer its own draw)."""
     from ..train.checkpoint import build_model
 
     check_request(model, method, keep=keep, layers=layers)
@@ -224,7 +231,7 @@ def prune(model, config: dict, method: str, *, keep: int | None = None, layers=N
     state = {n: t.detach().clone() for n, t in model.state_dict().items()}
     record = {}
     for i, layer in blocks.items():
-        groups = expert_groups(method, calib[i], keep)
+        groups = expert_groups(method, calib[i], keep, seed=seed * 1000 + i)
         usage = calib[i]["load"]
         prefix = f"blocks.{i}.mlp."
         for name in ("w1", "b1", "w2", "b2"):
@@ -239,5 +246,6 @@ def prune(model, config: dict, method: str, *, keep: int | None = None, layers=N
     new_config = prune_config(config, num_experts=keep)
     pruned = build_model(new_config)
     pruned.load_state_dict(state)
-    new_config["pruned"] = {"method": method, "keep_experts": keep, "from_experts": E, "groups": record}
+    new_config["pruned"] = {"method": method, "keep_experts": keep, "from_experts": E, "groups": record,
+                            **({"seed": seed} if method == "random" else {})}
     return pruned.eval(), new_config

@@ -6,7 +6,8 @@ One file, one job, in the order a study flows:
 record) with ``analyse`` (what the analysis block asks of a trained run) -> ``runner`` (every run not yet recorded:
 local workers or a shard; where executors plug in) -> ``records`` (read records as tables) -> ``claims`` (summary,
 contrasts, each claim's interval and verdict) with ``checks`` (did the arms learn: movement, plateau; a study
-failing one is void) -> ``report`` (what the notebooks show) and ``cli``
+failing one is void), ``pruning`` (expert-level pruning over seeds) and ``regime`` (the regime studies' views) ->
+``report`` (what the notebooks show) and ``cli``
 (``python -m workbench study``).
 
 Imports: every package below it (data, models, train, analysis); nothing imports it but the top (cli, notebooks).
@@ -24,4 +25,5 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "config_values": "records", "source_of": "records", "referenced": "records",
     "summary": "claims", "contrasts": "claims", "evaluate_claims": "claims", "seeds_for_half_width": "claims",
     "format_claims": "claims", "format_summary": "claims", "format_contrasts": "claims",
-    "project_claims": "claims", "evaluate_checks": "checks", "study_is_void": "checks"})
+    "project_claims": "claims", "evaluate_checks": "checks", "study_is_void": "checks",
+    "expert_pruning_table": "pruning"})

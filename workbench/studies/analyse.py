@@ -1,15 +1,17 @@
 """What a study's ``analysis`` block asks of a trained run, before its weights are deleted: routing specialisation
-against random routers, movement from the init, densified subsets (pruning), routing against regions
-(segmentation), and every test prediction.
+against random routers, movement from the init, densified subsets (pruning), expert-level pruning and merging,
+routing against regions (segmentation), and every test prediction.
 
-Imports: ``workbench.moe``, ``workbench.train`` and ``workbench.analysis``; ``.spec`` for ``StudyError``.
+Imports: ``workbench.moe``, ``workbench.train`` and ``workbench.analysis``; ``.errors`` for ``StudyError``.
 """
 from __future__ import annotations
 
 import itertools
 import random
 
-from .spec import StudyError
+from .errors import StudyError
+
+EXPERT_PRUNING_KEYS = {"keep", "methods", "random_draws", "configs", "calibration_images"}
 
 
 def predict(model, data) -> str:
@@ -25,7 +27,8 @@ def predict(model, data) -> str:
     return "".join(map(str, preds)) if max(preds, default=0) < 10 else ",".join(map(str, preds))
 
 
-def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
+def analyse_run(model, cfg, analysis: dict, seed: int, val, test, config: str | None = None,
+                model_config: dict | None = None) -> dict:
     """What a study's ``analysis`` block asks of a trained run, before its weights are deleted.  Everything that
     *chooses* (which layers are specialised, which to densify) is measured on the validation split; test
     accuracy is only reported.
@@ -40,11 +43,16 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
       k = round(f x layers) layers: *every* k-subset is densified and scored on validation and test, so the
       specialisation metric's choice (the k least specialised on validation) can be ranked among all subsets and
       against ``random_subsets`` (default 20) seeded random draws.
+    * ``expert_pruning: {keep: [m, ...], methods: [...], random_draws: r, configs: [...]}``: every MoE layer of the
+      listed configs (default: every MoE arm) reduced to m experts by each method (default: frequency, reap, merge,
+      cluster), chosen on the first ``calibration_images`` (default 2000) validation images, and by ``r`` (default
+      5) seeded random choices; each scored on validation and test with its parameters and GMACs, no fine-tuning.
     """
     from ..moe import moe_modules
 
     blocks = sorted(k for k in moe_modules(model) if isinstance(k, int))
-    if not blocks or not (analysis.get("routing") or analysis.get("prune_fraction") or analysis.get("cls_routing")):
+    if not blocks or not (analysis.get("routing") or analysis.get("prune_fraction") or analysis.get("cls_routing")
+                          or analysis.get("expert_pruning")):
         return {}
     if val is None:
         raise StudyError("the analysis block needs a validation split: set train.val_size (e.g. 10000)")
@@ -79,6 +87,71 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test) -> dict:
     if k and len(blocks) >= analysis.get("prune_min_layers", 4):
         out["pruning"] = prune_subsets(model, stats, report, val, test, k, seed,
                                        int(analysis.get("random_subsets", 20)))
+    spec = analysis.get("expert_pruning")
+    if spec and model_config and (config is None or config in spec.get("configs", [config])):
+        out["expert_pruning"] = prune_experts(model, model_config, spec, seed, val, test)
+    return out
+
+
+def check_expert_pruning(spec, arms: dict) -> str | None:
+    """What is wrong with an ``analysis.expert_pruning`` block (None when nothing): ``arms`` maps each MoE arm to
+    its (num_experts, top_k)."""
+    from ..analysis.prune import EXPERT_METHODS
+
+    if not isinstance(spec, dict) or set(spec) - EXPERT_PRUNING_KEYS or "keep" not in spec:
+        return (f"analysis.expert_pruning must be a mapping with keep (a list of expert counts) and optionally "
+                f"{sorted(EXPERT_PRUNING_KEYS - {'keep'})}, e.g. {{keep: [4, 2]}}")
+    keep = spec["keep"]
+    if not isinstance(keep, list) or not keep or any(type(m) is not int or m < 1 for m in keep):
+        return f"analysis.expert_pruning.keep={keep!r} is invalid: give a list of expert counts, e.g. [4, 2]"
+    methods = spec.get("methods", list(EXPERT_METHODS))
+    if not isinstance(methods, list) or not methods or set(methods) - set(EXPERT_METHODS):
+        return f"analysis.expert_pruning.methods={methods!r} is invalid: choose from {list(EXPERT_METHODS)}"
+    draws = spec.get("random_draws", 5)
+    if type(draws) is not int or draws < 0:
+        return f"analysis.expert_pruning.random_draws={draws!r} is invalid: give an integer >= 0 (e.g. 5)"
+    configs = spec.get("configs", list(arms))
+    unknown = [c for c in configs if c not in arms] if isinstance(configs, list) else configs
+    if unknown:
+        return (f"analysis.expert_pruning.configs names {unknown!r}, not MoE arms of this study "
+                f"(its MoE arms: {list(arms)})")
+    for config in configs:
+        experts, top_k = arms[config]
+        bad = [m for m in keep if not top_k <= m < experts]
+        if bad:
+            return (f"analysis.expert_pruning.keep {bad} is invalid for arm {config!r} ({experts} experts, top-"
+                    f"{top_k}): each m needs top_k <= m < num_experts")
+    return None
+
+
+def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test) -> dict:
+    """Every MoE layer to m experts by each method and by seeded random choices (the baseline), chosen on the
+    validation split, scored on validation and test (fractions), with parameters and GMACs; no fine-tuning.
+    ``model_config``: the trained model's checkpoint config (the pruned models are rebuilt from it)."""
+    from ..analysis.flops import profile
+    from ..analysis.prune import EXPERT_METHODS, calibrate, prune
+    from ..train.metrics import evaluate
+
+    config = model_config
+    calib = calibrate(model, val, max_images=int(spec.get("calibration_images", 2000)))
+
+    def score(m) -> dict:
+        p = profile(m)
+        return {"val_acc": round(evaluate(m, val)["acc"], 6), "test_acc": round(evaluate(m, test)["acc"], 6),
+                "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
+
+    out = {"unpruned": score(model)}
+    for keep in spec["keep"]:
+        row = {}
+        for method in spec.get("methods", list(EXPERT_METHODS)):
+            row[method] = score(prune(model, config, method, keep=keep, calib=calib)[0])
+        draws = [score(prune(model, config, "random", keep=keep, calib=calib, seed=seed * 100 + d)[0])
+                 for d in range(int(spec.get("random_draws", 5)))]
+        if draws:
+            row["random"] = {**{k: round(sum(d[k] for d in draws) / len(draws), 6) for k in ("val_acc", "test_acc")},
+                             "params": draws[0]["params"], "gmacs": draws[0]["gmacs"],
+                             "draws": [d["test_acc"] for d in draws]}
+        out[str(keep)] = row
     return out
 
 

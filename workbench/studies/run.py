@@ -187,7 +187,8 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
         _, val, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
                                     augment=False, test_subset=cfg.test_subset)
         scores = {"test_predictions": predict(model, test)}
-        analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test)
+        analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test, config=config,
+                               model_config=model_cfg)
     record = {"study": study["name"], "protocol": study["protocol"], "config": config, "seed": seed,
               "arm_spec": arm_spec(study, config),
               "model_config": model_cfg,

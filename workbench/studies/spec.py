@@ -67,7 +67,7 @@ STUDY_KEYS = {"name", "description", "protocol", "profile", "model", "base", "ba
 METRICS = {"test_acc": "test accuracy", "test_miou": "test mIoU", "test_pixel_acc": "test pixel accuracy"}
 PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
-ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "prune_min_layers", "random_routers", "max_images",
+ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "expert_pruning", "prune_min_layers", "random_routers", "max_images",
                  "random_subsets", "regions"}
 CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst")
 SET_KINDS = ("range", "worst")  # claims over a set of placements: treatment and control are lists of configs
@@ -152,7 +152,22 @@ def load_study(path) -> dict:
         _check_control(path, study)  # a control left at its default matters once a claim compares with it
     _check_references(path, study)
     check_arms(study)
+    if "expert_pruning" in analysis:
+        _check_expert_pruning(path, study)
     return study
+
+
+def _check_expert_pruning(path, study: dict) -> None:
+    from .analyse import check_expert_pruning
+
+    arms = {}
+    for config in study["configs"]:
+        kwargs, _ = arm_model_kwargs(study, config)
+        if kwargs.get("moe_layers", "none") != "none":
+            arms[config] = (int(kwargs.get("num_experts", 8)), int(kwargs.get("top_k", 1)))
+    problem = check_expert_pruning(study["analysis"]["expert_pruning"], arms)
+    if problem:
+        raise StudyError(f"{path}: {problem}")
 
 
 def _check_shape(path, study: dict) -> None:

@@ -1,0 +1,49 @@
+"""Expert-level pruning and merging over a study's seeds (the ``expert_pruning`` analysis): per kept-expert count m
+and method, test accuracy, parameters and activated GMACs, each method paired by seed against the seeded random
+choice of experts (the baseline it must beat) and against the unpruned model, with 95% t-intervals.
+
+    from workbench.studies import pruning
+    pruning.expert_pruning_table(study, "all")
+
+Imports: this package's ``records`` and ``workbench.analysis.stats``.
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from ..analysis.stats import paired
+from .records import iter_records
+
+METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
+
+
+def _interval(t) -> str:
+    if t.n < 2:
+        return f"{t.mean:+.2f} (n={t.n})"
+    return f"{t.mean:+.2f} [{t.low:+.2f}, {t.high:+.2f}]"
+
+
+def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame:
+    """One row per (m, method) of ``config``'s records: seeds, mean test accuracy (%), params, GMACs, and in points
+    paired by seed: ``vs_random`` (method - random choice) and ``vs_unpruned`` (method - the trained model)."""
+    runs = sorted((r for r in iter_records(study, results) if r["config"] == config and r.get("expert_pruning")),
+                  key=lambda r: r["seed"])
+    if not runs:
+        raise ValueError(f"{study['name']}/{config} has no expert_pruning analysis recorded")
+    rows = []
+    counts = sorted({k for r in runs for k in r["expert_pruning"] if k != "unpruned"}, key=int, reverse=True)
+    for keep in counts:
+        have = [r for r in runs if keep in r["expert_pruning"]]
+        unpruned = [100 * r["expert_pruning"]["unpruned"]["test_acc"] for r in have]
+        methods = [m for m in METHOD_ORDER if all(m in r["expert_pruning"][keep] for r in have)]
+        random = ([100 * r["expert_pruning"][keep]["random"]["test_acc"] for r in have]
+                  if "random" in methods else None)
+        for method in methods:
+            cells = [r["expert_pruning"][keep][method] for r in have]
+            acc = [100 * c["test_acc"] for c in cells]
+            rows.append({"keep": int(keep), "method": method, "seeds": len(have),
+                         "test_acc": sum(acc) / len(acc), "params": cells[0]["params"], "gmacs": cells[0]["gmacs"],
+                         "vs_random": "-" if method == "random" or random is None else _interval(paired(acc, random)),
+                         "vs_unpruned": _interval(paired(acc, unpruned))})
+    return pd.DataFrame(rows, columns=["keep", "method", "seeds", "test_acc", "params", "gmacs", "vs_random",
+                                       "vs_unpruned"])
