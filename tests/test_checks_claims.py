@@ -177,3 +177,47 @@ def test_cls_router_report_covers_the_class_token_only():
     assert router_inputs(pooled, data, max_images=8, tokens="cls") == {}
     with pytest.raises(ValueError, match="tokens="):
         router_inputs(model, data, tokens="image")
+
+
+def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_others(tmp_path):
+    """Per seed, the k blocks whose routing (the guide run's, CLS token) most exceeds random routers pick one
+    k-of-L placement; its accuracy is paired with the mean of the other placements on that seed."""
+    places = {"p01": [0, 1], "p23": [2, 3], "p03": [0, 3]}
+    study = {"name": "gd", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "seeds": [0, 1, 2],
+             "control": "dense",
+             "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
+                         **{c: {"moe_layers": b} for c, b in places.items()}},
+             "claims": [{"id": "g", "says": "s", "kind": "guided", "treatment": list(places), "guide": "all",
+                         "expect": "greater"},
+                        {"id": "g-all", "says": "s", "kind": "guided", "treatment": list(places), "guide": "all",
+                         "control": "all", "expect": "no_less", "margin": 0.5}]}
+    path = tmp_path / "gd.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    results = tmp_path / "results"
+    # seed 0 and 1: blocks 2, 3 route the CLS token most (p23 picked); seed 2: blocks 0, 3 (p03 picked)
+    excess = {0: [0.0, 0.01, 0.05, 0.09], 1: [0.02, 0.0, 0.04, 0.05], 2: [0.06, 0.0, 0.01, 0.07]}
+    acc = {("p01", 0): 0.80, ("p23", 0): 0.84, ("p03", 0): 0.82, ("p01", 1): 0.81, ("p23", 1): 0.83,
+           ("p03", 1): 0.80, ("p01", 2): 0.79, ("p23", 2): 0.80, ("p03", 2): 0.83}
+    for seed in range(3):
+        for config, blocks in places.items():
+            _record(results, "gd", config, seed, acc[config, seed])
+            rec_path = results / "gd" / f"{config}__seed{seed}.json"
+            rec = json.loads(rec_path.read_text())
+            rec["moe_test"] = {str(b): {"load": [0.5, 0.5]} for b in blocks}
+            rec_path.write_text(json.dumps(rec))
+        _record(results, "gd", "all", seed, 0.82)
+        rec_path = results / "gd" / f"all__seed{seed}.json"
+        rec = json.loads(rec_path.read_text())
+        rec["routing_cls"] = {str(b): {"excess": e, "nmi": e} for b, e in enumerate(excess[seed])}
+        rec_path.write_text(json.dumps(rec))
+        _record(results, "gd", "dense", seed, 0.8)
+    table = evaluate_claims(path, results=results).set_index("id")
+    want = [84 - (80 + 82) / 2, 83 - (81 + 80) / 2, 83 - (79 + 80) / 2]
+    assert table.loc["g", "n"] == 3 and table.loc["g", "estimate"] == pytest.approx(np.mean(want))
+    assert table.loc["g-all", "estimate"] == pytest.approx(np.mean([84 - 82, 83 - 82, 83 - 82]))
+    assert "picked by all's routing" in table.loc["g", "contrast"]
+    with pytest.raises(StudyError, match="a guided claim lists every k-of-L placement"):
+        bad = {**study, "claims": [{"id": "g", "says": "s", "kind": "guided", "treatment": list(places),
+                                    "expect": "greater"}]}
+        path.write_text(yaml.safe_dump(bad, sort_keys=False))
+        load_study(path)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .records import config_values, load_pruning, load_regions, load_results, load_routing, source_of
+from .records import (config_values, iter_records, load_pruning, load_regions, load_results, load_routing,
+                      source_of)
 from .spec import StudyError, as_study
 
 
@@ -118,6 +119,10 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
             else:
                 d = slope_interval({s: (g["block"].values, g["excess"].values) for s, g in routing.groupby("seed")})
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        elif kind == "guided":
+            a, b, row["contrast"] = _guided(study, claim, results)
+            d = paired(a, b)
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         else:  # pruning
             source, config = source_of(study, claim["treatment"])
             pr = load_pruning(source, [config], results)
@@ -151,18 +156,55 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     table["side"] = [_side(r.estimate, r.expect, r.margin) for r in table.itertuples()]
     # seeds that would make the interval +/- 0.5 points at the observed spread (accuracy claims)
     table["seeds_needed"] = [seeds_for_half_width((r.high - r.low) / 2, int(r.n))
-                              if r.kind in ("paired", "pruning", "range", "worst") and r.high == r.high else None
+                              if r.kind in ("paired", "pruning", "range", "worst", "guided") and r.high == r.high
+                              else None
                               for r in table.itertuples()]
     return table
+
+
+def _moe_blocks(study: dict, name: str, results) -> frozenset:
+    """The MoE blocks of a config's runs (the layers its records report loads for)."""
+    source, config = source_of(study, name)
+    for r in iter_records(source, results):
+        if r["config"] == config:
+            return frozenset(int(k) for k in r.get("moe_test") or {} if str(k).isdigit())
+    return frozenset()
+
+
+def _guided(study: dict, claim: dict, results) -> tuple[list, list, str]:
+    """Per seed, the placement routing picks: the k blocks (k = the placements' MoE block count) whose routing in
+    that seed's ``guide`` run (validation images; ``tokens``, default cls) has the largest NMI excess over random
+    routers, ties broken by the lower block; its test accuracy against the mean of the other placements (or
+    ``control``) on that seed, in points.  Seeds missing any placement, or whose pick is not among them, are left
+    out."""
+    source, guide = source_of(study, claim["guide"])
+    routing = load_routing(source, [guide], results, tokens=claim.get("tokens", "cls"))
+    places = claim["treatment"]
+    blocks = {c: _moe_blocks(study, c, results) for c in places}
+    acc = {c: config_values(study, c, results) for c in places}
+    control = claim.get("control", "others")
+    ctrl = config_values(study, control, results) if control != "others" else None
+    k = max((len(b) for b in blocks.values()), default=0)
+    a, b = [], []
+    for seed, g in routing.groupby("seed"):
+        chosen = frozenset(g.sort_values(["excess", "block"], ascending=[False, True])["block"].astype(int).head(k))
+        picked = [c for c in places if blocks[c] == chosen]
+        if not picked or any(seed not in acc[c].index for c in places) or (ctrl is not None and seed not in ctrl.index):
+            continue
+        others = [acc[c][seed] for c in places if c != picked[0]]
+        a.append(acc[picked[0]][seed] * 100)
+        b.append((sum(others) / len(others) if ctrl is None else ctrl[seed]) * 100)
+    what = "the mean of the other placements" if ctrl is None else control
+    return a, b, f"placement picked by {claim['guide']}'s routing vs {what}"
 
 
 def claim_configs(study: dict, claim: dict) -> set[str]:
     """The configs of this study whose runs a claim reads (configs of referenced studies left out)."""
     names = []
-    for key in ("treatment", "control"):
+    for key in ("treatment", "control", "guide"):
         value = claim.get(key, study["control"] if key == "control" and claim["kind"] in ("paired", "spread")
                           else None)
-        names += value if isinstance(value, list) else [value] if value not in (None, "step0") else []
+        names += value if isinstance(value, list) else [value] if value not in (None, "step0", "others") else []
     return {n for n in names if "/" not in n}
 
 
@@ -194,7 +236,7 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
     lines = []
     for r in table.itertuples():
         p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
-        unit = " pts" if r.kind in ("paired", "pruning", "spread", "range", "worst") else ""
+        unit = " pts" if r.kind in ("paired", "pruning", "spread", "range", "worst", "guided") else ""
         need = getattr(r, "seeds_needed", None)
         extra = f"; estimate on the {r.side}" + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
         lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} [{r.low:+.3f}, {r.high:+.3f}] (n={r.n}{p}) "

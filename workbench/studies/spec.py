@@ -69,7 +69,7 @@ PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
 ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "expert_pruning", "prune_min_layers", "random_routers", "max_images",
                  "random_subsets", "regions"}
-CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst")
+CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst", "guided")
 SET_KINDS = ("range", "worst")  # claims over a set of placements: treatment and control are lists of configs
 # pre-registered checks that the arms learned what is compared (``checks:``); a study failing one is void
 CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts moved apart",
@@ -80,7 +80,7 @@ CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts
                  "late_gain": "validation accuracy gained (points) over the last third of the epochs"}
 CHECK_KEYS = {"id", "says", "metric", "configs", "at_least", "at_most"}
 CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare", "tokens",
-              "source"}  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
+              "source", "guide"}  # guide: the all-MoE run whose validation routing picks the placement (kind guided)  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
 
 
 # -- study files ------------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def _check_references(path, study: dict) -> None:
                              "one (a study that references another must sit in the same folder)")
     wanted = [("control", study["control"])]
     for claim in study["claims"]:
-        for key in ("treatment", "control"):
+        for key in ("treatment", "control", "guide"):
             value = claim.get(key)
             wanted += [(f"claim {claim['id']!r}", v) for v in (value if isinstance(value, list) else [value])]
     for what, name in wanted:
@@ -304,6 +304,12 @@ def _check_claim(path, study: dict, claim: dict) -> None:
         if len(claim["treatment"]) != len(claim["control"]):
             raise StudyError(f"{where}: treatment and control list the same placements: give lists of equal length")
         names = claim["treatment"] + claim["control"]
+    elif claim["kind"] == "guided":
+        if not isinstance(claim["treatment"], list) or len(claim["treatment"]) < 2 or "guide" not in claim:
+            raise StudyError(f"{where}: a guided claim lists every k-of-L placement as treatment (a list of configs) "
+                             f"and names the all-MoE run whose routing picks one per seed as guide (e.g. guide: all)")
+        control = claim.get("control", "others")
+        names = claim["treatment"] + [claim["guide"]] + ([control] if control != "others" else [])
     else:
         control = claim.get("control")  # none: the study's control
         names = [claim["treatment"]] + ([control] if control not in (None, "step0") else [])
