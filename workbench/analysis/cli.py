@@ -11,9 +11,10 @@ from ..models.args import add_moe_args, model_from_args
 
 def register_cli(sub) -> None:
     p = sub.add_parser("profile", help="parameters and activated MACs (per image), dense-equivalent, per block")
-    p.add_argument("--model", default="vimoe_tiny_patch4_28")
+    p.add_argument("--model", default="vimoe_tiny_patch4_28",
+                   help="a timm model name, built with the MoE switches below (default: vimoe_tiny_patch4_28)")
     p.add_argument("--checkpoint", help="profile a checkpoint's model instead of --model")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the profile as JSON (params, GMACs, per-layer rows)")
     add_moe_args(p)
     p.set_defaults(func=_cmd_profile)
     q = sub.add_parser("prune", help="prune a ViMoE checkpoint: MoE layers back to dense, or every MoE layer to M "
@@ -41,7 +42,7 @@ def register_cli(sub) -> None:
     q.add_argument("--train-subset", type=int, metavar="N", help="fine-tune on a fixed random N training images")
     q.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned model (model.safetensors + "
                    "config.json, loadable by eval, info and the app)")
-    q.add_argument("--json", action="store_true")
+    q.add_argument("--json", action="store_true", help="print the before/after rows as JSON")
     q.set_defaults(func=_cmd_prune)
 
 
