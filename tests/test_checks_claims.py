@@ -179,25 +179,34 @@ def test_cls_router_report_covers_the_class_token_only():
         router_inputs(model, data, tokens="image")
 
 
-def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_others(tmp_path):
-    """Per seed, the k blocks whose routing (the guide run's, CLS token) most exceeds random routers pick one
-    k-of-L placement; its accuracy is paired with the mean of the other placements on that seed."""
-    places = {"p01": [0, 1], "p23": [2, 3], "p03": [0, 3]}
+def _guided_study(tmp_path, places, claims):
     study = {"name": "gd", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "seeds": [0, 1, 2],
              "control": "dense",
              "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"},
                          **{c: {"moe_layers": b} for c, b in places.items()}},
-             "claims": [{"id": "g", "says": "s", "kind": "guided", "treatment": list(places), "guide": "all",
-                         "expect": "greater"},
-                        {"id": "g-all", "says": "s", "kind": "guided", "treatment": list(places), "guide": "all",
-                         "control": "all", "expect": "no_less", "margin": 0.5}]}
+             "claims": claims}
     path = tmp_path / "gd.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_others(tmp_path):
+    """Per seed, the k blocks whose routing (the guide run's, CLS token) most exceeds random routers (load-balanced
+    by default) pick one k-of-L placement; its accuracy is paired with the mean of the other placements."""
+    from itertools import combinations
+
+    from workbench.studies.claims import guided_picks
+
+    places = {f"p{a}{b}": [a, b] for a, b in combinations(range(4), 2)}
+    claim = {"id": "g", "says": "s", "kind": "guided", "treatment": list(places), "guide": "all", "tokens": "cls",
+             "expect": "greater"}
+    claims = [claim, {**claim, "id": "g-all", "control": "all", "expect": "no_less", "margin": 0.5},
+              {**claim, "id": "g-unbalanced", "rank_by": "excess"}]
+    path = _guided_study(tmp_path, places, claims)
     results = tmp_path / "results"
-    # seed 0 and 1: blocks 2, 3 route the CLS token most (p23 picked); seed 2: blocks 0, 3 (p03 picked)
-    excess = {0: [0.0, 0.01, 0.05, 0.09], 1: [0.02, 0.0, 0.04, 0.05], 2: [0.06, 0.0, 0.01, 0.07]}
-    acc = {("p01", 0): 0.80, ("p23", 0): 0.84, ("p03", 0): 0.82, ("p01", 1): 0.81, ("p23", 1): 0.83,
-           ("p03", 1): 0.80, ("p01", 2): 0.79, ("p23", 2): 0.80, ("p03", 2): 0.83}
+    # balanced excess: seeds 0, 1 pick blocks 2, 3 (p23); seed 2 picks 0, 3 (p03); unbalanced: 1, 3 everywhere
+    bal = {0: [0.0, 0.01, 0.05, 0.09], 1: [0.02, 0.0, 0.04, 0.05], 2: [0.06, 0.0, 0.01, 0.07]}
+    acc = {(c, seed): 0.80 + 0.001 * i + 0.002 * seed for i, c in enumerate(places) for seed in range(3)}
     for seed in range(3):
         for config, blocks in places.items():
             _record(results, "gd", config, seed, acc[config, seed])
@@ -208,16 +217,51 @@ def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_oth
         _record(results, "gd", "all", seed, 0.82)
         rec_path = results / "gd" / f"all__seed{seed}.json"
         rec = json.loads(rec_path.read_text())
-        rec["routing_cls"] = {str(b): {"excess": e, "nmi": e} for b, e in enumerate(excess[seed])}
+        rec["routing_cls"] = {str(b): {"bal_excess": e, "excess": [0, 0.5, 0, 0.4][b], "nmi": e,
+                                       "specialised": b == 3} for b, e in enumerate(bal[seed])}
         rec_path.write_text(json.dumps(rec))
         _record(results, "gd", "dense", seed, 0.8)
+    study = load_study(path)
+    picks = guided_picks(study, study["claims"][0], results)
+    assert list(picks["placement"]) == ["p23", "p23", "p03"] and list(picks["specialised_blocks"]) == [1, 1, 1]
+    assert picks["guidance"].str.startswith("no").all()  # one specialised block, k = 2
     table = evaluate_claims(path, results=results).set_index("id")
-    want = [84 - (80 + 82) / 2, 83 - (81 + 80) / 2, 83 - (79 + 80) / 2]
+
+    def others(picked, seed):
+        return np.mean([acc[c, seed] for c in places if c != picked]) * 100
+    want = [acc["p23", 0] * 100 - others("p23", 0), acc["p23", 1] * 100 - others("p23", 1),
+            acc["p03", 2] * 100 - others("p03", 2)]
     assert table.loc["g", "n"] == 3 and table.loc["g", "estimate"] == pytest.approx(np.mean(want))
-    assert table.loc["g-all", "estimate"] == pytest.approx(np.mean([84 - 82, 83 - 82, 83 - 82]))
+    assert table.loc["g-all", "estimate"] == pytest.approx(
+        np.mean([acc["p23", 0] * 100 - 82, acc["p23", 1] * 100 - 82, acc["p03", 2] * 100 - 82]))
+    assert table.loc["g-unbalanced", "estimate"] == pytest.approx(
+        np.mean([acc["p13", s] * 100 - others("p13", s) for s in range(3)]))
     assert "picked by all's routing" in table.loc["g", "contrast"]
-    with pytest.raises(StudyError, match="a guided claim lists every k-of-L placement"):
-        bad = {**study, "claims": [{"id": "g", "says": "s", "kind": "guided", "treatment": list(places),
-                                    "expect": "greater"}]}
-        path.write_text(yaml.safe_dump(bad, sort_keys=False))
-        load_study(path)
+    # a placement list that is not every 2-of-4 placement once: refused when read
+    short = _guided_study(tmp_path, places, [{**claim, "treatment": list(places)[:5]}])
+    with pytest.raises(StudyError, match="must list every 2-of-4 placement"):
+        evaluate_claims(short, results=results)
+    for bad in ({k: v for k, v in claim.items() if k != "guide"}, {k: v for k, v in claim.items() if k != "tokens"},
+                {**claim, "rank_by": "nmi"}):
+        with pytest.raises(StudyError, match="a guided claim"):
+            load_study(_guided_study(tmp_path, places, [bad]))
+
+
+def test_a_referenced_arm_failing_its_own_studys_check_voids_the_claims_that_read_it(tmp_path):
+    checks = [{"id": "moved", "says": "s", "metric": "expert_spread", "at_least": 0.1}]
+    _study(tmp_path, checks=checks, name="base")
+    other = {"name": "o", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "seeds": [0, 1, 2, 3],
+             "references": ["base"], "control": "base/dense", "configs": {"x": {"moe_layers": "last-1"}},
+             "claims": [{"id": "reads-a", "says": "s", "treatment": "x", "control": "base/a", "expect": "greater"},
+                        {"id": "reads-b", "says": "s", "treatment": "x", "control": "base/b", "expect": "greater"}]}
+    path = tmp_path / "o.yaml"
+    path.write_text(yaml.safe_dump(other, sort_keys=False))
+    results = tmp_path / "results"
+    for seed in range(4):
+        for p in PLACES:
+            _record(results, "base", p, seed, 0.8 + 0.001 * seed, spread=0.01 if p == "a" else 0.2)
+        _record(results, "base", "dense", seed, 0.8)
+        _record(results, "o", "x", seed, 0.85 + 0.002 * seed)
+    table = evaluate_claims(path, results=results).set_index("id")
+    assert table.loc["reads-a", "verdict"] == "void" and table.loc["reads-b", "verdict"] != "void"
+    assert "base/a" in table.attrs["failed_configs"] and "base/b" not in table.attrs["failed_configs"]

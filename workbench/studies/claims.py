@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .records import (config_values, iter_records, load_pruning, load_regions, load_results, load_routing,
-                      source_of)
+                      referenced, source_of)
 from .spec import StudyError, as_study
 
 
@@ -140,14 +140,23 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     table["p_holm"] = float("nan")
     table.loc[directional, "p_holm"] = holm(table.loc[directional, "p"])
     table["verdict"] = [verdict(r.low, r.high, r.p_holm, r.expect, r.margin) for r in table.itertuples()]
-    if study.get("checks"):  # a claim whose arms did not learn what it compares has no verdict
+    # a claim whose arms did not learn what it compares has no verdict: its own study's checks, and the checks of
+    # the referenced studies whose arms it reads
+    others = sorted({n.rpartition("/")[0] for c in study["claims"] for n in claim_names(study, c) if "/" in n})
+    if study.get("checks") or others:
         from .checks import evaluate_checks
 
-        checks = evaluate_checks(study, results)
-        failed = checks[~checks["passed"]]
+        checks = evaluate_checks(study, results) if study.get("checks") else pd.DataFrame(
+            columns=["id", "config", "passed"])
+        failed = checks[~checks["passed"].astype(bool)]
         bad = set(failed["config"])
+        for other in others:
+            source = referenced(study, other)
+            if source.get("checks"):
+                theirs = evaluate_checks(source, results)
+                bad |= {f"{other}/{c}" for c in theirs.loc[~theirs["passed"], "config"]}
         for i, claim in enumerate(study["claims"]):
-            if bad & claim_configs(study, claim):
+            if bad & set(claim_names(study, claim)):
                 table.loc[i, "verdict"] = "void"
         table.attrs["failed_checks"] = sorted(set(failed["id"]))
         table.attrs["failed_configs"] = sorted(bad)
@@ -171,41 +180,71 @@ def _moe_blocks(study: dict, name: str, results) -> frozenset:
     return frozenset()
 
 
-def _guided(study: dict, claim: dict, results) -> tuple[list, list, str]:
-    """Per seed, the placement routing picks: the k blocks (k = the placements' MoE block count) whose routing in
-    that seed's ``guide`` run (validation images; ``tokens``, default cls) has the largest NMI excess over random
-    routers, ties broken by the lower block; its test accuracy against the mean of the other placements (or
-    ``control``) on that seed, in points.  Seeds missing any placement, or whose pick is not among them, are left
-    out."""
+def guided_picks(study: dict, claim: dict, results=None) -> pd.DataFrame:
+    """Per seed of a guided claim's ``guide`` run: the k blocks whose routing (``tokens``) has the largest
+    ``rank_by`` (``bal_excess``, the load-balanced NMI excess over random routers, or ``excess``; ties: the lower
+    block), the placement with those blocks, and how many of the guide's blocks pass the random-router test after
+    Holm (``specialised``; fewer than k: the routing gives no guidance by the project's own test).  The treatment
+    must list every k-of-L placement once, all of one size (else the 'others' would change with the list)."""
+    from itertools import combinations
+
     source, guide = source_of(study, claim["guide"])
-    routing = load_routing(source, [guide], results, tokens=claim.get("tokens", "cls"))
+    routing = load_routing(source, [guide], results, tokens=claim["tokens"])
     places = claim["treatment"]
     blocks = {c: _moe_blocks(study, c, results) for c in places}
+    rank_by = claim.get("rank_by", "bal_excess")
+    rows = []
+    for seed, g in routing.groupby("seed"):
+        layers = sorted(g["block"].astype(int))
+        sizes = {len(b) for b in blocks.values() if b}
+        k = sizes.pop() if len(sizes) == 1 else 0
+        wanted = {frozenset(c) for c in combinations(layers, k)} if k else set()
+        if any(blocks[c] and blocks[c] not in wanted for c in places) or (
+                all(blocks.values()) and set(blocks.values()) != wanted) or len(set(blocks.values())) < len(
+                [b for b in blocks.values() if b]):
+            raise StudyError(f"{study['name']}: claim {claim['id']!r} must list every {k or 'k'}-of-{len(layers)} "
+                             f"placement of the guide's MoE blocks {layers} exactly once as treatment")
+        chosen = frozenset(g.sort_values([rank_by, "block"], ascending=[False, True])["block"].astype(int).head(k))
+        picked = next((c for c in places if blocks[c] == chosen), None)
+        specialised = int(g["specialised"].sum()) if "specialised" in g else None
+        rows.append({"seed": seed, "blocks": sorted(chosen), "placement": picked, "specialised_blocks": specialised,
+                     "guidance": "yes" if specialised is None or specialised >= k else "no (fewer than k blocks "
+                                 "pass the random-router test)"})
+    return pd.DataFrame(rows, columns=["seed", "blocks", "placement", "specialised_blocks", "guidance"])
+
+
+def _guided(study: dict, claim: dict, results) -> tuple[list, list, str]:
+    """The picked placement's test accuracy against the mean of the other placements (or ``control``) on the same
+    seed, in points; seeds missing any placement (or the control) are left out, so read ``n``."""
+    picks = guided_picks(study, claim, results)
+    places = claim["treatment"]
     acc = {c: config_values(study, c, results) for c in places}
     control = claim.get("control", "others")
     ctrl = config_values(study, control, results) if control != "others" else None
-    k = max((len(b) for b in blocks.values()), default=0)
     a, b = [], []
-    for seed, g in routing.groupby("seed"):
-        chosen = frozenset(g.sort_values(["excess", "block"], ascending=[False, True])["block"].astype(int).head(k))
-        picked = [c for c in places if blocks[c] == chosen]
-        if not picked or any(seed not in acc[c].index for c in places) or (ctrl is not None and seed not in ctrl.index):
+    for seed, picked in zip(picks["seed"], picks["placement"]):
+        if picked is None or any(seed not in acc[c].index for c in places) or (ctrl is not None and seed not in ctrl.index):
             continue
-        others = [acc[c][seed] for c in places if c != picked[0]]
-        a.append(acc[picked[0]][seed] * 100)
+        others = [acc[c][seed] for c in places if c != picked]
+        a.append(acc[picked][seed] * 100)
         b.append((sum(others) / len(others) if ctrl is None else ctrl[seed]) * 100)
     what = "the mean of the other placements" if ctrl is None else control
     return a, b, f"placement picked by {claim['guide']}'s routing vs {what}"
 
 
-def claim_configs(study: dict, claim: dict) -> set[str]:
-    """The configs of this study whose runs a claim reads (configs of referenced studies left out)."""
+def claim_names(study: dict, claim: dict) -> list[str]:
+    """Every config a claim reads: this study's by name, referenced studies' as ``study/config``."""
     names = []
     for key in ("treatment", "control", "guide"):
         value = claim.get(key, study["control"] if key == "control" and claim["kind"] in ("paired", "spread")
                           else None)
         names += value if isinstance(value, list) else [value] if value not in (None, "step0", "others") else []
-    return {n for n in names if "/" not in n}
+    return names
+
+
+def claim_configs(study: dict, claim: dict) -> set[str]:
+    """The configs of this study whose runs a claim reads (configs of referenced studies left out)."""
+    return {n for n in claim_names(study, claim) if "/" not in n}
 
 
 def seeds_for_half_width(half_width: float, n: int, target: float = 0.5, limit: int = 10_000) -> int | None:

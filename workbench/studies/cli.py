@@ -154,10 +154,11 @@ def _cmd_claims(args) -> int:
         from .checks import evaluate_checks, format_checks
 
         print(format_checks(evaluate_checks(study, args.results)))
-        if table.attrs.get("failed_checks"):
-            print(f"VOID: {', '.join(table.attrs['failed_configs'])} failed the checks "
-                  f"{', '.join(table.attrs['failed_checks'])}: the claims that read them have no verdict (their "
-                  f"estimates below are descriptive)")
+    if table.attrs.get("failed_configs"):
+        which = (f"the checks {', '.join(table.attrs['failed_checks'])}" if table.attrs.get("failed_checks")
+                 else "their studies' checks")
+        print(f"VOID: {', '.join(table.attrs['failed_configs'])} failed {which}: the claims that read them have no "
+              f"verdict (their estimates below are descriptive)")
     print(format_claims(table))
     return 0
 

@@ -80,7 +80,8 @@ CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts
                  "late_gain": "validation accuracy gained (points) over the last third of the epochs"}
 CHECK_KEYS = {"id", "says", "metric", "configs", "at_least", "at_most"}
 CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare", "tokens",
-              "source", "guide"}  # guide: the all-MoE run whose validation routing picks the placement (kind guided)  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
+              "source", "guide", "rank_by"}  # guided claims: the all-MoE run whose validation routing picks the
+# placement, and the routing metric that ranks its blocks (bal_excess, the default, or excess)  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
 
 
 # -- study files ------------------------------------------------------------------------------------------------
@@ -308,6 +309,9 @@ def _check_claim(path, study: dict, claim: dict) -> None:
         if not isinstance(claim["treatment"], list) or len(claim["treatment"]) < 2 or "guide" not in claim:
             raise StudyError(f"{where}: a guided claim lists every k-of-L placement as treatment (a list of configs) "
                              f"and names the all-MoE run whose routing picks one per seed as guide (e.g. guide: all)")
+        if "tokens" not in claim or claim.get("rank_by", "bal_excess") not in ("bal_excess", "excess"):
+            raise StudyError(f"{where}: a guided claim names the routing that picks: tokens (cls or patch) and "
+                             f"optionally rank_by (bal_excess, the default, or excess)")
         control = claim.get("control", "others")
         names = claim["treatment"] + [claim["guide"]] + ([control] if control != "others" else [])
     else:
