@@ -70,9 +70,10 @@ def test_bench_train_latency_per_thread_count_against_macs():
     assert result["macs_ratio"] > 1  # the shared expert and the router add MACs
     for r in result["latency"]:
         assert r["vs_macs"] == pytest.approx(r["ratio"] / result["macs_ratio"], abs=2e-3)
+        assert r["sorted_ms"] > 0 and r["sorted_vs_macs"] > 0  # the same ViMoE with the padded path off
     assert result["moe_latency_ms"] == result["latency"][0]["moe_ms"] and result["threads"] == 1
     text = bench.format_train(result)
-    assert "2 threads" in text and "vs MACs" in text and f"{result['macs_ratio']:.3f}x dense" in text
+    assert "2 threads" in text and "sorted vs MACs" in text and f"{result['macs_ratio']:.3f}x dense" in text
 
 
 def test_bench_cli_json(capsys, tmp_path):
