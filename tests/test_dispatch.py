@@ -291,5 +291,7 @@ def test_padded_threshold_counts_rows_per_expert(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(1, 20, 16))  # 20 * 2 / 4 = 10 rows per expert: padded
         layer(torch.randn(1, 21, 16))  # 10.5: sorted
+        image = MoEMlp(16, 24, num_experts=8, top_k=1, routing="image")
+        image(torch.randn(1, 50, 16))  # 6.25 rows per expert, but all 50 in one: padding would run 8 x 50 rows
     assert calls == [1]
     assert dispatch.PADDED_TOKENS_PER_EXPERT == 64 and MoEMlp.padded_tokens_per_expert is None

@@ -10,10 +10,11 @@ with identical outputs and gradients (tested); they differ only in cost.
   ``index_select`` / ``index_add_``), and under ``torch.no_grad()`` its forward runs alone, saving nothing.  On
   CUDA two ``torch._grouped_mm`` kernels over the stacked expert weights, no host sync.
   Few tokens per expert under ``torch.no_grad()`` on CPU (one image: about 6 per expert; at most
-  ``PADDED_TOKENS_PER_EXPERT`` = 64 by default, i.e. T*k/E <= 64): :func:`padded_experts_inference`, every expert's
-  rows in one zero-padded (E, C, d) buffer and two ``baddbmm`` calls in place of 2E small matmuls.  It computes the
-  same outputs to fp32 rounding, in 3 kernels instead of 3E, and spreads over threads by expert.  Training (autograd
-  on) always takes the sorted path above, so training runs do not change.
+  ``PADDED_TOKENS_PER_EXPERT`` = 64 by default, i.e. T*k/E <= 64, with a padded buffer at most ``PADDED_MAX_FILL``
+  = 2 times the rows it holds): :func:`padded_experts_inference`, every expert's rows in one zero-padded (E, C, d)
+  buffer and two ``baddbmm`` calls in place of 2E small matmuls.  It computes the same outputs to fp32 rounding, in
+  3 kernels instead of 3E, and spreads over threads by expert.  Training (autograd on) always takes the sorted path
+  above, so training runs do not change.
 * ``loop``: one small matmul per expert (HF Mixtral style).  The readable reference.
 * ``einsum``: GShard / V-MoE one-hot dispatch and combine tensors of shape (T, E, C).  Spends work on the
   one-hot matmuls and on empty capacity slots; kept as the anchors' reference.
@@ -34,6 +35,9 @@ DISPATCH_MODES = ("grouped", "loop", "einsum")
 # ``padded_tokens_per_expert`` overrides it per layer; 0 turns it off).  Above about 64 rows per expert the padding
 # and the (E, C, d) copy cost more than the per-expert calls save (measured on a 2-core Xeon, d=192, h=768, E=8).
 PADDED_TOKENS_PER_EXPERT = 64
+# ... and when the padded buffer (E x the busiest expert's rows) is at most this many times the T*k rows it holds:
+# image routing at batch 1 sends all of an image's tokens to k experts, which padding would run through all E.
+PADDED_MAX_FILL = 2.0
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 Act = Callable[[torch.Tensor], torch.Tensor]
@@ -273,7 +277,9 @@ def dispatch_grouped(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act,
     :func:`padded_experts_inference`.  On CUDA: two ``torch._grouped_mm`` kernels, no host sync."""
     if not (x.is_cuda and HAS_GROUPED_MM) and not _dropout_active(drop):
         if not torch.is_grad_enabled() and experts.numel() <= padded_tokens_per_expert * w1.shape[0]:
-            return padded_experts_inference(x, experts, gates, w1, b1, w2, b2, act)
+            busiest = int(torch.bincount(experts.reshape(-1), minlength=w1.shape[0]).max())
+            if busiest * w1.shape[0] <= PADDED_MAX_FILL * experts.numel():
+                return padded_experts_inference(x, experts, gates, w1, b1, w2, b2, act)
         dtype = _matmul_dtype(x)
         plan = SortedAssignments.of(experts, w1.shape[0])
         args = (x.to(dtype), gates.to(dtype), w1.to(dtype), _cast(b1, dtype), w2.to(dtype), _cast(b2, dtype), plan, act)
