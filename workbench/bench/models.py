@@ -169,14 +169,14 @@ def _latency(moe, dense, batches, reps: int, device, macs_ratio: float) -> list[
     layers = list(moe_modules(moe).values())
 
     def sorted_path(x):
-        saved = [layer.padded_tokens_per_expert for layer in layers]
+        saved = [layer.padded_max_rows for layer in layers]
         for layer in layers:
-            layer.padded_tokens_per_expert = 0
+            layer.padded_max_rows = 0
         try:
             return moe(x)
         finally:
             for layer, value in zip(layers, saved):
-                layer.padded_tokens_per_expert = value
+                layer.padded_max_rows = value
 
     with torch.no_grad():
         for b in batches:
