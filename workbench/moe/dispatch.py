@@ -33,9 +33,9 @@ DISPATCH_MODES = ("grouped", "loop", "einsum")
 # ``grouped`` under torch.no_grad() on CPU runs padded_experts_inference when the busiest expert has at most
 # PADDED_MAX_ROWS rows (MoEMlp's ``padded_max_rows`` overrides it per layer; 0 turns it off) and E x those rows is at
 # most PADDED_MAX_FILL x the T*k rows.  Measured on the shipped ViMoE's last MoE layer (d=192, h=768, E=8, 1 thread,
-# CPU time, a 2-core Xeon): at batch 1 with evenly routed tokens (busiest expert about 10 of 50) the padded path
-# took 0.94x the sorted one; on Fashion-MNIST images, whose tokens crowd into a few experts (busiest about 20 of
-# 50), it took 1.25x, and at batch 8 (50 rows per expert) 1.0-1.12x.  Where the padding is small the one batched
+# CPU time, a 2-core Xeon, without these limits): at batch 1 on random inputs, whose tokens spread over the
+# experts, the padded path took 0.94x the sorted one; on Fashion-MNIST images, whose tokens crowd into a few experts
+# (the busiest holds about 20 of 50), 1.25x, and at batch 8 (50 rows per expert on average) 1.0-1.12x.  Where the padding is small the one batched
 # call saves the per-expert calls; where it is not, the padded rows cost more than the calls.
 PADDED_MAX_ROWS = 16
 PADDED_MAX_FILL = 2.0
