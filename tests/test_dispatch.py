@@ -130,6 +130,7 @@ def _pair(kwargs, tokens=(4, 9), dim=16, seed=0):
 @pytest.mark.parametrize("kwargs", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_inference_path_equals_loop(kwargs):
     layers, x = _pair(kwargs)
+    layers["grouped"].padded_max_rows = 0  # the sorted path (the padded one: test_padded_inference_...)
     with torch.no_grad():
         y, y0 = layers["grouped"](x), layers["loop"](x)
     torch.testing.assert_close(y, y0, atol=1e-5, rtol=1e-5)
@@ -160,6 +161,7 @@ def test_inference_path_only_without_grad(monkeypatch):
     real = dispatch._sorted_experts_inference
     monkeypatch.setattr(dispatch, "_sorted_experts_inference", lambda *a: calls.append(1) or real(*a))
     layer = MoEMlp(16, 24, num_experts=4, top_k=2)
+    layer.padded_max_rows = 0  # the sorted path at every size
     x = torch.randn(2, 5, 16)
     y = layer(x)
     assert calls == [] and y.requires_grad
@@ -240,3 +242,60 @@ def test_every_moe_path_keeps_bf16_under_cuda_autocast(kwargs):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16, f"{kwargs}: {y.dtype}"
+
+
+PADDED_CASES = [
+    dict(num_experts=8, top_k=1),
+    dict(num_experts=8, top_k=2),
+    dict(num_experts=8, top_k=2, renormalize=True),
+    dict(num_experts=8, top_k=1, renormalize=True, shared_expert="add"),
+    dict(num_experts=8, top_k=2, shared_expert="gated", shared_hidden=12),
+    dict(num_experts=4, top_k=1, capacity_factor=0.5),
+    dict(num_experts=3, top_k=2, routing="image"),
+    dict(num_experts=4, top_k=1, bias=False),
+]
+
+
+@pytest.mark.parametrize("kwargs", PADDED_CASES)
+@pytest.mark.parametrize("batch", [1, 8])
+def test_padded_inference_equals_the_sorted_path(monkeypatch, kwargs, batch):
+    """Few tokens per expert under no_grad take the padded batched matmul; its outputs equal the sorted path's to
+    fp32 rounding, and a training forward (autograd on) never takes it."""
+    torch.manual_seed(batch)
+    layer = MoEMlp(16, 24, **kwargs).eval()
+    _state(layer)
+    x = torch.randn(batch, 50, 16)
+    calls = []
+    real = dispatch.padded_experts_inference
+    monkeypatch.setattr(dispatch, "padded_experts_inference", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        layer.padded_max_rows = 0
+        sorted_y = layer(x)
+        assert calls == []
+        layer.padded_max_rows = 10**6  # every size (batch 8 is over the default 16 rows)
+        padded_y = layer(x)
+        assert calls == [1]
+    torch.testing.assert_close(padded_y, sorted_y)
+    y = layer(x)  # autograd on: the training path, bit for bit the same as before
+    assert calls == [1] and y.requires_grad
+    layer.padded_max_rows = 0
+    torch.testing.assert_close(y.detach(), sorted_y, rtol=0, atol=0)
+
+
+def test_padded_threshold_counts_rows_per_expert(monkeypatch):
+    calls = []
+    real = dispatch.padded_experts_inference
+    monkeypatch.setattr(dispatch, "padded_experts_inference", lambda *a: calls.append(1) or real(*a))
+    layer = MoEMlp(16, 24, num_experts=4, top_k=2)
+    layer.padded_max_rows = 10
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([1.0, 0.5, -1.0, -1.0]).unsqueeze(1).expand(4, 16))
+        # positive inputs: top-2 takes experts 0 and 1 for every token
+        layer(torch.rand(1, 10, 16))  # 10 rows in each of 2 experts, a buffer of 4 x 10 = 2 x 20 rows: padded
+        layer(torch.rand(1, 11, 16))  # 11 rows: sorted
+        layer(torch.rand(2, 5, 16))  # 10 rows each again: padded
+        image = MoEMlp(16, 24, num_experts=8, top_k=1, routing="image")
+        image.padded_max_rows = 100
+        image(torch.randn(1, 50, 16))  # 6.25 rows per expert, but all 50 in one: padding would run 8 x 50 rows
+    assert calls == [1, 1]
+    assert dispatch.PADDED_MAX_ROWS == 16 and MoEMlp.padded_max_rows is None

@@ -10,6 +10,7 @@ from .._lazy import exports
 __getattr__, __dir__, __all__ = exports(__name__, {
     "bench_moe": "layers", "bench_peers": "layers", "format_peers_table": "layers", "format_moe_table": "layers",
     "peer_contenders": "layers", "bench_train": "models", "bench_app": "models", "format_train": "models",
+    "bench_step": "models", "format_step": "models", "MOE_PRESETS": "layers",
     "saved_bytes": "timing", "write_result": "timing", "time_interleaved": "timing", "load_note": "timing",
     "repo_relative": "timing", "LOAD_LIMIT": "timing", "PEER_DISTRIBUTIONS": "timing",
     "PEERS_INSTALL": "timing"})

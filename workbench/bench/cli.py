@@ -1,4 +1,4 @@
-"""``python -m workbench bench moe | peers | train | app``: the parsers and commands.
+"""``python -m workbench bench moe | peers | train | step | app``: the parsers and commands.
 
 Imports: this package's ``layers``, ``models`` and ``timing``.
 """
@@ -9,8 +9,8 @@ import json
 import torch
 
 
-from .layers import bench_moe, bench_peers, format_moe_table, format_peers_table
-from .models import bench_app, bench_train, format_train
+from .layers import MOE_PRESETS, PRESET_RUN, bench_moe, bench_peers, format_moe_table, format_peers_table
+from .models import bench_app, bench_step, bench_train, format_step, format_train
 from .timing import PEERS_INSTALL, default_threads, load_note, steady_allocator, write_result
 
 
@@ -18,17 +18,19 @@ def register_cli(sub) -> None:
     p = sub.add_parser("bench", help="speed and memory of MoE layers and ViMoE training vs dense equivalents")
     bsub = p.add_subparsers(dest="bench", required=True)
     m = bsub.add_parser("moe", help="one MoE layer, forward + backward, vs a dense FFN of the activated width")
-    m.add_argument("--batch", type=int, default=128)
-    m.add_argument("--tokens", type=int, default=50)
-    m.add_argument("--dim", type=int, default=192)
-    m.add_argument("--expert-hidden", type=int, default=768)
-    m.add_argument("--num-experts", type=int, default=8)
-    m.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
-    m.add_argument("--dispatch", nargs="+", default=["grouped", "loop", "einsum"],
-                   choices=["grouped", "loop", "einsum"])
-    m.add_argument("--shared", nargs="+", default=["none", "add"], choices=["none", "add", "gated"])
-    m.add_argument("--routers", nargs="+", default=["topk", "experts_choose", "soft"],
-                   choices=["topk", "experts_choose", "soft"],
+    m.add_argument("--preset", nargs="+", choices=sorted(MOE_PRESETS),
+                   help="ViT-scale shapes: vit-s16 (d=384) and/or vit-b16 (d=768), 256 images x 197 tokens, h=4d, "
+                        "E=8 and 16, top-1 and top-2, bf16, the grouped path only; flags given beside it override")
+    m.add_argument("--batch", type=int, help="images (default 128)")
+    m.add_argument("--tokens", type=int, help="tokens per image (default 50)")
+    m.add_argument("--dim", type=int, help="model width d (default 192)")
+    m.add_argument("--expert-hidden", type=int, help="expert width h (default 768)")
+    m.add_argument("--num-experts", type=int, nargs="+", help="E, one run per value (default 8)")
+    m.add_argument("--top-k", type=int, nargs="+", help="default 1 2")
+    m.add_argument("--dispatch", nargs="+", choices=["grouped", "loop", "einsum"],
+                   help="default: grouped loop einsum")
+    m.add_argument("--shared", nargs="+", choices=["none", "add", "gated"], help="default: none add")
+    m.add_argument("--routers", nargs="+", choices=["topk", "experts_choose", "soft"],
                    help="routers to time: top-k (each --dispatch path), experts-choose (capacity factor k), Soft MoE "
                         "(about k x tokens / E slots per expert) (default: all three)")
     m.add_argument("--reps", type=int, default=30)
@@ -40,6 +42,22 @@ def register_cli(sub) -> None:
     m.add_argument("--quiet", action="store_true",
                    help="no progress bar (by default one on stderr, with the time the rest is expected to take)")
     m.set_defaults(func=_cmd_moe)
+    st = bsub.add_parser("step", help="one training step of a ViT-scale ViMoE (default ViMoE-S/16) vs the same model "
+                                      "without MoE (ViT-S/16): img/s and peak memory, synthetic 224x224 inputs")
+    st.add_argument("--model", default="vimoe_small_patch16_224")
+    st.add_argument("--moe-layers", default="every-2")
+    st.add_argument("--num-experts", type=int, default=8)
+    st.add_argument("--top-k", type=int, default=1)
+    st.add_argument("--batch", type=int, default=128)
+    st.add_argument("--steps", type=int, default=20)
+    st.add_argument("--warmup", type=int, default=5)
+    st.add_argument("--img-size", type=int, help="input side (default: the model's, 224); smaller for a dry run")
+    st.add_argument("--depth", type=int, help="blocks (default: the model's, 12); fewer for a dry run")
+    st.add_argument("--device")
+    st.add_argument("--dtype", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 elsewhere")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench")
+    st.set_defaults(func=_cmd_step)
     t = bsub.add_parser("train", help="training img/s of the tiny ViMoE vs the dense tiny ViT; 1- and 8-image latency")
     t.add_argument("--model", default="vimoe_tiny_patch4_28")
     t.add_argument("--dense-model", help="timm name of the dense reference (default: the same model, no MoE)")
@@ -101,18 +119,50 @@ def _cmd_app(args) -> int:
                                  f"{r['overlay_ms']:.1f} ms")
 
 
+MOE_DEFAULTS = {"batch": 128, "tokens": 50, "dim": 192, "expert_hidden": 768, "num_experts": [8], "top_k": [1, 2],
+                "dtype": None, "dispatch": ["grouped", "loop", "einsum"], "shared": ["none", "add"],
+                "routers": ["topk", "experts_choose", "soft"]}
+
+
 def _cmd_moe(args) -> int:
     steady_allocator()
     load_note()  # warns on stderr when other processes share the CPU
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(not 1 <= k <= args.num_experts for k in args.top_k):
-        raise ValueError(f"--top-k {args.top_k} is invalid: each must be in 1..{args.num_experts}")
-    rows = bench_moe(batch=args.batch, tokens=args.tokens, dim=args.dim, expert_hidden=args.expert_hidden,
-                     num_experts=args.num_experts, top_ks=args.top_k, dispatches=args.dispatch, shared=args.shared,
-                     reps=args.reps, device=args.device, dtype=args.dtype, routers=args.routers,
-                     progress=not args.quiet)
-    return _emit(args, "moe", rows, format_moe_table(rows))
+    rows = []
+    for preset in args.preset or [None]:
+        given = {k: getattr(args, k) for k in MOE_DEFAULTS if getattr(args, k) is not None}
+        cfg = {**MOE_DEFAULTS, **(PRESET_RUN if preset else {}), **MOE_PRESETS.get(preset, {}), **given}
+        for name in ("batch", "tokens", "dim", "expert_hidden"):
+            if cfg[name] < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {cfg[name]} is invalid: use an integer >= 1")
+        for num_experts in cfg["num_experts"]:
+            if num_experts < 1 or any(not 1 <= k <= num_experts for k in cfg["top_k"]):
+                raise ValueError(f"--top-k {cfg['top_k']} with --num-experts {num_experts} is invalid: each top-k "
+                                 f"must be in 1..{num_experts}")
+            block = bench_moe(batch=cfg["batch"], tokens=cfg["tokens"], dim=cfg["dim"],
+                              expert_hidden=cfg["expert_hidden"], num_experts=num_experts, top_ks=cfg["top_k"],
+                              dispatches=cfg["dispatch"], shared=cfg["shared"], reps=args.reps, device=args.device,
+                              dtype=cfg["dtype"], routers=cfg["routers"], progress=not args.quiet)
+            for row in block:
+                row["preset"] = preset
+            rows.append(block)
+    text = "\n".join((f"preset {b[0]['preset']}, E={b[0]['num_experts']}:\n" if b[0]["preset"] else "")
+                     + format_moe_table(b) for b in rows)
+    return _emit(args, "moe", [r for b in rows for r in b], text)
+
+
+def _cmd_step(args) -> int:
+    note = load_note() if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu" else {}
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--batch {args.batch} / --steps {args.steps} / --warmup {args.warmup} is invalid: use "
+                         "batch and steps >= 1, warmup >= 0")
+    extra = {k: v for k, v in (("img_size", args.img_size), ("depth", args.depth)) if v is not None}
+    result = bench_step(model=args.model, moe_layers=args.moe_layers, num_experts=args.num_experts, top_k=args.top_k,
+                        batch=args.batch, steps=args.steps, warmup=args.warmup, device=args.device, dtype=args.dtype,
+                        **extra)
+    result.update(note)
+    return _emit(args, "step", result, format_step(result))
 
 
 def _thread_list(text: str) -> list[int]:

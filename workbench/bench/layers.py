@@ -31,6 +31,14 @@ from .timing import (PEER_DISTRIBUTIONS, PEERS_INSTALL, PROGRESS_FORMAT, _fresh_
                      _versions, default_threads, load_note, machine, time_interleaved)
 
 
+# ViT-scale layer shapes for ``bench moe --preset`` (the GPU check): a batch of 256 images of 197 tokens (224x224,
+# 16x16 patches + CLS), h = 4d, E = 8 and 16, top-1 and top-2, bf16; only the default path against its dense FFN.
+MOE_PRESETS = {"vit-s16": {"batch": 256, "tokens": 197, "dim": 384, "expert_hidden": 1536},
+               "vit-b16": {"batch": 256, "tokens": 197, "dim": 768, "expert_hidden": 3072}}
+PRESET_RUN = {"num_experts": [8, 16], "top_k": [1, 2], "dtype": "bf16", "dispatch": ["grouped"], "shared": ["none"],
+              "routers": ["topk"]}
+
+
 def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidden: int = 768,
               num_experts: int = 8, top_ks=(1, 2), dispatches=("grouped", "loop", "einsum"),
               shared=("none", "add"), reps: int = 30, warmup: int = 5, device: str | None = None,

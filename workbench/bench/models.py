@@ -1,5 +1,6 @@
-"""``python -m workbench bench train | app``: training images/s of a ViMoE against its dense twin, eval latency of 1
-and 8 images as a ratio to dense and to what the MACs predict, and the app's per-request time.
+"""``python -m workbench bench train | step | app``: training images/s of a ViMoE against its dense twin, eval
+latency of 1 and 8 images as a ratio to dense and to what the MACs predict; one training step of a ViT-scale ViMoE
+(img/s, peak memory; the GPU check); and the app's per-request time.
 
 Imports: ``workbench.moe``, ``workbench.analysis.flops``, ``workbench.explorer`` (bench app) and ``.timing``.
 """
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..moe import moe_aux_loss
+from ..moe import moe_aux_loss, moe_modules
 
 from .timing import _plural, time_interleaved
 
@@ -65,11 +66,82 @@ def bench_train(*, model: str = "vimoe_tiny_patch4_28", dense_model: str | None 
             "params_dense": sum(p.numel() for p in dense.parameters())}
 
 
-def _macs_ratio(moe: nn.Module, dense: nn.Module) -> float:
+def bench_step(*, model: str = "vimoe_small_patch16_224", moe_layers: str = "every-2", num_experts: int = 8,
+               top_k: int = 1, batch: int = 128, steps: int = 20, warmup: int = 5, device: str | None = None,
+               dtype: str | None = None, **model_kwargs) -> dict:
+    """One training step (forward, backward, AdamW) of a ViMoE against the same model with no MoE layers (for
+    ``vimoe_small_patch16_224``: ViT-S/16), on synthetic inputs of the model's own size (224x224: nothing is
+    downloaded): images/s, interleaved, and the peak memory a step adds above the weights and optimizer state (CUDA:
+    ``max_memory_allocated``; elsewhere not measured, None).  bf16 autocast on CUDA, fp32 elsewhere."""
+    import timm
+
+    from ..models import register
+
+    register()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    models = {"moe": timm.create_model(model, moe_layers=moe_layers, num_experts=num_experts, top_k=top_k,
+                                       **model_kwargs).to(device).train(),
+              "dense": timm.create_model(model, moe_layers="none", **model_kwargs).to(device).train()}
+    size = (models["moe"].patch_embed.proj.in_channels, *models["moe"].patch_embed.img_size)  # img_size= may change it
+    macs_ratio = _macs_ratio(models["moe"], models["dense"], size)
+    x = torch.randn(batch, *size, device=device)
+    y = torch.randint(0, models["moe"].num_classes, (batch,), device=device)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    med = time_interleaved({k: (lambda k=k: _train_step(models[k], opts[k], x, y, dtype)) for k in models},
+                           steps, warmup, device)
+    peak = {k: _step_peak_bytes(models[k], opts[k], x, y, dtype, device) for k in models}
+    ratio = med["moe"] / med["dense"]
+    return {"model": model, "dense_model": f"{model}(moe_layers='none')", "moe_layers": moe_layers,
+            "num_experts": num_experts, "top_k": top_k, **model_kwargs, "batch": batch, "steps": steps,
+            "input_size": list(size), "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "moe_img_s": round(batch / med["moe"], 1), "dense_img_s": round(batch / med["dense"], 1),
+            "step_ratio": round(ratio, 3), "macs_ratio": macs_ratio, "vs_macs": round(ratio / macs_ratio, 3),
+            "moe_peak_mb": _mb(peak["moe"]), "dense_peak_mb": _mb(peak["dense"]),
+            "peak_ratio": round(peak["moe"] / peak["dense"], 3) if peak["dense"] else None,
+            "params_moe": sum(p.numel() for p in models["moe"].parameters()),
+            "params_dense": sum(p.numel() for p in models["dense"].parameters())}
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+def _step_peak_bytes(model, opt, x, y, dtype, device) -> int | None:
+    """Peak CUDA memory one training step allocates above what is held before it (weights, optimizer state)."""
+    if device.type != "cuda":
+        return None
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    _train_step(model, opt, x, y, dtype)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def format_step(result: dict) -> str:
+    r = result
+    peak = ("peak step memory not measured (CUDA only)" if r["moe_peak_mb"] is None else
+            f"peak step memory ViMoE {r['moe_peak_mb']:.0f} MB   dense {r['dense_peak_mb']:.0f} MB   "
+            f"ratio {r['peak_ratio']:.3f}")
+    return "\n".join([
+        f"training step {r['model']} (moe_layers={r['moe_layers']}, E={r['num_experts']}, top-{r['top_k']}) vs "
+        f"{r['dense_model']}, batch {r['batch']} x {'x'.join(map(str, r['input_size']))}, {r['dtype']} on "
+        f"{r['device']}, median of {r['steps']} interleaved steps",
+        f"  ViMoE {r['moe_img_s']:.1f} img/s   dense {r['dense_img_s']:.1f} img/s   step time ratio "
+        f"{r['step_ratio']:.3f} (MACs {r['macs_ratio']:.3f}x dense; vs MACs {r['vs_macs']:.3f})",
+        f"  {peak}"])
+
+
+def _macs_ratio(moe: nn.Module, dense: nn.Module, size=None) -> float:
     """Activated MACs of one image, ViMoE over dense (the router and a shared expert count; experts count k times)."""
     from ..analysis.flops import profile
 
-    x = torch.zeros(1, *moe.pretrained_cfg["input_size"], device=next(moe.parameters()).device)
+    x = torch.zeros(1, *(size or moe.pretrained_cfg["input_size"]), device=next(moe.parameters()).device)
     return round(profile(moe, x).macs / profile(dense, x).macs, 4)
 
 
@@ -88,18 +160,34 @@ def _training_speed(moe, dense, batch, steps, warmup, device, dtype, compile) ->
 
 def _latency(moe, dense, batches, reps: int, device, macs_ratio: float) -> list[dict]:
     """Eval forward under ``torch.no_grad()``, interleaved; ``vs_macs`` = (ViMoE / dense) / MACs ratio, so 1.0 means
-    the ViMoE costs exactly what its extra MACs predict."""
+    the ViMoE costs exactly what its extra MACs predict.  The ViMoE runs twice per round: as shipped (its dispatch
+    picks the padded batched matmul at few tokens per expert) and with every MoE layer on the sorted path
+    (``sorted_*``), so the row shows what the automatic choice saves."""
     rows = []
     moe.eval()
     dense.eval()
+    layers = list(moe_modules(moe).values())
+
+    def sorted_path(x):
+        saved = [layer.padded_max_rows for layer in layers]
+        for layer in layers:
+            layer.padded_max_rows = 0
+        try:
+            return moe(x)
+        finally:
+            for layer, value in zip(layers, saved):
+                layer.padded_max_rows = value
+
     with torch.no_grad():
         for b in batches:
             x = torch.randn(b, *moe.pretrained_cfg["input_size"], device=device)
-            med = time_interleaved({"moe": lambda: moe(x), "dense": lambda: dense(x)}, reps, 5, device)
-            ratio = med["moe"] / med["dense"]
+            med = time_interleaved({"moe": lambda: moe(x), "sorted": lambda: sorted_path(x),
+                                    "dense": lambda: dense(x)}, reps, 5, device)
+            ratio, sorted_ratio = med["moe"] / med["dense"], med["sorted"] / med["dense"]
             rows.append({"threads": torch.get_num_threads(), "batch": b, "moe_ms": round(med["moe"] * 1e3, 2),
                          "dense_ms": round(med["dense"] * 1e3, 2), "ratio": round(ratio, 3),
-                         "vs_macs": round(ratio / macs_ratio, 3)})
+                         "vs_macs": round(ratio / macs_ratio, 3), "sorted_ms": round(med["sorted"] * 1e3, 2),
+                         "sorted_vs_macs": round(sorted_ratio / macs_ratio, 3)})
     return rows
 
 
@@ -135,10 +223,12 @@ def format_train(result: dict) -> str:
                      f"{t['dense_img_s']:.1f} img/s   ratio {t['throughput_ratio']:.3f}")
     lines.append(f"eval forward latency (ViMoE MACs = {r['macs_ratio']:.3f}x dense; vs MACs = latency ratio / MACs "
                  "ratio, 1.00 = costs what its MACs predict)")
-    lines.append(f"  {'threads':>7} {'batch':>5} {'ViMoE ms':>9} {'dense ms':>9} {'ratio':>6} {'vs MACs':>8}")
+    lines.append("  (sorted: the same ViMoE with the padded small-batch path off, every expert its own matmuls)")
+    lines.append(f"  {'threads':>7} {'batch':>5} {'ViMoE ms':>9} {'dense ms':>9} {'ratio':>6} {'vs MACs':>8} "
+                 f"{'sorted ms':>10} {'sorted vs MACs':>15}")
     for t in r["latency"]:
         lines.append(f"  {t['threads']:>7} {t['batch']:>5} {t['moe_ms']:>9.2f} {t['dense_ms']:>9.2f} "
-                     f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f}")
+                     f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f} {t['sorted_ms']:>10.2f} {t['sorted_vs_macs']:>15.3f}")
     return "\n".join(lines)
 
 

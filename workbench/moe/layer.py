@@ -65,7 +65,14 @@ class MoEMlp(nn.Module):
         image's tokens; ``soft_normalize`` l2-normalises the logits' inputs with a learned scale; see :mod:`.soft`.
     The last two route within an image's tokens (``routing='token'``), run their own batched matmuls (``dispatch``
     applies to top-k only) and take no ``top_k``, ``priority`` or balance/importance/load losses (z-loss applies).
+
+    ``padded_max_rows`` (an attribute, not a constructor argument: it changes speed, never results, so
+    checkpoints do not record it): with ``dispatch='grouped'``, an inference forward (``torch.no_grad()``, CPU)
+    whose busiest expert has at most this many rows runs as one padded batched matmul per expert matrix (see
+    :mod:`.dispatch`); None (default) takes ``dispatch.PADDED_MAX_ROWS`` (16), 0 always takes the sorted path.
     """
+
+    padded_max_rows: float | None = None
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
                  act_layer=nn.GELU, norm_layer=None, bias: bool = True, drop: float = 0.0, *,
@@ -203,7 +210,9 @@ class MoEMlp(nn.Module):
         flat = x.reshape(-1, dim)
         kwargs = {}
         dispatcher = dispatch_meta if flat.is_meta else DISPATCHERS[self.dispatch]  # meta: shapes only
-        if self.dispatch == "einsum" and self.routing == "token" and self.capacity_factor is not None:
+        if self.dispatch == "grouped" and self.padded_max_rows is not None:
+            kwargs["padded_max_rows"] = self.padded_max_rows
+        elif self.dispatch == "einsum" and self.routing == "token" and self.capacity_factor is not None:
             order = torch.argsort(r.gates[:, 0], descending=True, stable=True) if self.priority == "gate" else None
             kwargs["positions"] = slot_positions(r.experts, self.num_experts, order)
         return dispatcher(flat, experts, gates, self.w1, self.b1, self.w2, self.b2, self.act, self.drop, **kwargs)
