@@ -42,7 +42,7 @@ def _project(results=None) -> pd.DataFrame:
 def _unit(study: dict, kind: str) -> str:
     metric = METRICS[study["metric"]].removeprefix("test ")
     return {"paired": f"{metric} points", "range": f"{metric} points", "worst": f"{metric} points",
-            "pruning": f"{metric} points", "spread": "points of seed SD", "excess": "NMI",
+            "pruning": f"{metric} points", "spread": f"{metric} points of seed SD", "excess": "NMI",
             "depth_trend": "NMI per block"}.get(kind, "")
 
 
@@ -72,9 +72,9 @@ def columns(kinds, confirm=()) -> list[tuple[str, list[Path]]]:
             out.append((report.label(protocol), files))
         if protocol == "scratch":
             for group in confirm:
-                group = (group,) if isinstance(group, str) else tuple(group)
-                out.append(("scratch protocol, confirmation on fresh seeds",
-                            [report.study_file(k, "scratch") for k in group]))
+                files = [report.study_file(k, "scratch") for k in ((group,) if isinstance(group, str) else group)]
+                seeds = len(load_study(files[0])["seeds"])
+                out.append((f"scratch protocol, confirmation on {seeds} fresh seeds", files))
     return out
 
 
