@@ -29,7 +29,6 @@ answer.costs({name: timm.create_model("vimoe_tiny_patch4_28", num_experts=8, **k
 #
 # An MoE layer multiplies the FFN's parameters by the number of experts but, with top-1 routing, not its compute. Here we count both, per block, and compare with the dense-equivalent model (each MoE FFN back to one expert-wide FFN). MACs per image as fvcore counts them (FLOPs = 2 x MACs), with attention and the MoE layers counted by the workbench's own handles.
 
-
 # %%
 from workbench.analysis.flops import profile, analytic_macs
 rows = []
