@@ -1,7 +1,8 @@
 # %% [markdown]
 # # 00 Quickstart: build, upcycle, profile, route
 #
-# A ViMoE is a timm Vision Transformer whose FFN in chosen blocks is a routed mixture of experts. Importing `workbench` registers the `vimoe_*` models.
+# **Question.** How is a ViMoE built, upcycled from a dense model, profiled and inspected here, and what do the
+# shipped checkpoints score?
 
 # %%
 import os, warnings
@@ -9,10 +10,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 warnings.filterwarnings("ignore")
 import torch, timm, pandas as pd
 import workbench
+from workbench.studies import answer
 torch.manual_seed(0)
 torch.set_num_threads(2)
 pd.set_option("display.width", 120)
 ROOT = os.path.abspath("..")
+answer.checkpoints()
+
+# %% [markdown]
+# **What it means.** The shipped ViMoE is the shipped dense model upcycled and fine-tuned; its score is recomputed
+# below on the full test set and checked against this record.
+#
+# A ViMoE is a timm Vision Transformer whose FFN in chosen blocks is a routed mixture of experts. Importing `workbench` registers the `vimoe_*` models.
 
 # %%
 model = timm.create_model("vimoe_tiny_patch4_28", moe_layers="last-2", num_experts=8, top_k=1,

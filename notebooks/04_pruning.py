@@ -3,13 +3,6 @@
 #
 # **Question.** The paper: routing analysis reveals redundant MoE layers; removing them keeps accuracy and
 # improves efficiency.
-#
-# **Method.** For every recorded `all` run (4 MoE layers): rank the layers by how much their routing beats random
-# routers, **on the validation split**; densify the 2 least specialised (usage-weighted merge of the experts, scaled
-# by the mean sum of kept gates; no fine-tuning after). Because every one of the 6 possible 2-of-4 subsets was also
-# densified and scored, the metric's choice can be ranked among all of them (by validation accuracy) and compared
-# with their mean (the expected value of a random choice) and 20 seeded random draws. Test accuracy is only
-# reported, never used to choose.
 
 # %%
 import os, warnings
@@ -17,10 +10,26 @@ warnings.filterwarnings("ignore")
 import torch, pandas as pd
 import workbench
 from workbench import viz
-from workbench.studies import report
+from workbench.studies import answer, report
 from workbench import studies as st
 pd.set_option("display.width", 180)
 ROOT = os.path.abspath("..")
+display(answer.show(["placement"], claim_kinds=["pruning"]))
+answer.pruning_ranks()
+
+# %% [markdown]
+# **What it means.** Merging the least specialised layers keeps accuracy only where the fine-tune had barely
+# changed the model (the upcycle protocol); in no protocol does the specialisation metric choose better layers than
+# the average subset, and from scratch its choice ranks near the worst of all subsets (second table).
+#
+# ## Method
+#
+# For every recorded `all` run (4 MoE layers): rank the layers by how much their routing beats random
+# routers, **on the validation split**; densify the 2 least specialised (usage-weighted merge of the experts, scaled
+# by the mean sum of kept gates; no fine-tuning after). Because every one of the 6 possible 2-of-4 subsets was also
+# densified and scored, the metric's choice can be ranked among all of them (by validation accuracy) and compared
+# with their mean (the expected value of a random choice) and 20 seeded random draws. Test accuracy is only
+# reported, never used to choose.
 
 # %% [markdown]
 # ## Every subset, per seed

@@ -4,8 +4,27 @@
 # **Question.** The paper studies ViMoE on image classification and semantic segmentation. Do its placement and
 # shared-expert findings hold when every pixel must be labelled? And since every patch here has a true class,
 # does routing follow *what* is in a patch (its class, object vs background) or *where* it is, and at which depth?
+
+# %%
+import json, warnings
+warnings.filterwarnings("ignore")
+import pandas as pd
+import workbench
+from workbench import studies as st, viz
+from workbench.studies import answer, report
+from workbench.train.checkpoint import load_model
+from workbench.data.scenes import SCENE_CLASSES, example_scenes
+pd.set_option("display.width", 160)
+answer.show(["segmentation"])
+
+# %% [markdown]
+# **What it means.** Labelling every pixel, a shared expert beat top-2 at equal activated FLOPs within this study,
+# while MoE against the dense model stays undecided; whether routing follows the patches' classes beyond random
+# routers is undecided, and what it does carry beyond them is the patch's position (the regions section).
 #
-# **Method.** Fashion-MNIST scenes: 56x56 canvases with 1-4 Fashion-MNIST items at random positions and scales,
+# ## Method
+#
+# Fashion-MNIST scenes: 56x56 canvases with 1-4 Fashion-MNIST items at random positions and scales,
 # occluding each other, on plain or lightly textured backgrounds; the label of a pixel is its item's class + 1
 # (0 = background). Train scenes draw items only from the training images (minus the validation hold-out), test
 # scenes only from the test set; 2,000 fixed test scenes. The model is the segmentation micro ViMoE (d = 64,
@@ -14,17 +33,6 @@
 # 11 classes. Routing against regions: each patch's majority label, its expert in each MoE block, NMI/AMI between
 # them, against 50 random routers of the trained norm on the same layer inputs (the baseline an untrained router
 # must fail). The claims are in `experiments/studies/scratch/segmentation.yaml`, written before the runs.
-
-# %%
-import json, warnings
-warnings.filterwarnings("ignore")
-import pandas as pd
-import workbench
-from workbench import studies as st, viz
-from workbench.studies import report
-from workbench.train.checkpoint import load_model
-from workbench.data.scenes import SCENE_CLASSES, example_scenes
-pd.set_option("display.width", 160)
 
 # %% [markdown]
 # ## Data: scenes and their masks
@@ -73,7 +81,7 @@ viz.forest_plot(contrasts, title="Segmentation: paired difference in mIoU from t
 
 # %%
 regions = report.region_table("segmentation", "scratch")
-print(regions.to_string())
+regions
 
 # %%
 viz.regions_by_depth(st.load_regions(report.study_file("segmentation", "scratch"), ["all"]),
@@ -111,16 +119,6 @@ print(f"at equal loads the trained routers' NMI is above the random routers' mea
       f"{int(check['specialised_balanced'].sum())} of {len(check)}")
 
 # %% [markdown]
-# ## Live check
-#
-# The last-2 arm at a tiny budget, from scratch, one thread: digits nbval compares exactly.
-
-# %%
-s = report.live_slice("segmentation", "scratch", "last-2", seed=0)
-print(f"scratch last-2 seed 0, tiny budget: test mIoU {s['test_miou']:.4f}, pixel acc {s['test_pixel_acc']:.4f}, "
-      f"train loss {s['history'][-1]['train_loss']:.6f}, GMACs {s['gmacs']:.6f}")
-
-# %% [markdown]
 # ## Finding
 #
 # Each pre-registered claim with its interval and verdict.
@@ -155,3 +153,14 @@ print(report.half_widths(tables))
 # most in the first; the check above shows the same beyond 200 random routers. So what the trained routers carry
 # beyond random ones is the patch's position, not its class; NMIs over 64 positions and 11 classes are not
 # comparable in size, only each against its own baseline.
+
+# %% [markdown]
+# ## Live regeneration check
+#
+# The last-2 arm at a tiny budget, from scratch, one thread: digits `pytest --nbval` compares exactly (a
+# regression check, not a result).
+
+# %% jupyter={"source_hidden": true} tags=["live-check"]
+s = report.live_slice("segmentation", "scratch", "last-2", seed=0)
+print(f"scratch last-2 seed 0, tiny budget: test mIoU {s['test_miou']:.4f}, pixel acc {s['test_pixel_acc']:.4f}, "
+      f"train loss {s['history'][-1]['train_loss']:.6f}, GMACs {s['gmacs']:.6f}")

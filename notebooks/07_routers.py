@@ -6,8 +6,24 @@
 # mixture of an image's tokens (Puigcerver et al. 2023). Each router's paper reports that it beats top-k; the
 # "sweet spot" study of MoE for image classification reports that a simple linear top-k router is hard to beat.
 # Which holds on our data?
+
+# %%
+import warnings
+warnings.filterwarnings("ignore")
+import pandas as pd
+import workbench
+from workbench import viz
+from workbench.studies import answer, report
+pd.set_option("display.width", 140)
+answer.show(["routers"])
+
+# %% [markdown]
+# **What it means.** With five seeds no router claim is decided: neither the routers' own papers ("ours beats
+# top-k") nor the sweet-spot paper ("top-k is hard to beat") is supported or contradicted on this data.
 #
-# **Method.** The scratch protocol: every arm is the micro ViMoE (d = 64, 4 blocks, 7x7 patches, 17 tokens) with
+# ## Method
+#
+# The scratch protocol: every arm is the micro ViMoE (d = 64, 4 blocks, 7x7 patches, 17 tokens) with
 # MoE in every block and 8 experts, trained from random init with the placement study's budget, seeds and data
 # order, so its top-1 (`all`) and top-2 (`all-top2`) arms are paired controls. Expert compute is matched as closely
 # as the integer capacities allow: experts-choose with capacity factor 1 takes C = 2 tokens per expert per image
@@ -16,15 +32,6 @@
 # experts choose across the whole batch (as in the language-model paper), where an image's output depends on the
 # other images in its batch. Claims and their tests are in `experiments/studies/scratch/routers.yaml`, written
 # before the runs: paired t-intervals by seed, Holm across the four directional claims.
-
-# %%
-import warnings
-warnings.filterwarnings("ignore")
-import pandas as pd
-import workbench
-from workbench import viz
-from workbench.studies import report
-pd.set_option("display.width", 140)
 
 # %% [markdown]
 # ## Results
@@ -63,17 +70,6 @@ print(costs.to_string(index=False))
 print(report.specialisation_table("routers", "scratch").to_string())
 
 # %% [markdown]
-# ## Live check
-#
-# Soft MoE and experts-choose at a tiny budget, from scratch, one thread: digits nbval compares exactly.
-
-# %%
-for config in ("soft-2", "ec-1"):
-    s = report.live_slice("routers", "scratch", config, seed=0)
-    print(f"scratch {config} seed 0, tiny budget: test acc {s['test_acc']:.4f}, "
-          f"train loss {s['history'][-1]['train_loss']:.6f}, GMACs {s['gmacs']:.6f}")
-
-# %% [markdown]
 # ## Finding
 #
 # Each pre-registered claim with its interval and verdict.
@@ -97,3 +93,15 @@ print(f"seeds that would make each interval +/-0.5 points at the observed spread
 # unnormalised logits and the top-k router's initial scale (vmoe normalises); per-image experts-choose makes every
 # expert take C tokens of every image, which limits how much class information the processed-by expert can carry
 # (the specialisation table therefore measures the router's preference).
+
+# %% [markdown]
+# ## Live regeneration check
+#
+# Soft MoE and experts-choose at a tiny budget, from scratch, one thread: digits `pytest --nbval` compares
+# exactly (a regression check, not a result).
+
+# %% jupyter={"source_hidden": true} tags=["live-check"]
+for config in ("soft-2", "ec-1"):
+    s = report.live_slice("routers", "scratch", config, seed=0)
+    print(f"scratch {config} seed 0, tiny budget: test acc {s['test_acc']:.4f}, "
+          f"train loss {s['history'][-1]['train_loss']:.6f}, GMACs {s['gmacs']:.6f}")

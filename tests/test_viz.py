@@ -31,12 +31,33 @@ def test_palette_is_stable():
     assert expert_rgb(7) == tuple(int(EXPERT_COLORS[7][i:i + 2], 16) for i in (1, 3, 5))
 
 
-def test_heatmap_has_slider_and_fixed_range(routed):
+def test_heatmap_has_slider_one_range_to_the_data_max_and_opens_on_the_most_specialised_block(routed):
     _, stats, _, _ = routed
-    fig = viz.class_expert_heatmap(stats, class_names=[str(i) for i in range(10)])
+    names = [f"class {i}" for i in range(10)]
+    fig = viz.class_expert_heatmap(stats, class_names=names)
     assert isinstance(fig, go.Figure) and len(fig.data) == 2
-    assert all(t.zmin == 0 and t.zmax == 1 for t in fig.data)
+    top = max(float(np.max(t.z)) for t in fig.data)
+    assert len({t.zmax for t in fig.data}) == 1 and top <= fig.data[0].zmax < top + 0.05 + 1e-9
+    assert all(t.zmin == 0 for t in fig.data) and list(fig.data[0].y) == names
     assert len(fig.layout.sliders[0].steps) == 2
+    from workbench.viz.figures import _nmi
+
+    nmis = [_nmi(np.asarray(s.class_expert, dtype=float)) for _, s in sorted(stats.layers.items())]
+    shown = [t.visible for t in fig.data].index(True)
+    assert shown == int(np.argmax(nmis)) == fig.layout.sliders[0].active
+
+
+def test_forest_plot_gives_each_protocol_its_own_panel_and_the_segmentation_panels_an_expert_legend():
+    import pandas as pd
+
+    t = pd.DataFrame({"config": ["a", "b"], "delta": [0.1, -0.2], "low": [-0.1, -0.4], "high": [0.3, 0.0]})
+    fig = viz.forest_plot({"scratch": t, "upcycle": t}, unit="mIoU points")
+    assert len(fig.data) == 2 and fig.data[0].xaxis != fig.data[1].xaxis
+    assert "mIoU points" in fig.layout.xaxis.title.text
+    rows = [{"image": np.zeros((28, 28)), "ground truth": np.zeros((28, 28), int),
+             "block 3": np.array([[0, 1], [2, 1]])}]
+    names = [d.name for d in viz.segmentation_panels(rows, ["background"]).data if d.name]
+    assert {"expert 0", "expert 1", "expert 2", "background"} <= set(names)
 
 
 def test_heatmap_from_recorded_tables_matches_stats(routed):

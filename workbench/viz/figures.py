@@ -25,13 +25,27 @@ def _class_tables(stats) -> dict[int, torch.Tensor]:
     return {int(b): torch.as_tensor(np.asarray(t), dtype=torch.float32) for b, t in stats.items()}
 
 
-def class_expert_heatmap(stats, class_names=None, normalise: str = "class", title: str = "Class x expert routing"
-                         ) -> go.Figure:
-    """P(expert | class) per MoE layer, a slider across layers; the colour range is fixed to [0, 1] so layers
-    compare by eye.  ``stats``: a RoutingStats, or recorded (classes, experts) count tables keyed by block."""
+def _nmi(counts: np.ndarray) -> float:
+    """Normalised (arithmetic) mutual information between the rows and columns of a count table."""
+    p = counts / max(counts.sum(), 1)
+    pr, pc = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / (pr @ pc)[nz])).sum())
+    h = [-float((q[q > 0] * np.log(q[q > 0])).sum()) for q in (pr, pc)]
+    return mi / max(sum(h) / 2, 1e-12)
+
+
+def class_expert_heatmap(stats, class_names=None, normalise: str = "class", title: str = "Class x expert routing",
+                         start: int | str = "most specialised") -> go.Figure:
+    """P(expert | class) per MoE layer, a slider across layers, each cell's value written in it.  The colour range
+    runs from 0 to the largest share in any layer (not to 1, which would wash out the shares a top-1 router spreads
+    over 8 experts), the same for every layer so layers compare by eye.  ``start``: the block shown first (and in a
+    static image), by default the most specialised one (highest class-expert NMI of its counts).  ``stats``: a
+    RoutingStats, or recorded (classes, experts) count tables keyed by block."""
     tables = _class_tables(stats)
     blocks = sorted(tables)
-    class_names = list(class_names or range(next(iter(tables.values())).shape[0]))
+    class_names = [str(c) for c in (class_names or range(next(iter(tables.values())).shape[0]))]
+    nmi = {b: _nmi(tables[b].numpy().astype(np.float64)) for b in blocks}
     frames = []
     for b in blocks:
         table = tables[b]
@@ -39,19 +53,23 @@ def class_expert_heatmap(stats, class_names=None, normalise: str = "class", titl
             table = table / table.sum(1, keepdim=True).clamp(min=1)
         frames.append(table.numpy())
     E = frames[0].shape[1]
+    zmax = float(np.ceil(max(z.max() for z in frames) * 20) / 20) or 1.0
+    active = blocks.index(max(blocks, key=nmi.get) if start == "most specialised" else int(start))
+    names = {b: f"{title}, block {b} (class-expert NMI {nmi[b]:.3f})" for b in blocks}
     fig = go.Figure()
     for i, (b, z) in enumerate(zip(blocks, frames)):
-        fig.add_trace(go.Heatmap(z=z, x=[f"e{e}" for e in range(z.shape[1])], y=[str(c) for c in class_names],
-                                 zmin=0, zmax=1, colorscale="Blues", visible=i == 0, name=f"block {b}",
-                                 colorbar=dict(title="P(e|c)"),
+        fig.add_trace(go.Heatmap(z=z, x=[f"e{e}" for e in range(z.shape[1])], y=class_names,
+                                 zmin=0, zmax=zmax, colorscale="Viridis", visible=i == active, name=f"block {b}",
+                                 colorbar=dict(title="P(e|c)"), texttemplate="%{z:.2f}", textfont=dict(size=10),
                                  hovertemplate="class %{y}<br>expert %{x}<br>P=%{z:.3f}<extra>block " + str(b) + "</extra>"))
     steps = [dict(method="update", label=f"block {b}",
-                  args=[{"visible": [j == i for j in range(len(blocks))]},
-                        {"title": f"{title}, block {b}"}]) for i, b in enumerate(blocks)]
-    fig.update_layout(**LAYOUT, title=f"{title}, block {blocks[0]}",
-                      sliders=[dict(active=0, steps=steps, currentvalue=dict(prefix="layer: "))],
+                  args=[{"visible": [j == i for j in range(len(blocks))]}, {"title": names[b]}])
+             for i, b in enumerate(blocks)]
+    fig.update_layout(**{**LAYOUT, "margin": dict(l=110, r=20, t=70, b=50)}, title=names[blocks[active]],
+                      height=560, sliders=[dict(active=active, steps=steps, currentvalue=dict(prefix="layer: "),
+                                                pad=dict(t=40))],
                       xaxis=dict(title="expert", tickmode="array", tickvals=[f"e{e}" for e in range(E)]),
-                      yaxis=dict(title="class", autorange="reversed"))
+                      yaxis=dict(title="", autorange="reversed"))
     for e in range(E):  # colour key on the axis: each expert's tick in its palette colour
         fig.add_shape(type="rect", xref="x", yref="paper", x0=e - 0.5, x1=e + 0.5, y0=1.0, y1=1.03,
                       fillcolor=expert_color(e), line_width=0)
@@ -96,8 +114,9 @@ def specialisation_by_depth(rows: pd.DataFrame, metric: str = "nmi", group: str 
             label = "random routers" if baseline.startswith("random") else "permutation null"
             fig.add_trace(go.Scatter(x=x, y=g[baseline].mean(), mode="lines", name=f"{name}, {label}",
                                      legendgroup=name, line=dict(color=color, dash="dot")))
-    fig.update_layout(**LAYOUT, title=f"Routing specialisation ({metric}) by depth: mean over seeds, bars min-max; "
-                                      "dotted: the same layer inputs routed by random routers",
+    fig.update_layout(**{**LAYOUT, "margin": dict(l=60, r=20, t=90, b=50)},
+                      title=f"Routing specialisation ({metric}) by depth<br><sup>mean over seeds, bars min-max; dotted: "
+                            "the same layer inputs routed by random routers</sup>",
                       xaxis=dict(title="block", type="category"), yaxis=dict(title=metric, rangemode="tozero"))
     return fig
 
@@ -106,9 +125,16 @@ def forest_plot(tables: dict, title: str = "Paired difference from the control (
                 unit: str = "accuracy points") -> go.Figure:
     """Forest plot of paired differences: ``tables`` maps a panel name (e.g. a protocol) to a table with
     ``config``, ``delta``, ``low``, ``high`` (as ``study.contrasts`` returns; optional ``gmacs``, ``p_holm``).
-    Configs keep the study's order, top to bottom; the zero line is the control."""
-    fig = go.Figure()
-    symbols = ("circle", "diamond", "square", "triangle-up")
+    One panel per table, each with its own rows and its own scale (protocols differ in effect size by an order of
+    magnitude); configs keep the study's order, top to bottom; the dashed zero line is the control."""
+    from plotly.subplots import make_subplots
+
+    tables = {k: t for k, t in tables.items() if len(t)}
+    sizes = [len(t) for t in tables.values()]
+    many = len(tables) > 1
+    height = 140 + 40 * sum(sizes) + 110 * (len(tables) - 1)
+    fig = make_subplots(rows=len(tables), cols=1, row_heights=sizes or None, subplot_titles=list(tables) if many else
+                        None, vertical_spacing=min(0.3, 105 / (height - 110)) if many else 0.1) if tables else go.Figure()
     for i, (name, t) in enumerate(tables.items()):
         t = t.iloc[::-1]
         labels = [f"{c}" + (f"  ({g:.4f} GMACs)" if "gmacs" in t else "") for c, g in
@@ -117,12 +143,13 @@ def forest_plot(tables: dict, title: str = "Paired difference from the control (
                  for c, d, lo, hi, p in zip(t["config"], t["delta"], t["low"], t["high"],
                                             t["p_holm"] if "p_holm" in t else [None] * len(t))]
         fig.add_trace(go.Scatter(x=t["delta"], y=labels, mode="markers", name=name, hovertext=hover,
-                                 hoverinfo="text", marker=dict(size=9, color=expert_color(i), symbol=symbols[i % 4]),
+                                 hoverinfo="text", showlegend=False, marker=dict(size=9, color=expert_color(0)),
                                  error_x=dict(type="data", symmetric=False, array=t["high"] - t["delta"],
-                                              arrayminus=t["delta"] - t["low"])))
-    fig.add_vline(x=0, line=dict(color="#444", dash="dash"))
-    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title=f"difference from the control ({unit})"),
-                      yaxis=dict(title=""), height=120 + 40 * max(len(t) for t in tables.values()))
+                                              arrayminus=t["delta"] - t["low"])), row=i + 1, col=1)
+        fig.add_vline(x=0, line=dict(color="#444", dash="dash"), row=i + 1, col=1)
+        fig.update_xaxes(title_text=f"difference from the control ({unit})" if i == len(tables) - 1 or many else
+                         None, title_font=dict(size=11), row=i + 1, col=1)
+    fig.update_layout(**LAYOUT, title=title, height=height)
     return fig
 
 
@@ -295,7 +322,8 @@ def _class_legend(fig: go.Figure, class_names, present) -> None:
 
     for c, name in enumerate(class_names):
         if c in present:
-            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name,
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=name, legendgroup="classes",
+                                     legendgrouptitle_text="classes (masks)" if c == min(present) else None,
                                      marker=dict(size=12, color=class_color(c),
                                                  symbol="square", line=dict(width=1, color="#444"))))
 
@@ -311,7 +339,7 @@ def segmentation_panels(rows: list[dict], class_names, title: str = "Scenes") ->
     cols = list(rows[0])
     fig = make_subplots(rows=len(rows), cols=len(cols), column_titles=cols, horizontal_spacing=0.01,
                         vertical_spacing=0.02)
-    present = set()
+    present, experts = set(), set()
     for r, row in enumerate(rows, 1):
         image = _gray(row["image"]) if "image" in row else None
         for c, key in enumerate(cols, 1):
@@ -319,12 +347,17 @@ def segmentation_panels(rows: list[dict], class_names, title: str = "Scenes") ->
             if key == "image":
                 rgb = np.round(np.repeat(image[..., None], 3, 2) * 255).astype(np.uint8)
             elif key.startswith("block"):
+                experts |= {int(e) for e in np.unique(value) if e >= 0}
                 rgb = overlay_rgb(image, value, scale=7)
             else:
                 present |= set(np.unique(value).tolist())
                 rgb = class_rgb_array(value)
             fig.add_trace(go.Image(z=rgb, hoverinfo="skip"), row=r, col=c)
     _class_legend(fig, class_names, present)
+    for e in sorted(experts):  # the expert maps' key, in the one expert palette
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=expert_name(e), legendgroup="experts",
+                                 legendgrouptitle_text="experts (block maps)" if e == min(experts) else None,
+                                 marker=dict(size=12, color=expert_color(e), symbol="square")))
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_layout(**{**LAYOUT, "height": 150 * len(rows) + 80}, title=title)
