@@ -22,7 +22,7 @@ def test_html_shows_each_claim_void_and_incomplete():
     page = answer.verdict_html(t, caption="c")
     for claim in t["claim"]:
         assert claim in page
-    assert "void" in page and "incomplete, 3 of 10 runs" in page and "provisional" in page
+    assert "void" in page and "incomplete, 3 of 10 runs" in page and "no verdict until every run is in" in page
     assert "+0.250 [-0.500, +1.000]" in page and "white-space:nowrap" in page
     assert page.count("<tr>") == 1 + 3  # header and one row per claim
     text = repr(answer.Answer(t, caption="c"))

@@ -144,7 +144,17 @@ def test_project_claims_put_every_study_in_one_family(tmp_path):
             _record(results, name, "dense", seed, 0.80)
             for i, p in enumerate(PLACES):
                 _record(results, name, p, seed, 0.80 + (shift + 0.1 * i) / 100 + seed * 1e-4 * (i + 1))
+                _record(results, name, f"{p}-s", seed, 0.80)
+    # a third study in progress (its shared arms not yet run): its claims read incomplete, outside the family
+    claims = [{"id": "c0", "says": "s", "treatment": "a", "expect": "greater"}]
+    paths.append(_study(tmp_path, claims=claims, name="three"))
+    for seed in range(4):
+        _record(results, "three", "dense", seed, 0.80)
+        _record(results, "three", "a", seed, 0.85 + seed * 1e-4)
     table = project_claims(paths, results=results)
+    three = table[table["study"] == "three"]
+    assert list(three["verdict_project"]) == ["incomplete"] and three["p_project_holm"].isna().all()
+    table = table[table["study"] != "three"]
     assert len(table) == 6 and set(table["study"]) == {"one", "two"}
     family = table["p"].to_numpy()
     from workbench.analysis.stats import holm

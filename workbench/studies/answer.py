@@ -2,8 +2,8 @@
 one column per study (a protocol, or a confirmation on fresh seeds), each cell the estimate with its 95% interval,
 the study's own verdict (Holm within its file) and the project-wide one (Holm across every directional claim of every
 recorded study, from :func:`~workbench.studies.claims.project_claims`).  A claim whose study failed a
-pre-registered check reads ``void``; a study with fewer runs recorded than planned is marked incomplete (its
-verdicts are provisional).
+pre-registered check reads ``void``; a study with fewer runs recorded than planned reads ``incomplete``: its
+estimates are shown, but no verdict until every run is in.
 
     from workbench.studies import answer
     answer.show(["placement"], confirm=[("confirm", "confirm_all")], claim_kinds=["paired"])
@@ -27,7 +27,7 @@ from .records import iter_records, load_pruning
 from .spec import METRICS, ROOT, load_study, plan
 
 VERDICT_COLORS = {"agrees": "#d4edda", "disagrees": "#f8d7da", "inconclusive": "#e9ecef", "void": "#fff3cd",
-                  "not recorded": "#ffffff"}
+                  "incomplete": "#ffffff", "not recorded": "#ffffff"}
 _PROJECT: dict = {}
 
 
@@ -106,7 +106,8 @@ def verdict_table(cols, ids=None, claim_kinds=None, results=None) -> pd.DataFram
                              "contrast": r.get("contrast", ""), "kind": r["kind"], "unit": _unit(study, r["kind"]),
                              "n": r.get("n"), "estimate": r.get("estimate"), "low": r.get("low"),
                              "high": r.get("high"), "expect": r["expect"], "margin": r["margin"],
-                             "verdict": r.get("verdict", "not recorded"),
+                             "verdict": ("incomplete" if status == "incomplete" else
+                                         r.get("verdict", "not recorded")),
                              "verdict_project": (project.loc[key, "verdict_project"]
                                                  if project is not None and key in project.index else "-"),
                              "runs": runs, "planned": len(todo), "status": status})
@@ -174,7 +175,7 @@ def verdict_html(table: pd.DataFrame, caption: str | None = None) -> str:
                 cells.append(f'<td style="padding:4px 10px;vertical-align:top;border-bottom:1px solid #ddd;text-align:left">{_badge("not recorded")}</td>')
                 continue
             margin = f", margin {r['margin']:g}" if r["margin"] else ""
-            provisional = f'<br><span {small}>provisional: study incomplete</span>' if r["status"] == "incomplete" \
+            provisional = f'<br><span {small}>no verdict until every run is in</span>' if r["status"] == "incomplete" \
                 else ""
             cells.append(f'<td style="padding:4px 10px;vertical-align:top;border-bottom:1px solid #ddd;text-align:left;white-space:nowrap">{_ci(r)}<br><span {small}>n = {r["n"]}'
                          f'{margin}</span><br>{_badge(r["verdict"])}<br><span {small}>project-wide: '
@@ -205,9 +206,12 @@ class Answer:
         return verdict_text(self.table)
 
 
-def show(kinds, confirm=(), ids=None, claim_kinds=None) -> Answer:
-    """The answer table of the studies of ``kinds`` (one column per protocol) and their scratch confirmations."""
-    return Answer(verdict_table(columns(kinds, confirm), ids=ids, claim_kinds=claim_kinds))
+def show(kinds, confirm=(), ids=None, claim_kinds=None, regime=()) -> Answer:
+    """The answer table of the studies of ``kinds`` (one column per protocol) and their scratch confirmations;
+    ``regime``: (label, study file) columns placed first (the regime studies, e.g. ``experiments/studies/regime/
+    upcycle4.yaml``), their claims on the rows of the same ids."""
+    cols = [(label, [Path(path) if Path(path).is_absolute() else ROOT / path]) for label, path in regime]
+    return Answer(verdict_table(cols + columns(kinds, confirm), ids=ids, claim_kinds=claim_kinds))
 
 
 class Table:

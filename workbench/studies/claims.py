@@ -311,12 +311,13 @@ def project_claims(paths=None, results: Path | None = None) -> pd.DataFrame:
     """Every claim of every recorded study file (default: ``experiments/studies/*/*.yaml`` but the pilots), with its
     own study's verdict (Holm within the file) beside a project-wide one: Holm, and Benjamini-Hochberg, across
     every directional claim of every file that has a p-value.  Intervals stay per-claim 95% intervals; only the
-    p-values change family.  A void study's claims stay void in both."""
+    p-values change family.  A void study's claims stay void in both; an incomplete study's (fewer runs recorded
+    than planned) read ``incomplete`` and stay out of the family, so a study in progress moves no other verdict."""
     from scipy.stats import false_discovery_control
 
     from ..analysis.stats import holm, verdict
     from .records import load_results
-    from .spec import ROOT, load_study
+    from .spec import ROOT, load_study, plan
 
     if paths is None:
         paths = [p for p in sorted((ROOT / "experiments" / "studies").glob("*/*.yaml")) if p.parent.name != "pilots"]
@@ -327,19 +328,21 @@ def project_claims(paths=None, results: Path | None = None) -> pd.DataFrame:
             continue
         table = evaluate_claims(study, results)
         table.insert(0, "study", study["name"])
+        done = {(r["config"], r["seed"]) for r in iter_records(study, results)}
+        table["complete"] = all(run in done for run in plan(study))
         tables.append(table)
     if not tables:
-        return pd.DataFrame(columns=["study", "id", "estimate", "low", "high", "p", "p_holm", "verdict",
+        return pd.DataFrame(columns=["study", "id", "estimate", "low", "high", "p", "p_holm", "verdict", "complete",
                                      "p_project_holm", "verdict_project", "p_project_bh", "verdict_project_bh"])
     table = pd.concat(tables, ignore_index=True)
-    family = table["expect"].isin(["greater", "less"]) & table["p"].notna()
+    family = table["expect"].isin(["greater", "less"]) & table["p"].notna() & table["complete"]
     table["p_project_holm"] = float("nan")
     table["p_project_bh"] = float("nan")
     table.loc[family, "p_project_holm"] = holm(table.loc[family, "p"])
     if family.any():
         table.loc[family, "p_project_bh"] = false_discovery_control(table.loc[family, "p"].to_numpy(), method="bh")
     for column, p in (("verdict_project", "p_project_holm"), ("verdict_project_bh", "p_project_bh")):
-        table[column] = ["void" if r.verdict == "void" else
+        table[column] = ["void" if r.verdict == "void" else "incomplete" if not r.complete else
                          verdict(r.low, r.high, getattr(r, p), r.expect, r.margin) for r in table.itertuples()]
     return table
 
