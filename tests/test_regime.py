@@ -80,3 +80,27 @@ def test_interaction_figure_has_a_mean_line_per_half_and_the_reference(study):
 def test_unknown_regime_study_names_the_known_ones():
     with pytest.raises(FileNotFoundError, match="upcycle4"):
         regime.load("nope")
+
+
+def test_accuracy_table_has_a_column_per_seed_and_the_mean(study):
+    s, results = study
+    table = regime.accuracy_table(s, results).set_index("config")
+    assert list(table.index) == ["dense", "a", "b", "c", "a-s", "b-s", "c-s"]
+    assert table.loc["a", "seed 1"] == 83.0 and table.loc["a", "mean"] == pytest.approx(82.0)
+    assert table.loc["c", "mean"] == pytest.approx(80.0)  # one seed recorded
+
+
+def test_routing_by_block_sets_patch_and_cls_side_by_side(study):
+    s, results = study
+    for seed, (patch, cls) in enumerate([(0.01, 0.09), (0.03, 0.11)]):
+        path = results / "g" / f"a__seed{seed}.json"
+        rec = json.loads(path.read_text())
+        layer = lambda e, sp: {"excess": e, "bal_excess": e / 2, "specialised": sp, "nmi": e}  # noqa: E731
+        rec["routing"] = {"3": layer(patch, False)}
+        rec["routing_cls"] = {"3": layer(cls, seed == 1)}
+        path.write_text(json.dumps(rec))
+    table = regime.routing_by_block(s, "a", results).set_index("block")
+    assert table.loc[3, "patch_excess"] == pytest.approx(0.02) and table.loc[3, "cls_excess"] == pytest.approx(0.10)
+    assert table.loc[3, "cls_bal_excess"] == pytest.approx(0.05) and table.loc[3, "cls_specialised"] == 1
+    assert table.loc[3, "seeds"] == 2
+    assert list(regime.routing_by_block(s, "b", results).columns) == ["block"]  # nothing recorded

@@ -43,7 +43,7 @@ def _unit(study: dict, kind: str) -> str:
     metric = METRICS[study["metric"]].removeprefix("test ")
     return {"paired": f"{metric} points", "range": f"{metric} points", "worst": f"{metric} points",
             "pruning": f"{metric} points", "spread": f"{metric} points of seed SD", "excess": "NMI",
-            "depth_trend": "NMI per block"}.get(kind, "")
+            "depth_trend": "NMI per block", "guided": f"{metric} points"}.get(kind, "")
 
 
 def _path(item) -> Path:
@@ -221,7 +221,9 @@ class Table:
         self.df, self.caption, self.formats = df, caption, formats or {}
 
     def _repr_html_(self) -> str:
-        styler = self.df.style.hide(axis="index").format(self.formats, na_rep="-")
+        styler = self.df.style.hide(axis="index").format(precision=4, na_rep="-")
+        if self.formats:
+            styler = styler.format(self.formats, subset=list(self.formats), na_rep="-")
         if self.caption:
             styler = styler.set_caption(self.caption).set_table_styles(
                 [{"selector": "caption", "props": "caption-side:bottom;text-align:left;font-size:85%;color:#555"}])

@@ -106,3 +106,36 @@ def placement_ranges(grid: pd.DataFrame) -> pd.DataFrame:
             rows.append({"seed": seed, "shared": shared, "range": g["test_acc"].max() - g["test_acc"].min(),
                          "worst": g["test_acc"].min()})
     return pd.DataFrame(rows, columns=["seed", "shared", "range", "worst"])
+
+
+def accuracy_table(study: dict, results=None) -> pd.DataFrame:
+    """Test accuracy (%) of every recorded run: one row per config (the study file's order), one column per seed,
+    then the mean over the seeds recorded for that config."""
+    rows = {}
+    for r in iter_records(study, results):
+        rows.setdefault(r["config"], {})[r["seed"]] = round(100 * r["test_acc"], 2)
+    order = [c for c in study["configs"] if c in rows]
+    table = pd.DataFrame([rows[c] for c in order], index=order).sort_index(axis=1)
+    table.columns = [f"seed {s}" for s in table.columns]
+    table["mean"] = table.mean(axis=1).round(3)
+    return table.rename_axis("config").reset_index()
+
+
+def routing_by_block(study: dict, config: str, results=None) -> pd.DataFrame:
+    """Per MoE block of ``config``, means over the recorded seeds: the patch tokens' and the CLS token's class-NMI
+    excess over random routers (unbalanced and load-balanced), and in how many seeds the block's routing passes the
+    random-router test after Holm (patch, CLS)."""
+    from .records import load_routing
+
+    out = None
+    for tokens in ("patch", "cls"):
+        df = load_routing(study, [config], results, tokens=tokens)
+        if df.empty:
+            continue
+        g = df.groupby("block").agg(excess=("excess", "mean"), bal_excess=("bal_excess", "mean"),
+                                    specialised=("specialised", "sum"), seeds=("seed", "nunique"))
+        g = g.rename(columns={c: f"{tokens}_{c}" for c in g.columns if c != "seeds"})
+        out = g if out is None else out.join(g.drop(columns="seeds"), how="outer")
+    if out is None:
+        return pd.DataFrame(columns=["block"])
+    return out.round(4).reset_index()
