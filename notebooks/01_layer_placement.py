@@ -118,7 +118,7 @@ contrasts = report.show_summary("placement")
 # control's row shows whether continuing the base with the fine-tune's schedule loses accuracy.
 
 # %%
-print(report.clean_starts("placement").to_string(index=False))
+display(answer.Table(report.clean_starts("placement")))
 
 # %% [markdown]
 # **How far the fine-tune moves each arm.** An accuracy difference near zero can mean "placement does not matter"
@@ -134,7 +134,7 @@ print(report.clean_starts("placement").to_string(index=False))
 # %%
 for protocol in report.protocols("placement"):
     print(f"== {report.label(protocol)}")
-    print(report.prediction_changes("placement", protocol).to_string(index=False), "\n")
+    display(answer.Table(report.prediction_changes("placement", protocol)))
 
 # %% [markdown]
 # The forest plot puts the protocols side by side: each point is an arm's mean paired difference from the dense
@@ -213,7 +213,7 @@ print(report.half_widths(tables))
 # learn faster in this budget. It does not say that they end up better.
 
 # %%
-print(report.gap_by_epoch("confirm", "scratch", "first-2", "last-2").round(3).to_string(index=False))
+display(answer.Table(report.gap_by_epoch("confirm", "scratch", "first-2", "last-2").round(3)))
 
 # %% [markdown]
 # ### All MoE layers: `all-layers-hurt` on the same 16 seeds
@@ -234,7 +234,7 @@ print(report.half_widths({"scratch": report.claims("confirm_all", "scratch")}))
 # models or upcycling (the upcycle studies above). The gap after each epoch, over the same 16 seeds:
 
 # %%
-print(report.gap_by_epoch("confirm_all", "scratch", "all", "scratch-confirm/last-2").round(3).to_string(index=False))
+display(answer.Table(report.gap_by_epoch("confirm_all", "scratch", "all", "scratch-confirm/last-2").round(3)))
 
 # %% [markdown]
 # ## Live regeneration check

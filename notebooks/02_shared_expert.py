@@ -77,7 +77,7 @@ contrasts = report.show_summary("shared_expert")
 # ablation that does not, and its step-0 accuracy shows how far from the base it starts.
 
 # %%
-print(report.clean_starts("shared_expert").to_string(index=False))
+display(answer.Table(report.clean_starts("shared_expert")))
 
 # %%
 viz.forest_plot(contrasts, title="Shared expert: paired difference from the dense control (95% CI)")
@@ -91,7 +91,7 @@ viz.forest_plot(contrasts, title="Shared expert: paired difference from the dens
 # %%
 for protocol in ("upcycle", "upcycle_p7"):
     print(f"{report.label(protocol)}:")
-    print(report.prediction_changes("shared_expert", protocol).to_string(index=False), "\n")
+    display(answer.Table(report.prediction_changes("shared_expert", protocol)))
 
 # %% [markdown]
 # ## Finding
@@ -140,7 +140,7 @@ _ = report.show_summary("confirm_shared")
 tables = report.show_claims("confirm_shared")
 print(report.half_widths(tables) or "no interval yet")
 repeated = report.repeated_claim("shared-beats-top2-last2", kinds=("confirm", "confirm_shared"))
-print(repeated.drop(columns=["expect", "margin"]).round(4).to_string(index=False))
+display(answer.Table(repeated.drop(columns=["expect", "margin"]).round(4)))
 
 # %% [markdown]
 # ## Live regeneration check

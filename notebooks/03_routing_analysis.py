@@ -81,7 +81,7 @@ for protocol in report.PROTOCOLS:
                                    null_nmi=("null_nmi", "mean"), position_nmi=("position_nmi", "mean"),
                                    random_position_nmi=("random_position_nmi", "mean")).round(4)
     print(f"== {report.label(protocol)}, all-MoE model")
-    print(table.to_string(), "\n")
+    display(answer.Table(table.reset_index()))
 routing = pd.concat(rows) if rows else pd.DataFrame()
 
 # %%
@@ -100,7 +100,7 @@ viz.specialisation_by_depth(routing, metric="nmi") if len(routing) else None
 for protocol in ("upcycle", "upcycle_p7"):
     moved = report.movement_table("placement", protocol)
     print(f"== {report.label(protocol)}, all-MoE model")
-    print(moved.to_string() if len(moved) else "   not recorded for these runs", "\n")
+    display(answer.Table(moved.reset_index())) if len(moved) else print("   not recorded for these runs")
 
 # %% [markdown]
 # **What the upcycle specialisation test then measures.** The router starts as a small Gaussian matrix: one more
@@ -133,7 +133,7 @@ _, val, _ = build_splits("fashion-mnist", val_size=10000, model=model, augment=F
 val = val.subset(1000)
 cols = ["block", "nmi", "random_nmi", "p_random", "p_holm", "specialised", "null_nmi", "null_nmi_std"]
 trained, _ = specialisation_report(model, val, draws=50, max_images=1000)
-print("trained routers:\n", trained[cols].round(4).to_string(index=False))
+display(answer.Table("trained routers:\n", trained[cols].round(4)))
 untrained = model
 g = torch.Generator().manual_seed(7)
 with torch.no_grad():
@@ -141,7 +141,7 @@ with torch.no_grad():
         w = untrained.blocks[block].mlp.router.weight
         w.copy_(torch.randn(w.shape, generator=g) * w.norm() / w.numel() ** 0.5)
 control, _ = specialisation_report(untrained, val, draws=50, max_images=1000)
-print("untrained routers:\n", control[cols].round(4).to_string(index=False))
+display(answer.Table("untrained routers:\n", control[cols].round(4)))
 beats_null = (control["nmi"] > control["null_nmi"] + 3 * control["null_nmi_std"]).sum()
 print(f"untrained routers specialised by the random-router test: {int(control['specialised'].sum())} of 2 layers; "
       f"'specialised' by the permutation null (3 SD): {int(beats_null)} of 2")
@@ -162,8 +162,8 @@ print(f"untrained routers specialised by the random-router test: {int(control['s
 # %%
 bal_cols = ["block", "nmi", "random_nmi", "bal_nmi", "bal_random_nmi", "p_balanced", "p_holm_balanced",
             "specialised_balanced"]
-print("trained routers:\n", trained[bal_cols].round(4).to_string(index=False))
-print("untrained routers:\n", control[bal_cols].round(4).to_string(index=False))
+display(answer.Table("trained routers:\n", trained[bal_cols].round(4)))
+display(answer.Table("untrained routers:\n", control[bal_cols].round(4)))
 print(f"specialised at equal loads: trained {int(trained['specialised_balanced'].sum())} of 2 layers, "
       f"untrained {int(control['specialised_balanced'].sum())} of 2")
 
@@ -215,7 +215,7 @@ contrasts = report.show_summary("routing")
 # %%
 for protocol in ("upcycle", "upcycle_p7"):
     print(f"{report.label(protocol)}:")
-    print(report.prediction_changes("routing", protocol).to_string(index=False), "\n")
+    display(answer.Table(report.prediction_changes("routing", protocol)))
 
 # %% [markdown]
 # ## Finding

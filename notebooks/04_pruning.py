@@ -53,7 +53,7 @@ for protocol in report.PROTOCOLS:
             "all_mean_test", "random_mean_test"]
     print(f"== {report.label(protocol)}: params {pr['full_params'].iloc[0] / 1e6:.3f}M -> {pr['pruned_params'].iloc[0] / 1e6:.3f}M, "
           f"GMACs {pr['full_gmacs'].iloc[0]:.6f} -> {pr['pruned_gmacs'].iloc[0]:.6f}")
-    print(pr[cols].round(4).to_string(index=False))
+    display(answer.Table(pr[cols].round(4)))
     print(f"mean rank of the metric's choice among {int(pr['subsets'].iloc[0])} subsets: {pr['least_rank'].mean():.1f} "
           f"(a random choice averages {(pr['subsets'].iloc[0] + 1) / 2:.1f})\n")
 
@@ -83,7 +83,7 @@ model, _ = load_model(os.path.join(ROOT, "experiments/checkpoints/vimoe_tiny_fmn
 _, val, test = build_splits("fashion-mnist", val_size=10000, model=model, augment=False)
 val = val.subset(2000)
 rep, stats = specialisation_report(model, val, draws=50, max_images=2000)
-print(rep[["block", "nmi", "random_nmi", "excess", "p_holm", "specialised"]].round(4).to_string(index=False))
+display(answer.Table(rep[["block", "nmi", "random_nmi", "excess", "p_holm", "specialised"]].round(4)))
 chosen = layers_to_densify(rep, count=1)
 small = densify(model, chosen, "merge", stats=stats)
 
@@ -121,4 +121,4 @@ for protocol in report.protocols("placement"):
     bounds = report.pruning_bounds("placement", protocol)
     if len(bounds):
         print(f"== {report.label(protocol)}")
-        print(bounds.to_string(index=False), "\n")
+        display(answer.Table(bounds))

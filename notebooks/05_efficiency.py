@@ -42,7 +42,7 @@ for name, kw in [("dense", dict(moe_layers="none")), ("last-2 top-1", dict(moe_l
                  "MMACs / image": round(p.macs / 1e6, 2), "MACs x dense": round(p.macs / p.dense_macs, 3),
                  "analytic MMACs": round(analytic_macs(model) / 1e6, 2)})
 table = pd.DataFrame(rows)
-print(table.to_string(index=False))
+display(answer.Table(table))
 
 # %% [markdown]
 # fvcore and the closed-form count agree to within the norms and GELUs fvcore adds (under 1%). Top-1 MoE costs the dense MACs plus the router; top-2 doubles the routed FFN.
@@ -83,7 +83,7 @@ path = sorted(glob.glob(os.path.join(ROOT, "experiments/results/bench/moe-cpu-*.
 record = json.load(open(path))
 bench = pd.DataFrame(record["results"])[["top_k", "shared", "dispatch", "ms", "dense_ms", "ratio", "mem_ratio"]]
 print(f"recorded {record['provenance']['date']} on {record['provenance']['device']}, commit {record['provenance']['commit'][:10]}")
-print(bench.to_string(index=False))
+display(answer.Table(bench))
 
 # %% [markdown]
 # Ratios are time over a dense FFN with the activated width, measured interleaved in the same run (`python -m workbench bench moe` regenerates it; timings vary by machine, so they are shown as recorded, not recomputed here). `mem_ratio` is activation memory (parameters excluded).

@@ -55,7 +55,7 @@ viz.forest_plot(contrasts, title="Routers: paired difference from top-1 in every
 
 # %%
 costs = report.arm_costs("routers")
-print(costs.to_string(index=False))
+display(answer.Table(costs))
 
 # %% [markdown]
 # ## Does each router's routing specialise?
@@ -67,7 +67,7 @@ print(costs.to_string(index=False))
 # preferred expert may not take it, so the two differ there).
 
 # %%
-print(report.specialisation_table("routers", "scratch").to_string())
+display(answer.Table(report.specialisation_table("routers", "scratch").reset_index()))
 
 # %% [markdown]
 # ## Finding
