@@ -10,9 +10,9 @@ PKG = Path(__file__).resolve().parents[1] / "workbench"
 # rank in the flow; a module may import modules of its own rank or lower (leaves: rank 0)
 RANK = {"_lazy": 0, "atomic": 0, "moe": 1, "data": 1, "viz": 1, "models": 2, "train": 3, "analysis": 4,
         "studies": 5, "explorer": 6, "bench": 7, "cli": 8, "__main__": 9, "__init__": 9}
-# the one sanctioned reach downward-to-upward: ``models.args.model_from_args`` loads a --checkpoint (train) inside
-# the function, for the CLI; named here so that any other upward import fails
-ALLOWED_UP = {("models.args", "train.checkpoint")}
+# no sanctioned reach downward-to-upward: any upward import fails (a --checkpoint is loaded by
+# ``train.checkpoint.model_from_args``, above the models it builds)
+ALLOWED_UP: set = set()
 LIMIT = 450  # lines; a longer module says why in its docstring ("long because")
 
 
@@ -112,7 +112,7 @@ def test_modules_are_short_or_say_why():
             assert "long because" in doc.lower(), f"{name}: {lines} lines and no reason in its docstring"
 
 
-def test_the_upward_exception_is_inside_a_function():
+def test_models_reach_nothing_above_them():
     tree = ast.parse((PKG / "models" / "args.py").read_text())
-    top = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.level]
-    assert all("train" not in (n.module or "") for n in top)
+    found = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level and "train" in (n.module or "")]
+    assert not found

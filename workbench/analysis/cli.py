@@ -6,7 +6,7 @@ Imports: ``workbench.models.args`` at import time; ``.flops``, ``.prune``, ``wor
 """
 from __future__ import annotations
 
-from ..models.args import add_moe_args, model_from_args
+from ..models.args import add_moe_args
 
 
 def register_cli(sub) -> None:
@@ -49,6 +49,7 @@ def register_cli(sub) -> None:
 def _cmd_profile(args) -> int:
     import json
 
+    from ..train.checkpoint import model_from_args
     from .flops import profile
 
     model, name = model_from_args(args)

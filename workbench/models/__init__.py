@@ -1,8 +1,7 @@
 """Models: the timm-registered ViMoE classifiers (``vimoe_*``) and segmentation ViMoE (``vimoe_seg_*``), upcycling
 a dense ViT into a ViMoE, and the model keywords' command-line vocabulary (``args``).
 
-Imports: ``workbench.moe`` (the MoE layer); ``args`` reaches ``workbench.train.checkpoint`` inside
-``model_from_args`` only (to load a ``--checkpoint``).
+Imports: ``workbench.moe`` (the MoE layer); nothing above it.
 """
 from .._lazy import exports
 

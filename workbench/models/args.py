@@ -1,8 +1,9 @@
 """The model's vocabulary on the command line: the MoE flags, ``--model-arg KEY=VALUE`` (YAML-typed), the forms of
 ``--moe-layers``, and a one-line check of model keywords against the model's signature.
 
-Imports: yaml at import time; timm and this package's models only inside ``check_model_kwargs`` and
-``model_from_args`` (so the CLI's parser builds without torch).
+Imports: yaml at import time; timm and this package's models only inside ``check_model_kwargs`` (so the CLI's
+parser builds without torch).  Building a model from the flags (or a ``--checkpoint``) is
+``workbench.train.checkpoint.model_from_args``.
 """
 from __future__ import annotations
 
@@ -173,24 +174,3 @@ def check_model_kwargs(name: str | None, kwargs: dict) -> None:
             default = params[key][0]
             example = str(default).lower() if isinstance(default, bool) else default
             raise UsageError(f"{problem}, e.g. --model-arg {key}={example}")
-
-
-def model_from_args(args):
-    """(model, name): the model of ``--checkpoint`` if given, else ``--model`` built with the MoE flags."""
-    import timm
-
-    from . import register
-
-    register()
-    from ..train.checkpoint import load_model
-
-    kwargs = model_kwargs_from_args(args)
-    if getattr(args, "checkpoint", None):
-        if kwargs:
-            flags = ", ".join(sorted(f"--{k.replace('_', '-')}" for k in kwargs))
-            raise UsageError(f"{flags} describe a new model, but --checkpoint {args.checkpoint} is built as it was "
-                             "saved: drop them, or drop --checkpoint to build --model with them")
-        model, config = load_model(args.checkpoint)
-        return model, config["model"]
-    check_model_kwargs(args.model, kwargs)
-    return timm.create_model(args.model, **kwargs), args.model

@@ -203,3 +203,23 @@ def architecture_summary(model: nn.Module) -> list[dict]:
                      "shared": layer.shared_expert_mode if layer is not None else "",
                      "params": sum(p.numel() for p in block.parameters())})
     return rows
+
+
+def model_from_args(args):
+    """(model, name): the model of ``--checkpoint`` if given, else ``--model`` built with the MoE flags."""
+    import timm
+
+    from ..models import register
+    from ..models.args import UsageError, check_model_kwargs, model_kwargs_from_args
+
+    register()
+    kwargs = model_kwargs_from_args(args)
+    if getattr(args, "checkpoint", None):
+        if kwargs:
+            flags = ", ".join(sorted(f"--{k.replace('_', '-')}" for k in kwargs))
+            raise UsageError(f"{flags} describe a new model, but --checkpoint {args.checkpoint} is built as it was "
+                             "saved: drop them, or drop --checkpoint to build --model with them")
+        model, config = load_model(args.checkpoint)
+        return model, config["model"]
+    check_model_kwargs(args.model, kwargs)
+    return timm.create_model(args.model, **kwargs), args.model

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from ..models.args import (DEFAULT_MODEL, UsageError, add_moe_args, check_model_kwargs, model_from_args,
-                           model_kwargs_from_args, parse_model_args)
+from ..models.args import (DEFAULT_MODEL, UsageError, add_moe_args, check_model_kwargs, model_kwargs_from_args,
+                           parse_model_args)
 
 
 def _train_defaults() -> dict:
@@ -212,6 +212,8 @@ def cmd_eval(args) -> int:
 
 def cmd_info(args) -> int:
     from .checkpoint import architecture_summary
+
+    from .checkpoint import model_from_args
 
     model, name = model_from_args(args)
     rows = architecture_summary(model)
