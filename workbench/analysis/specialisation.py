@@ -386,12 +386,18 @@ def layer_report(stats: RoutingStats, *, baseline: dict[int, dict] | None = None
 
 
 def random_router_baseline(model, data, *, draws: int = 100, max_images: int | None = 2000, seed: int = 0,
-                           num_classes: int | None = None, inputs: dict | None = None) -> dict[int, dict]:
+                           num_classes: int | None = None, inputs: dict | None = None,
+                           progress: bool = False) -> dict[int, dict]:
     """:func:`random_router_test` for every MoE layer of ``model`` on (the first ``max_images`` of) ``data``;
-    ``inputs``: the layers' :func:`router_inputs` when already captured (then ``data`` gives only the classes)."""
+    ``inputs``: the layers' :func:`router_inputs` when already captured (then ``data`` gives only the classes);
+    ``progress``: a bar over the layers on stderr."""
+    from ..train.progress import tqdm
+
     inputs = inputs if inputs is not None else router_inputs(model, data, max_images=max_images)
     classes = num_classes or getattr(model, "num_classes", None) or getattr(data, "num_classes")
-    return {i: random_router_test(inp, classes, draws=draws, seed=seed + i) for i, inp in inputs.items()}
+    return {i: random_router_test(inp, classes, draws=draws, seed=seed + i)
+            for i, inp in tqdm(inputs.items(), desc=f"{draws} random routers per MoE layer", unit="layer",
+                               disable=not progress)}
 
 
 def specialisation_report(model, data, *, draws: int = 100, max_images: int | None = 2000, repeats: int = 20,
@@ -402,7 +408,8 @@ def specialisation_report(model, data, *, draws: int = 100, max_images: int | No
     from .routing import collect_routing
 
     stats = stats or collect_routing(model, data, progress=progress)
-    baseline = random_router_baseline(model, data, draws=draws, max_images=max_images, seed=seed, inputs=inputs)
+    baseline = random_router_baseline(model, data, draws=draws, max_images=max_images, seed=seed, inputs=inputs,
+                                      progress=progress)
     return layer_report(stats, baseline=baseline, repeats=repeats, alpha=alpha, seed=seed), stats
 
 

@@ -106,7 +106,7 @@ def format_checks(table: pd.DataFrame) -> str:
     lines = []
     for r in table.itertuples():
         if r.value != r.value:  # nothing to measure yet: no runs, or (prediction_change) no control to compare with
-            lines.append(f"check {r.id} ({r.metric}) {r.config}: not measurable yet ({r.n} runs recorded) {r.rule} "
+            lines.append(f"check {r.id} ({r.metric}) {r.config}: not measurable yet ({r.n} run{'s' if r.n != 1 else ''} recorded) {r.rule} "
                          f"-> FAILS until it is")
             continue
         lines.append(f"check {r.id} ({r.metric}) {r.config}: {r.value:.4g} (median of {r.n}) {r.rule} -> "

@@ -278,7 +278,8 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
         unit = " pts" if r.kind in ("paired", "pruning", "spread", "range", "worst", "guided") else ""
         need = getattr(r, "seeds_needed", None)
         extra = f"; estimate on the {r.side}" + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
-        lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} [{r.low:+.3f}, {r.high:+.3f}] (n={r.n}{p}) "
+        ci = f"[{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "[no interval with fewer than 2 seeds]"
+        lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} {ci} (n={r.n}{p}) "
                      f"expect {r.expect}{f' (margin {r.margin:g})' if r.margin else ''} -> {r.verdict}{extra}")
     return "\n".join(lines)
 
@@ -342,7 +343,7 @@ def project_claims(paths=None, results: Path | None = None) -> pd.DataFrame:
     if family.any():
         table.loc[family, "p_project_bh"] = false_discovery_control(table.loc[family, "p"].to_numpy(), method="bh")
     for column, p in (("verdict_project", "p_project_holm"), ("verdict_project_bh", "p_project_bh")):
-        table[column] = ["void" if r.verdict == "void" else "incomplete" if not r.complete else
+        table[column] = ["incomplete" if not r.complete else "void" if r.verdict == "void" else
                          verdict(r.low, r.high, getattr(r, p), r.expect, r.margin) for r in table.itertuples()]
     return table
 
@@ -351,11 +352,14 @@ def format_project_claims(table: pd.DataFrame) -> str:
     """One line per claim: study, id, estimate [CI], the study's verdict and the project-wide ones; the claims whose
     verdict changes with the family are marked."""
     lines = [f"{len(table)} claims in {table['study'].nunique()} recorded studies; project-wide family: "
-             f"{int(table['p_project_holm'].notna().sum())} directional claims with a p-value (a study still being "
-             f"recorded shows n below its planned seeds: study claims FILE says how many)"]
+             f"{int(table['p_project_holm'].notna().sum())} directional claims with a p-value from complete "
+             f"studies (a study still being recorded reads 'incomplete' and stays out of the family)"]
     for r in table.itertuples():
-        changed = " *" if r.verdict != r.verdict_project or r.verdict != r.verdict_project_bh else ""
-        lines.append(f"{r.study}/{r.id}: {r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}] study: {r.verdict}; "
+        changed = " *" if r.verdict_project != "incomplete" and (
+            r.verdict != r.verdict_project or r.verdict != r.verdict_project_bh) else ""
+        ci = f"[{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "[no interval]"
+        lines.append(f"{r.study}/{r.id}: {r.estimate:+.3f} {ci} (n={r.n}) expect {r.expect}"
+                     f"{f' (margin {r.margin:g})' if r.margin else ''}; study: {r.verdict}; "
                      f"project Holm: {r.verdict_project}; project BH: {r.verdict_project_bh}{changed}")
     lines.append("* the verdict depends on the family it is read in")
     return "\n".join(lines)
