@@ -240,6 +240,7 @@ def test_slurm_states_and_what_a_rerun_submits(tmp_path, monkeypatch, capsys):
     assert "SLURM state CANCELLED" in rows["dense", 2]["detail"]
     text = format_status(study, list(rows.values()))
     assert "6 runs: 1 queued, 1 running, 3 failed, 1 not submitted" in text and "| slurmstepd" in text
+    assert text.splitlines()[-1] == "not submitted yet: last-1 (seed 2)"
 
     submitted = []
 

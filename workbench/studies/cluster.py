@@ -243,12 +243,19 @@ def format_status(study: dict, rows: list[dict]) -> str:
     out = [f"{study['name']}: {len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
     width = max([6] + [len(r["config"]) for r in rows])
     out.append(f"{'config':<{width}}  {'seed':>4}  {'state':<13}  {'job':<12}  detail")
+    waiting: dict[str, list[int]] = {}
     for r in rows:
+        if r["state"] == "not submitted":  # one line per config below, not one per run
+            waiting.setdefault(r["config"], []).append(r["seed"])
+            continue
         out.append(f"{r['config']:<{width}}  {r['seed']:>4}  {r['state']:<13}  {r['job_id'] or '-':<12}  "
                    f"{r['detail']}".rstrip())
         if r["state"] == "failed" and r["log"]:
             out.append(f"    log: {r['log']}")
             out.extend(f"    | {line}" for line in r["tail"])
+    if waiting:
+        out.append("not submitted yet: " + "; ".join(f"{c} (seed{'s' if len(v) > 1 else ''} "
+                                                     f"{', '.join(map(str, v))})" for c, v in waiting.items()))
     return "\n".join(out)
 
 
