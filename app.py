@@ -906,9 +906,8 @@ def main(argv=None) -> None:
         EXPLORER.model(args.checkpoint)  # fail fast, with the reason, before serving
     except CheckpointError as err:
         chosen = args.checkpoint != str(DEFAULT_CHECKPOINT)
-        hint = ("pass --checkpoint a model folder (model.safetensors + config.json)" if chosen else
-                "train the default with experiments/default/train.sh, or pass --checkpoint")
-        parser.exit(1, f"app.py: error: {one_line(err)} ({hint})\n")
+        hint = "" if chosen else " (train the default with experiments/default/train.sh, or pass --checkpoint)"
+        parser.exit(2, f"app.py: error: {one_line(err)}{hint}\n")
     demo = build_app(args.checkpoint, allowed)
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"serving the routing explorer on {where} (Ctrl-C stops it)"

@@ -414,8 +414,9 @@ def test_a_missing_checkpoint_is_one_line_that_names_the_fix(tmp_path, capsys):
     finally:
         app.LOG.handlers[:] = handlers
     err = capsys.readouterr().err
-    assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert "nowhere" in err and "pass --checkpoint a model folder" in err and "default/train.sh" not in err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err  # usage errors exit 2
+    assert "nowhere" in err and "give a model folder" in err and "default/train.sh" not in err
+    assert err.count("model folder") == 1  # the fix named once
 
 
 def _main_exit(argv, capsys):
