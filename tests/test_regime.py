@@ -71,9 +71,10 @@ def test_interaction_figure_has_a_mean_line_per_half_and_the_reference(study):
     s, results = study
     fig = placement_interaction(regime.placement_grid(s, results), reference=80.0, names=("top-2", "shared"))
     means = [t for t in fig.data if t.showlegend is not False]
-    assert [t.name for t in means] == ["top-2 (n=2)", "shared (n=1)"]
+    assert [t.name for t in means] == ["top-2 (n=2, mean)", "shared (n=1, mean)"]
     assert means[0].y[0] == pytest.approx(82.0)  # placement a, mean of seeds 0 and 1
-    assert means[0].error_y.visible and not means[1].error_y.visible
+    assert not means[0].error_y.visible and not means[1].error_y.visible  # intervals from three seeds on
+    assert means[0].x[0] < 0 < means[1].x[0]  # the halves side by side
     assert any(shape.y0 == 80.0 for shape in fig.layout.shapes)
 
 
