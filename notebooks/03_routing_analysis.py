@@ -133,7 +133,7 @@ _, val, _ = build_splits("fashion-mnist", val_size=10000, model=model, augment=F
 val = val.subset(1000)
 cols = ["block", "nmi", "random_nmi", "p_random", "p_holm", "specialised", "null_nmi", "null_nmi_std"]
 trained, _ = specialisation_report(model, val, draws=50, max_images=1000)
-display(answer.Table("trained routers:\n", trained[cols].round(4)))
+display(answer.Table(trained[cols].round(4), caption="trained routers"))
 untrained = model
 g = torch.Generator().manual_seed(7)
 with torch.no_grad():
@@ -141,7 +141,7 @@ with torch.no_grad():
         w = untrained.blocks[block].mlp.router.weight
         w.copy_(torch.randn(w.shape, generator=g) * w.norm() / w.numel() ** 0.5)
 control, _ = specialisation_report(untrained, val, draws=50, max_images=1000)
-display(answer.Table("untrained routers:\n", control[cols].round(4)))
+display(answer.Table(control[cols].round(4), caption="untrained routers"))
 beats_null = (control["nmi"] > control["null_nmi"] + 3 * control["null_nmi_std"]).sum()
 print(f"untrained routers specialised by the random-router test: {int(control['specialised'].sum())} of 2 layers; "
       f"'specialised' by the permutation null (3 SD): {int(beats_null)} of 2")
@@ -162,8 +162,8 @@ print(f"untrained routers specialised by the random-router test: {int(control['s
 # %%
 bal_cols = ["block", "nmi", "random_nmi", "bal_nmi", "bal_random_nmi", "p_balanced", "p_holm_balanced",
             "specialised_balanced"]
-display(answer.Table("trained routers:\n", trained[bal_cols].round(4)))
-display(answer.Table("untrained routers:\n", control[bal_cols].round(4)))
+display(answer.Table(trained[bal_cols].round(4), caption="trained routers"))
+display(answer.Table(control[bal_cols].round(4), caption="untrained routers"))
 print(f"specialised at equal loads: trained {int(trained['specialised_balanced'].sum())} of 2 layers, "
       f"untrained {int(control['specialised_balanced'].sum())} of 2")
 

@@ -53,6 +53,12 @@ def build(source: Path, timeout: int = 1800) -> Path:
                    "language_info": {"name": "python"}}
     NotebookClient(nb, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    # a display hook that raises (a figure or table that cannot render) prints a traceback but fails no cell
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []):
+            text = "".join(out.get("text", "")) + "".join(str(v) for v in out.get("data", {}).values())
+            if out.get("output_type") == "error" or "Traceback (most recent call last)" in text:
+                sys.exit(f"{source.name}: cell {i} printed a traceback in its output; fix it before recording")
     target = source.with_suffix(".ipynb")
     nbformat.write(nb, target)
     return target
