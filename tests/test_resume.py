@@ -208,12 +208,9 @@ def test_cli_prints_one_line_and_exits_128_plus_the_signal(tmp_path, monkeypatch
     assert f"continue with: python -m workbench train --output {out} --resume" in err
 
 
-def test_ctrl_c_mid_run_saves_and_resume_gives_the_uninterrupted_weights(tmp_path):
+def test_ctrl_c_mid_run_saves_and_resume_gives_the_uninterrupted_weights(tmp_path, tiny_cli_train):
     """A real Ctrl-C (SIGINT) to a CLI run saving every step; then --resume with no other flag."""
-    args = [sys.executable, "-m", "workbench", "train", "--dataset", "synthetic", "--train-subset", "512",
-            "--test-subset", "64", "--epochs", "2", "--batch-size", "16", "--save-every", "1", "--quiet",
-            "--moe-layers", "last-1", "--num-experts", "4", "--model-arg", "depth=2", "--model-arg", "embed_dim=32",
-            "--model-arg", "num_heads=2"]
+    args = [sys.executable, *tiny_cli_train, "--save-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--output", str(tmp_path / "full")], check=True, env=env, cwd=ROOT, timeout=600,
                    capture_output=True)
@@ -285,7 +282,7 @@ def test_under_torchrun_only_the_main_process_prints_the_final_line(tmp_path, mo
     assert capsys.readouterr().out.count("done: test accuracy 0.5000 after 1 epochs") == 1
 
 
-def test_under_ddp_a_signal_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path):
+def test_under_ddp_a_signal_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, torchrun):
     """torchrun (two gloo processes): a SIGTERM to rank 1 alone stops both ranks after the same step, rank 0 saves
     there before any rank exits, and the resumed run ends with an uninterrupted run's weights."""
     script = tmp_path / "ddp_stop.py"
@@ -321,9 +318,7 @@ if dist.get_rank() == 0:
 train(cfg("cut"), resume=True)
 dist.destroy_process_group()
 """)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    out = torchrun(script)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MESSAGE interrupted by SIGTERM at epoch 1, step 3 of 4" in out.stdout
     assert "torchrun --nproc_per_node=2 -m workbench train" in out.stdout

@@ -1,6 +1,4 @@
 import json
-import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,7 +16,7 @@ from workbench.analysis.routing import run_with_routing
 from workbench.models.segmentation import SegViMoE
 from workbench.train.metrics import confusion_matrix, evaluate_segmentation, segmentation_scores
 from workbench.train.config import TrainConfig
-from workbench.train.trainer import Trainer, train
+from workbench.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(img_size=28, depth=2, embed_dim=32, num_heads=2)  # 4x4 patch grid with the micro's 7x7 patches
@@ -249,7 +247,7 @@ def _strip_timing(history):
     return [{k: v for k, v in row.items() if k not in ("img_per_s", "wall_time")} for row in history]
 
 
-def test_training_improves_miou_and_resumes_exactly(tmp_path, fake_segdata, monkeypatch):
+def test_training_improves_miou_and_resumes_exactly(tmp_path, fake_segdata, crash_training):
     full = train(_cfg(tmp_path, output=str(tmp_path / "full"), eval_at_start=True))
     h = full["history"]
     assert h[-1]["test_miou"] > full["step0"]["test_miou"] + 0.1 and h[-1]["train_loss"] < h[0]["train_loss"]
@@ -259,18 +257,8 @@ def test_training_improves_miou_and_resumes_exactly(tmp_path, fake_segdata, monk
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["test_miou"] == h[-1]["test_miou"]
     assert set(rows[-1]["moe_train"]) == {"1"} and rows[-1]["img_per_s"] > 0
 
-    original, calls = Trainer.compute_loss, []
-
-    def crashing(self, x, y):  # killed after epoch 1 (6 steps per epoch), in the middle of epoch 2
-        calls.append(1)
-        if len(calls) == 9:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, x, y)
-
-    monkeypatch.setattr(Trainer, "compute_loss", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_training(9):  # killed after epoch 1 (6 steps per epoch), in the middle of epoch 2
         train(_cfg(tmp_path, output=str(tmp_path / "part"), eval_at_start=True))
-    monkeypatch.setattr(Trainer, "compute_loss", original)
     assert ckpt.read_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1
     resumed = train(_cfg(tmp_path, output=str(tmp_path / "part"), eval_at_start=True), resume=True)
     assert _strip_timing(resumed["history"]) == _strip_timing(h) and resumed["step0"] == full["step0"]
@@ -291,7 +279,7 @@ def test_validation_split_and_upcycled_start(tmp_path, fake_segdata):
     assert {"val_miou", "val_pixel_acc", "val_iou", "test_miou"} <= set(row) and row["val_acc"] == row["val_pixel_acc"]
 
 
-def test_ddp_two_gloo_processes(tmp_path):
+def test_ddp_two_gloo_processes(tmp_path, torchrun):
     """Replicas stay identical, and the sharded evaluation (confusion matrices summed over ranks) equals a
     single-process evaluation of the saved model."""
     script = tmp_path / "ddp_seg.py"
@@ -317,9 +305,7 @@ if dist.get_rank() == 0:
     print("DDP_SEG_OK", row["test_n"])
 dist.destroy_process_group()
 """)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    out = torchrun(script)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "DDP_SEG_OK 48" in out.stdout
 

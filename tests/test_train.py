@@ -48,21 +48,11 @@ def test_loss_decreases_and_metrics_written(tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
-def test_exact_resume_in_process(tmp_path, monkeypatch):
+def test_exact_resume_in_process(tmp_path, crash_training):
     full = train(_cfg(tmp_path, output=str(tmp_path / "full")))
     # crash in the middle of epoch 2 (8 steps per epoch; checkpoints every 3 steps and at epoch ends)
-    original, calls = Trainer.compute_loss, []
-
-    def crashing(self, x, y):
-        calls.append(1)
-        if len(calls) == 13:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, x, y)
-
-    monkeypatch.setattr(Trainer, "compute_loss", crashing)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_training(13):
         train(_cfg(tmp_path, output=str(tmp_path / "part"), save_every=3))
-    monkeypatch.setattr(Trainer, "compute_loss", original)
     state = read_checkpoint(tmp_path / "part" / "checkpoint.pt")
     assert (state["epoch"], state["step"]) == (1, 3)
     resumed = train(_cfg(tmp_path, output=str(tmp_path / "part"), save_every=3), resume=True)
@@ -71,12 +61,9 @@ def test_exact_resume_in_process(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_run_resumes_to_identical_weights(tmp_path):
+def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_cli_train):
     """Kill a CLI run with SIGKILL mid-epoch, resume it, and compare with an uninterrupted run."""
-    args = [sys.executable, "-m", "workbench", "train", "--dataset", "synthetic", "--train-subset", "512",
-            "--test-subset", "64", "--epochs", "2", "--batch-size", "16", "--save-every", "5", "--quiet",
-            "--moe-layers", "last-1", "--num-experts", "4", "--model-arg", "depth=2", "--model-arg", "embed_dim=32",
-            "--model-arg", "num_heads=2"]
+    args = [sys.executable, *tiny_cli_train, "--save-every", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(args + ["--output", str(tmp_path / "full")], check=True, env=env, cwd=ROOT, timeout=600)
     proc = subprocess.Popen(args + ["--output", str(tmp_path / "killed")], env=env, cwd=ROOT)
@@ -189,7 +176,7 @@ def test_existing_output_needs_resume(tmp_path):
         Trainer(_cfg(tmp_path, epochs=1))
 
 
-def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path):
+def test_ddp_two_gloo_processes_keep_replicas_identical(tmp_path, torchrun):
     script = tmp_path / "ddp_check.py"
     script.write_text(f"""
 import torch, torch.distributed as dist
@@ -210,9 +197,7 @@ if dist.get_rank() == 0:
     print("REPLICAS_IDENTICAL", trainer.history[-1]["test_n"])
 dist.destroy_process_group()
 """)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    out = torchrun(script)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "REPLICAS_IDENTICAL 64" in out.stdout
 
