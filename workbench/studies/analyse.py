@@ -132,7 +132,6 @@ def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test) -
     from ..analysis.prune import EXPERT_METHODS, calibrate, prune
     from ..train.metrics import evaluate
 
-    config = model_config
     calib = calibrate(model, val, max_images=int(spec.get("calibration_images", 2000)))
 
     def score(m) -> dict:
@@ -144,8 +143,8 @@ def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test) -
     for keep in spec["keep"]:
         row = {}
         for method in spec.get("methods", list(EXPERT_METHODS)):
-            row[method] = score(prune(model, config, method, keep=keep, calib=calib)[0])
-        draws = [score(prune(model, config, "random", keep=keep, calib=calib, seed=seed * 100 + d)[0])
+            row[method] = score(prune(model, model_config, method, keep=keep, calib=calib)[0])
+        draws = [score(prune(model, model_config, "random", keep=keep, calib=calib, seed=seed * 100 + d)[0])
                  for d in range(int(spec.get("random_draws", 5)))]
         if draws:
             row["random"] = {**{k: round(sum(d[k] for d in draws) / len(draws), 6) for k in ("val_acc", "test_acc")},

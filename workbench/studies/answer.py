@@ -23,8 +23,8 @@ import pandas as pd
 
 from . import report
 from .claims import evaluate_claims, project_claims
-from .records import iter_records, load_pruning
-from .spec import METRICS, ROOT, load_study, plan
+from .records import load_pruning, progress
+from .spec import METRICS, ROOT, load_study
 
 VERDICT_COLORS = {"agrees": "#d4edda", "disagrees": "#f8d7da", "inconclusive": "#e9ecef", "void": "#fff3cd",
                   "incomplete": "#ffffff", "not recorded": "#ffffff"}
@@ -89,10 +89,8 @@ def verdict_table(cols, ids=None, claim_kinds=None, results=None) -> pd.DataFram
         label, files = col if isinstance(col, tuple) else (None, [col])
         for f in files:
             study = load_study(_path(f))
-            todo = plan(study)
-            done = {(r["config"], r["seed"]) for r in iter_records(study, results)}
-            runs = sum(run in done for run in todo)
-            status = "not recorded" if not runs else "complete" if runs >= len(todo) else "incomplete"
+            runs, planned = progress(study, results)
+            status = "not recorded" if not runs else "complete" if runs >= planned else "incomplete"
             claims = evaluate_claims(study, results) if runs else pd.DataFrame(
                 [{"id": c["id"], "says": c["says"], "kind": c["kind"], "expect": c["expect"],
                   "margin": float(c.get("margin", 0.0))} for c in study["claims"]])
@@ -110,7 +108,7 @@ def verdict_table(cols, ids=None, claim_kinds=None, results=None) -> pd.DataFram
                                          r.get("verdict", "not recorded")),
                              "verdict_project": (project.loc[key, "verdict_project"]
                                                  if project is not None and key in project.index else "-"),
-                             "runs": runs, "planned": len(todo), "status": status})
+                             "runs": runs, "planned": planned, "status": status})
     table = pd.DataFrame(rows)
     if len(table):
         clash = table[table.duplicated(["column", "claim"], keep=False)]

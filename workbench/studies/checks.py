@@ -116,12 +116,10 @@ def format_checks(table: pd.DataFrame) -> str:
 
 def progress_line(study: dict, results=None) -> str | None:
     """'k of n planned runs recorded' when a study is incomplete (its checks and claims are then provisional)."""
-    from .spec import plan
+    from .records import progress
 
-    todo = plan(study)
-    done = {(r["config"], r["seed"]) for r in iter_records(study, results)}
-    k = sum(run in done for run in todo)
-    if k >= len(todo):
+    k, planned = progress(study, results)
+    if k >= planned:
         return None
-    return (f"{study['name']}: {k} of {len(todo)} planned runs recorded; the study is incomplete, so its checks and "
+    return (f"{study['name']}: {k} of {planned} planned runs recorded; the study is incomplete, so its checks and "
             f"claims below are provisional (python -m workbench study run {study['_path']} continues it)")

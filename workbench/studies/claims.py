@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .records import (config_values, iter_records, load_pruning, load_regions, load_results, load_routing,
-                      referenced, source_of)
+                      progress, referenced, source_of)
 from .spec import StudyError, as_study
 
 
@@ -143,22 +143,17 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     # a claim whose arms did not learn what it compares has no verdict: its own study's checks, and the checks of
     # the referenced studies whose arms it reads
     others = sorted({n.rpartition("/")[0] for c in study["claims"] for n in claim_names(study, c) if "/" in n})
-    if study.get("checks") or others:
+    sources = [("", study)] + [(f"{other}/", referenced(study, other)) for other in others]
+    if any(source.get("checks") for _, source in sources):
         from .checks import evaluate_checks
 
-        checks = evaluate_checks(study, results) if study.get("checks") else pd.DataFrame(
-            columns=["id", "config", "passed"])
-        failed = checks[~checks["passed"].astype(bool)]
-        bad = set(failed["config"])
-        for other in others:
-            source = referenced(study, other)
-            if source.get("checks"):
-                theirs = evaluate_checks(source, results)
-                bad |= {f"{other}/{c}" for c in theirs.loc[~theirs["passed"], "config"]}
+        failed = {prefix: checks[~checks["passed"]] for prefix, source in sources if source.get("checks")
+                  for checks in [evaluate_checks(source, results)]}
+        bad = {prefix + config for prefix, rows in failed.items() for config in rows["config"]}
         for i, claim in enumerate(study["claims"]):
             if bad & set(claim_names(study, claim)):
                 table.loc[i, "verdict"] = "void"
-        table.attrs["failed_checks"] = sorted(set(failed["id"]))
+        table.attrs["failed_checks"] = sorted(set(failed[""]["id"])) if "" in failed else []
         table.attrs["failed_configs"] = sorted(bad)
     # which side of zero (or of the margin) the point estimate falls on, whatever the interval: an inconclusive
     # verdict with the estimate on the other side is not the same as one on the paper's side
@@ -193,17 +188,17 @@ def guided_picks(study: dict, claim: dict, results=None) -> pd.DataFrame:
     places = claim["treatment"]
     blocks = {c: _moe_blocks(study, c, results) for c in places}
     rank_by = claim.get("rank_by", "bal_excess")
+    layers = sorted(routing["block"].astype(int).unique())
+    known = [b for b in blocks.values() if b]  # the placements with records so far
+    sizes = {len(b) for b in known}
+    k = sizes.pop() if len(sizes) == 1 else 0
+    wanted = {frozenset(c) for c in combinations(layers, k)} if k else set()
+    if layers and (any(b not in wanted for b in known) or len(set(known)) < len(known)
+                   or (len(known) == len(places) and set(known) != wanted)):
+        raise StudyError(f"{study['name']}: claim {claim['id']!r} must list every {k or 'k'}-of-{len(layers)} "
+                         f"placement of the guide's MoE blocks {layers} exactly once as treatment")
     rows = []
     for seed, g in routing.groupby("seed"):
-        layers = sorted(g["block"].astype(int))
-        sizes = {len(b) for b in blocks.values() if b}
-        k = sizes.pop() if len(sizes) == 1 else 0
-        wanted = {frozenset(c) for c in combinations(layers, k)} if k else set()
-        if any(blocks[c] and blocks[c] not in wanted for c in places) or (
-                all(blocks.values()) and set(blocks.values()) != wanted) or len(set(blocks.values())) < len(
-                [b for b in blocks.values() if b]):
-            raise StudyError(f"{study['name']}: claim {claim['id']!r} must list every {k or 'k'}-of-{len(layers)} "
-                             f"placement of the guide's MoE blocks {layers} exactly once as treatment")
         chosen = frozenset(g.sort_values([rank_by, "block"], ascending=[False, True])["block"].astype(int).head(k))
         picked = next((c for c in places if blocks[c] == chosen), None)
         specialised = int(g["specialised"].sum()) if "specialised" in g else None
@@ -317,8 +312,7 @@ def project_claims(paths=None, results: Path | None = None) -> pd.DataFrame:
     from scipy.stats import false_discovery_control
 
     from ..analysis.stats import holm, verdict
-    from .records import load_results
-    from .spec import ROOT, load_study, plan
+    from .spec import ROOT, load_study
 
     if paths is None:
         paths = [p for p in sorted((ROOT / "experiments" / "studies").glob("*/*.yaml")) if p.parent.name != "pilots"]
@@ -329,8 +323,8 @@ def project_claims(paths=None, results: Path | None = None) -> pd.DataFrame:
             continue
         table = evaluate_claims(study, results)
         table.insert(0, "study", study["name"])
-        done = {(r["config"], r["seed"]) for r in iter_records(study, results)}
-        table["complete"] = all(run in done for run in plan(study))
+        recorded, planned = progress(study, results)
+        table["complete"] = recorded >= planned
         tables.append(table)
     if not tables:
         return pd.DataFrame(columns=["study", "id", "estimate", "low", "high", "p", "p_holm", "verdict", "complete",

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, arm_spec, as_study, load_study, result_path
+from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, arm_spec, as_study, load_study, plan, result_path
+
+
+def progress(study_or_path, results: Path | None = None) -> tuple[int, int]:
+    """(recorded, planned): how many of the study's planned (config, seed) runs have a record."""
+    study = as_study(study_or_path)
+    todo = plan(study)
+    done = {(r["config"], r["seed"]) for r in iter_records(study, results)}
+    return sum(run in done for run in todo), len(todo)
 
 
 def read_record(path) -> dict:

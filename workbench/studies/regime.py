@@ -16,8 +16,8 @@ from __future__ import annotations
 import pandas as pd
 
 from .checks import evaluate_checks
-from .records import iter_records
-from .spec import ROOT, load_study
+from .records import iter_records, progress
+from .spec import ROOT, arm_model_kwargs, load_study
 
 REGIME = ROOT / "experiments" / "studies" / "regime"
 
@@ -29,12 +29,6 @@ def load(name: str) -> dict:
         known = ", ".join(sorted(p.stem for p in REGIME.glob("*.yaml")))
         raise FileNotFoundError(f"no regime study {name!r} (known: {known})")
     return load_study(path)
-
-
-def progress(study: dict, results=None) -> tuple[int, int]:
-    """(recorded runs, planned runs)."""
-    done = sum(1 for _ in iter_records(study, results))
-    return done, len(study["configs"]) * len(study["seeds"])
 
 
 def status(study: dict, results=None) -> str:
@@ -69,11 +63,6 @@ def checks_table(study: dict, results=None) -> pd.DataFrame:
     return table.rename(columns={"id": "check", "n": "seeds", "value": "median over seeds"})
 
 
-def _shared(study: dict, config: str) -> bool:
-    spec = {**study.get("common", {}), **study["configs"][config]}
-    return spec.get("shared_expert", "none") not in (None, "none")
-
-
 def placement_grid(study: dict, results=None) -> pd.DataFrame:
     """Test accuracy (%) of every MoE arm: one row per (config, placement, shared, seed); the control is left out."""
     rows = []
@@ -81,8 +70,10 @@ def placement_grid(study: dict, results=None) -> pd.DataFrame:
         config = r["config"]
         if config == study["control"]:
             continue
-        rows.append({"config": config, "placement": study["configs"][config].get("moe_layers"),
-                     "shared": _shared(study, config), "seed": r["seed"], "test_acc": 100 * r["test_acc"]})
+        kwargs, _ = arm_model_kwargs(study, config)  # the study's common switches overlaid with the arm's
+        rows.append({"config": config, "placement": kwargs.get("moe_layers"),
+                     "shared": kwargs.get("shared_expert", "none") not in (None, "none"), "seed": r["seed"],
+                     "test_acc": 100 * r["test_acc"]})
     order = list(study["configs"])
     rows.sort(key=lambda row: (order.index(row["config"]), row["seed"]))
     return pd.DataFrame(rows, columns=["config", "placement", "shared", "seed", "test_acc"])

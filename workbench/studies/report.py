@@ -37,9 +37,9 @@ def study_file(kind: str, protocol: str) -> Path:
 
 def progress(path) -> tuple[int, int]:
     """(recorded, planned) runs of a study."""
-    s = st.load_study(path)
-    todo = st.plan(s)
-    return sum(st.result_path(s, c, seed).exists() for c, seed in todo), len(todo)
+    from .records import progress as recorded
+
+    return recorded(path)
 
 
 def _status(kind: str, protocol: str) -> tuple[Path, int, int]:
