@@ -1,7 +1,7 @@
 """Claim 2's figure: test accuracy per MoE placement, without and with a shared expert, each seed's line beside
 the mean and its 95% t-interval.  "Stable across configurations" reads as the flatter of the two profiles.
 
-Imports: plotly, pandas, scipy; this package's ``palette``.
+Imports: plotly, pandas, scipy; this package's ``palette`` and ``figures`` (the one layout).
 """
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from scipy import stats
 
+from .figures import LAYOUT
 from .palette import SHARED_COLOR, expert_color
-
-LAYOUT = dict(template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
 
 
 def placement_interaction(grid: pd.DataFrame, reference: float | None = None, reference_name: str = "dense control",
