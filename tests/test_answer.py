@@ -47,3 +47,22 @@ def test_a_claim_twice_in_one_column_is_refused():
 def test_small_tables_render():
     assert "mean rank" in answer.pruning_ranks()._repr_html_()
     assert "vimoe_tiny_fmnist" in answer.checkpoints()._repr_html_()
+
+
+def test_findings_say_each_verdict_in_words_with_the_interval():
+    t = _table(claim="all-layers-hurt", verdict="disagrees", verdict_project="inconclusive", margin=0.2,
+               estimate=-0.0004, low=-0.1, high=0.15, contrast="all vs last-2")
+    said = answer.Answer(t).findings().sentences
+    assert said[0] == ("scratch protocol: the claim that MoE late helps is not decided: last-2 minus dense is +0.250 "
+                       "accuracy points (95% interval -0.500 to +1.000, n = 5).")
+    assert "is void: an arm it reads failed a pre-registered check" in said[1]
+    assert said[2].startswith("upcycle: the claim that MoE late helps is not decided yet (3 of 10 runs recorded); "
+                              "so far last-2 minus dense is +0.250")
+    # a 'disagrees' inside its margin says so; a differing project-wide verdict is named; no '-0.000'
+    assert "does not hold: all minus last-2 is +0.000 accuracy points (95% interval -0.100 to +0.150" in said[3]
+    assert "within the 0.2-point margin" in said[3] and "project-wide Holm) it reads inconclusive" in said[3]
+    only = answer.Answer(t).findings(columns=["upcycle"])
+    assert len(only.sentences) == 1 and only._repr_markdown_().startswith("- Upcycle: the claim")
+    excess = answer.finding_sentence({**t.iloc[0].to_dict(), "contrast": "all: NMI over random routers",
+                                      "unit": "NMI"})
+    assert "in all, NMI over random routers is +0.250 NMI" in excess

@@ -298,10 +298,17 @@ def test_default_train_script_ships_only_when_asked(tmp_path, how, ships):
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     calls = log.read_text()
-    assert calls.count("workbench train --config") == 2
-    assert ("workbench.train.ship" in calls) == ships
+    assert calls.count("workbench train --config") == 3  # no name: the tiny pair and the explorer's default
+    assert ("workbench.train.ship" in calls) == ships and ("workbench card" in calls) == ships
+    for config, run_dir in (("dense", "dense"), ("moe", "moe"), ("moe_micro4", "moe_micro4")):
+        line = next(c for c in calls.splitlines() if f"experiments/default/{config}.yaml" in c)
+        # --resume only where a checkpoint is (train refuses it on a fresh folder)
+        assert ("--resume" in line) == (ROOT / "experiments/runs/default" / run_dir / "checkpoint.pt").is_file()
     if not ships:
         assert "unchanged" in run.stdout
+    one = subprocess.run(["bash", str(ROOT / "experiments/default/train.sh"), "explorer", *args], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert one.returncode == 0 and log.read_text()[len(calls):].count("workbench train --config") == 1
 
 
 def test_readme_upcycling_example_runs_and_says_to_use_the_venv():
@@ -355,3 +362,27 @@ def test_resume_of_a_folder_without_a_checkpoint_is_refused_and_eval_checks_its_
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--checkpoint", "experiments/checkpoints/vimoe_tiny_fmnist", "--device", "banana"])
     assert exit_.value.code == 2 and "--device 'banana' is invalid" in capsys.readouterr().err
+
+
+def test_card_command_prints_the_cached_verdicts_and_refuses_bad_input(tmp_path, capsys):
+    """`card` reads the shipped card from its cache (no test is run: the weights' hash matches) and prints one line
+    per MoE layer with its verdict; a dense model has no routing to test; a bad path or too few draws is one line."""
+    shipped = ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist"
+    folder = tmp_path / "tiny"
+    shutil.copytree(shipped, folder)
+    stored = json.loads((folder / "model_card.json").read_text())
+    assert main(["card", "--checkpoint", str(folder)]) == 0
+    out = capsys.readouterr().out
+    for block, v in stored["layers"].items():
+        verdict = "specialised" if v["specialised"] else "not distinguishable from random routers"
+        assert f"block {block}: NMI {v['nmi']:.4f} vs random {v['random_nmi']:.4f}, Holm p {v['p_holm']:.3f}: " \
+               f"{verdict}" in out
+    assert "these images were in its training set" in out  # the tiny model trained on its validation images
+    assert main(["card", "--checkpoint", str(ROOT / "experiments/checkpoints/vimoe_tiny_fmnist_dense")]) == 0
+    assert "dense: no MoE layers" in capsys.readouterr().out
+    for argv, message in ((["--checkpoint", str(tmp_path / "nope")], "no such file or folder"),
+                          (["--checkpoint", str(folder), "--draws", "3"], "--draws >= 10")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["card", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1

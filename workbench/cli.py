@@ -30,6 +30,7 @@ EXTENSIONS = {  # command -> (module with register_cli, one-line help); the modu
     "bench": ("workbench.bench.cli", "speed and memory of MoE layers and ViMoE training vs dense equivalents"),
     "profile": ("workbench.analysis.cli", "parameters and activated MACs (per image), dense-equivalent, per block"),
     "prune": ("workbench.analysis.cli", "prune a ViMoE checkpoint: MoE layers to dense, or experts pruned / merged"),
+    "card": ("workbench.analysis.cli", "a checkpoint's model card: facts and per-layer routing verdicts (cached)"),
     "study": ("workbench.studies.cli", "run a study (configs x seeds, resumable; here or as cluster jobs), show its "
                                        "status, summary or claims"),
 }

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
+# --resume only where a checkpoint is (train refuses --resume on a folder without one, to catch a typo)
+resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 SHIP=${SHIP:-0}
 for arg in "$@"; do
@@ -14,7 +16,7 @@ for arg in "$@"; do
         *) echo "train.sh: unknown argument '$arg': use --ship (or none)" >&2; exit 2 ;;
     esac
 done
-$PY -m workbench train --config experiments/segmentation/seg.yaml --resume
+$PY -m workbench train --config experiments/segmentation/seg.yaml $(resume experiments/runs/segmentation/seg)
 if [ "$SHIP" = 1 ]; then
     $PY -m workbench.train.ship experiments/runs/segmentation/seg experiments/checkpoints/vimoe_seg_micro_scenes
 else

@@ -12,6 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
+# --resume only where a checkpoint is (train refuses --resume on a folder without one, to catch a typo)
+resume() { [ -f "$1/checkpoint.pt" ] && echo --resume || true; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SHIP=${SHIP:-0}
 NAME=dense
@@ -27,7 +29,7 @@ case "$NAME" in
   dense) DEST=experiments/checkpoints/vimoe_micro_fmnist_dense ;;
   dense_p4) DEST=experiments/checkpoints/vimoe_micro4_fmnist_dense ;;
 esac
-$PY -m workbench train --config "experiments/upcycle/$NAME.yaml" --resume
+$PY -m workbench train --config "experiments/upcycle/$NAME.yaml" $(resume "experiments/runs/upcycle/$NAME")
 if [ "$NAME" = dense_p4 ]; then
   # the stopping rule of dense_p4.yaml: 20-epoch chunks (each a warm restart of the cosine) while the last test
   # accuracy is below 0.90, at most 80 epochs

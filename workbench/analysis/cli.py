@@ -1,5 +1,6 @@
-"""``python -m workbench profile | prune``: parameters and activated MACs of a model or checkpoint, per block; a
-pruned copy of a checkpoint (MoE layers made dense, or experts pruned or merged), optionally fine-tuned.
+"""``python -m workbench profile | prune | card``: parameters and activated MACs of a model or checkpoint, per block;
+a pruned copy of a checkpoint (MoE layers made dense, or experts pruned or merged), optionally fine-tuned; a
+checkpoint's model card (its facts and, per MoE layer, the random-router verdict, cached beside the weights).
 
 Imports: ``workbench.models.args`` at import time; ``.flops``, ``.prune``, ``workbench.data`` and
 ``workbench.train`` inside the commands.
@@ -44,6 +45,14 @@ def register_cli(sub) -> None:
                    "config.json, loadable by eval, info and the app)")
     q.add_argument("--json", action="store_true", help="print the before/after rows as JSON")
     q.set_defaults(func=_cmd_prune)
+    c = sub.add_parser("card", help="a checkpoint's model card: facts and, per MoE layer, whether its routing beats "
+                                    "random routers (computed once, cached as model_card.json beside the weights)")
+    c.add_argument("--checkpoint", required=True, metavar="PATH", help="a model folder, run folder or weights file")
+    c.add_argument("--draws", type=int, default=None, help="random routers per layer (default: 100)")
+    c.add_argument("--images", type=int, default=None, metavar="N",
+                   help="first N validation images (default: 2,000 for classifiers, 1,000 for segmentation)")
+    c.add_argument("--json", action="store_true", help="print the card as JSON")
+    c.set_defaults(func=_cmd_card)
 
 
 def _cmd_profile(args) -> int:
@@ -67,6 +76,45 @@ def _cmd_profile(args) -> int:
     for col in ("attn_macs", "ffn_macs", "router_macs", "shared_macs", "macs"):
         table[col] = (table[col] / 1e6).round(3)
     print(table.rename(columns=lambda c: c.replace("_macs", " MMACs")).to_string(index=False))
+    return 0
+
+
+def _cmd_card(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ..models.args import UsageError
+    from .card import DRAWS, CardUnavailable, model_card
+
+    if not Path(args.checkpoint).exists():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such file or folder (the shipped ones are in "
+                         "experiments/checkpoints/)")
+    if (args.draws is not None and args.draws < 10) or (args.images is not None and args.images < 100):
+        raise UsageError("--draws >= 10 and --images >= 100, please (fewer cannot reach p < 0.05 after Holm)")
+    try:
+        card = model_card(args.checkpoint, draws=args.draws or DRAWS, max_images=args.images)
+    except CardUnavailable as err:
+        raise UsageError(str(err)) from None
+    if args.json:
+        print(json.dumps(card, indent=1))
+        return 0
+    f = card["facts"]
+    print(f"{card['checkpoint']}: {f['model']}, {f['task']}, {f['blocks']} blocks, d={f['embed_dim']}, "
+          f"{f['params']:,} params")
+    if not f["moe_blocks"]:
+        print("dense: no MoE layers, no routing to test")
+        return 0
+    print(f"MoE blocks {', '.join(map(str, f['moe_blocks']))}: {f['num_experts']} experts, top-{f['top_k']}, "
+          f"router {f['router']}, {f['routing']} routing, shared expert {f['shared_expert']}")
+    t = card["test"]
+    print(f"random-router test: {t['draws']} random routers per layer, {t['images']} images of the {t['split']}, "
+          f"Holm across layers (alpha {t['alpha']})" + ("; these images were in its training set" if
+                                                        t.get("seen_in_training") else ""))
+    for block, v in sorted(card["layers"].items(), key=lambda kv: int(kv[0])):
+        verdict = "specialised" if v.get("specialised") else "not distinguishable from random routers"
+        print(f"  block {block}: NMI {v['nmi']:.4f} vs random {v['random_nmi']:.4f}, Holm p {v['p_holm']:.3f}: "
+              f"{verdict}")
+    print("(cached as model_card.json beside the weights; changed weights are tested again)")
     return 0
 
 

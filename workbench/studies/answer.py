@@ -191,6 +191,63 @@ def verdict_html(table: pd.DataFrame, caption: str | None = None) -> str:
             f"</caption><thead><tr>{''.join(head)}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
+VERBS = {"agrees": "holds", "disagrees": "does not hold", "inconclusive": "is not decided",
+         "void": "is void: an arm it reads failed a pre-registered check that it learned",
+         "not recorded": "has no runs recorded yet"}
+
+
+def _signed(x: float) -> str:
+    text = f"{x:+.3f}"
+    return "+0.000" if text == "-0.000" else text
+
+
+def _contrast_words(r) -> str:
+    contrast = str(r["contrast"] or "").strip().replace(" vs ", " minus ")
+    if ": " in contrast:  # 'all: NMI over random routers' -> 'in all, NMI over random routers'
+        arm, what = contrast.split(": ", 1)
+        contrast = f"in {arm}, {what}"
+    return contrast or r["claim"]
+
+
+def finding_sentence(r) -> str:
+    """One claim's result as a sentence a reader can quote: where it was tested, what the paper says, whether it
+    holds, the estimate with its 95% interval and n, and the project-wide verdict where it differs.  Every word
+    comes from the study file and its records."""
+    where = f"{r['column']}: " if r.get("column") else ""
+    says = str(r["says"]).rstrip(".")
+    if r["status"] == "not recorded":
+        return f"{where}the claim that {says} {VERBS['not recorded']}."
+    estimate = ("" if r["estimate"] is None or r["estimate"] != r["estimate"] else
+                f"{_contrast_words(r)} is {_signed(r['estimate'])} {r['unit']} (95% interval {_signed(r['low'])} "
+                f"to {_signed(r['high'])}, n = {r['n']})")
+    if r["status"] == "incomplete":
+        return (f"{where}the claim that {says} is not decided yet ({r['runs']} of {r['planned']} runs recorded)"
+                + (f"; so far {estimate}." if estimate else "."))
+    project = str(r.get("verdict_project", "-"))
+    also = (f" Across every recorded study (project-wide Holm) it reads {project}."
+            if project not in ("-", r["verdict"]) else "")
+    margin = float(r.get("margin") or 0.0)
+    word = "point" if "points" in r["unit"] else r["unit"]
+    inside = (f" The whole interval lies within the {margin:g}-{word} margin fixed before the runs: "
+              f"no effect of the size that matters." if r["verdict"] == "disagrees" and margin and estimate
+              and abs(r["low"]) < margin and abs(r["high"]) < margin else "")
+    return f"{where}the claim that {says} {VERBS.get(r['verdict'], r['verdict'])}" + (
+        f": {estimate}." if estimate else ".") + inside + also
+
+
+class Findings:
+    """The verdict table in words, one sentence per claim and study (Markdown in a notebook, plain text to nbval)."""
+
+    def __init__(self, table: pd.DataFrame):
+        self.sentences = [finding_sentence(r) for r in table.to_dict("records")]
+
+    def _repr_markdown_(self) -> str:
+        return "\n".join(f"- {s[0].upper()}{s[1:]}" for s in self.sentences)
+
+    def __repr__(self) -> str:
+        return "\n".join(self.sentences)
+
+
 class Answer:
     """A verdict table that a notebook displays as HTML (and a terminal or nbval reads as text lines)."""
 
@@ -202,6 +259,11 @@ class Answer:
 
     def __repr__(self) -> str:
         return verdict_text(self.table)
+
+    def findings(self, columns=None) -> Findings:
+        """The same claims as sentences (only the columns named in ``columns``, if given)."""
+        table = self.table if columns is None else self.table[self.table["column"].isin(columns)]
+        return Findings(table)
 
 
 def show(kinds, confirm=(), ids=None, claim_kinds=None, regime=()) -> Answer:
