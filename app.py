@@ -711,10 +711,11 @@ def _example_items() -> list[tuple[str, str]]:
     return [(p, short.get(n, n.replace("-", " "))) for p, n in zip(ordered, names)]
 
 
-def build_app(checkpoint=None, allowed=None) -> gr.Blocks:
+def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.Blocks:
     """The page.  ``allowed``: None serves any model folder the checkpoint box names (loopback use); a list of
     folders restricts loading to the shipped models, the models in those folders and ``checkpoint``, picked from a
-    list (what serving beyond loopback needs)."""
+    list (what serving beyond loopback needs).  ``start_example``: the page opens with the first example routed
+    (a test image for a classifier, a scene for a segmentation model), so that it never opens empty."""
     checkpoint = str(checkpoint or DEFAULT_CHECKPOINT)
     choices = _choices(checkpoint, allowed)
     listed = None if allowed is None else [path for _, path in choices]
@@ -800,6 +801,17 @@ def build_app(checkpoint=None, allowed=None) -> gr.Blocks:
             then_show(control.input(rerun_here, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy))
         ckpt.change(refresh_card, *card_io, **quick)
         demo.load(refresh_card, *card_io, **quick)
+        if start_example:
+            def first_example(current):
+                try:
+                    seg = config_summary(json.loads(weights_file(current).with_name("config.json").read_text())
+                                         )["task"] == "segmentation"
+                except (OSError, ValueError):
+                    return gr.skip()  # a checkpoint that does not load says so when an image is routed
+                pool = scenes_list if seg else [p for p, _ in examples_list]
+                return pool[0] if pool else gr.skip()
+
+            demo.load(first_example, [ckpt], upload, **quick)  # the upload's change routes it
         card_timer.tick(refresh_card, *card_io, **quick)
 
         def pick_example(evt: gr.SelectData):
@@ -863,6 +875,8 @@ def parse_args(argv=None):
                         help="address to serve on (default 127.0.0.1, this machine only); any other than a loopback "
                              "address restricts checkpoints to the shipped ones and --checkpoint-dir folders")
     parser.add_argument("--port", type=_port, default=7860, help="port to serve on, 1-65535 (default 7860)")
+    parser.add_argument("--no-start-example", action="store_true",
+                        help="open the page empty (default: with the first example image routed)")
     parser.add_argument("--checkpoint-dir", action="append", default=[], metavar="DIR",
                         help="when restricted: also list the model folders in DIR (and DIR/*/model of run folders); "
                              "repeat for several")
@@ -908,7 +922,7 @@ def main(argv=None) -> None:
         chosen = args.checkpoint != str(DEFAULT_CHECKPOINT)
         hint = "" if chosen else " (train the default with experiments/default/train.sh, or pass --checkpoint)"
         parser.exit(2, f"app.py: error: {one_line(err)}{hint}\n")
-    demo = build_app(args.checkpoint, allowed)
+    demo = build_app(args.checkpoint, allowed, start_example=not args.no_start_example)
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     print(f"serving the routing explorer on {where} (Ctrl-C stops it)"
           + (f"; checkpoints only from {', '.join(allowed)}" if allowed is not None else ""), flush=True)

@@ -513,3 +513,31 @@ def test_main_serves_with_one_line_and_no_share_hint(monkeypatch, capsys):
     assert launched["share"] is False and launched["quiet"] is True  # quiet: no "set share=True" hint
     assert out.count("\n") == 1 and out.startswith("serving the routing explorer on http://0.0.0.0:")
     assert "checkpoints only from" in out
+
+
+def test_browser_page_opens_with_the_first_example_routed(checkpoints, tmp_path):
+    """`python app.py` opens with an example already routed (the overlay and the experts' panels, no click); the
+    --no-start-example page opens empty, as build_app's default does."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    if not Path("/usr/bin/chromium").is_file():
+        pytest.skip("Debian's chromium (/usr/bin/chromium) is not installed (make setup installs it)")
+    import app
+
+    assert app.parse_args(["--no-start-example"])[1].no_start_example and not app.parse_args([])[1].no_start_example
+    port = _free_port()
+    demo = app.build_app(checkpoints / "token", start_example=True)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, share=False, quiet=True)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#status").get_by_text("patch grid").wait_for(timeout=60_000)
+            page.locator("#overlay img").first.wait_for(state="visible", timeout=30_000)
+            panels = page.locator("#gallery figure img").count()
+            label = page.locator("#top5").inner_text()
+            browser.close()
+    finally:
+        demo.close()
+    assert panels == 2 and "%" in label  # the experts' panels of both MoE blocks and the top classes, no click
