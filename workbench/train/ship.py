@@ -30,8 +30,9 @@ def ship(run: str | Path, dest: str | Path) -> Path:
     train_config = json.loads((run / "train_config.json").read_text())
     pretrain = None
     if train_config.get("init_from"):  # the dense run this model was upcycled from
-        dense_metrics = Path(train_config["init_from"]).parent / "metrics.jsonl"
-        if dense_metrics.is_file():
+        init = Path(train_config["init_from"])  # a run's model/ folder (metrics beside it) or a shipped folder
+        dense_metrics = next((p for p in (init.parent / "metrics.jsonl", init / "metrics.jsonl") if p.is_file()), None)
+        if dense_metrics is not None:
             rows = [json.loads(line) for line in dense_metrics.read_text().splitlines() if line.strip()]
             pretrain = {"from": train_config["init_from"], "metrics": rows[-1]}
     record = {**config, "train_config": train_config, "metrics": history[-1], "pretrain": pretrain,
