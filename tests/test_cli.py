@@ -298,9 +298,10 @@ def test_default_train_script_ships_only_when_asked(tmp_path, how, ships):
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     calls = log.read_text()
-    assert calls.count("workbench train --config") == 3  # no name: the tiny pair and the explorer's default
-    assert ("workbench.train.ship" in calls) == ships and ("workbench card" in calls) == ships
-    for config, run_dir in (("dense", "dense"), ("moe", "moe"), ("moe_micro4", "moe_micro4")):
+    assert calls.count("workbench train --config") == 4  # no name: the tiny pair, the explorer's default, regime's
+    assert ("workbench.train.ship" in calls) == ships and calls.count("workbench card") == 2 * ships
+    for config, run_dir in (("dense", "dense"), ("moe", "moe"), ("moe_scratch", "moe_scratch"),
+                            ("moe_micro4", "moe_micro4")):
         line = next(c for c in calls.splitlines() if f"experiments/default/{config}.yaml" in c)
         # --resume only where a checkpoint is (train refuses it on a fresh folder)
         assert ("--resume" in line) == (ROOT / "experiments/runs/default" / run_dir / "checkpoint.pt").is_file()

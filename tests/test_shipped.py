@@ -12,22 +12,23 @@ from workbench.explorer import DEFAULT_CHECKPOINT, Explorer, example_images
 from workbench.train.metrics import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = [DEFAULT_CHECKPOINT, ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist",
+REGIME = ROOT / "experiments" / "checkpoints" / "vimoe_micro4_fmnist"  # upcycle4-regime's last-2-shared, seed 301
+SHIPPED = [DEFAULT_CHECKPOINT, REGIME, ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist",
            ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist_dense",
            ROOT / "experiments" / "checkpoints" / "vimoe_micro_fmnist_dense",  # upcycle_p7's base (88.68%)
            ROOT / "experiments" / "checkpoints" / "vimoe_micro4_fmnist_dense"]  # the upcycle studies' base (4x4)
 # What ship.py recorded: the shipped (fp16-stored) weights on the full 10k Fashion-MNIST test set, and the last
 # training epoch's test accuracy before the fp16 round trip.
-RECORDED_TEST_ACC = {"vimoe_micro4_fmnist": 0.8979, "vimoe_tiny_fmnist": 0.8622, "vimoe_tiny_fmnist_dense": 0.8498, "vimoe_micro_fmnist_dense": 0.8868,
+RECORDED_TEST_ACC = {"vimoe_micro_fmnist_scratch": 0.789, "vimoe_micro4_fmnist": 0.8979, "vimoe_tiny_fmnist": 0.8622, "vimoe_tiny_fmnist_dense": 0.8498, "vimoe_micro_fmnist_dense": 0.8868,
                      "vimoe_micro4_fmnist_dense": 0.9018}
-LAST_EPOCH_TEST_ACC = {"vimoe_micro4_fmnist": 0.8977, "vimoe_tiny_fmnist": 0.8619, "vimoe_tiny_fmnist_dense": 0.8498, "vimoe_micro_fmnist_dense": 0.8868,
+LAST_EPOCH_TEST_ACC = {"vimoe_micro_fmnist_scratch": 0.789, "vimoe_micro4_fmnist": 0.8977, "vimoe_tiny_fmnist": 0.8619, "vimoe_tiny_fmnist_dense": 0.8498, "vimoe_micro_fmnist_dense": 0.8868,
                        "vimoe_micro4_fmnist_dense": 0.9018}
 # The shipped weights on a fixed 500-image subset of the test set (build_datasets(test_subset=500), seed 0), CPU,
 # fp32, one thread: correct predictions, computed once (the full 10k take a minute; these take seconds).
 SUBSET = 500
-SUBSET_CORRECT = {"vimoe_micro4_fmnist": 448, "vimoe_tiny_fmnist": 434, "vimoe_tiny_fmnist_dense": 423, "vimoe_micro_fmnist_dense": 447,
+SUBSET_CORRECT = {"vimoe_micro_fmnist_scratch": 401, "vimoe_micro4_fmnist": 448, "vimoe_tiny_fmnist": 434, "vimoe_tiny_fmnist_dense": 423, "vimoe_micro_fmnist_dense": 447,
                   "vimoe_micro4_fmnist_dense": 452}
-SUBSET_LOSS = {"vimoe_micro4_fmnist": 0.34114736938476564, "vimoe_tiny_fmnist": 0.42604998779296877, "vimoe_tiny_fmnist_dense": 0.4629532470703125,
+SUBSET_LOSS = {"vimoe_micro_fmnist_scratch": 0.6072448120117188, "vimoe_micro4_fmnist": 0.34114736938476564, "vimoe_tiny_fmnist": 0.42604998779296877, "vimoe_tiny_fmnist_dense": 0.4629532470703125,
                "vimoe_micro_fmnist_dense": 0.3709040832519531, "vimoe_micro4_fmnist_dense": 0.33061642456054685}
 
 
@@ -78,7 +79,7 @@ def test_shipped_weights_reproduce_their_accuracy_on_a_fixed_subset(folder, one_
 
 def test_default_is_a_vimoe_and_loads_through_timm_too():
     model, config = load_model(DEFAULT_CHECKPOINT)
-    assert model.moe_layer_indices == [2, 3] and config["model_kwargs"]["shared_expert"] == "add"
+    assert model.moe_layer_indices == [2, 3] and config["model_kwargs"]["top_k"] == 2
     via_timm = timm.create_model(config["model"], pretrained=True, **config["model_kwargs"],
                                  pretrained_cfg_overlay=dict(file=str(DEFAULT_CHECKPOINT / "model.safetensors"))).eval()
     x = torch.randn(2, 1, 28, 28)
@@ -87,35 +88,52 @@ def test_default_is_a_vimoe_and_loads_through_timm_too():
 
 def test_default_routes_the_examples():
     analysis = Explorer().analyse(example_images()[-1])  # an ankle boot
-    assert analysis.layers == [2, 3] and analysis.experts[3].shape == (7, 7)
+    assert analysis.layers == [2, 3] and analysis.experts[3].shape == (4, 4)  # 7x7 patches of 28x28
     assert next(iter(analysis.top5)) in ("Ankle boot", "Sneaker", "Sandal")
 
 
 
-def test_default_is_its_study_record_retrained_and_its_card_is_shipped():
-    """The explorer's default retrains upcycle4-regime's last-2-shared seed 301 (experiments/default/moe_micro4.yaml):
+def test_regime_checkpoint_is_its_study_record_retrained_and_its_card_is_shipped():
+    """vimoe_micro4_fmnist retrains upcycle4-regime's last-2-shared seed 301 (experiments/default/moe_micro4.yaml):
     every epoch's test and validation accuracy equal the study record's (deterministic CPU, one thread), and its
     card (random-router verdicts, computed on held-out validation images) ships with it, keyed by its weights."""
     from workbench.analysis.card import weights_hash
 
     record = json.loads((ROOT / "experiments/results/upcycle4-regime/last-2-shared__seed301.json").read_text())
-    shipped = [json.loads(line) for line in (DEFAULT_CHECKPOINT / "metrics.jsonl").read_text().splitlines()]
+    shipped = [json.loads(line) for line in (REGIME / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["test_acc"], r["val_acc"]) for r in shipped] == \
         [(h["epoch"], h["test_acc"], h["val_acc"]) for h in record["history"]]
-    config = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
+    config = json.loads((REGIME / "config.json").read_text())
     assert config["model_kwargs"] == record["model_config"]["model_kwargs"]
     assert {k: config["train_config"][k] for k in ("seed", "epochs", "lr", "val_size", "shared_init")} == \
         {k: record["train_config"][k] for k in ("seed", "epochs", "lr", "val_size", "shared_init")}
-    card = json.loads((DEFAULT_CHECKPOINT / "model_card.json").read_text())
-    assert card["weights_sha256"] == weights_hash(DEFAULT_CHECKPOINT) and set(card["layers"]) == {"2", "3"}
+    card = json.loads((REGIME / "model_card.json").read_text())
+    assert card["weights_sha256"] == weights_hash(REGIME) and set(card["layers"]) == {"2", "3"}
     assert card["test"]["draws"] == 100 and card["test"]["images"] == 2000 and not card["test"]["seen_in_training"]
     # the README quotes the card: its numbers must be the card's
     readme = " ".join((ROOT / "README.md").read_text().split())
     two, three = card["layers"]["2"], card["layers"]["3"]
     assert (f"block 2 NMI {two['nmi']:.3f} against {two['random_nmi']:.3f} for random routers, Holm p "
             f"{two['p_holm']:.3f}; block 3 p {three['p_holm']:.3f}") in readme
-    assert f"({config['shipped_test']['acc']:.2%} test accuracy" in readme
+    assert f"`vimoe_micro4_fmnist` ({config['shipped_test']['acc']:.2%})" in readme
     assert not two["specialised"] and not three["specialised"]  # as the README says
+
+
+def test_default_routing_beats_random_routers_in_its_shipped_card():
+    """The explorer's default was shipped for routing worth exploring: its card (100 random routers per layer, the
+    first 2,000 held-out validation images, Holm) calls both MoE blocks specialised, and the README quotes it."""
+    from workbench.analysis.card import weights_hash
+
+    card = json.loads((DEFAULT_CHECKPOINT / "model_card.json").read_text())
+    config = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
+    assert card["weights_sha256"] == weights_hash(DEFAULT_CHECKPOINT) and config["train_config"]["val_size"] == 10000
+    assert card["test"]["draws"] == 100 and card["test"]["images"] == 2000 and not card["test"]["seen_in_training"]
+    assert {b: v["specialised"] for b, v in card["layers"].items()} == {"2": True, "3": True}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    two, three = card["layers"]["2"], card["layers"]["3"]
+    assert (f"block 2 NMI {two['nmi']:.3f} against {two['random_nmi']:.3f}, block 3 {three['nmi']:.3f} against "
+            f"{three['random_nmi']:.3f}, Holm p {two['p_holm']:.3f} each") in readme
+    assert f"({config['shipped_test']['acc']:.2%} test accuracy" in readme
 
 
 SEG = ROOT / "experiments" / "checkpoints" / "vimoe_seg_micro_scenes"

@@ -19,7 +19,7 @@ from .viz.overlay import GATE_FLOOR, HATCH_PERIOD, render_mask, render_overlay  
 MAX_PIXELS = 64_000_000  # decoded pixels allowed before we refuse (PIL's bomb guard is on top of this)
 WORKING_SIZE = 1024  # large images are reduced to this before preprocessing
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "experiments" / "checkpoints"
-DEFAULT_CHECKPOINT = CHECKPOINTS / "vimoe_micro4_fmnist"
+DEFAULT_CHECKPOINT = CHECKPOINTS / "vimoe_micro_fmnist_scratch"
 EXAMPLES = CHECKPOINTS.parent / "examples"  # Fashion-MNIST test images, for classifiers
 SCENES = EXAMPLES / "scenes"  # segmentation scenes, each with its ground truth beside it (scene_00.mask.png)
 

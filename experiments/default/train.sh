@@ -2,13 +2,16 @@
 # Trains the shipped classifiers; safe to re-run: each step resumes where it stopped.
 #   tiny      a dense tiny ViT on Fashion-MNIST (dense.yaml), upcycled to a ViMoE and fine-tuned (moe.yaml):
 #             experiments/checkpoints/vimoe_tiny_fmnist{_dense,}
-#   explorer  the app's default ViMoE (moe_micro4.yaml): the upcycle4-regime arm last-2-shared, seed 301, upcycled
-#             from experiments/checkpoints/vimoe_micro4_fmnist_dense: experiments/checkpoints/vimoe_micro4_fmnist
-#             (about 13 min on one thread; one thread, so that it reproduces its study record exactly)
-# With no name, both.  The runs go to experiments/runs/default/{dense,moe,moe_micro4}/ (checkpoint.pt,
-# metrics.jsonl, model/).  The tracked, shipped checkpoints are overwritten ONLY when asked:
-#     experiments/default/train.sh [tiny|explorer]          # train; the shipped checkpoints stay as they are
-#     experiments/default/train.sh [tiny|explorer] --ship   # train, then replace the shipped copies
+#   explorer  the app's default ViMoE (moe_scratch.yaml): scratch-confirm's arm last-2-top2, seed 103, a micro ViMoE
+#             from random init whose routing beats random routers: experiments/checkpoints/vimoe_micro_fmnist_scratch
+#             (about 3 min on one thread)
+#   regime    upcycle4-regime's arm last-2-shared, seed 301, upcycled from vimoe_micro4_fmnist_dense (moe_micro4.yaml):
+#             experiments/checkpoints/vimoe_micro4_fmnist (about 14 min; one thread, so that it reproduces its study
+#             record exactly)
+# With no name, all three.  The runs go to experiments/runs/default/{dense,moe,moe_scratch,moe_micro4}/
+# (checkpoint.pt, metrics.jsonl, model/).  The tracked, shipped checkpoints are overwritten ONLY when asked:
+#     experiments/default/train.sh [tiny|explorer|regime]          # train; the shipped checkpoints stay as they are
+#     experiments/default/train.sh [tiny|explorer|regime] --ship   # train, then replace the shipped copies
 #     SHIP=1 experiments/default/train.sh                   # the same as --ship
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,12 +23,12 @@ WHICH=""
 for arg in "$@"; do
     case "$arg" in
         --ship) SHIP=1 ;;
-        tiny|explorer) WHICH="$WHICH $arg" ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-        *) echo "train.sh: unknown argument '$arg': name tiny and/or explorer, and/or --ship" >&2; exit 2 ;;
+        tiny|explorer|regime) WHICH="$WHICH $arg" ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) echo "train.sh: unknown argument '$arg': name tiny, explorer and/or regime, and/or --ship" >&2; exit 2 ;;
     esac
 done
-WHICH=${WHICH:-tiny explorer}
+WHICH=${WHICH:-tiny explorer regime}
 for name in $WHICH; do
     if [ "$name" = tiny ]; then
         OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $PY -m workbench train --config experiments/default/dense.yaml $(resume experiments/runs/default/dense)
@@ -37,13 +40,16 @@ for name in $WHICH; do
             echo "trained: experiments/runs/default/dense/model and experiments/runs/default/moe/model"
         fi
     else
-        OMP_NUM_THREADS=1 $PY -m workbench train --config experiments/default/moe_micro4.yaml $(resume experiments/runs/default/moe_micro4)
+        if [ "$name" = explorer ]; then config=moe_scratch; dest=vimoe_micro_fmnist_scratch
+        else config=moe_micro4; dest=vimoe_micro4_fmnist; fi
+        OMP_NUM_THREADS=1 $PY -m workbench train --config experiments/default/$config.yaml \
+            $(resume experiments/runs/default/$config)
         if [ "$SHIP" = 1 ]; then
-            $PY -m workbench.train.ship experiments/runs/default/moe_micro4 experiments/checkpoints/vimoe_micro4_fmnist
+            $PY -m workbench.train.ship experiments/runs/default/$config experiments/checkpoints/$dest
             # the card's verdicts (random-router test per MoE layer), cached beside the weights
-            OMP_NUM_THREADS=2 $PY -m workbench card --checkpoint experiments/checkpoints/vimoe_micro4_fmnist
+            OMP_NUM_THREADS=2 $PY -m workbench card --checkpoint experiments/checkpoints/$dest
         else
-            echo "trained: experiments/runs/default/moe_micro4/model"
+            echo "trained: experiments/runs/default/$config/model"
         fi
     fi
 done

@@ -105,7 +105,7 @@ def _cmd_card(args) -> int:
         print("dense: no MoE layers, no routing to test")
         return 0
     print(f"MoE blocks {', '.join(map(str, f['moe_blocks']))}: {f['num_experts']} experts, top-{f['top_k']}, "
-          f"router {f['router']}, {f['routing']} routing, shared expert {f['shared_expert']}")
+          f"router {f['router']}, {f['routing']} routing, shared expert {f['shared_expert'] or 'none'}")
     t = card["test"]
     print(f"random-router test: {t['draws']} random routers per layer, {t['images']} images of the {t['split']}, "
           f"Holm across layers (alpha {t['alpha']})" + ("; these images were in its training set" if
