@@ -14,8 +14,9 @@ from workbench.studies import answer, report
 pd.set_option("display.width", 140)
 from workbench.studies import regime
 REGIME = [("upcycle regime: re-warmed fine-tune, 8 seeds", "experiments/studies/regime/upcycle4.yaml")]
-answer.show(["placement"], confirm=[("confirm", "confirm_all")], regime=REGIME,
-            ids=["late-moe-helps", "early-moe-hurts", "all-layers-hurt", "top2-helps-late", "dense-control-keeps-accuracy"])
+ANSWER = answer.show(["placement"], confirm=[("confirm", "confirm_all")], regime=REGIME,
+                     ids=["late-moe-helps", "early-moe-hurts", "all-layers-hurt", "top2-helps-late", "dense-control-keeps-accuracy"])
+ANSWER
 
 # %% [markdown]
 # **What it means.** The first column is the study that tests claim 1 where the upcycled arms learn (a re-warmed
@@ -146,6 +147,15 @@ viz.forest_plot(contrasts, title="Layer placement: paired difference from the de
 
 # %% [markdown]
 # ## Finding
+#
+# In words: each claim of the table at the top, one sentence per study, generated from the records (so the words
+# cannot drift from the numbers). How the verdicts are decided, and how far they reach, follows.
+
+# %%
+ANSWER.findings()
+
+# %% [markdown]
+# ### How the verdicts are decided
 #
 # Each claim below was stated in the study file before its runs, with its direction (and, for "no difference"
 # claims, a margin). *agrees*: significant after Holm and the 95% interval on the claimed side; *disagrees*:

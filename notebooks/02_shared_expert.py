@@ -14,10 +14,11 @@ from workbench.studies import answer, report
 pd.set_option("display.width", 140)
 from workbench.studies import regime
 REGIME = [("upcycle regime: re-warmed fine-tune, equal parameters, 8 seeds", "experiments/studies/regime/upcycle4.yaml")]
-answer.show(["shared_expert"], confirm=["confirm", "confirm_shared"], regime=REGIME,
-            ids=["shared-narrows-placement-range", "shared-lifts-worst-placement", "shared-beats-top2-last2", "shared-beats-top2-all", "fine-grained-beats-top1-last2",
-                 "fine-grained-beats-top1-all", "shared-makes-placement-matter-less", "shared-init-copy-vs-zero",
-                 "shared-lowers-seed-spread"])
+ANSWER = answer.show(["shared_expert"], confirm=["confirm", "confirm_shared"], regime=REGIME,
+                     ids=["shared-narrows-placement-range", "shared-lifts-worst-placement", "shared-beats-top2-last2", "shared-beats-top2-all", "fine-grained-beats-top1-last2",
+                          "fine-grained-beats-top1-all", "shared-makes-placement-matter-less", "shared-init-copy-vs-zero",
+                          "shared-lowers-seed-spread"])
+ANSWER
 
 # %% [markdown]
 # **What it means.** The paper's claim is about stability *across configurations*: the first column tests it as an
@@ -95,6 +96,15 @@ for protocol in ("upcycle", "upcycle_p7"):
 
 # %% [markdown]
 # ## Finding
+#
+# In words: each claim of the table at the top, one sentence per study, generated from the records (so the words
+# cannot drift from the numbers). How the verdicts are decided, and how far they reach, follows.
+
+# %%
+ANSWER.findings()
+
+# %% [markdown]
+# ### How the verdicts are decided
 #
 # Pre-registered claims, each with its interval and verdict (paired by seed; Holm across the study's directional claims;
 # the spread claim by the Pitman-Morgan test, in the same Holm family, beside a bootstrap interval of the SD difference).

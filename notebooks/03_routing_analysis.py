@@ -17,11 +17,12 @@ pd.set_option("display.width", 160)
 ROOT = os.path.abspath("..")
 from workbench.studies import regime
 REGIME = [("upcycle regime: re-warmed fine-tune, 8 seeds", "experiments/studies/regime/upcycle4.yaml")]
-answer.show(["placement", "routing"], confirm=[("confirm_all", "confirm")], regime=REGIME,
-            ids=["last-block-cls-specialises", "last-block-patches-specialise",
-                 "last-layer-specialises", "last-block-specialises", "first-layer-does-not",
-                 "specialisation-rises-with-depth", "image-routing-matches-token-last2",
-                 "image-routing-matches-token-all"])
+ANSWER = answer.show(["placement", "routing"], confirm=[("confirm_all", "confirm")], regime=REGIME,
+                     ids=["last-block-cls-specialises", "last-block-patches-specialise",
+                          "last-layer-specialises", "last-block-specialises", "first-layer-does-not",
+                          "specialisation-rises-with-depth", "image-routing-matches-token-last2",
+                          "image-routing-matches-token-all"])
+ANSWER
 
 # %% [markdown]
 # **What it means.** The first column reads the routing that reaches the prediction: under CLS-token pooling only
@@ -219,6 +220,15 @@ for protocol in ("upcycle", "upcycle_p7"):
 
 # %% [markdown]
 # ## Finding
+#
+# In words: each claim of the table at the top, one sentence per study, generated from the records (so the words
+# cannot drift from the numbers). How the verdicts are decided, and how far they reach, follows.
+
+# %%
+ANSWER.findings()
+
+# %% [markdown]
+# ### How the verdicts are decided
 #
 # The routing claims (specialisation of the last and first block against random routers; the depth trend, a
 # per-seed regression slope with a t-interval over seeds) are pre-registered in the placement study files; the

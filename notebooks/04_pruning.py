@@ -14,7 +14,8 @@ from workbench.studies import answer, report
 from workbench import studies as st
 pd.set_option("display.width", 180)
 ROOT = os.path.abspath("..")
-display(answer.show(["placement"], claim_kinds=["pruning"]))
+ANSWER = answer.show(["placement"], claim_kinds=["pruning"])
+display(ANSWER)
 display(answer.pruning_ranks())
 answer.show([], regime=[("upcycle regime: every 2-of-4 placement trained", "experiments/studies/regime/upcycle4_guided.yaml")])
 
@@ -100,6 +101,15 @@ print(f"densify block {chosen}: test acc {mc['acc_b']:.4f} -> {mc['acc_a']:.4f};
 
 # %% [markdown]
 # ## Finding
+#
+# In words: each claim of the table at the top, one sentence per study, generated from the records (so the words
+# cannot drift from the numbers). How the verdicts are decided, and how far they reach, follows.
+
+# %%
+ANSWER.findings()
+
+# %% [markdown]
+# ### How the verdicts are decided
 #
 # The pruning claims are pre-registered in the placement study files: does merging the least specialised half
 # into dense FFNs, **without fine-tuning after**, keep test accuracy within 0.5 points, and is the metric's choice

@@ -15,7 +15,8 @@ from workbench.studies import answer, report
 from workbench.train.checkpoint import load_model
 from workbench.data.scenes import SCENE_CLASSES, example_scenes
 pd.set_option("display.width", 160)
-answer.show(["segmentation"])
+ANSWER = answer.show(["segmentation"])
+ANSWER
 
 # %% [markdown]
 # **What it means.** Labelling every pixel, a shared expert beat top-2 at equal activated FLOPs within this study,
@@ -120,6 +121,15 @@ print(f"at equal loads the trained routers' NMI is above the random routers' mea
 
 # %% [markdown]
 # ## Finding
+#
+# In words: each claim of the table at the top, one sentence per study, generated from the records (so the words
+# cannot drift from the numbers). How the verdicts are decided, and how far they reach, follows.
+
+# %%
+ANSWER.findings()
+
+# %% [markdown]
+# ### How the verdicts are decided
 #
 # Each pre-registered claim with its interval and verdict.
 

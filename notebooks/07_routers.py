@@ -15,7 +15,8 @@ import workbench
 from workbench import viz
 from workbench.studies import answer, report
 pd.set_option("display.width", 140)
-answer.show(["routers"])
+ANSWER = answer.show(["routers"])
+ANSWER
 
 # %% [markdown]
 # **What it means.** With five seeds no router claim is decided: neither the routers' own papers ("ours beats
@@ -71,6 +72,15 @@ display(answer.Table(report.specialisation_table("routers", "scratch").reset_ind
 
 # %% [markdown]
 # ## Finding
+#
+# In words: each claim of the table at the top, one sentence per study, generated from the records (so the words
+# cannot drift from the numbers). How the verdicts are decided, and how far they reach, follows.
+
+# %%
+ANSWER.findings()
+
+# %% [markdown]
+# ### How the verdicts are decided
 #
 # Each pre-registered claim with its interval and verdict.
 
