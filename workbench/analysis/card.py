@@ -126,7 +126,8 @@ def config_summary(config: dict) -> dict:
         experts = kwargs.get("num_experts", 8) if moe else None
     task = "segmentation" if name.startswith("vimoe_seg") or kwargs.get("task") == "segmentation" else \
         "classification"
-    return {"model": name, "moe": moe, "num_experts": experts, "task": task}
+    top_k = (config.get("upcycle") or {}).get("top_k", kwargs.get("top_k", 1)) if moe else None
+    return {"model": name, "moe": moe, "num_experts": experts, "top_k": top_k, "task": task}
 
 
 def checkpoint_name(path) -> str:
@@ -137,6 +138,27 @@ def checkpoint_name(path) -> str:
     if p.name == "model":
         p = p.parent
     return p.name or str(path)
+
+
+def _label_extras(path, summary: dict) -> str:
+    """', 89.8%' (test accuracy, or mIoU, from the config) and, for a MoE model with a cached card for these very
+    weights, ', specialised 2/2' (its layers that beat random routers); empty where neither is known."""
+    out = ""
+    try:
+        config = json.loads(weights_file(path).with_name("config.json").read_text())
+        acc = _accuracy(config, summary["task"])
+        if "test_acc" in acc:
+            out += f", {acc['test_acc']:.1%}"
+        elif "test_miou" in acc:
+            out += f", mIoU {acc['test_miou']:.2f}"
+        if summary["moe"] and weights_file(path).with_name(CARD_FILE).is_file():
+            card = read_card(path, weights_hash(path), 1, 1)
+            if card and card.get("layers"):
+                layers = card["layers"].values()
+                out += f", specialised {sum(bool(v.get('specialised')) for v in layers)}/{len(layers)}"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return out
 
 
 def checkpoint_choices(paths) -> list[tuple[str, str]]:
@@ -157,9 +179,10 @@ def checkpoint_choices(paths) -> list[tuple[str, str]]:
     for path, name, s in rows:
         if counts[name] > 1:
             name = f"{Path(path).parent.name}/{name}"
-        what = (f"MoE, {s['num_experts']} experts" if s["moe"] else "dense, no routing")
+        what = (f"MoE top-{s['top_k']} of {s['num_experts']}" if s["moe"] else "dense, no routing")
         if s["task"] == "segmentation":
             what = "segmentation, " + what
+        what += _label_extras(path, s)
         rank = (1 if s["task"] == "segmentation" else 0) if s["moe"] else 2
         out.append((rank, name, f"{name} · {what}", path))
     return [(label, path) for _, _, label, path in sorted(out)]
