@@ -63,7 +63,7 @@ PANEL_PX = 200  # the side of each panel of "All MoE layers" and of the segmenta
 PLOT_PX = 330  # the router and load plots' height
 GATE, PLAIN = "gate", "plain"
 TOP5_LABEL = "Top-5 classes"
-SHARE_LABEL = "Objects in the mask (share of object pixels)"
+SHARE_LABEL = "Objects in the predicted mask (share of object pixels)"
 NO_IMAGE = "Upload an image or pick an example first."
 _OUT = {"dir": None}
 _OUT_LOCK = threading.Lock()
@@ -72,6 +72,7 @@ _OUT_LOCK = threading.Lock()
 # launched, tests included): pixel art stays crisp, the verdict notes stand out, plots and panels stack on phones
 CSS = """
 #overlay img, #seen img, #examples img, #scenes img { image-rendering: pixelated; }
+#checkpoint input { font-size: 13px; }
 #examples .gallery-container, #scenes .gallery-container, #examples .grid-wrap, #scenes .grid-wrap {
   height: auto !important; min-height: 0 !important; max-height: none !important; }
 #examples .grid-container, #scenes .grid-container { grid-auto-rows: auto !important; gap: 4px !important;
@@ -711,6 +712,18 @@ def _example_items() -> list[tuple[str, str]]:
     return [(p, short.get(n, n.replace("-", " "))) for p, n in zip(ordered, names)]
 
 
+def _first_example(checkpoint, examples_list, scenes_list) -> str | None:
+    """The example a page opens with: the first test image for a classifier, the first scene for a segmentation
+    model (None where there is none, or the checkpoint's config cannot be read)."""
+    try:
+        seg = config_summary(json.loads(weights_file(checkpoint).with_name("config.json").read_text())
+                             )["task"] == "segmentation"
+    except (OSError, ValueError):
+        return None
+    pool = scenes_list if seg else [p for p, _ in examples_list]
+    return pool[0] if pool else None
+
+
 def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.Blocks:
     """The page.  ``allowed``: None serves any model folder the checkpoint box names (loopback use); a list of
     folders restricts loading to the shipped models, the models in those folders and ``checkpoint``, picked from a
@@ -731,6 +744,7 @@ def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.
 
     examples_list = _example_items()
     scenes_list = example_scenes_paths()
+    start = _first_example(checkpoint, examples_list, scenes_list) if start_example else None
     with gr.Blocks(title="ViMoE routing explorer", analytics_enabled=False) as demo:
         gr.HTML("", head=f"<style>{CSS}</style>", js_on_load=None, elem_id="page-style")
         gr.Markdown("## ViMoE routing explorer\nWhich expert does each patch go to, in every MoE layer? Pick a "
@@ -743,7 +757,8 @@ def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.
                 ckpt = gr.Dropdown(choices, value=checkpoint,
                                    label="Checkpoint" + (" (or type a path)" if allowed is None else ""),
                                    allow_custom_value=allowed is None, elem_id="checkpoint")
-                upload = gr.File(label="Image (PNG, JPEG, WebP, GIF)", type="filepath", elem_id="upload", height=110)
+                upload = gr.File(start, label="Image (PNG, JPEG, WebP, GIF)", type="filepath", elem_id="upload",
+                                 height=110)
                 with gr.Row():
                     invert = gr.Checkbox(False, label="Invert (dark object on a light background)",
                                          elem_id="invert", min_width=150)
@@ -801,17 +816,8 @@ def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.
             then_show(control.input(rerun_here, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy))
         ckpt.change(refresh_card, *card_io, **quick)
         demo.load(refresh_card, *card_io, **quick)
-        if start_example:
-            def first_example(current):
-                try:
-                    seg = config_summary(json.loads(weights_file(current).with_name("config.json").read_text())
-                                         )["task"] == "segmentation"
-                except (OSError, ValueError):
-                    return gr.skip()  # a checkpoint that does not load says so when an image is routed
-                pool = scenes_list if seg else [p for p, _ in examples_list]
-                return pool[0] if pool else gr.skip()
-
-            demo.load(first_example, [ckpt], upload, **quick)  # the upload's change routes it
+        if start:  # the first example, routed as the page loads (no scrolling: the page opens at its top)
+            then_show(demo.load(analyse_here, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy))
         card_timer.tick(refresh_card, *card_io, **quick)
 
         def pick_example(evt: gr.SelectData):

@@ -174,12 +174,12 @@ def test_checkpoint_names_are_short_distinct_and_moe_first(checkpoints, tmp_path
         (twin / name).write_bytes((checkpoints / "token" / name).read_bytes())
     choices = cards.checkpoint_choices([checkpoints / "dense", checkpoints / "seg", checkpoints / "token", twin])
     labels = [label for label, _ in choices]
-    assert labels[-1] == "dense · dense, no routing"  # no metrics in these configs: no accuracy invented
-    assert labels[2].startswith("seg · segmentation, MoE top-1 of 8")
+    assert labels[-1] == "dense · dense"  # no metrics in these configs: no accuracy invented
+    assert labels[2].startswith("seg · segmentation · top-1/8")
     # same name: the folder above too; a cached card for the very weights adds its verdict count
-    assert sorted(label.split(", specialised")[0] for label in labels[:2]) == sorted(
-        [f"{checkpoints.name}/token · MoE top-1 of 4", "elsewhere/token · MoE top-1 of 4"])
-    assert len(set(labels)) == 4 and all(len(label) < 70 for label in labels)
+    assert sorted(label.split(" · ")[0] + " · " + label.split(" · ")[1] for label in labels[:2]) == sorted(
+        [f"{checkpoints.name}/token · top-1/4", "elsewhere/token · top-1/4"])
+    assert len(set(labels)) == 4 and all(len(label) < 60 for label in labels)
     assert [path for _, path in choices][2] == str(checkpoints / "seg")
 
 
@@ -191,9 +191,9 @@ def test_checkpoint_labels_carry_accuracy_and_the_cards_verdict_count():
 
     labels = dict((path, label) for label, path in cards.checkpoint_choices(
         [DEFAULT_CHECKPOINT, CHECKPOINTS / "vimoe_tiny_fmnist", CHECKPOINTS / "vimoe_tiny_fmnist_dense"]))
-    assert labels[str(DEFAULT_CHECKPOINT)] == "vimoe_micro_fmnist_scratch · MoE top-2 of 8, 78.9%, specialised 2/2"
-    assert labels[str(CHECKPOINTS / "vimoe_tiny_fmnist")] == "vimoe_tiny_fmnist · MoE top-1 of 8, 86.2%, specialised 0/2"
-    assert labels[str(CHECKPOINTS / "vimoe_tiny_fmnist_dense")] == "vimoe_tiny_fmnist_dense · dense, no routing, 85.0%"
+    assert labels[str(DEFAULT_CHECKPOINT)] == "vimoe_micro_fmnist_scratch · top-2/8 · 78.9% · 2/2 specialised"
+    assert labels[str(CHECKPOINTS / "vimoe_tiny_fmnist")] == "vimoe_tiny_fmnist · top-1/8 · 86.2% · 0/2 specialised"
+    assert labels[str(CHECKPOINTS / "vimoe_tiny_fmnist_dense")] == "vimoe_tiny_fmnist_dense · dense · 85.0%"
 
 
 def test_router_plot_is_scaled_to_its_data_with_the_uniform_line_and_the_choice_marked(checkpoints):
@@ -376,7 +376,7 @@ def test_browser_1400_router_in_view_card_verdicts_hover_scene_and_warnings(serv
     _shot(page, tmp_path, "explorer-1400-scene.png", full=True)
     # changing the checkpoint analyses the image again: the scene through the classifier warns
     page.locator("#checkpoint input").click()
-    page.locator("li.item", has_text="token · MoE top-1").first.click()
+    page.locator("li.item", has_text="token · top-1").first.click()
     page.locator("#status").get_by_text("Scene on a classifier").wait_for(timeout=60_000)
     timer_hidden = page.evaluate("""() => { const d = document.createElement('div'); d.className = 'progress-text';
         document.body.appendChild(d); return getComputedStyle(d).display === 'none'; }""")

@@ -282,7 +282,7 @@ def test_browser_example_scene_shows_masks_and_class_legend(served, tmp_path):
         shown = {alt: page.locator(f"#segmentation figure img[alt='{alt}']").is_visible()
                  for alt in ("ground truth", "prediction", "experts, block 3")}
         legend = page.locator("#class-legend").inner_text()
-        page.get_by_text("Objects in the mask (share of object pixels)").wait_for(timeout=30_000)
+        page.get_by_text("Objects in the predicted mask (share of object pixels)").wait_for(timeout=30_000)
         shot = tmp_path / "segmentation.png"
         page.screenshot(path=str(shot), full_page=True)
         errors = page.locator(".error, .toast-body.error").count()

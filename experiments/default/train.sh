@@ -24,7 +24,7 @@ for arg in "$@"; do
     case "$arg" in
         --ship) SHIP=1 ;;
         tiny|explorer|regime) WHICH="$WHICH $arg" ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "train.sh: unknown argument '$arg': name tiny, explorer and/or regime, and/or --ship" >&2; exit 2 ;;
     esac
 done

@@ -140,22 +140,22 @@ def checkpoint_name(path) -> str:
     return p.name or str(path)
 
 
-def _label_extras(path, summary: dict) -> str:
-    """', 89.8%' (test accuracy, or mIoU, from the config) and, for a MoE model with a cached card for these very
-    weights, ', specialised 2/2' (its layers that beat random routers); empty where neither is known."""
-    out = ""
+def _label_extras(path, summary: dict) -> list[str]:
+    """['89.8%'] (test accuracy, or mIoU, from the config) and, for a MoE model with a cached card for these very
+    weights, '2/2 specialised' (its layers that beat random routers); nothing where neither is known."""
+    out = []
     try:
         config = json.loads(weights_file(path).with_name("config.json").read_text())
         acc = _accuracy(config, summary["task"])
         if "test_acc" in acc:
-            out += f", {acc['test_acc']:.1%}"
+            out.append(f"{acc['test_acc']:.1%}")
         elif "test_miou" in acc:
-            out += f", mIoU {acc['test_miou']:.2f}"
+            out.append(f"mIoU {acc['test_miou']:.2f}")
         if summary["moe"] and weights_file(path).with_name(CARD_FILE).is_file():
             card = read_card(path, weights_hash(path), 1, 1)
             if card and card.get("layers"):
                 layers = card["layers"].values()
-                out += f", specialised {sum(bool(v.get('specialised')) for v in layers)}/{len(layers)}"
+                out.append(f"{sum(bool(v.get('specialised')) for v in layers)}/{len(layers)} specialised")
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return out
@@ -179,10 +179,8 @@ def checkpoint_choices(paths) -> list[tuple[str, str]]:
     for path, name, s in rows:
         if counts[name] > 1:
             name = f"{Path(path).parent.name}/{name}"
-        what = (f"MoE top-{s['top_k']} of {s['num_experts']}" if s["moe"] else "dense, no routing")
-        if s["task"] == "segmentation":
-            what = "segmentation, " + what
-        what += _label_extras(path, s)
+        what = " · ".join(([] if s["task"] == "classification" else ["segmentation"]) +
+                          [f"top-{s['top_k']}/{s['num_experts']}" if s["moe"] else "dense"] + _label_extras(path, s))
         rank = (1 if s["task"] == "segmentation" else 0) if s["moe"] else 2
         out.append((rank, name, f"{name} · {what}", path))
     return [(label, path) for _, _, label, path in sorted(out)]

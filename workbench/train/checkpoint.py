@@ -25,6 +25,8 @@ from ..atomic import atomic_write, atomic_write_text  # noqa: F401  (re-exported
 from ..moe import moe_modules
 
 
+WHERE = " (give a model folder, a run folder or a weights file; the shipped models are in experiments/checkpoints/)"
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says which and what to do."""
 
@@ -65,7 +67,7 @@ def read_checkpoint(path) -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist{WHERE}")
     kind = _file_kind(path)
     if kind is not None:
         raise CheckpointError(f"{path} is not a workbench checkpoint ({kind}); {WHAT_A_CHECKPOINT_IS}")
@@ -162,7 +164,7 @@ def load_model(path, device="cpu", task: str | None = None) -> tuple[nn.Module, 
 
         cfg_path = path.with_name("config.json")
         if not path.exists() and (typed.suffix == ".safetensors" or not path.parent.exists()):
-            raise CheckpointError(f"checkpoint {typed} does not exist")
+            raise CheckpointError(f"checkpoint {typed} does not exist{WHERE}")
         if not path.is_file() or not cfg_path.is_file():
             raise CheckpointError(f"{path.parent} must hold model.safetensors and config.json (or be a run folder "
                                   "with model/ or checkpoint.pt)")
