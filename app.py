@@ -72,7 +72,7 @@ _OUT_LOCK = threading.Lock()
 # launched, tests included): pixel art stays crisp, the verdict notes stand out, plots and panels stack on phones
 CSS = """
 #overlay img, #seen img, #examples img, #scenes img { image-rendering: pixelated; }
-#checkpoint input { font-size: 13px; }
+#checkpoint input { font-size: 12px; }
 #examples .gallery-container, #scenes .gallery-container, #examples .grid-wrap, #scenes .grid-wrap {
   height: auto !important; min-height: 0 !important; max-height: none !important; }
 #examples .grid-container, #scenes .grid-container { grid-auto-rows: auto !important; gap: 4px !important;
