@@ -66,3 +66,16 @@ def test_findings_say_each_verdict_in_words_with_the_interval():
     excess = answer.finding_sentence({**t.iloc[0].to_dict(), "contrast": "all: NMI over random routers",
                                       "unit": "NMI"})
     assert "in all, NMI over random routers is +0.250 NMI" in excess
+
+
+def test_claim_lines_show_html_in_a_notebook_and_the_same_lines_as_text():
+    from workbench.studies import report
+    from workbench.studies.claims import format_claims
+
+    t = report.claims("placement", "scratch")
+    shown = report.ClaimLines(t)
+    assert repr(shown) == format_claims(t)  # what nbval compares
+    page = shown._repr_html_()
+    assert page.count("<tr>") == 1 + len(t) and "white-space:nowrap" in page
+    for r in t.itertuples():
+        assert r.id in page and f"{r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}]" in page and r.verdict in page

@@ -103,6 +103,62 @@ def clean_starts(kind: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+class ClaimLines:
+    """Claims shown as an HTML table in a notebook (numbers never wrap) and as :func:`format_claims`'s lines to a
+    terminal and to nbval, which compares the text."""
+
+    COLORS = {"agrees": "#d4edda", "disagrees": "#f8d7da", "inconclusive": "#e9ecef", "void": "#fff3cd"}
+
+    def __init__(self, table: pd.DataFrame):
+        self.table = table
+
+    def __repr__(self) -> str:
+        return st.format_claims(self.table)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        cell = 'style="padding:2px 8px;border-bottom:1px solid #ddd;text-align:{};vertical-align:top;{}"'
+        head = "".join(f"<th {cell.format(a, 'border-bottom:2px solid #999')}>{h}</th>" for h, a in (
+            ("claim", "left"), ("contrast", "left"), ("estimate [95% CI]", "right"), ("n", "right"),
+            ("p (Holm)", "right"), ("expect", "left"), ("verdict", "left"), ("seeds for +/-0.5", "right")))
+        rows = []
+        for r in self.table.itertuples():
+            ci = (f"{r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else
+                  f"{r.estimate:+.3f} [no interval]")
+            p = f"{r.p_holm:.3g}" if r.p_holm == r.p_holm else "-"
+            expect = f"{r.expect}" + (f" (margin {r.margin:g})" if r.margin else "")
+            color = self.COLORS.get(r.verdict, "#ffffff")
+            rows.append("<tr>" + "".join([
+                f"<td {cell.format('left', 'font-weight:600')}>{html.escape(str(r.id))}</td>",
+                f"<td {cell.format('left', 'max-width:24em')}>{html.escape(str(r.contrast))}</td>",
+                f"<td {cell.format('right', 'white-space:nowrap')}>{ci}</td>",
+                f"<td {cell.format('right', '')}>{r.n}</td>",
+                f"<td {cell.format('right', '')}>{p}</td>",
+                f"<td {cell.format('left', 'white-space:nowrap')}>{html.escape(expect)}</td>",
+                f"<td {cell.format('left', f'background:{color};white-space:nowrap')}>{html.escape(r.verdict)}</td>",
+                f"<td {cell.format('right', '')}>{_seeds(getattr(r, 'seeds_needed', None))}</td>"]) + "</tr>")
+        return (f'<table style="border-collapse:collapse;font-size:88%"><thead><tr>{head}</tr></thead>'
+                f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _seeds(need) -> str:
+    return f"~{int(need)}" if need is not None and need == need and need else "-"
+
+
+def _emit(obj) -> None:
+    """Display ``obj`` in a notebook (its HTML), print it elsewhere."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None and hasattr(get_ipython(), "kernel"):
+        display(obj)
+    else:
+        print(repr(obj))
+
+
 def claims(kind: str, protocol: str) -> pd.DataFrame | None:
     path, done, planned = _status(kind, protocol)
     return st.evaluate_claims(path) if done else None
@@ -121,7 +177,7 @@ def show_claims(kind: str) -> dict[str, pd.DataFrame]:
             print()
             continue
         table = st.evaluate_claims(path)
-        print(st.format_claims(table), "\n")
+        _emit(ClaimLines(table))
         out[protocol] = table
     return out
 
@@ -177,7 +233,7 @@ def show_claim_kinds(kind: str, claim_kinds=None, ids=None) -> dict[str, pd.Data
         if ids is not None:
             t = t[t["id"].isin(list(ids))]
         print(f"== {label(protocol)}")
-        print(st.format_claims(t), "\n")
+        _emit(ClaimLines(t))
         out[protocol] = t
     return out
 
