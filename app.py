@@ -73,6 +73,7 @@ _OUT_LOCK = threading.Lock()
 CSS = """
 #overlay img, #seen img, #examples img, #scenes img { image-rendering: pixelated; }
 #checkpoint input { font-size: 12px; }
+#top5 * { word-break: normal; overflow-wrap: normal; }  /* class names never split mid-word */
 #examples .gallery-container, #scenes .gallery-container, #examples .grid-wrap, #scenes .grid-wrap {
   height: auto !important; min-height: 0 !important; max-height: none !important; }
 #examples .grid-container, #scenes .grid-container { grid-auto-rows: auto !important; gap: 4px !important;
@@ -375,11 +376,19 @@ OUTPUTS = ("seen", "top5", "layer", "overlay", "layers", "load_plot", "router_pl
            "picked")
 
 
-def _refuse(message: str) -> tuple:
-    """A user error: one log line on the server, a warning toast and the status line on the page; every earlier
-    result stays as it is."""
+CLEARED = {"seen": None, "top5": None, "overlay": None, "layers": "", "load_plot": None, "router_plot": None,
+           "legend": "", "state": None, "picked": None}
+
+
+def _refuse(message: str, clear: bool = False) -> tuple:
+    """A user error: one log line on the server, a warning toast and the status line on the page.  Every earlier
+    result stays as it is, unless ``clear`` (a checkpoint that does not load: the results on the page came from
+    another model, and would read as this one's)."""
     LOG.warning("refused a request: %s", message)
     gr.Warning(message)
+    if clear:
+        return tuple(f"**{message}**" if name == "status" else
+                     gr.update(choices=[], value=None) if name == "layer" else CLEARED[name] for name in OUTPUTS)
     return tuple(f"**{message}**" if name == "status" else gr.skip() for name in OUTPUTS)
 
 
@@ -417,7 +426,7 @@ def analyse(image_path, checkpoint, layer, invert, mode=GATE, listed=None):
     except BadImage as err:
         return _refuse(f"Cannot use this image: {err}")
     except CheckpointError as err:
-        return _refuse(f"Cannot load the checkpoint: {one_line(err)}")
+        return _refuse(f"Cannot load the checkpoint: {one_line(err)}", clear=True)
     seen = (np.clip(a.seen, 0, 1) * 255).astype(np.uint8)
     seen = _png_file(np.kron(seen, np.ones((8, 8) + (() if seen.ndim == 2 else (1,)), dtype=np.uint8)))
     note = ""
@@ -820,20 +829,20 @@ def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.
             then_show(demo.load(analyse_here, [upload, ckpt, layer, invert, mode], outputs, api_name=False, **busy))
         card_timer.tick(refresh_card, *card_io, **quick)
 
-        def pick_example(evt: gr.SelectData):
-            return examples_list[evt.index][0]
+        def pick_example(evt: gr.SelectData):  # the other gallery's highlight goes: one image is on the page
+            return examples_list[evt.index][0], gr.Gallery(selected_index=None)
 
         def pick_scene(current, evt: gr.SelectData):
             target = _segmentation_checkpoint(current)
             if target:
                 gr.Info(f"Opened {checkpoint_name(target)} for the scene: a classifier cannot segment it.")
-            return None, scenes_list[evt.index], target or gr.skip()
+            return None, scenes_list[evt.index], target or gr.skip(), gr.Gallery(selected_index=None)
 
         # the analysis follows the upload's change; a scene empties the upload first, so that the scene already
         # shown is analysed again when picking it opened the segmentation checkpoint
-        examples.select(pick_example, None, upload, **quick)
-        scenes.select(pick_scene, [ckpt], [upload, chosen, ckpt], **quick).then(lambda p: p, chosen, upload,
-                                                                                 **quick)
+        examples.select(pick_example, None, [upload, scenes], **quick)
+        scenes.select(pick_scene, [ckpt], [upload, chosen, ckpt, examples], **quick).then(lambda p: p, chosen,
+                                                                                           upload, **quick)
         layer.input(show_layer, [state, layer, mode, picked, ckpt], [overlay, layers, readout, verdict], **quick)
         mode.input(change_mode, [state, layer, mode, picked], [overlay, layers], **quick)
         overlay.select(click_patch, [state, layer, mode], [router_plot, overlay, picked, readout], **quick).then(

@@ -320,9 +320,19 @@ def test_app_bad_files_get_clear_messages_and_app_keeps_serving(served, checkpoi
     ("notes.txt", "notes.txt is not a workbench checkpoint"),
 ])
 def test_app_bad_checkpoint_message(served, checkpoints, ckpt, message, caplog, capfd):
+    """A checkpoint that does not load: one line, and the results of the model before it are cleared (they would
+    read as this checkpoint's)."""
     _, client = served
+    assert len(_predict(client, EXAMPLE, checkpoints / "token")[1]["confidences"]) == 5
     with caplog.at_level(logging.INFO, logger="workbench.app"):
-        _assert_refused(_predict(client, EXAMPLE, checkpoints / ckpt), message, caplog, capfd)
+        out = _predict(client, EXAMPLE, checkpoints / ckpt)
+    *rest, status = out
+    assert re.search(message, status) and "\n" not in status.strip()
+    seen, top5, _, overlay, layers, *_ = rest
+    assert seen is None and overlay is None and layers == "" and not _skipped(top5) and \
+        not (isinstance(top5, dict) and top5.get("confidences"))
+    logged = [r.getMessage() for r in caplog.records if r.name == "workbench.app"]
+    assert logged and re.search(message, logged[-1]) and "Traceback" not in "".join(capfd.readouterr())
 
 
 def test_clearing_the_upload_is_quiet_and_running_without_an_image_says_why(checkpoints):
