@@ -155,3 +155,35 @@ def test_random_baseline_draws_keep_experts_reproducibly():
     assert all(len(d) == 3 and list(d) == sorted(d) and all(len(g) == 1 for g in d) for d in draws)
     assert expert_groups("random", calib, 3, seed=7) == expert_groups("random", calib, 3, seed=7)
     assert len(draws) > 5  # the seed matters: not always the same experts
+
+
+def test_reinit_replaces_the_chosen_layers_with_fresh_dense_ffns_and_keeps_the_rest(tmp_path, capsys):
+    """The control for "densify, then fine-tune": the chosen MoE blocks become dense FFNs of timm's init (seeded:
+    the same seed, the same weights; another seed, others), every other weight as trained, and a shared expert is
+    no obstacle (nothing is merged)."""
+    model, config = _moe(shared_expert="add")
+    a, a_config = prune(model, config, "reinit", layers=[3], seed=1)
+    b, _ = prune(model, config, "reinit", layers=[3], seed=1)
+    c, _ = prune(model, config, "reinit", layers=[3], seed=2)
+    assert a_config["model_kwargs"]["moe_layers"] == [2] and a_config["pruned"] == {"method": "reinit",
+                                                                                  "layers": [3], "seed": 1}
+    trained = model.state_dict()
+    for name, value in a.state_dict().items():
+        if name.startswith("blocks.3.mlp."):
+            assert torch.equal(value, b.state_dict()[name])  # biases start at zero; weights follow the seed
+            assert name.endswith("bias") or not torch.equal(value, c.state_dict()[name])
+        else:
+            assert torch.equal(value, trained[name]), name
+    assert not hasattr(a.blocks[3].mlp, "router") and hasattr(a.blocks[2].mlp, "router")
+    save_model(model, config, tmp_path / "ck")
+    args = ["prune", "--checkpoint", str(tmp_path / "ck"), "--dataset", "synthetic", "--val-size", "64",
+            "--test-subset", "32", "--output", str(tmp_path / "out"), "--method", "reinit", "--layers", "2,3",
+            "--seed", "1", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"][1]["params"] < out["rows"][0]["params"] and out["pruned"]["method"] == "reinit"
+    assert load_model(tmp_path / "out")[1]["model_kwargs"]["moe_layers"] == "none"
+    for bad, message in ((["--keep-experts", "2"], "reinit takes --layers"), (["--layers", "1"], "not MoE blocks")):
+        with pytest.raises(SystemExit) as exit_:
+            main([a for a in args if a not in ("--layers", "2,3")] + bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -21,11 +21,14 @@ def register_cli(sub) -> None:
     q = sub.add_parser("prune", help="prune a ViMoE checkpoint: MoE layers back to dense, or every MoE layer to M "
                                      "experts (frequency, REAP, M-SMoE merge, HC-SMoE cluster), optionally fine-tuned")
     q.add_argument("--checkpoint", required=True, metavar="PATH", help="a ViMoE model folder or run folder")
-    q.add_argument("--method", required=True, choices=("densify", "frequency", "reap", "merge", "cluster", "random"),
-                   help="densify: --layers back to dense FFNs; the others: every MoE layer to --keep-experts "
+    q.add_argument("--method", required=True,
+                   choices=("densify", "reinit", "frequency", "reap", "merge", "cluster", "random"),
+                   help="densify: --layers back to dense FFNs (experts merged); reinit: --layers replaced by fresh "
+                        "dense FFNs (--seed; the control for densify + --finetune-epochs); the others: every MoE "
+                        "layer to --keep-experts "
                         "(random: the baseline, experts drawn with --seed)")
-    q.add_argument("--seed", type=int, default=0, help="the draw of --method random (default: 0)")
-    q.add_argument("--layers", metavar="BLOCKS", help="densify: MoE blocks to make dense, e.g. 4 or 4,5")
+    q.add_argument("--seed", type=int, default=0, help="the draw of --method random, the init of reinit (default: 0)")
+    q.add_argument("--layers", metavar="BLOCKS", help="densify / reinit: MoE blocks to make dense, e.g. 4 or 4,5")
     q.add_argument("--keep-experts", type=int, metavar="M", help="expert-level methods: experts left per layer")
     q.add_argument("--calibration", default="val", choices=("val",),
                    help="where experts are chosen: the validation split (never the test set) (default: val)")
@@ -126,10 +129,12 @@ def _cmd_prune(args) -> int:
 
     from ..models.args import UsageError, parse_moe_layers
 
-    if args.method == "densify" and args.keep_experts is not None:
-        raise UsageError("--keep-experts is for the expert-level methods; densify takes --layers")
-    if args.method != "densify" and args.layers:
-        raise UsageError(f"--layers is for --method densify; {args.method} prunes every MoE layer to --keep-experts")
+    layer_level = args.method in ("densify", "reinit")
+    if layer_level and args.keep_experts is not None:
+        raise UsageError(f"--keep-experts is for the expert-level methods; {args.method} takes --layers")
+    if not layer_level and args.layers:
+        raise UsageError(f"--layers is for --method densify or reinit; {args.method} prunes every MoE layer to "
+                         "--keep-experts")
     if args.calibration_images < 1 or args.finetune_epochs < 0 or not args.finetune_lr > 0:
         raise UsageError("--calibration-images >= 1, --finetune-epochs >= 0 and --finetune-lr > 0, please")
     layers = parse_moe_layers(args.layers) if args.layers else None
@@ -158,6 +163,8 @@ def _cmd_prune(args) -> int:
         from .routing import collect_routing
 
         calib = {"_stats": collect_routing(model, val, progress=False)}
+    elif args.method == "reinit":  # nothing is chosen from data
+        calib = None
     else:
         calib = calibrate(model, val, max_images=args.calibration_images)
     try:

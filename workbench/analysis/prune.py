@@ -1,7 +1,9 @@
 """Pruning a trained ViMoE: whole MoE layers back to dense FFNs, or every MoE layer from E to m experts.
 
 Layer level (``densify``): the chosen MoE layers' experts merged into one FFN (``workbench.analysis.densify``,
-usage-weighted); the model keeps the other MoE layers.
+usage-weighted); the model keeps the other MoE layers.  ``reinit``, its control: the chosen MoE layers replaced by
+freshly initialised dense FFNs (timm's init, seeded), everything else kept; meant to be fine-tuned after, so that
+"densify, then fine-tune" can be told from "any dense FFN there, fine-tuned".
 
 Expert level, every MoE layer from E to ``keep`` experts, chosen on calibration data (the validation split: never
 the test set), after the methods of the MoE-compression literature (all of them on language MoEs):
@@ -37,7 +39,8 @@ import torch.nn.functional as F
 
 from ..moe import moe_modules
 
-METHODS = ("densify", "frequency", "reap", "merge", "cluster", "random")
+METHODS = ("densify", "reinit", "frequency", "reap", "merge", "cluster", "random")
+LAYER_METHODS = ("densify", "reinit")
 EXPERT_METHODS = ("frequency", "reap", "merge", "cluster")  # the literature's; ``random`` is their baseline
 
 
@@ -183,13 +186,13 @@ def check_request(model, method: str, *, keep: int | None = None, layers=None) -
         if layer.router_type != "topk" or layer.routing != "token":
             raise PruneError(f"block {i} uses the {layer.router_type} router with {layer.routing} routing; pruning "
                              f"works on token-routed top-k layers only")
-    if method == "densify":
+    if method in LAYER_METHODS:
         if not layers:
-            raise PruneError("--method densify needs --layers (the MoE blocks to make dense, e.g. --layers 4)")
+            raise PruneError(f"--method {method} needs --layers (the MoE blocks to make dense, e.g. --layers 4)")
         unknown = sorted(set(layers) - set(blocks))
         if unknown:
             raise PruneError(f"--layers {unknown}: not MoE blocks of this model (its MoE blocks: {sorted(blocks)})")
-        if any(blocks[i].shared is not None for i in layers):
+        if method == "densify" and any(blocks[i].shared is not None for i in layers):
             raise PruneError("densifying a layer with a shared expert gives an FFN wider than the architecture can "
                              "rebuild from its config; prune experts instead (--method frequency --keep-experts M)")
         return
@@ -214,6 +217,17 @@ def prune(model, config: dict, method: str, *, keep: int | None = None, layers=N
 
     check_request(model, method, keep=keep, layers=layers)
     blocks = _moe_blocks(model)
+    if method == "reinit":  # the control: fresh dense FFNs where the MoE layers were, the rest as trained
+        rest = sorted(set(blocks) - set(layers))
+        new_config = prune_config(config, moe_layers=rest if rest else "none")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            pruned = build_model(new_config)
+        fresh = tuple(f"blocks.{i}.mlp." for i in layers)
+        trained = model.state_dict()
+        pruned.load_state_dict({k: v if k.startswith(fresh) else trained[k] for k, v in pruned.state_dict().items()})
+        new_config["pruned"] = {"method": "reinit", "layers": sorted(layers), "seed": seed}
+        return pruned.eval(), new_config
     if method == "densify":
         from .densify import densify
 
