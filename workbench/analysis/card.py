@@ -141,21 +141,19 @@ def checkpoint_name(path) -> str:
 
 
 def _label_extras(path, summary: dict) -> list[str]:
-    """['89.8%'] (test accuracy, or mIoU, from the config) and, for a MoE model with a cached card for these very
-    weights, '2/2 specialised' (its layers that beat random routers); nothing where neither is known."""
+    """['89.8%', '2/2 specialised']: accuracy from the config; layers a card cached for these weights calls
+    specialised."""
     out = []
     try:
         config = json.loads(weights_file(path).with_name("config.json").read_text())
         acc = _accuracy(config, summary["task"])
-        if "test_acc" in acc:
-            out.append(f"{acc['test_acc']:.1%}")
-        elif "test_miou" in acc:
-            out.append(f"mIoU {acc['test_miou']:.2f}")
+        out += [f"{acc['test_acc']:.1%}"] if "test_acc" in acc else [f"mIoU {acc['test_miou']:.2f}"] if \
+            "test_miou" in acc else []
         if summary["moe"] and weights_file(path).with_name(CARD_FILE).is_file():
             card = read_card(path, weights_hash(path), 1, 1)
             if card and card.get("layers"):
-                layers = card["layers"].values()
-                out.append(f"{sum(bool(v.get('specialised')) for v in layers)}/{len(layers)} specialised")
+                out.append(f"{sum(bool(v.get('specialised')) for v in card['layers'].values())}/{len(card['layers'])}"
+                           " specialised")
     except (OSError, ValueError, KeyError, TypeError):
         pass
     return out

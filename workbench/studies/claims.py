@@ -357,3 +357,46 @@ def format_project_claims(table: pd.DataFrame) -> str:
                      f"project Holm: {r.verdict_project}; project BH: {r.verdict_project_bh}{changed}")
     lines.append("* the verdict depends on the family it is read in")
     return "\n".join(lines)
+
+
+class ClaimLines:
+    """Claims shown as an HTML table in a notebook (numbers never wrap) and as :func:`format_claims`'s lines to a
+    terminal and to nbval, which compares the text."""
+
+    COLORS = {"agrees": "#d4edda", "disagrees": "#f8d7da", "inconclusive": "#e9ecef", "void": "#fff3cd"}
+
+    def __init__(self, table: pd.DataFrame):
+        self.table = table
+
+    def __repr__(self) -> str:
+        return format_claims(self.table)
+
+    def _repr_html_(self) -> str:
+        import html
+
+        cell = 'style="padding:2px 8px;border-bottom:1px solid #ddd;text-align:{};vertical-align:top;{}"'
+        head = "".join(f"<th {cell.format(a, 'border-bottom:2px solid #999')}>{h}</th>" for h, a in (
+            ("claim", "left"), ("contrast", "left"), ("estimate [95% CI]", "right"), ("n", "right"),
+            ("p (Holm)", "right"), ("expect", "left"), ("verdict", "left"), ("seeds for +/-0.5", "right")))
+        rows = []
+        for r in self.table.itertuples():
+            ci = (f"{r.estimate:+.3f} [{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else
+                  f"{r.estimate:+.3f} [no interval]")
+            p = f"{r.p_holm:.3g}" if r.p_holm == r.p_holm else "-"
+            expect = f"{r.expect}" + (f" (margin {r.margin:g})" if r.margin else "")
+            color = self.COLORS.get(r.verdict, "#ffffff")
+            rows.append("<tr>" + "".join([
+                f"<td {cell.format('left', 'font-weight:600')}>{html.escape(str(r.id))}</td>",
+                f"<td {cell.format('left', 'max-width:24em')}>{html.escape(str(r.contrast))}</td>",
+                f"<td {cell.format('right', 'white-space:nowrap')}>{ci}</td>",
+                f"<td {cell.format('right', '')}>{r.n}</td>",
+                f"<td {cell.format('right', '')}>{p}</td>",
+                f"<td {cell.format('left', 'white-space:nowrap')}>{html.escape(expect)}</td>",
+                f"<td {cell.format('left', f'background:{color};white-space:nowrap')}>{html.escape(r.verdict)}</td>",
+                f"<td {cell.format('right', '')}>{_seeds(getattr(r, 'seeds_needed', None))}</td>"]) + "</tr>")
+        return (f'<table style="border-collapse:collapse;font-size:88%"><thead><tr>{head}</tr></thead>'
+                f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _seeds(need) -> str:
+    return f"~{int(need)}" if need is not None and need == need and need else "-"
