@@ -344,20 +344,22 @@ def _choices(current: str | None = None, allowed=None) -> list[tuple[str, str]]:
     return checkpoint_choices(found)
 
 
+def _task(path) -> str | None:
+    """'classification' or 'segmentation' from a checkpoint's config.json (None where it cannot be read)."""
+    try:
+        return config_summary(json.loads(weights_file(path).with_name("config.json").read_text()))["task"]
+    except (OSError, ValueError):
+        return None
+
+
 def _segmentation_checkpoint(current) -> str | None:
     """The first listed segmentation checkpoint (MoE ones first), when ``current`` is a classifier (else None; a
     path neither listed nor loaded counts as a classifier)."""
-    def task(path):
-        try:
-            return config_summary(json.loads(weights_file(path).with_name("config.json").read_text()))
-        except (OSError, ValueError):
-            return {"task": None, "moe": False}
-
     current = str(current or DEFAULT_CHECKPOINT)
-    if _known(current) and task(current)["task"] != "classification":  # a typed path is not read here
+    if _known(current) and _task(current) != "classification":  # a typed path is not read here
         return None
     for _, path in _choices(None):
-        if task(path)["task"] == "segmentation":
+        if _task(path) == "segmentation":
             return path
     return None
 
@@ -376,8 +378,8 @@ OUTPUTS = ("seen", "top5", "layer", "overlay", "layers", "load_plot", "router_pl
            "picked")
 
 
-CLEARED = {"seen": None, "top5": None, "overlay": None, "layers": "", "load_plot": None, "router_plot": None,
-           "legend": "", "state": None, "picked": None}
+CLEARED = {"seen": None, "top5": None, "layer": gr.update(choices=[], value=None), "overlay": None, "layers": "",
+           "load_plot": None, "router_plot": None, "legend": "", "state": None, "picked": None}
 
 
 def _refuse(message: str, clear: bool = False) -> tuple:
@@ -387,8 +389,7 @@ def _refuse(message: str, clear: bool = False) -> tuple:
     LOG.warning("refused a request: %s", message)
     gr.Warning(message)
     if clear:
-        return tuple(f"**{message}**" if name == "status" else
-                     gr.update(choices=[], value=None) if name == "layer" else CLEARED[name] for name in OUTPUTS)
+        return tuple(f"**{message}**" if name == "status" else CLEARED[name] for name in OUTPUTS)
     return tuple(f"**{message}**" if name == "status" else gr.skip() for name in OUTPUTS)
 
 
@@ -724,12 +725,10 @@ def _example_items() -> list[tuple[str, str]]:
 def _first_example(checkpoint, examples_list, scenes_list) -> str | None:
     """The example a page opens with: the first test image for a classifier, the first scene for a segmentation
     model (None where there is none, or the checkpoint's config cannot be read)."""
-    try:
-        seg = config_summary(json.loads(weights_file(checkpoint).with_name("config.json").read_text())
-                             )["task"] == "segmentation"
-    except (OSError, ValueError):
+    task = _task(checkpoint)
+    if task is None:
         return None
-    pool = scenes_list if seg else [p for p, _ in examples_list]
+    pool = scenes_list if task == "segmentation" else [p for p, _ in examples_list]
     return pool[0] if pool else None
 
 

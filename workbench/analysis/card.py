@@ -140,13 +140,12 @@ def checkpoint_name(path) -> str:
     return p.name or str(path)
 
 
-def _label_extras(path, summary: dict) -> list[str]:
+def _label_extras(path, summary: dict, config: dict | None) -> list[str]:
     """['89.8%', '2/2 specialised']: accuracy from the config; layers a card cached for these weights calls
     specialised."""
     out = []
     try:
-        config = json.loads(weights_file(path).with_name("config.json").read_text())
-        acc = _accuracy(config, summary["task"])
+        acc = _accuracy(config or {}, summary["task"])  # an unreadable config: no accuracy, and no MoE to count
         out += [f"{acc['test_acc']:.1%}"] if "test_acc" in acc else [f"mIoU {acc['test_miou']:.2f}"] if \
             "test_miou" in acc else []
         if summary["moe"] and weights_file(path).with_name(CARD_FILE).is_file():
@@ -165,20 +164,21 @@ def checkpoint_choices(paths) -> list[tuple[str, str]]:
     rows = []
     for path in map(str, paths):
         try:
-            cfg_file = weights_file(path).with_name("config.json")
-            summary = config_summary(json.loads(cfg_file.read_text()))
+            config = json.loads(weights_file(path).with_name("config.json").read_text())
+            summary = config_summary(config)
         except (OSError, ValueError):
-            summary = {"moe": False, "num_experts": None, "task": "classification", "model": ""}
-        rows.append((path, checkpoint_name(path), summary))
+            config, summary = None, {"moe": False, "num_experts": None, "task": "classification", "model": ""}
+        rows.append((path, checkpoint_name(path), summary, config))
     counts: dict[str, int] = {}
-    for _, name, _ in rows:
+    for _, name, _, _ in rows:
         counts[name] = counts.get(name, 0) + 1
     out = []
-    for path, name, s in rows:
+    for path, name, s, config in rows:
         if counts[name] > 1:
             name = f"{Path(path).parent.name}/{name}"
         what = " · ".join(([] if s["task"] == "classification" else ["segmentation"]) +
-                          [f"top-{s['top_k']}/{s['num_experts']}" if s["moe"] else "dense"] + _label_extras(path, s))
+                          [f"top-{s['top_k']}/{s['num_experts']}" if s["moe"] else "dense"] +
+                          _label_extras(path, s, config))
         rank = (1 if s["task"] == "segmentation" else 0) if s["moe"] else 2
         out.append((rank, name, f"{name} · {what}", path))
     return [(label, path) for _, _, label, path in sorted(out)]

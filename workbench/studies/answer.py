@@ -22,12 +22,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import report
-from .claims import evaluate_claims, project_claims
+from .claims import VERDICT_COLORS, evaluate_claims, project_claims
 from .records import load_pruning, progress
 from .spec import METRICS, ROOT, load_study
 
-VERDICT_COLORS = {"agrees": "#d4edda", "disagrees": "#f8d7da", "inconclusive": "#e9ecef", "void": "#fff3cd",
-                  "incomplete": "#ffffff", "not recorded": "#ffffff"}
 _PROJECT: dict = {}
 
 

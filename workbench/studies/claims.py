@@ -359,11 +359,13 @@ def format_project_claims(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+VERDICT_COLORS = {"agrees": "#d4edda", "disagrees": "#f8d7da", "inconclusive": "#e9ecef", "void": "#fff3cd",
+                  "incomplete": "#ffffff", "not recorded": "#ffffff"}  # the notebooks' one verdict palette
+
+
 class ClaimLines:
     """Claims shown as an HTML table in a notebook (numbers never wrap) and as :func:`format_claims`'s lines to a
     terminal and to nbval, which compares the text."""
-
-    COLORS = {"agrees": "#d4edda", "disagrees": "#f8d7da", "inconclusive": "#e9ecef", "void": "#fff3cd"}
 
     def __init__(self, table: pd.DataFrame):
         self.table = table
@@ -384,7 +386,7 @@ class ClaimLines:
                   f"{r.estimate:+.3f} [no interval]")
             p = f"{r.p_holm:.3g}" if r.p_holm == r.p_holm else "-"
             expect = f"{r.expect}" + (f" (margin {r.margin:g})" if r.margin else "")
-            color = self.COLORS.get(r.verdict, "#ffffff")
+            color = VERDICT_COLORS.get(r.verdict, "#ffffff")
             rows.append("<tr>" + "".join([
                 f"<td {cell.format('left', 'font-weight:600')}>{html.escape(str(r.id))}</td>",
                 f"<td {cell.format('left', 'max-width:24em')}>{html.escape(str(r.contrast))}</td>",

@@ -27,6 +27,7 @@ from ..moe import moe_modules
 
 WHERE = " (give a model folder, a run folder or a weights file; the shipped models are in experiments/checkpoints/)"
 
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says which and what to do."""
 
