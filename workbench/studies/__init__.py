@@ -3,10 +3,10 @@
 
 One file, one job, in the order a study flows:
 ``spec`` (read and check a study file, plan its runs) -> ``run`` (one (config, seed): train, check its clean start,
-record) with ``analyse`` (what the analysis block asks of a trained run) -> ``runner`` (every run not yet recorded:
+record) with ``analyse`` (what the analysis block asks of a trained run; ``refit``: densify, then fine-tune) -> ``runner`` (every run not yet recorded:
 local workers or a shard; where executors plug in) -> ``records`` (read records as tables) -> ``claims`` (summary,
 contrasts, each claim's interval and verdict) with ``checks`` (did the arms learn: movement, plateau; a study
-failing one is void), ``pruning`` (expert-level pruning over seeds) and ``regime`` (the regime studies' views) ->
+failing one is void), ``pruning`` (expert-level pruning and densify-then-fine-tune over seeds) and ``regime`` (the regime studies' views) ->
 ``report`` (what the notebooks show) and ``cli``
 (``python -m workbench study``).
 
@@ -22,8 +22,9 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "train_config": "run", "analyse_run": "analyse", "prune_subsets": "analyse", "predict": "analyse",
     "run_study": "runner", "iter_records": "records", "load_record": "records", "load_results": "records",
     "load_routing": "records", "load_regions": "records", "load_pruning": "records", "routing_tables": "records",
+    "load_refit": "records", "densify_finetune": "refit",
     "config_values": "records", "source_of": "records", "referenced": "records",
     "summary": "claims", "contrasts": "claims", "evaluate_claims": "claims", "seeds_for_half_width": "claims",
     "format_claims": "claims", "format_summary": "claims", "format_contrasts": "claims",
     "project_claims": "claims", "evaluate_checks": "checks", "study_is_void": "checks",
-    "expert_pruning_table": "pruning"})
+    "expert_pruning_table": "pruning", "refit_table": "pruning"})

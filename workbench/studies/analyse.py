@@ -2,7 +2,8 @@
 against random routers, movement from the init, densified subsets (pruning), expert-level pruning and merging,
 routing against regions (segmentation), and every test prediction.
 
-Imports: ``workbench.moe``, ``workbench.train`` and ``workbench.analysis``; ``.errors`` for ``StudyError``.
+Imports: ``workbench.moe``, ``workbench.train`` and ``workbench.analysis``; ``.errors`` for ``StudyError`` and
+``.refit`` (densify, then fine-tune).
 """
 from __future__ import annotations
 
@@ -47,12 +48,15 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test, config: str | 
       listed configs (default: every MoE arm) reduced to m experts by each method (default: frequency, reap, merge,
       cluster), chosen on the first ``calibration_images`` (default 2000) validation images, and by ``r`` (default
       5) seeded random choices; each scored on validation and test with its parameters and GMACs, no fine-tuning.
+    * ``densify_finetune: {count: k, epochs: n, lr: x, ...}``: the k least specialised blocks merged, replaced by a
+      fresh dense FFN, or (control) the k most specialised merged, each before and after an n-epoch fine-tune beside
+      the unpruned model fine-tuned the same way (:mod:`workbench.studies.refit`).
     """
     from ..moe import moe_modules
 
     blocks = sorted(k for k in moe_modules(model) if isinstance(k, int))
     if not blocks or not (analysis.get("routing") or analysis.get("prune_fraction") or analysis.get("cls_routing")
-                          or analysis.get("expert_pruning")):
+                          or analysis.get("expert_pruning") or analysis.get("densify_finetune")):
         return {}
     if val is None:
         raise StudyError("the analysis block needs a validation split: set train.val_size (e.g. 10000)")
@@ -90,6 +94,12 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test, config: str | 
     spec = analysis.get("expert_pruning")
     if spec and model_config and (config is None or config in spec.get("configs", [config])):
         out["expert_pruning"] = prune_experts(model, model_config, spec, seed, val, test)
+    refit = analysis.get("densify_finetune")
+    if refit and model_config and (config is None or config in refit.get("configs", [config])):
+        from .refit import densify_finetune, ranking
+
+        out["densify_finetune"] = densify_finetune(model, model_config, cfg, refit, seed, val, test,
+                                                   ranking(out, refit), stats, quiet=cfg.quiet)
     return out
 
 

@@ -3,7 +3,7 @@
 
 Claim kinds (``kind:`` in a study file): ``paired`` (treatment - control, paired by seed), ``spread`` (seed SD
 difference), ``excess`` / ``depth_trend`` (routing against random routers; ``tokens: cls`` for the class token),
-``pruning``, and over *sets* of configs (the placements of a configuration study, with and without a change):
+``pruning``, ``refit`` (two variants of one arm's densify-then-fine-tune analysis, paired by seed), and over *sets* of configs (the placements of a configuration study, with and without a change):
 ``range`` (per seed, max - min of accuracy over the treatment placements minus the same over the control
 placements: is accuracy less sensitive to where the MoE layers are?) and ``worst`` (per seed, the worst treatment
 placement minus the worst control placement).  A claim that reads a config failing one of the study's
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .records import (config_values, iter_records, load_pruning, load_regions, load_results, load_routing,
-                      progress, referenced, source_of)
+from .records import (config_values, iter_records, load_pruning, load_refit, load_regions, load_results,
+                      load_routing, progress, referenced, source_of)
 from .spec import StudyError, as_study
 
 
@@ -119,6 +119,14 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
             else:
                 d = slope_interval({s: (g["block"].values, g["excess"].values) for s, g in routing.groupby("seed")})
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        elif kind == "refit":
+            source, config = source_of(study, claim["treatment"])
+            rf = load_refit(source, [config], results)
+            first, second = claim["compare"]
+            row["contrast"] = f"{claim['treatment']}: {first} vs {second}"
+            d = (paired(rf[f"{first}_test"] * 100, rf[f"{second}_test"] * 100) if not rf.empty
+                 else paired([], []))
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         elif kind == "guided":
             a, b, row["contrast"] = _guided(study, claim, results)
             d = paired(a, b)
@@ -160,7 +168,7 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     table["side"] = [_side(r.estimate, r.expect, r.margin) for r in table.itertuples()]
     # seeds that would make the interval +/- 0.5 points at the observed spread (accuracy claims)
     table["seeds_needed"] = [seeds_for_half_width((r.high - r.low) / 2, int(r.n))
-                              if r.kind in ("paired", "pruning", "range", "worst", "guided") and r.high == r.high
+                              if r.kind in ("paired", "pruning", "range", "worst", "guided", "refit") and r.high == r.high
                               else None
                               for r in table.itertuples()]
     return table
@@ -270,7 +278,7 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
     lines = []
     for r in table.itertuples():
         p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
-        unit = " pts" if r.kind in ("paired", "pruning", "spread", "range", "worst", "guided") else ""
+        unit = " pts" if r.kind in ("paired", "pruning", "spread", "range", "worst", "guided", "refit") else ""
         need = getattr(r, "seeds_needed", None)
         extra = f"; estimate on the {r.side}" + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
         ci = f"[{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "[no interval with fewer than 2 seeds]"

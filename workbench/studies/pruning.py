@@ -1,9 +1,12 @@
-"""Expert-level pruning and merging over a study's seeds (the ``expert_pruning`` analysis): per kept-expert count m
-and method, test accuracy, parameters and activated GMACs, each method paired by seed against the seeded random
-choice of experts (the baseline it must beat) and against the unpruned model, with 95% t-intervals.
+"""Pruning over a study's seeds.  Expert level (the ``expert_pruning`` analysis): per kept-expert count m and
+method, test accuracy, parameters and activated GMACs, each method paired by seed against the seeded random choice
+of experts (the baseline it must beat) and against the unpruned model, with 95% t-intervals.  Layer level, after
+a fine-tune (the ``densify_finetune`` analysis): each variant paired against the unpruned model fine-tuned the
+same way.
 
     from workbench.studies import pruning
     pruning.expert_pruning_table(study, "all")
+    pruning.refit_table(study, "all")
 
 Imports: this package's ``records`` and ``workbench.analysis.stats``.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..analysis.stats import paired
-from .records import iter_records
+from .records import iter_records, load_refit
 
 METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
 
@@ -47,3 +50,25 @@ def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame
                          "vs_unpruned": _interval(paired(acc, unpruned))})
     return pd.DataFrame(rows, columns=["keep", "method", "seeds", "test_acc", "params", "gmacs", "vs_random",
                                        "vs_unpruned"])
+
+
+REFIT_LABELS = {"unpruned": "MoE as trained", "unpruned_ft": "MoE, fine-tuned (control)",
+                "merge": "least specialised merged", "merge_ft": "least specialised merged, fine-tuned",
+                "reinit": "least specialised re-initialised", "reinit_ft": "least specialised re-initialised, fine-tuned",
+                "most_merge": "most specialised merged", "most_merge_ft": "most specialised merged, fine-tuned"}
+
+
+def refit_table(study: dict, config: str, results=None) -> pd.DataFrame:
+    """One row per densify-then-fine-tune variant of ``config``: seeds, mean test accuracy (%), params, GMACs, and
+    ``vs_control``: points against the unpruned model fine-tuned the same way, paired by seed (95% t-interval)."""
+    df = load_refit(study, [config], results).sort_values("seed")
+    if df.empty:
+        raise ValueError(f"{study['name']}/{config} has no densify_finetune analysis recorded")
+    control = 100 * df["unpruned_ft_test"]
+    rows = []
+    for variant, label in REFIT_LABELS.items():
+        acc = 100 * df[f"{variant}_test"]
+        rows.append({"variant": variant, "what": label, "seeds": len(df), "test_acc": acc.mean(),
+                     "params": int(df[f"{variant}_params"].iloc[0]), "gmacs": df[f"{variant}_gmacs"].iloc[0],
+                     "vs_control": "-" if variant == "unpruned_ft" else _interval(paired(acc, control))})
+    return pd.DataFrame(rows, columns=["variant", "what", "seeds", "test_acc", "params", "gmacs", "vs_control"])

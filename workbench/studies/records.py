@@ -179,6 +179,24 @@ def load_pruning(study_or_path, configs=None, results: Path | None = None) -> pd
     return pd.DataFrame(rows)
 
 
+def load_refit(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
+    """Per (config, seed): every ``densify_finetune`` variant's test and validation accuracy (``<variant>_test``,
+    ``<variant>_val``), parameters and GMACs (``<variant>_params``, ``<variant>_gmacs``), the blocks made dense
+    (``least``, ``most``) and the fine-tune."""
+    rows = []
+    for r in iter_records(study_or_path, results):
+        if "densify_finetune" not in r or (configs and r["config"] not in configs):
+            continue
+        d = r["densify_finetune"]
+        row = {"config": r["config"], "seed": r["seed"], "least": d["least"], "most": d["most"],
+               "epochs": d["finetune"]["epochs"], "lr": d["finetune"]["lr"]}
+        for name, v in d["variants"].items():
+            row.update({f"{name}_test": v["test_acc"], f"{name}_val": v["val_acc"], f"{name}_params": v["params"],
+                        f"{name}_gmacs": v["gmacs"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def config_values(study: dict, name: str, results: Path | None = None, metric: str = "score") -> pd.Series:
     """One config's metric (default: its study's ``metric``) by seed; ``name`` may be ``other-study/config`` for a
     study named in references."""

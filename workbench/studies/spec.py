@@ -67,9 +67,9 @@ STUDY_KEYS = {"name", "description", "protocol", "profile", "model", "base", "ba
 METRICS = {"test_acc": "test accuracy", "test_miou": "test mIoU", "test_pixel_acc": "test pixel accuracy"}
 PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
-ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "expert_pruning", "prune_min_layers", "random_routers", "max_images",
-                 "random_subsets", "regions"}
-CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst", "guided")
+ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "expert_pruning", "prune_min_layers", "random_routers",
+                 "max_images", "random_subsets", "regions", "densify_finetune"}
+CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst", "guided", "refit")
 SET_KINDS = ("range", "worst")  # claims over a set of placements: treatment and control are lists of configs
 # pre-registered checks that the arms learned what is compared (``checks:``); a study failing one is void
 CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts moved apart",
@@ -155,6 +155,14 @@ def load_study(path) -> dict:
     check_arms(study)
     if "expert_pruning" in analysis:
         _check_expert_pruning(path, study)
+    if "densify_finetune" in analysis:
+        from .refit import check_refit
+
+        arms = {c: arm_model_kwargs(study, c)[0].get("shared_expert", "none") != "none" for c in study["configs"]
+                if arm_model_kwargs(study, c)[0].get("moe_layers", "none") != "none"}
+        problem = check_refit(analysis["densify_finetune"], arms, analysis)
+        if problem:
+            raise StudyError(f"{path}: {problem}")
     return study
 
 
@@ -314,6 +322,16 @@ def _check_claim(path, study: dict, claim: dict) -> None:
                              f"optionally rank_by (bal_excess, the default, or excess)")
         control = claim.get("control", "others")
         names = claim["treatment"] + [claim["guide"]] + ([control] if control != "others" else [])
+    elif claim["kind"] == "refit":
+        from .refit import VARIANTS
+
+        compare = claim.get("compare")
+        if (not isinstance(compare, list) or len(compare) != 2 or compare[0] == compare[1]
+                or set(compare) - set(VARIANTS) or "control" in claim):
+            raise StudyError(f"{where}: a refit claim reads one arm's densify_finetune analysis (treatment: the arm) "
+                             f"and compares two of its variants, compare: [a, b] from {list(VARIANTS)} (a - b, "
+                             "paired by seed), e.g. compare: [merge_ft, unpruned_ft]")
+        names = [claim["treatment"]]
     else:
         control = claim.get("control")  # none: the study's control
         names = [claim["treatment"]] + ([control] if control not in (None, "step0") else [])
