@@ -98,8 +98,10 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test, config: str | 
     if refit and model_config and (config is None or config in refit.get("configs", [config])):
         from .refit import densify_finetune, ranking
 
-        out["densify_finetune"] = densify_finetune(model, model_config, cfg, refit, seed, val, test,
-                                                   ranking(out, refit), stats, quiet=cfg.quiet)
+        routing = out["routing_cls" if refit.get("tokens", "cls") == "cls" else "routing"]
+        out["densify_finetune"] = densify_finetune(
+            model, model_config, cfg, refit, seed, val, test, ranking(out, refit), stats, quiet=cfg.quiet,
+            specialised=[int(b) for b, row in routing.items() if row.get("specialised")])
     return out
 
 

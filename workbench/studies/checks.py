@@ -28,6 +28,9 @@ def run_metric(record: dict, metric: str) -> float:
         values = [v["router_shift"] for v in (record.get("router_init") or {}).values()]
     elif metric == "router_nmi_moved":
         values = [abs(v["trained_nmi"] - v["init_nmi"]) for v in (record.get("router_init") or {}).values()]
+    elif metric in ("specialised_blocks", "specialised_blocks_cls"):
+        routing = record.get("routing_cls" if metric.endswith("_cls") else "routing")
+        return float(sum(bool(v.get("specialised")) for v in routing.values())) if routing else math.nan
     elif metric == "late_gain":
         val = [row.get("val_acc") for row in record.get("history", [])]
         if len(val) < 2 or any(v is None for v in val):
@@ -93,6 +96,26 @@ def evaluate_checks(study_or_path, results=None) -> pd.DataFrame:
             rows.append({"id": check["id"], "metric": metric, "config": config, "n": n, "value": value,
                          "rule": f"{'>=' if at_least else '<='} {bound:g}", "passed": bool(passed)})
     return pd.DataFrame(rows, columns=["id", "metric", "config", "n", "value", "rule", "passed"])
+
+
+def check_on(study_or_path, check_id: str, name: str, results=None) -> pd.DataFrame:
+    """One per-run check of a study evaluated on the records of ``name`` (``other-study/config``, e.g. the run rule
+    of a file that runs only if an arm another study recorded passes it): per seed, the value; ``attrs`` hold the
+    median, the rule and whether it passes."""
+    study = as_study(study_or_path)
+    check = next((c for c in study.get("checks", []) if c["id"] == check_id), None)
+    if check is None:
+        raise ValueError(f"{study['name']} has no check {check_id!r}")
+    source, config = source_of(study, name)
+    rows = [{"seed": r["seed"], "value": run_metric(r, check["metric"])} for r in iter_records(source, results)
+            if r["config"] == config]
+    table = pd.DataFrame(rows, columns=["seed", "value"]).sort_values("seed").reset_index(drop=True)
+    values = [v for v in table["value"] if v == v]
+    median = statistics.median(values) if values else math.nan
+    bound, at_least = (check["at_least"], True) if "at_least" in check else (check["at_most"], False)
+    table.attrs.update(check=check_id, on=name, median=median, rule=f"{'>=' if at_least else '<='} {bound:g}",
+                       passed=bool(median == median and (median >= bound if at_least else median <= bound)))
+    return table
 
 
 def study_is_void(study_or_path, results=None) -> tuple[bool, list[str]]:

@@ -54,8 +54,11 @@ def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame
 
 REFIT_LABELS = {"unpruned": "MoE as trained", "unpruned_ft": "MoE, fine-tuned (control)",
                 "merge": "least specialised merged", "merge_ft": "least specialised merged, fine-tuned",
-                "reinit": "least specialised re-initialised", "reinit_ft": "least specialised re-initialised, fine-tuned",
-                "most_merge": "most specialised merged", "most_merge_ft": "most specialised merged, fine-tuned"}
+                "most_merge": "most specialised merged", "most_merge_ft": "most specialised merged, fine-tuned",
+                "all_merge": "every block merged (dense)", "all_merge_ft": "every block merged, fine-tuned",
+                "restore": "base FFN restored (least)", "restore_ft": "base FFN restored (least), fine-tuned",
+                "remove": "least specialised removed", "remove_ft": "least specialised removed, fine-tuned",
+                "reinit": "fresh FFN (least)", "reinit_ft": "fresh FFN (least), fine-tuned"}
 
 
 def refit_table(study: dict, config: str, results=None) -> pd.DataFrame:
@@ -67,6 +70,8 @@ def refit_table(study: dict, config: str, results=None) -> pd.DataFrame:
     control = 100 * df["unpruned_ft_test"]
     rows = []
     for variant, label in REFIT_LABELS.items():
+        if f"{variant}_test" not in df:
+            continue
         acc = 100 * df[f"{variant}_test"]
         rows.append({"variant": variant, "what": label, "seeds": len(df), "test_acc": acc.mean(),
                      "params": int(df[f"{variant}_params"].iloc[0]), "gmacs": df[f"{variant}_gmacs"].iloc[0],

@@ -1,17 +1,24 @@
 """Densify, then fine-tune (the ``densify_finetune`` analysis): claim 3 judged after training, not by the merge alone.
 
 For a trained MoE run, the ``count`` least specialised MoE blocks on validation (the routing the analysis block
-recorded: the CLS token's by default, ranked by the load-balanced NMI excess over random routers) are made dense in
-three ways, and each start is scored before and after the same short fine-tune:
+recorded: the CLS token's by default, ranked by its class-NMI excess over random routers, the metric the
+random-router test reads) are changed, and each changed model ("start") is scored before and after the same short
+fine-tune.  Starts (``starts:``, default every one the protocol allows):
 
-* ``merge``: the experts merged into one FFN, weighted by their use on the validation split;
-* ``reinit``: a freshly initialised dense FFN in their place (seeded): does the merge carry anything?
+* ``unpruned``: the trained MoE model itself: fine-tuned, the control for the extra training (always run);
+* ``merge``: the least specialised blocks' experts merged into one FFN, weighted by their validation usage;
 * ``most_merge``: the ``count`` *most* specialised blocks merged instead: does the ranking carry anything?
-* ``unpruned``: the trained MoE model itself, fine-tuned the same way: the control for the extra training.
+* ``all_merge``: every MoE block merged (a dense model): is any MoE layer needed after the fine-tune?
+* ``restore`` (upcycle protocol): the dense base's own FFN put back in the least specialised blocks: does the merge
+  carry more than the copy the experts started from?
+* ``remove``: the least specialised blocks' FFNs zeroed (weights and biases: the block adds nothing; in the
+  fine-tune only the output bias, a constant, can grow back);
+* ``reinit``: a freshly initialised dense FFN there (seeded; its random output perturbs the model at once).
 
 Every fine-tune continues the run's own training config (optimizer, regularisation, batch, data order: the run's
 seed) for ``epochs`` more epochs, from ``lr`` without warm-up, cosine to ``min_lr`` (default lr / 10).  Nothing is
-chosen on the test split.  Variants in a record: each of the four, and each with ``_ft`` after its fine-tune.
+chosen on the test split.  A record holds each start and the same with ``_ft`` after its fine-tune, the blocks
+chosen, and which blocks passed the random-router test (``specialised``).
 
 Imports: ``workbench.train`` and ``workbench.analysis``; ``.errors`` for ``StudyError``.
 """
@@ -22,12 +29,18 @@ from pathlib import Path
 
 from .errors import StudyError
 
-REFIT_KEYS = {"count", "epochs", "lr", "min_lr", "tokens", "rank_by", "configs"}
-STARTS = ("unpruned", "merge", "reinit", "most_merge")
+REFIT_KEYS = {"count", "epochs", "lr", "min_lr", "tokens", "rank_by", "configs", "starts"}
+STARTS = ("unpruned", "merge", "most_merge", "all_merge", "restore", "remove", "reinit")
 VARIANTS = tuple(v for s in STARTS for v in (s, s + "_ft"))
 
 
-def check_refit(spec, arms: dict, analysis: dict) -> str | None:
+def starts_of(spec: dict, protocol: str) -> list[str]:
+    """The starts a block asks for (default: every one the protocol allows), ``unpruned`` always first."""
+    default = [s for s in STARTS if s != "restore" or protocol == "upcycle"]
+    return ["unpruned"] + [s for s in spec.get("starts", default) if s != "unpruned"]
+
+
+def check_refit(spec, arms: dict, analysis: dict, protocol: str = "upcycle") -> str | None:
     """What is wrong with an ``analysis.densify_finetune`` block (None when nothing).  ``arms`` maps each MoE arm to
     whether it has a shared expert (densifying one is refused by the merge)."""
     if not isinstance(spec, dict) or set(spec) - REFIT_KEYS or not {"count", "epochs", "lr"} <= set(spec):
@@ -50,12 +63,18 @@ def check_refit(spec, arms: dict, analysis: dict) -> str | None:
     if not analysis.get(needs):
         return (f"analysis.densify_finetune ranks blocks by the {tokens} routing: set analysis.{needs}: true so "
                 "that it is measured")
-    if spec.get("rank_by", "bal_excess") not in ("bal_excess", "excess"):
+    if spec.get("rank_by", "excess") not in ("bal_excess", "excess"):
         return f"analysis.densify_finetune.rank_by={spec['rank_by']!r} is invalid: use bal_excess or excess"
     configs = spec.get("configs", list(arms))
     unknown = [c for c in configs if c not in arms] if isinstance(configs, list) else configs
     if unknown:
         return f"analysis.densify_finetune.configs names {unknown!r}, not MoE arms of this study ({list(arms)})"
+    starts = spec.get("starts", [])
+    if not isinstance(starts, list) or set(starts) - set(STARTS):
+        return f"analysis.densify_finetune.starts={starts!r} is invalid: choose from {list(STARTS)}"
+    if "restore" in starts and protocol != "upcycle":
+        return ("analysis.densify_finetune.starts: restore puts the dense base's FFN back, and a scratch run has no "
+                "base: leave it out")
     shared = [c for c in configs if arms[c]]
     if shared:
         return (f"analysis.densify_finetune: arms {shared} have a shared expert, which the merge cannot fold into "
@@ -66,7 +85,7 @@ def check_refit(spec, arms: dict, analysis: dict) -> str | None:
 def ranking(analysis_out: dict, spec: dict) -> dict[int, float]:
     """Block -> the specialisation score that ranks it (from the routing the analysis block recorded)."""
     key = {"cls": "routing_cls", "patch": "routing"}[spec.get("tokens", "cls")]
-    metric = spec.get("rank_by", "bal_excess")
+    metric = spec.get("rank_by", "excess")
     return {int(b): float(row[metric]) for b, row in analysis_out[key].items()}
 
 
@@ -80,10 +99,35 @@ def choose(scores: dict[int, float], count: int) -> tuple[list[int], list[int]]:
     return sorted(order[:count]), sorted(order[-count:])
 
 
+def _dense_in(model, config: dict, blocks: list[int], fill: str, seed: int, base=None):
+    """(model, config): ``blocks`` made dense FFNs filled from the base (``restore``), with zeros (``remove``) or
+    fresh (``reinit``); every other weight as trained."""
+    import torch
+
+    from ..analysis.prune import prune
+    from ..train.checkpoint import load_model
+
+    dense, new_config = prune(model, config, "reinit", layers=blocks, seed=seed)
+    if fill == "reinit":
+        return dense, new_config
+    state = dense.state_dict()
+    prefixes = tuple(f"blocks.{i}.mlp." for i in blocks)
+    source = load_model(base)[0].state_dict() if fill == "restore" else None
+    for key in [k for k in state if k.startswith(prefixes)]:
+        state[key] = source[key].clone() if source is not None else torch.zeros_like(state[key])
+    dense.load_state_dict(state)
+    new_config["pruned"] = {"method": fill, "layers": sorted(blocks)}
+    return dense.eval(), new_config
+
+
 def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val, test, scores: dict, stats,
-                     quiet: bool = True) -> dict:
-    """The four starts (module docstring) before and after the fine-tune, on validation and test, with parameters
-    and GMACs.  Fine-tunes run in ``<run folder>/refit/<start>`` and resume from there."""
+                     quiet: bool = True, specialised: list[int] | None = None) -> dict:
+    """Each start (module docstring) before and after the fine-tune, on validation and test, with parameters and
+    GMACs.  Fine-tunes run in ``<run folder>/refit/<start>`` and resume from there, unless that folder was started
+    for other blocks or another fine-tune (then it starts again)."""
+    import json
+    import shutil
+
     from ..analysis.flops import profile
     from ..analysis.prune import prune
     from ..train.checkpoint import load_model, save_model
@@ -91,13 +135,19 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
     from ..train.trainer import train
 
     least, most = choose(scores, int(spec["count"]))
-    starts = {"unpruned": (model, model_config),
-              "merge": prune(model, model_config, "densify", layers=least, calib={"_stats": stats}),
-              "reinit": prune(model, model_config, "reinit", layers=least, seed=seed),
-              "most_merge": prune(model, model_config, "densify", layers=most, calib={"_stats": stats})}
     lr = float(spec["lr"])
     min_lr = float(spec.get("min_lr", lr / 10))
+    finetune = {"epochs": int(spec["epochs"]), "lr": lr, "min_lr": min_lr}
+    blocks = {"unpruned": [], "merge": least, "most_merge": most, "all_merge": sorted(scores), "restore": least,
+              "remove": least, "reinit": least}
     work = Path(cfg.output) / "refit"
+
+    def build(name):
+        if name == "unpruned":
+            return model, model_config
+        if name.endswith("merge"):
+            return prune(model, model_config, "densify", layers=blocks[name], calib={"_stats": stats})
+        return _dense_in(model, model_config, blocks[name], name, seed, base=cfg.init_from)
 
     def score(m) -> dict:
         p = profile(m)
@@ -105,16 +155,21 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
                 "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
 
     out = {"count": len(least), "least": least, "most": most, "tokens": spec.get("tokens", "cls"),
-           "rank_by": spec.get("rank_by", "bal_excess"), "scores": {str(b): round(v, 6) for b, v in scores.items()},
-           "finetune": {"epochs": int(spec["epochs"]), "lr": lr, "min_lr": min_lr}, "variants": {}}
-    for name, (start, config) in starts.items():
+           "rank_by": spec.get("rank_by", "excess"), "scores": {str(b): round(v, 6) for b, v in scores.items()},
+           "specialised": sorted(specialised or []), "finetune": finetune, "variants": {}}
+    for name in starts_of(spec, "upcycle" if cfg.init_from else "scratch"):
+        start, config = build(name)
         out["variants"][name] = score(start)
         folder = work / name
-        base = {k: config[k] for k in ("model", "model_kwargs", "upcycle") if k in config}
+        what = {"start": name, "blocks": blocks[name], "finetune": finetune}
+        if (folder / "start.json").exists() and json.loads((folder / "start.json").read_text()) != what:
+            shutil.rmtree(folder)  # begun for other blocks or another fine-tune: not this start's
         if not (folder / "ft" / "checkpoint.pt").exists():
-            save_model(start, base, folder / "start", {"pruned": config.get("pruned")} if "pruned" in config else None)
+            base = {k: config[k] for k in ("model", "model_kwargs", "upcycle") if k in config}
+            save_model(start, base, folder / "start", {"pruned": config["pruned"]} if "pruned" in config else None)
+            (folder / "start.json").write_text(json.dumps(what))
         ft = dataclasses.replace(cfg, model=None, model_kwargs={}, init_from=None, weights_from=str(folder / "start"),
-                                 epochs=int(spec["epochs"]), lr=lr, min_lr=min_lr, warmup_epochs=0.0,
+                                 epochs=finetune["epochs"], lr=lr, min_lr=min_lr, warmup_epochs=0.0,
                                  eval_at_start=False, output=str(folder / "ft"), quiet=quiet, tensorboard=False,
                                  tensorboard_dir=None, seed=seed)
         train(ft, resume=(folder / "ft" / "checkpoint.pt").exists())

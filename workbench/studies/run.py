@@ -180,12 +180,14 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
         from ..data.scenes import build_seg_splits
 
         _, val, test = build_seg_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
-                                        augment=False, test_subset=cfg.test_subset, **cfg.data_options)
+                                        augment=False, test_subset=cfg.test_subset, seed=cfg.seed,
+                                        **cfg.data_options)
         scores = {k: last.get(k) for k in ("test_miou", "val_miou", "test_pixel_acc", "test_iou")}
         analysis = analyse_regions(model, study.get("analysis", {}), seed, val)
     else:
+        # the seed picks a test_subset as training did, so that test_predictions are of the images test_acc scored
         _, val, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
-                                    augment=False, test_subset=cfg.test_subset)
+                                    augment=False, test_subset=cfg.test_subset, seed=cfg.seed)
         scores = {"test_predictions": predict(model, test)}
         analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test, config=config,
                                model_config=model_cfg)

@@ -77,7 +77,9 @@ CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts
                  "router_nmi_moved": "median over MoE blocks of |class NMI of the trained router - of its init|",
                  "prediction_change": "share of test predictions that differ from the same seed's control, over "
                                       "the control's own seed-to-seed share",
-                 "late_gain": "validation accuracy gained (points) over the last third of the epochs"}
+                 "late_gain": "validation accuracy gained (points) over the last third of the epochs",
+                 "specialised_blocks": "MoE blocks whose patch-token routing beats random routers (Holm)",
+                 "specialised_blocks_cls": "MoE blocks whose CLS-token routing beats random routers (Holm)"}
 CHECK_KEYS = {"id", "says", "metric", "configs", "at_least", "at_most"}
 CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare", "tokens",
               "source", "guide", "rank_by"}  # guided claims: the all-MoE run whose validation routing picks the
@@ -160,7 +162,7 @@ def load_study(path) -> dict:
 
         arms = {c: arm_model_kwargs(study, c)[0].get("shared_expert", "none") != "none" for c in study["configs"]
                 if arm_model_kwargs(study, c)[0].get("moe_layers", "none") != "none"}
-        problem = check_refit(analysis["densify_finetune"], arms, analysis)
+        problem = check_refit(analysis["densify_finetune"], arms, analysis, study["protocol"])
         if problem:
             raise StudyError(f"{path}: {problem}")
     return study
@@ -332,6 +334,14 @@ def _check_claim(path, study: dict, claim: dict) -> None:
                              f"and compares two of its variants, compare: [a, b] from {list(VARIANTS)} (a - b, "
                              "paired by seed), e.g. compare: [merge_ft, unpruned_ft]")
         names = [claim["treatment"]]
+        block = study.get("analysis", {}).get("densify_finetune")
+        if "/" not in claim["treatment"] and isinstance(block, dict):
+            from .refit import starts_of
+
+            have = {v for s in starts_of(block, study["protocol"]) for v in (s, s + "_ft")}
+            if set(compare) - have:
+                raise StudyError(f"{where}: compare names {sorted(set(compare) - have)}, which "
+                                 f"analysis.densify_finetune does not record (its variants: {sorted(have)})")
     else:
         control = claim.get("control")  # none: the study's control
         names = [claim["treatment"]] + ([control] if control not in (None, "step0") else [])
