@@ -572,8 +572,8 @@ def label_classes(state):
 
 def after_analysis(state, layer, picked):
     """What follows every analysis: the class panel's title and the readout under the overlay (then the card)."""
-    if state is None:
-        return gr.skip(), gr.skip()
+    if state is None:  # nothing routed, or a checkpoint that did not load cleared the page: no stale readout
+        return gr.skip(), _readout_html(None, None, None)
     return label_classes(state), _readout_html(state, _block(state, layer), picked)
 
 

@@ -335,6 +335,16 @@ def test_app_bad_checkpoint_message(served, checkpoints, ckpt, message, caplog, 
     assert logged and re.search(message, logged[-1]) and "Traceback" not in "".join(capfd.readouterr())
 
 
+def test_a_cleared_page_keeps_no_hover_readout(checkpoints):
+    """After a checkpoint that does not load (state cleared), the readout under the overlay holds no patch data."""
+    import gradio as gr
+
+    import app
+
+    title, readout = app.after_analysis(None, "5", None)
+    assert title == gr.skip() and "data-" not in readout and readout == app._readout_html(None, None, None)
+
+
 def test_clearing_the_upload_is_quiet_and_running_without_an_image_says_why(checkpoints):
     import gradio as gr
 
