@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from workbench.studies import answer
 from workbench.studies.checks import evaluate_checks, prediction_change, run_metric, study_is_void
 from workbench.studies.claims import evaluate_claims, project_claims
 from workbench.studies.spec import StudyError, load_study
@@ -81,6 +82,11 @@ def test_a_failed_check_voids_the_claims_that_read_it(tmp_path):
     claims_table = evaluate_claims(path, results=results)
     # only the claim that reads b is void; the one about a keeps its verdict
     assert claims_table["verdict"].tolist() == ["void", "agrees"] and claims_table.attrs["failed_checks"] == ["moved"]
+    assert claims_table["void_because"].tolist() == ["b failed moved", ""]  # which arm, which check
+    row = {**claims_table.iloc[0].to_dict(), "column": "here", "claim": "c", "unit": "accuracy points",
+           "status": "complete", "verdict_project": "void"}
+    assert answer.finding_sentence(row).startswith(
+        "here: the claim that s is void (b failed moved: pre-registered checks that the arms learned): b minus dense")
     for seed in range(4):  # the same arm passing the check gets a real verdict
         _record(results, "s", "b", seed, 0.85 + seed / 1000, spread=0.3)
     assert evaluate_claims(path, results=results)["verdict"].tolist() == ["agrees", "agrees"]

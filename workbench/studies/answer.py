@@ -106,7 +106,8 @@ def verdict_table(cols, ids=None, claim_kinds=None, results=None) -> pd.DataFram
                                          r.get("verdict", "not recorded")),
                              "verdict_project": (project.loc[key, "verdict_project"]
                                                  if project is not None and key in project.index else "-"),
-                             "runs": runs, "planned": planned, "status": status})
+                             "runs": runs, "planned": planned, "status": status,
+                             "void_because": r.get("void_because") or ""})
     table = pd.DataFrame(rows)
     if len(table):
         clash = table[table.duplicated(["column", "claim"], keep=False)]
@@ -229,7 +230,10 @@ def finding_sentence(r) -> str:
     inside = (f" The whole interval lies within the {margin:g}-{word} margin fixed before the runs: "
               f"no effect of the size that matters." if r["verdict"] == "disagrees" and margin and estimate
               and abs(r["low"]) < margin and abs(r["high"]) < margin else "")
-    return f"{where}the claim that {says} {VERBS.get(r['verdict'], r['verdict'])}" + (
+    verb = VERBS.get(r["verdict"], r["verdict"])
+    if r["verdict"] == "void" and r.get("void_because"):  # which arm failed which check, from the records
+        verb = f"is void ({r['void_because']}: pre-registered checks that the arms learned)"
+    return f"{where}the claim that {says} {verb}" + (
         f": {estimate}." if estimate else ".") + inside + also
 
 

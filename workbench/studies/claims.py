@@ -157,10 +157,18 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
 
         failed = {prefix: checks[~checks["passed"]] for prefix, source in sources if source.get("checks")
                   for checks in [evaluate_checks(source, results)]}
-        bad = {prefix + config for prefix, rows in failed.items() for config in rows["config"]}
+        because = {}  # config -> the checks it failed
+        for prefix, rows in failed.items():
+            for r in rows.itertuples():
+                because.setdefault(prefix + r.config, []).append(r.id)
+        bad = set(because)
+        table["void_because"] = ""
         for i, claim in enumerate(study["claims"]):
-            if bad & set(claim_names(study, claim)):
+            names = [n for n in claim_names(study, claim) if n in bad]
+            if names:
                 table.loc[i, "verdict"] = "void"
+                table.loc[i, "void_because"] = "; ".join(f"{n} failed {', '.join(because[n])}"
+                                                         for n in dict.fromkeys(names))
         table.attrs["failed_checks"] = sorted(set(failed[""]["id"])) if "" in failed else []
         table.attrs["failed_configs"] = sorted(bad)
     # which side of zero (or of the margin) the point estimate falls on, whatever the interval: an inconclusive
