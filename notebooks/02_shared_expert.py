@@ -23,8 +23,10 @@ ANSWER
 # %% [markdown]
 # **What it means.** The paper's claim is about stability *across configurations*: the first column tests it as an
 # interaction (per seed, the spread of accuracy over three placements with a shared expert against without, at equal
-# total and activated parameters), in a fine-tune whose arms move; it is still being recorded, so it reads
-# *incomplete* and decides nothing yet (its figure follows). The earlier records: at equal activated FLOPs, top-1 with a shared expert beat top-2 in the last two blocks when
+# total and activated parameters), in a fine-tune meant to move the arms. All 56 runs are in, and its claim-2
+# verdicts are *void*: three of the six arms every claim-2 test reads (last-2, first-2, last-2 with a shared expert)
+# failed a pre-registered check that they learned (notebook 01), so the figure that follows describes and decides
+# nothing. The earlier records: at equal activated FLOPs, top-1 with a shared expert beat top-2 in the last two blocks when
 # trained from scratch only on the larger confirmation (and that holds when both confirmations are read as one
 # family, further down, though not in the project-wide family); upcycled, no shared-expert arm moved accuracy by the
 # smallest effect that matters, and no study decides that a shared expert makes seeds agree more.
@@ -45,7 +47,7 @@ ANSWER
 # for paired samples. Controls come from the placement study (same seeds, same schedule).
 
 # %% [markdown]
-# ## Claim 2 as stated: the interaction across placements (`upcycle4-regime`, being recorded)
+# ## Claim 2 as stated: the interaction across placements (`upcycle4-regime`)
 #
 # **Regime** (notebook 01 shows its checks and curves): upcycled from the 4x4 base with function-preserving starts,
 # a re-warmed 4-epoch fine-tune, seeds 300-307. Each placement (last-2, first-2, all) is trained twice at equal total
@@ -53,8 +55,8 @@ ANSWER
 # (initialised with a zero output projection, so the start is the base). "Stable across configurations" reads as
 # the flatter profile below; the pre-registered test is the per-seed range across the three placements, with minus
 # without a shared expert (`shared-narrows-placement-range`), read as "less sensitive to placement" only if
-# placement matters without a shared expert (claim 1's `early-moe-hurts` or `all-layers-hurt` agrees). Until every
-# run is in, the figure and table describe the recorded seeds only.
+# placement matters without a shared expert (claim 1's `early-moe-hurts` or `all-layers-hurt` agrees). The checks
+# void these claims here, so the figure and table describe the 8 seeds and decide nothing.
 
 # %%
 s = regime.load("upcycle4")

@@ -27,18 +27,19 @@ ANSWER
 # %% [markdown]
 # **What it means.** The first column reads the routing that reaches the prediction: under CLS-token pooling only
 # the class token's last-block expert output reaches the classifier, so the regime study tests the CLS token's
-# routing apart from the patch tokens', each against its own random routers, in a fine-tune whose routers move; it
-# is still being recorded (*incomplete*, no verdict yet). The earlier records read the patch tokens. Trained from scratch, the deepest layer routes classes more consistently than random routers
+# routing apart from the patch tokens', each against its own random routers, in a fine-tune whose routers move; all
+# 56 runs are in, and the `all` arm passed every movement check, so its routing claims have verdicts (the table
+# above; in words under Finding). The earlier records read the patch tokens. Trained from scratch, the deepest layer routes classes more consistently than random routers
 # do, the first layer does not, and the excess rises with depth: decided on the fresh seeds, as the paper says.
 # Upcycled routers stayed where their random init put them, so the upcycle columns do not measure learned
 # specialisation, and image routing "matches" token routing there because the fine-tune moved neither far.
 #
-# ## The routing that reaches the prediction (`upcycle4-regime`, being recorded)
+# ## The routing that reaches the prediction (`upcycle4-regime`)
 #
 # Per MoE block of the regime study's `all` arm (top-2 of 9 experts in every block, upcycled, a re-warmed fine-tune;
 # notebook 01 shows its checks), means over the recorded seeds of the class-NMI excess over 100 random routers of
 # the trained norm: for the patch tokens and, apart, for the CLS token, unbalanced and load-balanced (`bal_`), and in
-# how many seeds the block passes the random-router test after Holm. Descriptive until every run is in.
+# how many seeds the block passes the random-router test after Holm, over all 8 seeds.
 
 # %%
 s = regime.load("upcycle4")

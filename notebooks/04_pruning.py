@@ -26,11 +26,12 @@ answer.show([], regime=[("upcycle regime: every 2-of-4 placement trained", "expe
 # the average subset, and from scratch its choice ranks near the worst of all subsets (second table). The third
 # table is the test of the claim by training rather than merging (`experiments/studies/regime/upcycle4_guided.yaml`:
 # every 2-of-4 placement fine-tuned, the one routing picks per seed ranked among them, with a dense and a
-# depth-prior control); it is written and reviewed but not yet run, so it reads *not recorded*. The fourth table is
-# the claim as the paper states it, judged after training (`experiments/studies/regime/upcycle4_densify.yaml`): the
-# least specialised layers merged and fine-tuned, against the MoE model fine-tuned the same way and controls that
-# can refute it; it runs only if the regime's routing shows specialised layers at all (section *Densify, then
-# fine-tune* below: its run rule, read from the regime's records).
+# depth-prior control). The fourth table is the claim as the paper states it, judged after training
+# (`experiments/studies/regime/upcycle4_densify.yaml`): the least specialised layers merged and fine-tuned, against
+# the MoE model fine-tuned the same way and controls that can refute it. Both were written and reviewed before any
+# run, and both run only if the regime's routing shows at least two specialised layers; that run rule is read from
+# the regime's records in the section *Densify, then fine-tune* below. Neither has been run, so both read
+# *not recorded*.
 #
 # ## Method
 #
