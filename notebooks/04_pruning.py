@@ -87,7 +87,7 @@ densify_file = os.path.join(ROOT, "experiments/studies/regime/upcycle4_densify.y
 premise = check_on(densify_file, "routing-shows-specialised-layers", "upcycle4-regime/all")
 print(f"specialised CLS-routing blocks per seed of upcycle4-regime/all: "
       f"{dict(zip(premise['seed'], premise['value'].astype(int)))}; median {premise.attrs['median']:g} "
-      f"{premise.attrs['rule']}: {'passes: the file runs' if premise.attrs['passed'] else 'fails: the file is not run (the premise of claim 3 does not hold here)'}")
+      f"(the rule: {premise.attrs['rule']}), so it {'passes: the file runs' if premise.attrs['passed'] else 'fails: the file is not run (the premise of claim 3 does not hold here)'}")
 if report.progress(densify_file)[0]:
     display(answer.Table(st.refit_table(st.load_study(densify_file), "all").round(4)))
 
