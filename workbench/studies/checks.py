@@ -74,6 +74,13 @@ def prediction_change(study: dict, results=None) -> dict[str, float]:
             for c, v in arms.items()}
 
 
+def judge(check: dict, value: float) -> tuple[str, bool]:
+    """(the rule as text, whether ``value`` meets it): a NaN never passes."""
+    bound, at_least = (check["at_least"], True) if "at_least" in check else (check["at_most"], False)
+    passed = value == value and (value >= bound if at_least else value <= bound)
+    return f"{'>=' if at_least else '<='} {bound:g}", bool(passed)
+
+
 def evaluate_checks(study_or_path, results=None) -> pd.DataFrame:
     """One row per (check, config): the median over seeds, the threshold, and whether it passes; a config with no
     records fails (nothing shows it learned)."""
@@ -91,10 +98,9 @@ def evaluate_checks(study_or_path, results=None) -> pd.DataFrame:
                 values = [run_metric(r, metric) for r in records if r["config"] == config]
                 values = [v for v in values if v == v]
                 n, value = len(values), statistics.median(values) if values else math.nan
-            bound, at_least = (check["at_least"], True) if "at_least" in check else (check["at_most"], False)
-            passed = value == value and (value >= bound if at_least else value <= bound)
+            rule, passed = judge(check, value)
             rows.append({"id": check["id"], "metric": metric, "config": config, "n": n, "value": value,
-                         "rule": f"{'>=' if at_least else '<='} {bound:g}", "passed": bool(passed)})
+                         "rule": rule, "passed": passed})
     return pd.DataFrame(rows, columns=["id", "metric", "config", "n", "value", "rule", "passed"])
 
 
@@ -112,9 +118,8 @@ def check_on(study_or_path, check_id: str, name: str, results=None) -> pd.DataFr
     table = pd.DataFrame(rows, columns=["seed", "value"]).sort_values("seed").reset_index(drop=True)
     values = [v for v in table["value"] if v == v]
     median = statistics.median(values) if values else math.nan
-    bound, at_least = (check["at_least"], True) if "at_least" in check else (check["at_most"], False)
-    table.attrs.update(check=check_id, on=name, median=median, rule=f"{'>=' if at_least else '<='} {bound:g}",
-                       passed=bool(median == median and (median >= bound if at_least else median <= bound)))
+    rule, passed = judge(check, median)
+    table.attrs.update(check=check_id, on=name, median=median, rule=rule, passed=passed)
     return table
 
 

@@ -160,8 +160,9 @@ def load_study(path) -> dict:
     if "densify_finetune" in analysis:
         from .refit import check_refit
 
-        arms = {c: arm_model_kwargs(study, c)[0].get("shared_expert", "none") != "none" for c in study["configs"]
-                if arm_model_kwargs(study, c)[0].get("moe_layers", "none") != "none"}
+        kwargs = {c: arm_model_kwargs(study, c)[0] for c in study["configs"]}
+        arms = {c: k.get("shared_expert", "none") != "none" for c, k in kwargs.items()
+                if k.get("moe_layers", "none") != "none"}
         problem = check_refit(analysis["densify_finetune"], arms, analysis, study["protocol"])
         if problem:
             raise StudyError(f"{path}: {problem}")
