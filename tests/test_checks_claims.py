@@ -112,6 +112,8 @@ def test_run_metrics_read_the_record():
     assert run_metric(rec, "router_nmi_moved") == pytest.approx(0.15)
     assert run_metric(rec, "late_gain") == pytest.approx((0.725 - 0.71) * 100)  # epochs 5-6 of 6: from epoch 4
     assert np.isnan(run_metric({}, "expert_spread"))
+    exact = {"history": [{"val_acc": v} for v in (0.5, 0.9098, 0.9118)]}  # 20 of 10,000 images: 0.2 points
+    assert (0.9118 - 0.9098) * 100 > 0.2 and run_metric(exact, "late_gain") <= 0.2  # a rule's boundary holds
 
 
 def test_prediction_change_is_relative_to_the_controls_own_seed_noise(tmp_path):

@@ -36,7 +36,7 @@ def run_metric(record: dict, metric: str) -> float:
         if len(val) < 2 or any(v is None for v in val):
             return math.nan
         start = max(1, round(2 * len(val) / 3))  # the epoch that ends the first two thirds
-        return (val[-1] - val[start - 1]) * 100
+        return round((val[-1] - val[start - 1]) * 100, 6)  # validation counts: exact at 6 decimals
     else:
         raise ValueError(f"{metric!r} is not a per-run check metric")
     return statistics.median(values) if values else math.nan

@@ -125,14 +125,9 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
     """Each start (module docstring) before and after the fine-tune, on validation and test, with parameters and
     GMACs.  Fine-tunes run in ``<run folder>/refit/<start>`` and resume from there, unless that folder was started
     for other blocks or another fine-tune (then it starts again)."""
-    import json
-    import shutil
-
     from ..analysis.flops import profile
     from ..analysis.prune import prune
-    from ..train.checkpoint import load_model, save_model
     from ..train.metrics import evaluate
-    from ..train.trainer import train
 
     least, most = choose(scores, int(spec["count"]))
     lr = float(spec["lr"])
@@ -160,19 +155,34 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
     for name in starts_of(spec, "upcycle" if cfg.init_from else "scratch"):
         start, config = build(name)
         out["variants"][name] = score(start)
-        folder = work / name
         what = {"start": name, "blocks": blocks[name], "finetune": finetune}
-        if (folder / "start.json").exists() and json.loads((folder / "start.json").read_text()) != what:
-            shutil.rmtree(folder)  # begun for other blocks or another fine-tune: not this start's
-        if not (folder / "ft" / "checkpoint.pt").exists():
-            base = {k: config[k] for k in ("model", "model_kwargs", "upcycle") if k in config}
-            save_model(start, base, folder / "start", {"pruned": config["pruned"]} if "pruned" in config else None)
-            (folder / "start.json").write_text(json.dumps(what))
-        ft = dataclasses.replace(cfg, model=None, model_kwargs={}, init_from=None, weights_from=str(folder / "start"),
-                                 epochs=finetune["epochs"], lr=lr, min_lr=min_lr, warmup_epochs=0.0,
-                                 eval_at_start=False, output=str(folder / "ft"), quiet=quiet, tensorboard=False,
-                                 tensorboard_dir=None, seed=seed)
-        train(ft, resume=(folder / "ft" / "checkpoint.pt").exists())
-        tuned, _ = load_model(folder / "ft" / "model")
-        out["variants"][name + "_ft"] = score(tuned.eval())
+        out["variants"][name + "_ft"] = score(finetune_from(start, config, cfg, work / name, what, finetune, seed,
+                                                            quiet=quiet))
     return out
+
+
+def finetune_from(start, config: dict, cfg, folder: Path, what: dict, finetune: dict, seed: int,
+                  quiet: bool = True):
+    """``start`` fine-tuned: the run's own training config (optimizer, regularisation, batch, data order: ``seed``)
+    for ``finetune['epochs']`` epochs from ``lr`` without warm-up, cosine to ``min_lr``, on ``train_images``
+    training images when given (the validation split is never trained on).  Runs in ``folder`` and resumes from
+    there, unless that folder was begun for another start or fine-tune (``what`` differs): then it starts again."""
+    import json
+    import shutil
+
+    from ..train.checkpoint import load_model, save_model
+    from ..train.trainer import train
+
+    if (folder / "start.json").exists() and json.loads((folder / "start.json").read_text()) != what:
+        shutil.rmtree(folder)  # begun for other blocks or another fine-tune: not this start's
+    if not (folder / "ft" / "checkpoint.pt").exists():
+        base = {k: config[k] for k in ("model", "model_kwargs", "upcycle") if k in config}
+        save_model(start, base, folder / "start", {"pruned": config["pruned"]} if "pruned" in config else None)
+        (folder / "start.json").write_text(json.dumps(what))
+    subset = finetune.get("train_images", cfg.train_subset)
+    ft = dataclasses.replace(cfg, model=None, model_kwargs={}, init_from=None, weights_from=str(folder / "start"),
+                             epochs=finetune["epochs"], lr=finetune["lr"], min_lr=finetune["min_lr"],
+                             warmup_epochs=0.0, eval_at_start=False, output=str(folder / "ft"), quiet=quiet,
+                             tensorboard=False, tensorboard_dir=None, seed=seed, train_subset=subset)
+    train(ft, resume=(folder / "ft" / "checkpoint.pt").exists())
+    return load_model(folder / "ft" / "model")[0].eval()
