@@ -406,7 +406,66 @@ def test_expert_pruning_analysis_records_each_method_and_random_draws(tmp_path):
     assert row["vs_random"] == "-"  # the baseline itself
 
 
+def test_expert_pruning_fine_tunes_each_method_beside_the_unpruned_model_and_an_experts_claim_reads_it(tmp_path):
+    path = _write(tmp_path, "eft", {
+        "name": "eft", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "train": TRAIN, "seeds": [5, 6],
+        "common": {"num_experts": 4, **MICRO},
+        "analysis": {"expert_pruning": {"keep": [3, 2], "methods": ["frequency", "reap"], "random_draws": 2,
+                                        "calibration_images": 32,
+                                        "finetune": {"epochs": 1, "lr": 1.0e-3, "train_images": 48, "keep": [2]}}},
+        "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"}},
+        "claims": [{"id": "reap-beats-random", "says": "s", "kind": "experts", "treatment": "all", "keep": 2,
+                    "compare": ["reap", "random"], "expect": "greater"},
+                   {"id": "reap-ft-keeps", "says": "s", "kind": "experts", "treatment": "all", "keep": 2,
+                    "compare": ["reap_ft", "unpruned_ft"], "expect": "no_less", "margin": 0.5}]})
+    results = tmp_path / "results"
+    run_study(path, results=results, allow_dirty=True)
+    recs = [json.loads((results / "eft" / f"all__seed{s}.json").read_text()) for s in (5, 6)]
+    ep = recs[0]["expert_pruning"]
+    assert ep["finetune"] == {"epochs": 1, "lr": 1.0e-3, "min_lr": 1.0e-4, "train_images": 48, "keep": [2]}
+    assert set(ep["2"]) == {"frequency", "frequency_ft", "reap", "reap_ft", "random", "random_ft"}
+    assert set(ep["3"]) == {"frequency", "reap", "random"}  # fine-tuned only at the counts listed
+    assert ep["unpruned_ft"]["params"] == ep["unpruned"]["params"]
+    assert ep["2"]["reap_ft"]["params"] == ep["2"]["reap"]["params"] < ep["unpruned"]["params"]
+    assert ep["2"]["reap_ft"] != ep["2"]["reap"] and ep["unpruned_ft"] != ep["unpruned"]  # the fine-tune moved them
+    assert not any(tmp_path.rglob("experts"))  # the fine-tunes went with the run folder once recorded
+    table = evaluate_claims(path, results=results).set_index("id")
+    diff = [100 * (r["expert_pruning"]["2"]["reap"]["test_acc"] - r["expert_pruning"]["2"]["random"]["test_acc"])
+            for r in recs]
+    assert table.loc["reap-beats-random", "n"] == 2
+    assert table.loc["reap-beats-random", "estimate"] == pytest.approx(sum(diff) / 2)
+    assert table.loc["reap-ft-keeps", "n"] == 2 and "reap_ft vs unpruned_ft" in table.loc["reap-ft-keeps", "contrast"]
+    from workbench.studies.pruning import expert_pruning_table
+
+    view = expert_pruning_table(load_study(path), "all", results=results)
+    view = view[view["keep"] == 2].set_index("method")
+    assert list(view.index) == ["frequency", "frequency_ft", "reap", "reap_ft", "random", "random_ft"]
+    assert view.loc["random_ft", "vs_random"] == "-" and view.loc["reap_ft", "vs_random"] != "-"
+
+
+@pytest.mark.parametrize("claim, message", [
+    ({"keep": 3, "compare": ["reap", "random"]}, "keep=3 is not among analysis.expert_pruning.keep [2]"),
+    ({"keep": 2, "compare": ["merge", "random"]}, "compare names ['merge'], which analysis.expert_pruning does"),
+    ({"keep": 2, "compare": ["reap_ft", "random_ft"]}, "has no finetune block"),
+    ({"keep": 2, "compare": ["reap", "reap"]}, "an experts claim reads one arm's expert_pruning analysis"),
+    ({"compare": ["reap", "random"]}, "an experts claim reads one arm's expert_pruning analysis"),
+])
+def test_a_bad_experts_claim_is_refused_in_one_line(tmp_path, claim, message):
+    path = _write(tmp_path, "ecb", {
+        "name": "ecb", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "train": TRAIN, "seeds": [5],
+        "common": {"num_experts": 4, **MICRO},
+        "analysis": {"expert_pruning": {"keep": [2], "methods": ["frequency", "reap"]}},
+        "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all"}},
+        "claims": [{"id": "c", "says": "s", "kind": "experts", "treatment": "all", "expect": "greater", **claim}]})
+    with pytest.raises(StudyError) as err:
+        load_study(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("block, message", [
+    ({"keep": [2], "finetune": {"epochs": 0, "lr": 1e-4}}, "analysis.expert_pruning.finetune="),
+    ({"keep": [2], "finetune": {"epochs": 1}}, "analysis.expert_pruning.finetune="),
+    ({"keep": [2], "finetune": {"epochs": 1, "lr": 1e-4, "keep": [3]}}, "analysis.expert_pruning.finetune="),
     ({"keep": [4]}, "keep [4] is invalid for arm 'all' (4 experts, top-1)"),
     ({"keep": [2], "methods": ["prune-everything"]}, "methods=['prune-everything'] is invalid"),
     ({"keep": [2], "configs": ["dense"]}, "configs names ['dense'], not MoE arms"),

@@ -12,7 +12,8 @@ import random
 
 from .errors import StudyError
 
-EXPERT_PRUNING_KEYS = {"keep", "methods", "random_draws", "configs", "calibration_images"}
+EXPERT_PRUNING_KEYS = {"keep", "methods", "random_draws", "configs", "calibration_images", "finetune"}
+FINETUNE_KEYS = {"epochs", "lr", "min_lr", "train_images", "keep"}
 
 
 def predict(model, data) -> str:
@@ -47,7 +48,11 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test, config: str | 
     * ``expert_pruning: {keep: [m, ...], methods: [...], random_draws: r, configs: [...]}``: every MoE layer of the
       listed configs (default: every MoE arm) reduced to m experts by each method (default: frequency, reap, merge,
       cluster), chosen on the first ``calibration_images`` (default 2000) validation images, and by ``r`` (default
-      5) seeded random choices; each scored on validation and test with its parameters and GMACs, no fine-tuning.
+      5) seeded random choices; each scored on validation and test with its parameters and GMACs.  With
+      ``finetune: {epochs: n, lr: x, min_lr: y, train_images: N, keep: [m, ...]}`` each method's model and the first
+      random draw (at the listed counts; default every one) are also scored after a short fine-tune
+      (``<method>_ft``), beside the unpruned model fine-tuned the same way
+      (``unpruned_ft``, the control for the extra training).
     * ``densify_finetune: {count: k, epochs: n, lr: x, ...}``: the k least specialised blocks merged, replaced by a
       fresh dense FFN, or (control) the k most specialised merged, each before and after an n-epoch fine-tune beside
       the unpruned model fine-tuned the same way (:mod:`workbench.studies.refit`).
@@ -93,7 +98,7 @@ def analyse_run(model, cfg, analysis: dict, seed: int, val, test, config: str | 
                                        int(analysis.get("random_subsets", 20)))
     spec = analysis.get("expert_pruning")
     if spec and model_config and (config is None or config in spec.get("configs", [config])):
-        out["expert_pruning"] = prune_experts(model, model_config, spec, seed, val, test)
+        out["expert_pruning"] = prune_experts(model, model_config, spec, seed, val, test, cfg)
     refit = analysis.get("densify_finetune")
     if refit and model_config and (config is None or config in refit.get("configs", [config])):
         from .refit import densify_finetune, ranking
@@ -122,6 +127,17 @@ def check_expert_pruning(spec, arms: dict) -> str | None:
     draws = spec.get("random_draws", 5)
     if type(draws) is not int or draws < 0:
         return f"analysis.expert_pruning.random_draws={draws!r} is invalid: give an integer >= 0 (e.g. 5)"
+    finetune = spec.get("finetune")
+    if finetune is not None and (not isinstance(finetune, dict) or set(finetune) - FINETUNE_KEYS
+                                 or type(finetune.get("epochs")) is not int or finetune["epochs"] < 1
+                                 or not isinstance(finetune.get("lr"), (int, float)) or finetune["lr"] <= 0
+                                 or not isinstance(finetune.get("min_lr", 0.0), (int, float))
+                                 or not (type(finetune.get("train_images", 1)) is int
+                                         and finetune.get("train_images", 1) >= 1)
+                                 or not (isinstance(finetune.get("keep", keep), list)
+                                         and set(finetune.get("keep", keep)) <= set(keep))):
+        return (f"analysis.expert_pruning.finetune={finetune!r} is invalid: give epochs (an integer >= 1), lr (> 0) "
+                f"and optionally min_lr, train_images and keep (counts of analysis.expert_pruning.keep), e.g. {{epochs: 1, lr: 1.0e-4, train_images: 10000}}")
     configs = spec.get("configs", list(arms))
     unknown = [c for c in configs if c not in arms] if isinstance(configs, list) else configs
     if unknown:
@@ -136,28 +152,55 @@ def check_expert_pruning(spec, arms: dict) -> str | None:
     return None
 
 
-def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test) -> dict:
+def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test, cfg=None) -> dict:
     """Every MoE layer to m experts by each method and by seeded random choices (the baseline), chosen on the
-    validation split, scored on validation and test (fractions), with parameters and GMACs; no fine-tuning.
-    ``model_config``: the trained model's checkpoint config (the pruned models are rebuilt from it)."""
+    validation split, scored on validation and test (fractions), with parameters and GMACs; with ``finetune``
+    (and the run's ``cfg``) each method and the first random draw again after the fine-tune (``<method>_ft``),
+    beside ``unpruned_ft``.  ``model_config``: the trained model's checkpoint config (pruned models are rebuilt)."""
+    from pathlib import Path
+
     from ..analysis.flops import profile
     from ..analysis.prune import EXPERT_METHODS, calibrate, prune
     from ..train.metrics import evaluate
+    from .refit import finetune_from
 
     calib = calibrate(model, val, max_images=int(spec.get("calibration_images", 2000)))
+    finetune = spec.get("finetune")
+    if finetune:
+        if cfg is None:
+            raise StudyError("analysis.expert_pruning.finetune needs the run's training config")
+        finetune = {"epochs": int(finetune["epochs"]), "lr": float(finetune["lr"]),
+                    "min_lr": float(finetune.get("min_lr", float(finetune["lr"]) / 10)),
+                    **({"train_images": int(finetune["train_images"])} if "train_images" in finetune else {}),
+                    "keep": list(finetune.get("keep", spec["keep"]))}
 
     def score(m) -> dict:
         p = profile(m)
         return {"val_acc": round(evaluate(m, val)["acc"], 6), "test_acc": round(evaluate(m, test)["acc"], 6),
                 "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
 
+    def tuned(m, config, name: str) -> dict:
+        what = {"start": name, "finetune": finetune}
+        return score(finetune_from(m, config, cfg, Path(cfg.output) / "experts" / name, what, finetune, seed,
+                                   quiet=cfg.quiet))
+
     out = {"unpruned": score(model)}
+    if finetune:
+        out["finetune"] = finetune
+        out["unpruned_ft"] = tuned(model, model_config, "unpruned")
     for keep in spec["keep"]:
         row = {}
         for method in spec.get("methods", list(EXPERT_METHODS)):
-            row[method] = score(prune(model, model_config, method, keep=keep, calib=calib)[0])
-        draws = [score(prune(model, model_config, "random", keep=keep, calib=calib, seed=seed * 100 + d)[0])
-                 for d in range(int(spec.get("random_draws", 5)))]
+            pruned, config = prune(model, model_config, method, keep=keep, calib=calib)
+            row[method] = score(pruned)
+            if finetune and keep in finetune["keep"]:
+                row[method + "_ft"] = tuned(pruned, config, f"{method}-{keep}")
+        draws = []
+        for d in range(int(spec.get("random_draws", 5))):
+            pruned, config = prune(model, model_config, "random", keep=keep, calib=calib, seed=seed * 100 + d)
+            draws.append(score(pruned))
+            if finetune and keep in finetune["keep"] and d == 0:  # the first seeded draw, fine-tuned: the baseline after the fine-tune
+                row["random_ft"] = tuned(pruned, config, f"random-{keep}")
         if draws:
             row["random"] = {**{k: round(sum(d[k] for d in draws) / len(draws), 6) for k in ("val_acc", "test_acc")},
                              "params": draws[0]["params"], "gmacs": draws[0]["gmacs"],

@@ -41,7 +41,8 @@ def _unit(study: dict, kind: str) -> str:
     metric = METRICS[study["metric"]].removeprefix("test ")
     return {"paired": f"{metric} points", "range": f"{metric} points", "worst": f"{metric} points",
             "pruning": f"{metric} points", "spread": f"{metric} points of seed SD", "excess": "NMI",
-            "depth_trend": "NMI per block", "guided": f"{metric} points", "refit": f"{metric} points"}.get(kind, "")
+            "depth_trend": "NMI per block", "guided": f"{metric} points", "refit": f"{metric} points",
+            "experts": f"{metric} points"}.get(kind, "")
 
 
 def _path(item) -> Path:

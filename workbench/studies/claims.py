@@ -3,7 +3,8 @@
 
 Claim kinds (``kind:`` in a study file): ``paired`` (treatment - control, paired by seed), ``spread`` (seed SD
 difference), ``excess`` / ``depth_trend`` (routing against random routers; ``tokens: cls`` for the class token),
-``pruning``, ``refit`` (two variants of one arm's densify-then-fine-tune analysis, paired by seed), and over *sets* of configs (the placements of a configuration study, with and without a change):
+``pruning``, ``refit`` (two variants of one arm's densify-then-fine-tune analysis, paired by seed), ``experts``
+(two variants of one arm's expert-pruning analysis at ``keep`` experts, e.g. ``compare: [reap, random]``), and over *sets* of configs (the placements of a configuration study, with and without a change):
 ``range`` (per seed, max - min of accuracy over the treatment placements minus the same over the control
 placements: is accuracy less sensitive to where the MoE layers are?) and ``worst`` (per seed, the worst treatment
 placement minus the worst control placement).  A claim that reads a config failing one of the study's
@@ -21,6 +22,9 @@ import pandas as pd
 from .records import (config_values, iter_records, load_pruning, load_refit, load_regions, load_results,
                       load_routing, progress, referenced, source_of)
 from .spec import StudyError, as_study
+
+
+ACCURACY_KINDS = ("paired", "pruning", "range", "worst", "guided", "refit", "experts")  # estimates in points
 
 
 def summary(study_or_path, results: Path | None = None) -> pd.DataFrame:
@@ -127,6 +131,17 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
             d = (paired(rf[f"{first}_test"] * 100, rf[f"{second}_test"] * 100) if not rf.empty
                  else paired([], []))
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
+        elif kind == "experts":
+            from .pruning import expert_value
+
+            source, config = source_of(study, claim["treatment"])
+            first, second, keep = *claim["compare"], claim["keep"]
+            row["contrast"] = f"{claim['treatment']}: {first} vs {second}, {keep} experts kept per MoE layer"
+            pairs = [(expert_value(r, keep, first), expert_value(r, keep, second))
+                     for r in sorted(iter_records(source, results), key=lambda r: r["seed"]) if r["config"] == config]
+            pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
+            d = paired([a for a, _ in pairs], [b for _, b in pairs])
+            row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         elif kind == "guided":
             a, b, row["contrast"] = _guided(study, claim, results)
             d = paired(a, b)
@@ -176,7 +191,7 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
     table["side"] = [_side(r.estimate, r.expect, r.margin) for r in table.itertuples()]
     # seeds that would make the interval +/- 0.5 points at the observed spread (accuracy claims)
     table["seeds_needed"] = [seeds_for_half_width((r.high - r.low) / 2, int(r.n))
-                              if r.kind in ("paired", "pruning", "range", "worst", "guided", "refit") and r.high == r.high
+                              if r.kind in ACCURACY_KINDS and r.high == r.high
                               else None
                               for r in table.itertuples()]
     return table
@@ -286,7 +301,7 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
     lines = []
     for r in table.itertuples():
         p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
-        unit = " pts" if r.kind in ("paired", "pruning", "spread", "range", "worst", "guided", "refit") else ""
+        unit = " pts" if r.kind in ACCURACY_KINDS + ("spread",) else ""
         need = getattr(r, "seeds_needed", None)
         extra = f"; estimate on the {r.side}" + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
         ci = f"[{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "[no interval with fewer than 2 seeds]"

@@ -26,27 +26,39 @@ def _interval(t) -> str:
     return f"{t.mean:+.2f} [{t.low:+.2f}, {t.high:+.2f}]"
 
 
+def expert_value(record: dict, keep, name: str) -> float:
+    """One run's test accuracy (%) of an expert-pruning variant: a method (or ``random``, the mean of its draws) at
+    ``keep`` experts, ``<method>_ft`` after the fine-tune, or ``unpruned`` / ``unpruned_ft`` (NaN when missing)."""
+    ep = record.get("expert_pruning") or {}
+    cell = ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
+    return 100 * cell["test_acc"] if cell else float("nan")
+
+
 def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame:
-    """One row per (m, method) of ``config``'s records: seeds, mean test accuracy (%), params, GMACs, and in points
-    paired by seed: ``vs_random`` (method - random choice) and ``vs_unpruned`` (method - the trained model)."""
+    """One row per (m, method) of ``config``'s records, fine-tuned variants (``_ft``) after their method: seeds,
+    mean test accuracy (%), params, GMACs, and in points paired by seed: ``vs_random`` (method - random choice;
+    after a fine-tune, against the fine-tuned random draw) and ``vs_unpruned`` (method - the trained model; after a
+    fine-tune, against the trained model fine-tuned the same way)."""
     runs = sorted((r for r in iter_records(study, results) if r["config"] == config and r.get("expert_pruning")),
                   key=lambda r: r["seed"])
     if not runs:
         raise ValueError(f"{study['name']}/{config} has no expert_pruning analysis recorded")
     rows = []
-    counts = sorted({k for r in runs for k in r["expert_pruning"] if k != "unpruned"}, key=int, reverse=True)
+    counts = sorted({k for r in runs for k in r["expert_pruning"] if k.isdigit()}, key=int, reverse=True)
     for keep in counts:
         have = [r for r in runs if keep in r["expert_pruning"]]
-        unpruned = [100 * r["expert_pruning"]["unpruned"]["test_acc"] for r in have]
-        methods = [m for m in METHOD_ORDER if all(m in r["expert_pruning"][keep] for r in have)]
-        random = ([100 * r["expert_pruning"][keep]["random"]["test_acc"] for r in have]
-                  if "random" in methods else None)
-        for method in methods:
-            cells = [r["expert_pruning"][keep][method] for r in have]
-            acc = [100 * c["test_acc"] for c in cells]
-            rows.append({"keep": int(keep), "method": method, "seeds": len(have),
-                         "test_acc": sum(acc) / len(acc), "params": cells[0]["params"], "gmacs": cells[0]["gmacs"],
-                         "vs_random": "-" if method == "random" or random is None else _interval(paired(acc, random)),
+        names = [m + ft for m in METHOD_ORDER for ft in ("", "_ft") if all(m + ft in r["expert_pruning"][keep]
+                                                                          for r in have)]
+        for name in names:
+            ft = "_ft" if name.endswith("_ft") else ""
+            acc = [expert_value(r, keep, name) for r in have]
+            cell = have[0]["expert_pruning"][keep][name]
+            random = [expert_value(r, keep, "random" + ft) for r in have]
+            unpruned = [expert_value(r, keep, "unpruned" + ft) for r in have]
+            rows.append({"keep": int(keep), "method": name, "seeds": len(have), "test_acc": sum(acc) / len(acc),
+                         "params": cell["params"], "gmacs": cell["gmacs"],
+                         "vs_random": ("-" if name.startswith("random") or "random" + ft not in names
+                                       else _interval(paired(acc, random))),
                          "vs_unpruned": _interval(paired(acc, unpruned))})
     return pd.DataFrame(rows, columns=["keep", "method", "seeds", "test_acc", "params", "gmacs", "vs_random",
                                        "vs_unpruned"])

@@ -69,7 +69,8 @@ PROTOCOLS = ("scratch", "upcycle")
 PROFILES = ("cpu", "gpu")  # cpu: micro/tiny ViMoE on one CPU thread per run; gpu: ViT-S width/depth, full data
 ANALYSIS_KEYS = {"routing", "cls_routing", "prune_fraction", "expert_pruning", "prune_min_layers", "random_routers",
                  "max_images", "random_subsets", "regions", "densify_finetune"}
-CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst", "guided", "refit")
+CLAIM_KINDS = ("paired", "spread", "excess", "depth_trend", "pruning", "range", "worst", "guided", "refit",
+               "experts")
 SET_KINDS = ("range", "worst")  # claims over a set of placements: treatment and control are lists of configs
 # pre-registered checks that the arms learned what is compared (``checks:``); a study failing one is void
 CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts moved apart",
@@ -82,7 +83,7 @@ CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts
                  "specialised_blocks_cls": "MoE blocks whose CLS-token routing beats random routers (Holm)"}
 CHECK_KEYS = {"id", "says", "metric", "configs", "at_least", "at_most"}
 CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare", "tokens",
-              "source", "guide", "rank_by"}  # guided claims: the all-MoE run whose validation routing picks the
+              "source", "guide", "rank_by", "keep"}  # guided claims: the all-MoE run whose validation routing picks the
 # placement, and the routing metric that ranks its blocks (bal_excess, the default, or excess)  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
 
 
@@ -343,6 +344,9 @@ def _check_claim(path, study: dict, claim: dict) -> None:
             if set(compare) - have:
                 raise StudyError(f"{where}: compare names {sorted(set(compare) - have)}, which "
                                  f"analysis.densify_finetune does not record (its variants: {sorted(have)})")
+    elif claim["kind"] == "experts":
+        names = [claim["treatment"]]
+        _check_experts_claim(where, study, claim)
     else:
         control = claim.get("control")  # none: the study's control
         names = [claim["treatment"]] + ([control] if control not in (None, "step0") else [])
@@ -355,6 +359,31 @@ def _check_claim(path, study: dict, claim: dict) -> None:
             raise StudyError(f"{where}: {name!r} names study {other!r}; list it under 'references'")
         if not other and config not in study["configs"]:
             raise StudyError(f"{where}: {config!r} is not a config of this study ({list(study['configs'])})")
+
+
+def _check_experts_claim(where: str, study: dict, claim: dict) -> None:
+    """An ``experts`` claim: two variants of one arm's expert-pruning analysis at ``keep`` experts."""
+    from ..analysis.prune import EXPERT_METHODS
+
+    known = [m + ft for m in (*EXPERT_METHODS, "random") for ft in ("", "_ft")] + ["unpruned", "unpruned_ft"]
+    compare = claim.get("compare")
+    if (not isinstance(compare, list) or len(compare) != 2 or compare[0] == compare[1] or set(compare) - set(known)
+            or type(claim.get("keep")) is not int or "control" in claim):
+        raise StudyError(f"{where}: an experts claim reads one arm's expert_pruning analysis (treatment: the arm) at "
+                         f"keep experts (an integer) and compares two variants, compare: [a, b] from {known} (a - b, "
+                         f"paired by seed), e.g. keep: 4, compare: [reap, random]")
+    block = study.get("analysis", {}).get("expert_pruning")
+    if "/" not in claim["treatment"] and isinstance(block, dict):
+        if claim["keep"] not in block.get("keep", []):
+            raise StudyError(f"{where}: keep={claim['keep']} is not among analysis.expert_pruning.keep "
+                             f"{block.get('keep')}")
+        methods = {*block.get("methods", EXPERT_METHODS), "random", "unpruned"}
+        if {c.removesuffix("_ft") for c in compare} - methods:
+            raise StudyError(f"{where}: compare names {sorted({c.removesuffix('_ft') for c in compare} - methods)}, "
+                             f"which analysis.expert_pruning does not record (methods {sorted(methods)})")
+        if any(c.endswith("_ft") for c in compare) and not block.get("finetune"):
+            raise StudyError(f"{where}: compare names a fine-tuned variant, but analysis.expert_pruning has no "
+                             f"finetune block")
 
 
 def as_study(study_or_path) -> dict:
