@@ -17,8 +17,9 @@ ROOT = os.path.abspath("..")
 ANSWER = answer.show(["placement"], claim_kinds=["pruning"])
 display(ANSWER)
 display(answer.pruning_ranks())
-answer.show([], regime=[("upcycle regime: every 2-of-4 placement trained", "experiments/studies/regime/upcycle4_guided.yaml"),
-                        ("upcycle regime: densify, then fine-tune", "experiments/studies/regime/upcycle4_densify.yaml")])
+display(answer.show([], regime=[("upcycle regime: every 2-of-4 placement trained", "experiments/studies/regime/upcycle4_guided.yaml"),
+                                ("upcycle regime: densify, then fine-tune", "experiments/studies/regime/upcycle4_densify.yaml")]))
+answer.show([], regime=[("upcycle regime: experts pruned or merged", "experiments/studies/regime/upcycle4_experts.yaml")])
 
 # %% [markdown]
 # **What it means.** Merging the least specialised layers keeps accuracy only where the fine-tune had barely
@@ -90,6 +91,38 @@ print(f"specialised CLS-routing blocks per seed of upcycle4-regime/all: "
       f"(the rule: {premise.attrs['rule']}), so it {'passes: the file runs' if premise.attrs['passed'] else 'fails: the file is not run (the premise of claim 3 does not hold here)'}")
 if report.progress(densify_file)[0]:
     display(answer.Table(st.refit_table(st.load_study(densify_file), "all").round(4)))
+
+# %% [markdown]
+# ## Experts pruned or merged (upcycle regime)
+#
+# Claim 3 at the level of experts, with the methods the MoE literature uses now
+# (`experiments/studies/regime/upcycle4_experts.yaml`, written and reviewed before its runs): the regime's all-MoE
+# arm (top-2 over 9 experts in every block, the arm that passed every check that it learned) is trained again on
+# the regime's seeds, and every MoE layer is reduced to m experts, chosen on validation, by routing frequency,
+# REAP's saliency, M-SMoE's frequency-weighted merging and HC-SMoE's output clustering, against seeded random
+# choices of the same number of experts (the baseline a method must beat), at m = 6, 4 and 2; at m = 4 each is
+# also fine-tuned for one short epoch beside the unpruned model given the same epoch. First the checks that the
+# arm learned (a failure voids the claims), then the table (points paired by seed: against the random choice and
+# against the unpruned model, each after the same fine-tune where the row is fine-tuned), the figure, and whether
+# these runs reproduce the regime study's runs of the same seeds exactly (test predictions compared).
+
+# %%
+experts_file = os.path.join(ROOT, "experiments/studies/regime/upcycle4_experts.yaml")
+done, planned = report.progress(experts_file)
+print(f"upcycle4-experts: {done} of {planned} runs recorded")
+if done:
+    experts = st.load_study(experts_file)
+    from workbench.studies.checks import format_checks
+    print(format_checks(st.evaluate_checks(experts)))
+    table = st.expert_pruning_table(experts, "all")
+    display(answer.Table(table.round(3)))
+    runs = sorted(st.iter_records(experts), key=lambda r: r["seed"])
+    regime = {r["seed"]: r for r in st.iter_records(st.load_study(os.path.join(ROOT, "experiments/studies/regime/upcycle4.yaml")))
+              if r["config"] == "all"}
+    same = [r["seed"] for r in runs if r["test_predictions"] == regime[r["seed"]]["test_predictions"]]
+    print(f"test predictions identical to upcycle4-regime/all's on {len(same)} of {len(runs)} seeds {same}")
+    unpruned = sum(100 * r["expert_pruning"]["unpruned"]["test_acc"] for r in runs) / len(runs)
+    display(viz.expert_pruning(table, unpruned, title=f"all, top-2 of 9 experts, {len(runs)} seeds"))
 
 # %% [markdown]
 # ## Live: the shipped model, one layer densified, McNemar

@@ -3,6 +3,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import timm
@@ -154,3 +155,15 @@ def test_png_export(routed, tmp_path):
         pytest.skip(reason)
     written = viz.save_figure(viz.flops_breakdown(profile(routed[0])), tmp_path / "flops", png=True)
     assert written[1].suffix == ".png" and written[1].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_expert_pruning_figure_has_one_trace_per_method_and_the_unpruned_line():
+    table = pd.DataFrame({"keep": [4, 4, 4, 2, 2], "method": ["reap", "reap_ft", "random", "reap", "random"],
+                          "test_acc": [88.0, 89.5, 80.0, 70.0, 60.0], "params": [500, 500, 500, 300, 300]})
+    fig = viz.expert_pruning(table, unpruned=90.0)
+    names = [t.name for t in fig.data]
+    assert names == ["reap", "reap_ft", "random"]
+    reap = fig.data[0]
+    assert list(reap.y) == [88.0, 70.0] and list(reap.text) == ["4", "2"]
+    assert fig.data[1].marker.symbol == "circle-open" and fig.data[2].marker.color == "#888888"
+    assert fig.layout.shapes[0].y0 == 90.0

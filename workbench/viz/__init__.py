@@ -12,6 +12,7 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "specialisation_by_depth": "figures",
     "forest_plot": "figures",
     "pruning_subsets": "figures",
+    "expert_pruning": "figures",
     "position_maps": "figures",
     "overlay_rgb": "figures",
     "patch_overlay": "figures",

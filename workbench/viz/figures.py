@@ -171,6 +171,27 @@ def pruning_subsets(record_pruning: dict, title: str = "Every 2-of-4 densified s
     return fig
 
 
+def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts pruned or merged per MoE layer"
+                   ) -> go.Figure:
+    """Mean test accuracy (%) against total parameters for each method over the kept-expert counts (one line per
+    method; fine-tuned variants, ``_ft``, as open markers), the unpruned model as a dashed line.  ``table``:
+    :func:`workbench.studies.pruning.expert_pruning_table`."""
+    fig = go.Figure()
+    for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
+        base = method.removesuffix("_ft")
+        colour = "#888888" if base == "random" else expert_color(sorted(table["method"].str.removesuffix("_ft")
+                                                                         .unique().tolist()).index(base))
+        tuned = method.endswith("_ft")
+        fig.add_trace(go.Scatter(x=rows["params"], y=rows["test_acc"], name=method, text=rows["keep"].astype(str),
+                                 mode="markers" if tuned else "lines+markers+text", textposition="top center",
+                                 marker=dict(size=11 if tuned else 8, color=colour,
+                                             symbol="circle-open" if tuned else "circle", line=dict(width=2))))
+    fig.add_hline(y=unpruned, line_dash="dash", line_color="#444444", annotation_text="unpruned")
+    fig.update_layout(**LAYOUT, title=title + " (labels: experts kept)",
+                      xaxis=dict(title="total parameters"), yaxis=dict(title="test accuracy (%), mean over seeds"))
+    return fig
+
+
 def position_maps(tables: dict, grid: tuple[int, int], title: str = "Dominant expert per patch position"
                   ) -> go.Figure:
     """For each block (token routing), each patch position tinted by the expert most of its patches go to over a
