@@ -22,17 +22,22 @@ display(answer.show([], regime=[("upcycle regime: every 2-of-4 placement trained
 answer.show([], regime=[("upcycle regime: experts pruned or merged", "experiments/studies/regime/upcycle4_experts.yaml")])
 
 # %% [markdown]
-# **What it means.** Merging the least specialised layers keeps accuracy only where the fine-tune had barely
-# changed the model (the upcycle protocol); in no protocol does the specialisation metric choose better layers than
-# the average subset, and from scratch its choice ranks near the worst of all subsets (second table). The third
-# table is the test of the claim by training rather than merging (`experiments/studies/regime/upcycle4_guided.yaml`:
-# every 2-of-4 placement fine-tuned, the one routing picks per seed ranked among them, with a dense and a
-# depth-prior control). The fourth table is the claim as the paper states it, judged after training
-# (`experiments/studies/regime/upcycle4_densify.yaml`): the least specialised layers merged and fine-tuned, against
-# the MoE model fine-tuned the same way and controls that can refute it. Both were written and reviewed before any
-# run, and both run only if the regime's routing shows at least two specialised layers; that run rule is read from
-# the regime's records in the section *Densify, then fine-tune* below. Neither has been run, so both read
-# *not recorded*.
+# **What it means.** The first table's pruning claims (merge the least specialised half, no fine-tune) are void:
+# they read the placement studies' `all` arms, which fail the checks that they learned (scratch: still gaining 2-3
+# validation points in the last of 3 epochs; upcycle: experts still near-copies after the low-lr fine-tune). Their
+# estimates describe: merging kept accuracy only where the fine-tune had barely changed the model, and the
+# specialisation metric chose no better layers than the average subset (from scratch, near the worst: second
+# table). The third table is the test of the claim by training rather than merging
+# (`experiments/studies/regime/upcycle4_guided.yaml`: every 2-of-4 placement fine-tuned, the one routing picks per
+# seed ranked among them, with a dense and a depth-prior control). The fourth table is the claim as the paper
+# states it, judged after training (`experiments/studies/regime/upcycle4_densify.yaml`): the least specialised
+# layers merged and fine-tuned, against the MoE model fine-tuned the same way and controls that can refute it. Both
+# were written and reviewed before any run, and both run only if the regime's routing shows at least two
+# specialised layers; that run rule is read from the regime's records in the section *Densify, then fine-tune*
+# below. It fails, so neither is run and both read *not recorded*: in this regime claim 3's premise does not hold.
+# The fifth table is the expert-level study (`experiments/studies/regime/upcycle4_experts.yaml`, the section
+# *Experts pruned or merged* below): the MoE literature's pruning and merging methods against random choices of
+# experts, on the regime arm that passed its checks.
 #
 # ## Method
 #

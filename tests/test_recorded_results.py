@@ -179,6 +179,8 @@ def test_repeated_claim_takes_the_repeats_as_one_holm_family(monkeypatch):
     tables["first"].loc[0, "p_holm"] = 0.01
     t = report.repeated_claim("c", kinds=("first", "second")).set_index("study")
     assert t.loc["second", "family_verdict"] == "agrees"  # 0.03 < 0.05 after the first (0.02) in Holm's step-down
+    tables["second"].loc[0, "verdict"] = "void"  # its arms failed a check: the family cannot give it a verdict
+    assert report.repeated_claim("c", kinds=("first", "second")).set_index("study").loc["second", "family_verdict"] == "void"
     with pytest.raises(KeyError, match="no claim 'other'"):
         report.repeated_claim("other", kinds=("first",))
 

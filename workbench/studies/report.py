@@ -244,7 +244,8 @@ def repeated_claim(claim_id: str, kinds=("confirm", "confirm_shared"), protocol:
     table = pd.DataFrame(rows)
     if len(table):
         table["p_family"] = holm(table["p_holm"].fillna(1.0))
-        table["family_verdict"] = [verdict(r.low, r.high, r.p_family, r.expect, r.margin) for r in table.itertuples()]
+        table["family_verdict"] = ["void" if r.verdict == "void" else verdict(r.low, r.high, r.p_family, r.expect,
+                                                                               r.margin) for r in table.itertuples()]
     return table
 
 
