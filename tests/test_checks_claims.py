@@ -86,7 +86,7 @@ def test_a_failed_check_voids_the_claims_that_read_it(tmp_path):
     row = {**claims_table.iloc[0].to_dict(), "column": "here", "claim": "c", "unit": "accuracy points",
            "status": "complete", "verdict_project": "void"}
     assert answer.finding_sentence(row).startswith(
-        "here: the claim that s is void (b failed moved: pre-registered checks that the arms learned): b minus dense")
+        "here: the claim that s is void (b failed moved: the study file's checks that the arms learned): b minus dense")
     for seed in range(4):  # the same arm passing the check gets a real verdict
         _record(results, "s", "b", seed, 0.85 + seed / 1000, spread=0.3)
     assert evaluate_claims(path, results=results)["verdict"].tolist() == ["agrees", "agrees"]

@@ -233,7 +233,7 @@ def finding_sentence(r) -> str:
               and abs(r["low"]) < margin and abs(r["high"]) < margin else "")
     verb = VERBS.get(r["verdict"], r["verdict"])
     if r["verdict"] == "void" and r.get("void_because"):  # which arm failed which check, from the records
-        verb = f"is void ({r['void_because']}: pre-registered checks that the arms learned)"
+        verb = f"is void ({r['void_because']}: the study file's checks that the arms learned)"
     return f"{where}the claim that {says} {verb}" + (
         f": {estimate}." if estimate else ".") + inside + also
 
