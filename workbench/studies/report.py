@@ -222,11 +222,10 @@ def pilot_vs_confirmation(pilots=("placement", "shared_expert"), confirmation: s
 
 
 def repeated_claim(claim_id: str, kinds=("confirm", "confirm_shared"), protocol: str = "scratch") -> pd.DataFrame:
-    """One claim tested again in a later study (e.g. a confirmation whose interval came out too wide, repeated on
-    fresh seeds): each study's estimate, interval, its own Holm-adjusted p and verdict, then the studies taken as
-    one Holm family (each study's adjusted p adjusted again across the repeats) and the verdict that gives.  The
-    family verdict is the one to read: testing a claim again must not raise the chance of a false 'agrees'.
-    Studies with no records yet are left out."""
+    """One claim tested again in a later study (e.g. a confirmation whose interval came out too wide): each study's
+    estimate, interval, own Holm p and verdict, then the studies as one Holm family (each adjusted p adjusted again
+    across the repeats) and its verdict, the one to read (a repeat must not raise the chance of a false 'agrees');
+    a void study's stays void.  Studies with no records yet are left out."""
     from ..analysis.stats import holm, verdict
 
     rows = []
