@@ -120,14 +120,15 @@ if done:
     from workbench.studies.checks import format_checks
     print(format_checks(st.evaluate_checks(experts)))
     table = st.expert_pruning_table(experts, "all")
-    display(answer.Table(table.round(3)))
+    display(answer.Table(table.round({"test_acc": 3})))
     runs = sorted(st.iter_records(experts), key=lambda r: r["seed"])
     regime = {r["seed"]: r for r in st.iter_records(st.load_study(os.path.join(ROOT, "experiments/studies/regime/upcycle4.yaml")))
               if r["config"] == "all"}
     same = [r["seed"] for r in runs if r["test_predictions"] == regime[r["seed"]]["test_predictions"]]
     print(f"test predictions identical to upcycle4-regime/all's on {len(same)} of {len(runs)} seeds {same}")
-    unpruned = sum(100 * r["expert_pruning"]["unpruned"]["test_acc"] for r in runs) / len(runs)
-    display(viz.expert_pruning(table, unpruned, title=f"all, top-2 of 9 experts, {len(runs)} seeds"))
+    mean = lambda key: sum(100 * r["expert_pruning"][key]["test_acc"] for r in runs) / len(runs)  # noqa: E731
+    display(viz.expert_pruning(table, mean("unpruned"), unpruned_ft=mean("unpruned_ft"),
+                               title=f"all, top-2 of 9 experts, mean of {len(runs)} seeds"))
 
 # %% [markdown]
 # ## Live: the shipped model, one layer densified, McNemar

@@ -166,4 +166,5 @@ def test_expert_pruning_figure_has_one_trace_per_method_and_the_unpruned_line():
     reap = fig.data[0]
     assert list(reap.y) == [88.0, 70.0] and list(reap.text) == ["4", "2"]
     assert fig.data[1].marker.symbol == "circle-open" and fig.data[2].marker.color == "#888888"
-    assert fig.layout.shapes[0].y0 == 90.0
+    assert fig.layout.shapes[0].y0 == 90.0 and len(fig.layout.shapes) == 1
+    assert viz.expert_pruning(table, unpruned=90.0, unpruned_ft=90.2).layout.shapes[1].y0 == 90.2

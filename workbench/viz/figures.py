@@ -171,11 +171,11 @@ def pruning_subsets(record_pruning: dict, title: str = "Every 2-of-4 densified s
     return fig
 
 
-def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts pruned or merged per MoE layer"
-                   ) -> go.Figure:
+def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts pruned or merged per MoE layer",
+                   unpruned_ft: float | None = None) -> go.Figure:
     """Mean test accuracy (%) against total parameters for each method over the kept-expert counts (one line per
-    method; fine-tuned variants, ``_ft``, as open markers), the unpruned model as a dashed line.  ``table``:
-    :func:`workbench.studies.pruning.expert_pruning_table`."""
+    method; fine-tuned variants, ``_ft``, as open markers), the unpruned model as a dashed line (and, dotted, the
+    unpruned model given the same fine-tune).  ``table``: :func:`workbench.studies.pruning.expert_pruning_table`."""
     fig = go.Figure()
     for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
         base = method.removesuffix("_ft")
@@ -187,6 +187,9 @@ def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts p
                                  marker=dict(size=11 if tuned else 8, color=colour,
                                              symbol="circle-open" if tuned else "circle", line=dict(width=2))))
     fig.add_hline(y=unpruned, line_dash="dash", line_color="#444444", annotation_text="unpruned")
+    if unpruned_ft is not None:
+        fig.add_hline(y=unpruned_ft, line_dash="dot", line_color="#444444", annotation_text="unpruned, fine-tuned",
+                      annotation_position="bottom right")
     fig.update_layout(**LAYOUT, title=title + " (labels: experts kept)",
                       xaxis=dict(title="total parameters"), yaxis=dict(title="test accuracy (%), mean over seeds"))
     return fig
