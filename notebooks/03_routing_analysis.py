@@ -31,11 +31,11 @@ ANSWER
 # 56 runs are in, and the `all` arm passed every movement check, so its routing claims have verdicts (the table
 # above; in words under Finding). The earlier records read the patch tokens, and their claims are void by checks
 # added to their files after their runs with the regime's thresholds (a check added afterwards can only void a
-# verdict): trained from scratch for 3 epochs, every arm was still gaining 2-3 validation points in its last
+# verdict): trained from scratch for 3 epochs, every arm was still gaining 1.8-3.2 validation points in its last
 # epoch (the plateau rule allows 0.3), so the estimates there (the deepest layer routing classes more consistently
 # than random routers, the first layer not, the excess rising with depth) describe early training; upcycled with
-# the earlier low-lr fine-tune, routers stayed where their random init put them and the arms' predictions within
-# the dense control's seed noise, so those columns measure no learned specialisation.
+# the earlier low-lr fine-tune, the token-routing arms' routers stayed where their random init put them and the
+# arms' predictions within the dense control's seed noise, so those columns measure no learned specialisation.
 #
 # ## The routing that reaches the prediction (`upcycle4-regime`)
 #
@@ -245,17 +245,18 @@ tables = report.show_claims("routing")
 # %% [markdown]
 # Why the earlier upcycle routing claims are void: with class NMI within about a hundredth of the random init
 # (printed above) and a correlation near 1 between the init's and the trained router's excess, they score the
-# random init, and the arms fail the movement checks (notebook 01). The same holds for token vs image routing:
-# both arms changed fewer test predictions against the dense control than 0.8 times the dense control's own
-# seed-to-seed share (image-all is the exception in the 4x4 study, and its experts stayed near-copies), so an
-# `equal` estimate there says the fine-tune moved neither arm far, not that image routing loses nothing. The
+# random init, and the arms fail the movement checks (notebook 01). For token vs image routing the image routers
+# did move (class NMI 0.02-0.06 from their init), but in the 4x4 study both arms' experts stayed near-copies, and
+# image-last-2 (and, in `upcycle_p7`, image-all) changed fewer test predictions against the dense control than
+# 0.8 times the dense control's own seed-to-seed share, so an
+# `equal` estimate there says the fine-tune moved the arms little, not that image routing loses nothing. The
 # scratch estimates describe 3-epoch routers (void by the plateau check); the regime study at the top is where
 # the routing that reaches the prediction is decided.
 
 # %% [markdown]
 # ### Confirmation on 16 fresh seeds
 #
-# The pilot's routing claims on the all-MoE model were inconclusive after Holm with 5 seeds. They were repeated on
+# The pilot's routing claims on the all-MoE model (5 seeds; now void by the plateau check) were repeated on
 # 16 fresh seeds (`experiments/studies/scratch/confirm_all.yaml`, claims written before its runs), and last-2's
 # last block in `confirm.yaml`; both fail the plateau check, so the estimates below describe 3-epoch routers:
 

@@ -23,8 +23,9 @@ answer.show([], regime=[("upcycle regime: experts pruned or merged", "experiment
 
 # %% [markdown]
 # **What it means.** The first table's pruning claims (merge the least specialised half, no fine-tune) are void:
-# they read the placement studies' `all` arms, which fail the checks that they learned (scratch: still gaining 2-3
-# validation points in the last of 3 epochs; upcycle: experts still near-copies after the low-lr fine-tune). Their
+# they read the placement studies' `all` arms, which fail the checks that they learned (scratch: still gaining
+# 1.8-3.2 validation points in the last of 3 epochs; upcycle: predictions within the dense control's seed noise
+# after the low-lr fine-tune, and experts near-copies where spread was recorded). Their
 # estimates describe: merging kept accuracy only where the fine-tune had barely changed the model, and the
 # specialisation metric chose no better layers than the average subset (from scratch, near the worst: second
 # table). The third table is the test of the claim by training rather than merging

@@ -20,11 +20,12 @@ ANSWER
 
 # %% [markdown]
 # **What it means.** No segmentation claim is decided: every arm gained 0.40-0.60 points of validation pixel
-# accuracy in the last of its 3 epochs (median over seeds; mIoU rose more), so the study fails the plateau check
+# accuracy in the last of its 3 epochs (median over seeds; validation mIoU rose 1.6-2.5 points), so the study fails
+# the plateau check
 # (added to its file after its runs with the threshold the classification regime files fixed beforehand, at most
 # 0.3 points over the last third; a check added afterwards can only void a verdict) and its claims read *void*. The estimates describe
-# early training with a linear head: a shared expert ahead of top-2 at equal activated FLOPs, MoE against dense
-# unresolved, and routing that carries the patch's position beyond random routers rather than its class (the
+# early training with a linear head: a shared expert ahead of top-2 at equal activated FLOPs, all-MoE ahead of
+# dense and last-2 unresolved, and routing that carries the patch's position beyond random routers rather than its class (the
 # regions section).
 #
 # ## Method
@@ -161,8 +162,8 @@ print(report.half_widths(tables))
 # printed Holm-adjusted p decides there. Two more limits: with 50 random routers the smallest
 # p-value is 1/51, which Holm's correction over four blocks lifts above 0.05, so `specialised` could not come out
 # true in the all-MoE arms (the check above uses 200); and a patch's label is mostly object vs background (class
-# NMI among object patches alone, `object_only_nmi`, is at the random level). The depth-trend claim's verdict says
-# that the NMI excess over random routers rises with depth; in the all-MoE arm that is a deficit shrinking, while
+# NMI among object patches alone, `object_only_nmi`, is at the random level). The depth-trend claim's void estimate
+# has the NMI excess over random routers rises with depth; in the all-MoE arm that is a deficit shrinking, while
 # the trained NMI itself falls with depth. Position: `position_nmi` exceeds `random_position_nmi` in every block,
 # most in the first; the check above shows the same beyond 200 random routers. So what the trained routers carry
 # beyond random ones is the patch's position, not its class; NMIs over 64 positions and 11 classes are not

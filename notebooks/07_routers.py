@@ -19,7 +19,7 @@ ANSWER = answer.show(["routers"])
 ANSWER
 
 # %% [markdown]
-# **What it means.** No router claim is decided: every arm was still gaining 2-3 validation points in the last of
+# **What it means.** No router claim is decided: every arm was still gaining 1.8-3.2 validation points in the last of
 # its 3 epochs, so the study fails the plateau check (added to its file after its runs with the threshold the
 # regime files fixed beforehand; a check added afterwards can only void a verdict) and its claims read *void*; with
 # five seeds their intervals were also too wide to decide. Neither the routers' own papers ("ours beats top-k")
