@@ -58,7 +58,9 @@ def build(source: Path, timeout: int = 1800) -> Path:
         for out in cell.get("outputs", []):
             text = "".join(out.get("text", "")) + "".join(str(v) for v in out.get("data", {}).values())
             if out.get("output_type") == "error" or "Traceback (most recent call last)" in text:
-                sys.exit(f"{source.name}: cell {i} printed a traceback in its output; fix it before recording")
+                tail = "\n".join(out.get("traceback", []) or text.splitlines()[-8:])
+                raise RuntimeError(f"{source.name}: cell {i} printed a traceback in its output; fix it before "
+                                   f"recording:\n{tail}")
     target = source.with_suffix(".ipynb")
     nbformat.write(nb, target)
     return target
@@ -67,4 +69,11 @@ def build(source: Path, timeout: int = 1800) -> Path:
 if __name__ == "__main__":
     static_images()
     for path in sources(sys.argv[1:]):
-        print(build(path), flush=True)
+        try:
+            print(build(path), flush=True)
+        except RuntimeError as err:  # a figure's static image can time out on a loaded machine: one more try
+            print(f"{err}\nbuilding {path.name} once more", file=sys.stderr, flush=True)
+            try:
+                print(build(path), flush=True)
+            except RuntimeError as again:
+                sys.exit(str(again))
