@@ -168,3 +168,13 @@ def test_expert_pruning_figure_has_one_trace_per_method_and_the_unpruned_line():
     assert fig.data[1].marker.symbol == "circle-open" and fig.data[2].marker.color == "#888888"
     assert fig.layout.shapes[0].y0 == 90.0 and len(fig.layout.shapes) == 1
     assert viz.expert_pruning(table, unpruned=90.0, unpruned_ft=90.2).layout.shapes[1].y0 == 90.2
+
+
+def test_accuracy_by_epoch_draws_one_line_per_run_and_shades_its_last_third():
+    rows = pd.DataFrame({"pilot": ["a"] * 6 + ["b"] * 120, "config": "dense",
+                         "epoch": list(range(1, 7)) + list(range(1, 121)), "val_acc": 0.5})
+    fig = viz.accuracy_by_epoch(rows)
+    assert [t.name for t in fig.data] == ["a / dense", "b / dense"] and list(fig.data[0].y) == [50.0] * 6
+    assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(4, 6), (80, 120)]  # what late_gain reads
+    assert fig.layout.xaxis.dtick is None  # 120 epochs: automatic ticks, not one label per epoch
+    assert viz.accuracy_by_epoch(rows[rows["pilot"] == "a"]).layout.xaxis.dtick == 1

@@ -419,6 +419,6 @@ def accuracy_by_epoch(rows: pd.DataFrame, group=("pilot", "config"), metric: str
         start = max(1, round(2 * last / 3))
         if shade:
             fig.add_vrect(x0=start, x1=last, fillcolor=expert_color(i), opacity=0.07, line_width=0)
-    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="epoch", dtick=1),
+    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="epoch", dtick=1 if rows["epoch"].max() <= 20 else None),
                       yaxis=dict(title=f"{metric.replace('_acc', '')} accuracy (%)"))
     return fig
