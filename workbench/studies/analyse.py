@@ -137,7 +137,8 @@ def check_expert_pruning(spec, arms: dict) -> str | None:
                                  or not (isinstance(finetune.get("keep", keep), list)
                                          and set(finetune.get("keep", keep)) <= set(keep))):
         return (f"analysis.expert_pruning.finetune={finetune!r} is invalid: give epochs (an integer >= 1), lr (> 0) "
-                f"and optionally min_lr, train_images and keep (counts of analysis.expert_pruning.keep), e.g. {{epochs: 1, lr: 1.0e-4, train_images: 10000}}")
+                f"and optionally min_lr, train_images and keep (counts of analysis.expert_pruning.keep), e.g. "
+                f"{{epochs: 1, lr: 1.0e-4, train_images: 10000}}")
     configs = spec.get("configs", list(arms))
     unknown = [c for c in configs if c not in arms] if isinstance(configs, list) else configs
     if unknown:
@@ -159,32 +160,22 @@ def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test, c
     beside ``unpruned_ft``.  ``model_config``: the trained model's checkpoint config (pruned models are rebuilt)."""
     from pathlib import Path
 
-    from ..analysis.flops import profile
     from ..analysis.prune import EXPERT_METHODS, calibrate, prune
-    from ..train.metrics import evaluate
-    from .refit import finetune_from
+    from .refit import finetune_from, finetune_plan, score
 
     calib = calibrate(model, val, max_images=int(spec.get("calibration_images", 2000)))
     finetune = spec.get("finetune")
     if finetune:
         if cfg is None:
             raise StudyError("analysis.expert_pruning.finetune needs the run's training config")
-        finetune = {"epochs": int(finetune["epochs"]), "lr": float(finetune["lr"]),
-                    "min_lr": float(finetune.get("min_lr", float(finetune["lr"]) / 10)),
-                    **({"train_images": int(finetune["train_images"])} if "train_images" in finetune else {}),
-                    "keep": list(finetune.get("keep", spec["keep"]))}
-
-    def score(m) -> dict:
-        p = profile(m)
-        return {"val_acc": round(evaluate(m, val)["acc"], 6), "test_acc": round(evaluate(m, test)["acc"], 6),
-                "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
+        finetune = {**finetune_plan(finetune), "keep": list(finetune.get("keep", spec["keep"]))}
 
     def tuned(m, config, name: str) -> dict:
         what = {"start": name, "finetune": finetune}
         return score(finetune_from(m, config, cfg, Path(cfg.output) / "experts" / name, what, finetune, seed,
-                                   quiet=cfg.quiet))
+                                   quiet=cfg.quiet), val, test)
 
-    out = {"unpruned": score(model)}
+    out = {"unpruned": score(model, val, test)}
     if finetune:
         out["finetune"] = finetune
         out["unpruned_ft"] = tuned(model, model_config, "unpruned")
@@ -192,14 +183,14 @@ def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test, c
         row = {}
         for method in spec.get("methods", list(EXPERT_METHODS)):
             pruned, config = prune(model, model_config, method, keep=keep, calib=calib)
-            row[method] = score(pruned)
+            row[method] = score(pruned, val, test)
             if finetune and keep in finetune["keep"]:
                 row[method + "_ft"] = tuned(pruned, config, f"{method}-{keep}")
         draws = []
         for d in range(int(spec.get("random_draws", 5))):
             pruned, config = prune(model, model_config, "random", keep=keep, calib=calib, seed=seed * 100 + d)
-            draws.append(score(pruned))
-            if finetune and keep in finetune["keep"] and d == 0:  # the first seeded draw, fine-tuned: the baseline after the fine-tune
+            draws.append(score(pruned, val, test))
+            if finetune and keep in finetune["keep"] and d == 0:  # the first draw, fine-tuned: the baseline after it
                 row["random_ft"] = tuned(pruned, config, f"random-{keep}")
         if draws:
             row["random"] = {**{k: round(sum(d[k] for d in draws) / len(draws), 6) for k in ("val_acc", "test_acc")},

@@ -125,14 +125,10 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
     """Each start (module docstring) before and after the fine-tune, on validation and test, with parameters and
     GMACs.  Fine-tunes run in ``<run folder>/refit/<start>`` and resume from there, unless that folder was started
     for other blocks or another fine-tune (then it starts again)."""
-    from ..analysis.flops import profile
     from ..analysis.prune import prune
-    from ..train.metrics import evaluate
 
     least, most = choose(scores, int(spec["count"]))
-    lr = float(spec["lr"])
-    min_lr = float(spec.get("min_lr", lr / 10))
-    finetune = {"epochs": int(spec["epochs"]), "lr": lr, "min_lr": min_lr}
+    finetune = finetune_plan(spec)
     blocks = {"unpruned": [], "merge": least, "most_merge": most, "all_merge": sorted(scores), "restore": least,
               "remove": least, "reinit": least}
     work = Path(cfg.output) / "refit"
@@ -144,21 +140,33 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
             return prune(model, model_config, "densify", layers=blocks[name], calib={"_stats": stats})
         return _dense_in(model, model_config, blocks[name], name, seed, base=cfg.init_from)
 
-    def score(m) -> dict:
-        p = profile(m)
-        return {"val_acc": round(evaluate(m, val)["acc"], 6), "test_acc": round(evaluate(m, test)["acc"], 6),
-                "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
-
     out = {"count": len(least), "least": least, "most": most, "tokens": spec.get("tokens", "cls"),
            "rank_by": spec.get("rank_by", "excess"), "scores": {str(b): round(v, 6) for b, v in scores.items()},
            "specialised": sorted(specialised or []), "finetune": finetune, "variants": {}}
     for name in starts_of(spec, "upcycle" if cfg.init_from else "scratch"):
         start, config = build(name)
-        out["variants"][name] = score(start)
+        out["variants"][name] = score(start, val, test)
         what = {"start": name, "blocks": blocks[name], "finetune": finetune}
         out["variants"][name + "_ft"] = score(finetune_from(start, config, cfg, work / name, what, finetune, seed,
-                                                            quiet=quiet))
+                                                            quiet=quiet), val, test)
     return out
+
+
+def score(model, val, test) -> dict:
+    """A changed model's validation and test accuracy (fractions, 6 decimals), total parameters and GMACs."""
+    from ..analysis.flops import profile
+    from ..train.metrics import evaluate
+
+    p = profile(model)
+    return {"val_acc": round(evaluate(model, val)["acc"], 6), "test_acc": round(evaluate(model, test)["acc"], 6),
+            "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
+
+
+def finetune_plan(spec: dict) -> dict:
+    """A fine-tune block as recorded: epochs, lr, min_lr (default lr / 10) and, when given, train_images."""
+    lr = float(spec["lr"])
+    return {"epochs": int(spec["epochs"]), "lr": lr, "min_lr": float(spec.get("min_lr", lr / 10)),
+            **({"train_images": int(spec["train_images"])} if "train_images" in spec else {})}
 
 
 def finetune_from(start, config: dict, cfg, folder: Path, what: dict, finetune: dict, seed: int,

@@ -177,10 +177,10 @@ def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts p
     method; fine-tuned variants, ``_ft``, as open markers), the unpruned model as a dashed line (and, dotted, the
     unpruned model given the same fine-tune).  ``table``: :func:`workbench.studies.pruning.expert_pruning_table`."""
     fig = go.Figure()
-    for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
+    bases = sorted(table["method"].str.removesuffix("_ft").unique().tolist())  # one colour per method, tuned or not
+    for method, rows in table.groupby("method", sort=False):
         base = method.removesuffix("_ft")
-        colour = "#888888" if base == "random" else expert_color(sorted(table["method"].str.removesuffix("_ft")
-                                                                         .unique().tolist()).index(base))
+        colour = "#888888" if base == "random" else expert_color(bases.index(base))
         tuned = method.endswith("_ft")
         fig.add_trace(go.Scatter(x=rows["params"], y=rows["test_acc"], name=method, text=rows["keep"].astype(str),
                                  mode="markers" if tuned else "lines+markers+text", textposition="top center",
@@ -419,6 +419,7 @@ def accuracy_by_epoch(rows: pd.DataFrame, group=("pilot", "config"), metric: str
         start = max(1, round(2 * last / 3))
         if shade:
             fig.add_vrect(x0=start, x1=last, fillcolor=expert_color(i), opacity=0.07, line_width=0)
-    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="epoch", dtick=1 if rows["epoch"].max() <= 20 else None),
+    ticks = 1 if rows["epoch"].max() <= 20 else None  # one label per epoch only while they fit
+    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="epoch", dtick=ticks),
                       yaxis=dict(title=f"{metric.replace('_acc', '')} accuracy (%)"))
     return fig
