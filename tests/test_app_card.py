@@ -137,7 +137,9 @@ def test_background_cards_answer_at_once_and_fill_in(tmp_path, monkeypatch):
     registry = cards.ModelCards(draws=4, max_images=30)
     state = registry.state(folder, model, config)
     assert state.pending and state.card["layers"] is None and state.card["facts"]["moe_blocks"] == [4, 5]
+    assert not registry.join(timeout=0.2)  # the test still runs
     release.set()
+    assert registry.join(timeout=60)
     done = registry.wait(folder, model, config, timeout=60)
     assert not done.pending and done.card["layers"]["5"]["specialised"] and done.error is None
     dense, dense_config = load_model(_save_dense(tmp_path / "dense"))
@@ -327,7 +329,10 @@ def _pick_example_and_click(page, index=3, from_top=False):
     """Pick an example, then click patch (0, 0) of the overlay; ``from_top``: with the page scrolled to its top
     (a desktop screen), where the overlay must be whole in view before the click."""
     page.locator("#examples img").nth(index).click()
-    page.locator("#status").get_by_text("patch grid").wait_for(timeout=60_000)
+    try:
+        page.locator("#status").get_by_text("patch grid").wait_for(timeout=120_000)
+    except Exception as err:  # say what the app showed instead
+        raise AssertionError(f"no 'patch grid' after the example: status reads {page.locator('#status').inner_text()!r}") from err
     overlay = page.locator("#overlay img").first
     overlay.wait_for(state="visible", timeout=30_000)
     page.wait_for_timeout(500)  # the card and verdict settle
@@ -394,6 +399,9 @@ def test_browser_1400_router_in_view_card_verdicts_hover_scene_and_warnings(serv
 
 
 def test_browser_400_stacks_and_keeps_the_router_plot_in_view(served, browser, tmp_path):
+    import app
+
+    assert app.CARDS.join(timeout=300)  # the cards the previous test started are tested, not competing for the CPU
     page = browser.new_page(viewport={"width": 400, "height": 900})
     page.goto(served)
     _pick_example_and_click(page)

@@ -26,7 +26,7 @@ import queue
 import tempfile
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait as futures_wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -69,12 +69,10 @@ def weights_hash(path) -> str:
     with _HASH_LOCK:
         if key in _HASHES:
             return _HASHES[key]
-    digest = hashlib.sha256()
     with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
     with _HASH_LOCK:
-        _HASHES[key] = digest.hexdigest()
+        _HASHES[key] = digest
     return _HASHES[key]
 
 
@@ -437,12 +435,14 @@ class ModelCards:
         key = (str(weights_file(path)), weights_hash(path), self.draws, self._images(task))
         with self._lock:
             job = self._jobs.get(key)
-        if job is not None:
-            try:
-                job.exception(timeout=timeout)
-            except TimeoutError:
-                pass
+        futures_wait([job] if job is not None else [], timeout=timeout)
         return self.state(path, model, config, start=False)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait (up to ``timeout`` seconds) for every card test started so far; True when none still runs."""
+        with self._lock:
+            jobs = list(self._jobs.values())
+        return not futures_wait(jobs, timeout=timeout).not_done
 
 
 def _reason(err: BaseException) -> str:
