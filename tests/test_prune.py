@@ -122,6 +122,14 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
     text = capsys.readouterr().out
     assert "fine-tuned" in text and "params" in text
     assert load_model(tmp_path / "out")[1]["pruned"]["finetune"]["epochs"] == 1
+    tuned = load_model(tmp_path / "out")[0].state_dict()
+    begun = json.loads((tmp_path / "out" / "finetune" / "start.json").read_text())
+    assert begun["pruned"]["method"] == "frequency" and begun["finetune"] == {"epochs": 1, "lr": 1e-4, "min_lr": 1e-5}
+    assert main(args + ["--method", "frequency", "--keep-experts", "2", "--finetune-epochs", "1",
+                        "--train-subset", "256"]) == 0  # the same command again: the finished fine-tune is reused
+    capsys.readouterr()
+    again = load_model(tmp_path / "out")[0].state_dict()
+    assert all(torch.equal(tuned[k], again[k]) for k in tuned)
     for bad, message in ((["--method", "frequency", "--keep-experts", "9"], "--keep-experts 9 is invalid"),
                          (["--method", "densify", "--layers", "3"], "shared expert"),
                          (["--method", "densify", "--keep-experts", "2"], "densify takes --layers")):

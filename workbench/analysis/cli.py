@@ -27,7 +27,8 @@ def register_cli(sub) -> None:
                         "dense FFNs (--seed; the control for densify + --finetune-epochs); the others: every MoE "
                         "layer to --keep-experts "
                         "(random: the baseline, experts drawn with --seed)")
-    q.add_argument("--seed", type=int, default=0, help="the draw of --method random, the init of reinit (default: 0)")
+    q.add_argument("--seed", type=int, default=0, help="the draw of --method random, the init of reinit, the fine-tune's data order "
+                   "(default: 0)")
     q.add_argument("--layers", metavar="BLOCKS", help="densify / reinit: MoE blocks to make dense, e.g. 4 or 4,5")
     q.add_argument("--keep-experts", type=int, metavar="M", help="expert-level methods: experts left per layer")
     q.add_argument("--calibration", default="val", choices=("val",),
@@ -123,7 +124,6 @@ def _cmd_card(args) -> int:
 
 def _cmd_prune(args) -> int:
     import json
-    import shutil
     import sys
     from pathlib import Path
 
@@ -177,22 +177,18 @@ def _cmd_prune(args) -> int:
     extra = {"pruned": {**new_config["pruned"], "from": str(args.checkpoint), "calibration": args.calibration,
                         "calibration_images": args.calibration_images}}
     rows = [("before", model), ("pruned", pruned)]
-    if args.finetune_epochs:
+    if args.finetune_epochs:  # resumable: a rerun of the same command continues an interrupted fine-tune
         from ..train.config import TrainConfig
-        from ..train.trainer import train
+        from ..train.finetune import finetune_from, finetune_plan
 
-        staged = out / "pruned"
-        save_model(pruned, base, staged, extra)
+        plan = finetune_plan({"epochs": args.finetune_epochs, "lr": args.finetune_lr})
         cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, val_size=args.val_size,
-                          epochs=args.finetune_epochs, lr=args.finetune_lr, min_lr=args.finetune_lr / 10,
-                          warmup_epochs=0.0, weights_from=str(staged), train_subset=args.train_subset,
-                          test_subset=args.test_subset, output=str(out / "finetune"), quiet=args.json)
-        train(cfg)
-        tuned, _ = load_model(out / "finetune" / "model")
-        rows.append(("fine-tuned", tuned))
+                          train_subset=args.train_subset, test_subset=args.test_subset)
+        what = {"checkpoint": str(Path(args.checkpoint).resolve()), "pruned": extra["pruned"], "finetune": plan}
+        pruned = finetune_from(pruned, new_config, cfg, out / "finetune", what, plan, seed=args.seed,
+                               quiet=args.json)
+        rows.append(("fine-tuned", pruned))
         extra["pruned"]["finetune"] = {"epochs": args.finetune_epochs, "lr": args.finetune_lr}
-        shutil.rmtree(staged, ignore_errors=True)
-        pruned = tuned
     save_model(pruned, base, out, extra)
     result = []
     for name, m in rows:

@@ -161,7 +161,8 @@ def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test, c
     from pathlib import Path
 
     from ..analysis.prune import EXPERT_METHODS, calibrate, prune
-    from .refit import finetune_from, finetune_plan, score
+    from ..train.finetune import finetune_from, finetune_plan
+    from .refit import score
 
     calib = calibrate(model, val, max_images=int(spec.get("calibration_images", 2000)))
     finetune = spec.get("finetune")
