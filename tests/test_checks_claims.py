@@ -9,7 +9,7 @@ import yaml
 
 from workbench.studies import answer
 from workbench.studies.checks import evaluate_checks, prediction_change, run_metric, study_is_void
-from workbench.studies.claims import evaluate_claims, project_claims
+from workbench.studies.claims import evaluate_claims, format_project_claims, project_claims
 from workbench.studies.spec import StudyError, load_study
 
 PLACES = ["a", "b", "c"]
@@ -162,6 +162,10 @@ def test_project_claims_put_every_study_in_one_family(tmp_path):
     table = project_claims(paths, results=results)
     three = table[table["study"] == "three"]
     assert list(three["verdict_project"]) == ["incomplete"] and three["p_project_holm"].isna().all()
+    text = format_project_claims(table).splitlines()
+    assert [line for line in text if line.startswith("three/")][0].count("(provisional: the study is incomplete)") == 1
+    assert not any("provisional" in line for line in text if line.startswith(("one/", "two/")))
+    assert (text[-1] == "* the verdict depends on the family it is read in") == any(x.endswith(" *") for x in text)
     table = table[table["study"] != "three"]
     assert len(table) == 6 and set(table["study"]) == {"one", "two"}
     family = table["p"].to_numpy()

@@ -107,7 +107,7 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
     save_model(model, config, tmp_path / "ck")
     args = ["prune", "--checkpoint", str(tmp_path / "ck"), "--dataset", "synthetic", "--val-size", "64",
             "--calibration-images", "64", "--test-subset", "32", "--output", str(tmp_path / "out")]
-    assert main(args + ["--method", "merge", "--keep-experts", "2", "--json"]) == 0
+    assert main(args + ["--method", "merge", "--keep-experts", "2", "--json", "--val-subset", "48"]) == 0
     captured = capsys.readouterr()
     out = json.loads(captured.out)  # a checkpoint trained with no held-out split: its val acc is on seen images
     assert "was not trained with --val-size 64 held out" in captured.err
@@ -132,7 +132,8 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
     assert all(torch.equal(tuned[k], again[k]) for k in tuned)
     for bad, message in ((["--method", "frequency", "--keep-experts", "9"], "--keep-experts 9 is invalid"),
                          (["--method", "densify", "--layers", "3"], "shared expert"),
-                         (["--method", "densify", "--keep-experts", "2"], "densify takes --layers")):
+                         (["--method", "densify", "--keep-experts", "2"], "densify takes --layers"),
+                         (["--method", "frequency", "--keep-experts", "2", "--val-subset", "0"], "--val-subset >= 1")):
         with pytest.raises(SystemExit) as exit_:
             main(args + bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -41,6 +41,9 @@ def register_cli(sub) -> None:
                    help="images held out of the training set as the validation split (default: 10000, as the "
                         "studies)")
     q.add_argument("--test-subset", type=int, metavar="N", help="score on a fixed random N test images")
+    q.add_argument("--val-subset", type=int, metavar="N",
+                   help="report val acc on a fixed random N validation images (default: the whole split; the "
+                        "experts are still chosen on --calibration-images)")
     q.add_argument("--finetune-epochs", type=int, default=0, metavar="N",
                    help="fine-tune the pruned model N epochs on the training split (default: 0, none)")
     q.add_argument("--finetune-lr", type=float, default=1e-4, help="peak lr of that fine-tune (default: 1e-4)")
@@ -135,8 +138,10 @@ def _cmd_prune(args) -> int:
     if not layer_level and args.layers:
         raise UsageError(f"--layers is for --method densify or reinit; {args.method} prunes every MoE layer to "
                          "--keep-experts")
-    if args.calibration_images < 1 or args.finetune_epochs < 0 or not args.finetune_lr > 0:
-        raise UsageError("--calibration-images >= 1, --finetune-epochs >= 0 and --finetune-lr > 0, please")
+    if (args.calibration_images < 1 or args.finetune_epochs < 0 or not args.finetune_lr > 0
+            or (args.val_subset is not None and args.val_subset < 1)):
+        raise UsageError("--calibration-images >= 1, --val-subset >= 1, --finetune-epochs >= 0 and --finetune-lr > 0, "
+                         "please")
     layers = parse_moe_layers(args.layers) if args.layers else None
     if args.layers and not isinstance(layers, list):
         raise UsageError(f"--layers {args.layers!r} is invalid: give block indices, e.g. --layers 4,5")
@@ -190,12 +195,12 @@ def _cmd_prune(args) -> int:
         rows.append(("fine-tuned", pruned))
         extra["pruned"]["finetune"] = {"epochs": args.finetune_epochs, "lr": args.finetune_lr}
     save_model(pruned, base, out, extra)
-    result = []
+    result, scored_val = [], val.subset(args.val_subset)
     for name, m in rows:
         p = profile(m)
         result.append({"model": name, "params": p.params, "gmacs": round(p.macs / 1e9, 6),
-                       "val_acc": round(evaluate(m, val, progress=not args.json)["acc"], 6),
-                       "test_acc": round(evaluate(m, test, progress=not args.json)["acc"], 6)})
+                       "val_acc": round(evaluate(m, scored_val, progress=not args.json and f"{name}: val")["acc"], 6),
+                       "test_acc": round(evaluate(m, test, progress=not args.json and f"{name}: test")["acc"], 6)})
     if args.json:
         print(json.dumps({"output": str(out), "pruned": extra["pruned"], "rows": result}, indent=2))
         return 0

@@ -384,9 +384,11 @@ def format_project_claims(table: pd.DataFrame) -> str:
             r.verdict != r.verdict_project or r.verdict != r.verdict_project_bh) else ""
         ci = f"[{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "[no interval]"
         lines.append(f"{r.study}/{r.id}: {r.estimate:+.3f} {ci} (n={r.n}) expect {r.expect}"
-                     f"{f' (margin {r.margin:g})' if r.margin else ''}; study: {r.verdict}; "
+                     f"{f' (margin {r.margin:g})' if r.margin else ''}; study: {r.verdict}"
+                     f"{' (provisional: the study is incomplete)' if not r.complete else ''}; "
                      f"project Holm: {r.verdict_project}; project BH: {r.verdict_project_bh}{changed}")
-    lines.append("* the verdict depends on the family it is read in")
+    if any(line.endswith(" *") for line in lines):
+        lines.append("* the verdict depends on the family it is read in")
     return "\n".join(lines)
 
 

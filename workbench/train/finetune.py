@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -33,6 +34,7 @@ def finetune_from(start, config: dict, cfg, folder: Path, what: dict, finetune: 
 
     what = json.loads(json.dumps(what))  # as it reads back (tuples are lists)
     if (folder / "start.json").exists() and json.loads((folder / "start.json").read_text()) != what:
+        print(f"note: {folder} held a fine-tune of another start or plan; starting this one there", file=sys.stderr)
         shutil.rmtree(folder)  # begun for other blocks or another fine-tune: not this start's
     if not (folder / "ft" / "checkpoint.pt").exists():
         base = {k: config[k] for k in ("model", "model_kwargs", "upcycle") if k in config}

@@ -192,7 +192,7 @@ class Trainer:
                 print(f"resumed from epoch {self.epoch}"
                       + (f", step {self.step} of {self.steps_per_epoch}" if self.step else "") + f" ({self.ckpt_path})"
                       + (f"; training to epoch {cfg.epochs}" if self.epoch < cfg.epochs
-                         else f"; all {cfg.epochs} epochs are done"), flush=True)
+                         else f"; all {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''} done"), flush=True)
         elif resume and self.d.main and not cfg.quiet:
             print(f"no checkpoint in {self.out} to resume: starting a new run", flush=True)
 
