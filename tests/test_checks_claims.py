@@ -287,3 +287,11 @@ def test_a_referenced_arm_failing_its_own_studys_check_voids_the_claims_that_rea
     table = evaluate_claims(path, results=results).set_index("id")
     assert table.loc["reads-a", "verdict"] == "void" and table.loc["reads-b", "verdict"] != "void"
     assert "base/a" in table.attrs["failed_configs"] and "base/b" not in table.attrs["failed_configs"]
+
+
+def test_an_estimate_that_prints_as_zero_is_on_neither_side():
+    from workbench.studies.claims import _side
+
+    assert _side(-1e-9, "greater", 0.2) == "zero" and _side(3e-4, "less", 0.2) == "zero"
+    assert _side(0.01, "greater", 0.2) == "claimed side" and _side(-0.01, "greater", 0.2) == "other side"
+    assert _side(0.0, "no_less", 0.5) == "claimed side"  # a margin claim reads its margin, not zero

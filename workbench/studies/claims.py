@@ -291,6 +291,8 @@ def seeds_for_half_width(half_width: float, n: int, target: float = 0.5, limit: 
 def _side(estimate: float, expect: str, margin: float) -> str:
     if estimate != estimate:
         return "-"
+    if expect in ("greater", "less") and abs(estimate) < 5e-4:  # prints as 0.000: on neither side
+        return "zero"
     claimed = {"greater": estimate > 0, "less": estimate < 0, "equal": abs(estimate) <= margin,
                "no_less": estimate > -margin, "no_greater": estimate < margin}[expect]
     return "claimed side" if claimed else "other side"
@@ -303,7 +305,7 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
         p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
         unit = " pts" if r.kind in ACCURACY_KINDS + ("spread",) else ""
         need = getattr(r, "seeds_needed", None)
-        extra = f"; estimate on the {r.side}" + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
+        extra = ("; estimate at 0.000" if r.side == "zero" else f"; estimate on the {r.side}") + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
         ci = f"[{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "[no interval with fewer than 2 seeds]"
         lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} {ci} (n={r.n}{p}) "
                      f"expect {r.expect}{f' (margin {r.margin:g})' if r.margin else ''} -> {r.verdict}{extra}")
