@@ -186,7 +186,8 @@ def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts p
                                  mode="markers" if tuned else "lines+markers+text", textposition="top center",
                                  marker=dict(size=11 if tuned else 8, color=colour,
                                              symbol="circle-open" if tuned else "circle", line=dict(width=2))))
-    fig.add_hline(y=unpruned, line_dash="dash", line_color="#444444", annotation_text="unpruned")
+    fig.add_hline(y=unpruned, line_dash="dash", line_color="#444444", annotation_text="unpruned",
+                  annotation_position="top left")  # apart from the fine-tuned line's label, which may lie close
     if unpruned_ft is not None:
         fig.add_hline(y=unpruned_ft, line_dash="dot", line_color="#444444", annotation_text="unpruned, fine-tuned",
                       annotation_position="bottom right")
