@@ -246,6 +246,7 @@ def test_sigterm_to_study_run_with_workers_saves_and_resumes(tmp_path):
         a = json.loads((fresh / "stop" / f"{config}__seed0.json").read_text())
         b = json.loads((results / "stop" / f"{config}__seed0.json").read_text())
         assert _strip(a) == _strip(b)
+        assert b["provenance"]["resumed"] and not a["provenance"]["resumed"]  # its wall time is the last attempt's
 
 
 def test_summary_columns_keep_their_spacing_with_long_names_and_wide_intervals():

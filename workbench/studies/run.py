@@ -201,7 +201,9 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
               "params": prof.params, "active_params": prof.active_params, "gmacs": prof.macs / 1e9,
               "moe_test": last["moe_test"], "history": history, **scores, **analysis,
               "provenance": provenance(device if device != "auto" else None, threads=torch.get_num_threads(),
-                                       wall_time_s=round(time.time() - started, 1),
+                                       # wall_time_s: the attempt that finished the run (from its resume when
+                                       # resumed); train_wall_time_s: training over every attempt
+                                       wall_time_s=round(time.time() - started, 1), resumed=resume,
                                        train_wall_time_s=last["wall_time"],
                                        **{"executor": "local", "job_id": None, **(launch or {})},
                                        host=socket.gethostname())}
