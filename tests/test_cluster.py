@@ -36,7 +36,7 @@ def _study(tmp_path, name="tiny", **over):
                              **over})
 
 
-VOLATILE = {"date", "wall_time_s", "train_wall_time_s", "executor", "job_id"}
+VOLATILE = {"date", "wall_time_s", "train_wall_time_s", "resumed", "executor", "job_id"}
 
 
 def _comparable(record: dict) -> dict:
@@ -133,7 +133,7 @@ def test_a_killed_job_resumes_from_its_checkpoint_when_resubmitted(tmp_path, cap
     ledger = cluster.read_ledger(study, results)["last-1__seed0"]
     assert ledger["earlier"] == [killed]
     log = Path(ledger["folder"]) / f"{ledger['job_id']}_0_log.out"
-    assert "resuming from" in log.read_text()
+    assert "resuming from" in log.read_text() and record["provenance"]["resumed"]
     reference = run_one(study, "last-1", 0, results=tmp_path / "ref", allow_dirty=True,
                         tensorboard=False)
     assert _comparable(record) == _comparable(reference)

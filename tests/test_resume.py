@@ -60,7 +60,7 @@ def test_resume_without_flags_keeps_the_saved_epochs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", "--output", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "all 2 epochs are done" in text and "resuming with" not in text
+    assert "all 2 epochs done" in text and "resuming with" not in text
     assert json.loads((out / "train_config.json").read_text())["epochs"] == 2
     assert len(_metrics(out)) == 2 and (out / "model" / "model.safetensors").read_bytes() == before
     # --quiet on resume is this call's business, not a change of the plan
