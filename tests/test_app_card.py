@@ -334,7 +334,7 @@ def _pick_example_and_click(page, index=3, from_top=False):
     except Exception as err:  # say what the app showed instead
         raise AssertionError(f"no 'patch grid' after the example: status reads {page.locator('#status').inner_text()!r}") from err
     overlay = page.locator("#overlay img").first
-    overlay.wait_for(state="visible", timeout=30_000)
+    overlay.wait_for(state="visible", timeout=120_000)  # generous: other work may share the CPU
     page.wait_for_timeout(500)  # the card and verdict settle
     if from_top:
         page.evaluate("window.scrollTo(0, 0)")
@@ -342,8 +342,12 @@ def _pick_example_and_click(page, index=3, from_top=False):
     src = overlay.get_attribute("src")
     box = overlay.bounding_box()
     overlay.click(position={"x": box["width"] * 0.1, "y": box["height"] * 0.1})  # patch (0, 0) of 7x7
-    page.wait_for_function("src => document.querySelector('#overlay img').src !== src", arg=src, timeout=30_000)
-    page.locator("#router-plot").get_by_text("Router distribution of patch (row 0, col 0)").wait_for(timeout=30_000)
+    page.wait_for_function("src => document.querySelector('#overlay img').src !== src", arg=src, timeout=120_000)
+    try:
+        page.locator("#router-plot").get_by_text("Router distribution of patch (row 0, col 0)").wait_for(timeout=120_000)
+    except Exception as err:  # say what the plot showed instead
+        raise AssertionError(f"the router plot did not show patch (0, 0): it reads "
+                             f"{page.locator('#router-plot').inner_text()[:200]!r}") from err
     page.wait_for_timeout(500)  # the scroll after the click (phones) and the plot's redraw
 
 
