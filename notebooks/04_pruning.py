@@ -120,10 +120,9 @@ if done:
     experts = st.load_study(experts_file)
     from workbench.studies.checks import format_checks
     print(format_checks(st.evaluate_checks(experts)))
-    from workbench.studies.checks import prediction_shares
-    arms, noise = prediction_shares(experts)
+    from workbench.studies.checks import prediction_change_by_seed
     bound = next(c for c in experts["checks"] if c["id"] == "predictions-moved")["at_least"]
-    per_seed = {k: round(v / (sum(noise) / len(noise)), 3) for k, v in sorted(arms["all"].items())}
+    per_seed = {k: round(v, 3) for k, v in prediction_change_by_seed(experts)["all"].items()}
     print(f"predictions moved per seed (the check reads their median): {per_seed}; "
           f"{sum(v < bound for v in per_seed.values())} of {len(per_seed)} seeds under {bound:g}")
     table = st.expert_pruning_table(experts, "all")

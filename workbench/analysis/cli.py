@@ -27,8 +27,8 @@ def register_cli(sub) -> None:
                         "dense FFNs (--seed; the control for densify + --finetune-epochs); the others: every MoE "
                         "layer to --keep-experts "
                         "(random: the baseline, experts drawn with --seed)")
-    q.add_argument("--seed", type=int, default=0, help="the draw of --method random, the init of reinit, the fine-tune's data order "
-                   "(default: 0)")
+    q.add_argument("--seed", type=int, default=0,
+                   help="the draw of --method random, the init of reinit, the fine-tune's data order (default: 0)")
     q.add_argument("--layers", metavar="BLOCKS", help="densify / reinit: MoE blocks to make dense, e.g. 4 or 4,5")
     q.add_argument("--keep-experts", type=int, metavar="M", help="expert-level methods: experts left per layer")
     q.add_argument("--calibration", default="val", choices=("val",),
@@ -198,9 +198,10 @@ def _cmd_prune(args) -> int:
     result, scored_val = [], val.subset(args.val_subset)
     for name, m in rows:
         p = profile(m)
+        acc = {split: round(evaluate(m, data, progress=not args.json and f"{name}: {split}")["acc"], 6)
+               for split, data in (("val", scored_val), ("test", test))}
         result.append({"model": name, "params": p.params, "gmacs": round(p.macs / 1e9, 6),
-                       "val_acc": round(evaluate(m, scored_val, progress=not args.json and f"{name}: val")["acc"], 6),
-                       "test_acc": round(evaluate(m, test, progress=not args.json and f"{name}: test")["acc"], 6)})
+                       "val_acc": acc["val"], "test_acc": acc["test"]})
     if args.json:
         print(json.dumps({"output": str(out), "pruned": extra["pruned"], "rows": result}, indent=2))
         return 0

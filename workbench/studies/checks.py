@@ -64,14 +64,19 @@ def prediction_shares(study: dict, results=None) -> tuple[dict[str, dict[int, fl
     return arms, noise
 
 
-def prediction_change(study: dict, results=None) -> dict[str, float]:
-    """Per config: the median over seeds of the share of test predictions that differ from the same seed's control,
-    divided by the control's own seed-to-seed share (mean over consecutive seeds): above 1, the arm moved further
-    from the control than re-drawing the control's seed does."""
+def prediction_change_by_seed(study: dict, results=None) -> dict[str, dict[int, float]]:
+    """Per config and seed: the share of test predictions that differ from the same seed's control, divided by the
+    control's own seed-to-seed share (mean over consecutive seeds); NaN without that share."""
     arms, noise = prediction_shares(study, results)
     scale = sum(noise) / len(noise) if noise else math.nan
-    return {c: statistics.median(v.values()) / scale if scale and scale == scale else math.nan
-            for c, v in arms.items()}
+    return {c: {seed: v / scale if scale and scale == scale else math.nan for seed, v in sorted(shares.items())}
+            for c, shares in arms.items()}
+
+
+def prediction_change(study: dict, results=None) -> dict[str, float]:
+    """Per config: the median over seeds of :func:`prediction_change_by_seed`: above 1, the arm moved further from
+    the control than re-drawing the control's seed does."""
+    return {c: statistics.median(v.values()) for c, v in prediction_change_by_seed(study, results).items()}
 
 
 def judge(check: dict, value: float) -> tuple[str, bool]:

@@ -305,7 +305,8 @@ def format_claims(table: pd.DataFrame, units: dict | None = None) -> str:
         p = f", p_holm {r.p_holm:.3g}" if r.p_holm == r.p_holm else ""
         unit = " pts" if r.kind in ACCURACY_KINDS + ("spread",) else ""
         need = getattr(r, "seeds_needed", None)
-        extra = ("; estimate at 0.000" if r.side == "zero" else f"; estimate on the {r.side}") + (f"; ~{int(need)} seeds for +/-0.5" if need == need and need else "")
+        extra = ("; estimate at 0.000" if r.side == "zero" else f"; estimate on the {r.side}")
+        extra += f"; ~{int(need)} seeds for +/-0.5" if need == need and need else ""
         ci = f"[{r.low:+.3f}, {r.high:+.3f}]" if r.low == r.low else "[no interval with fewer than 2 seeds]"
         lines.append(f"{r.id}: {r.contrast}: {r.estimate:+.3f}{unit} {ci} (n={r.n}{p}) "
                      f"expect {r.expect}{f' (margin {r.margin:g})' if r.margin else ''} -> {r.verdict}{extra}")

@@ -21,9 +21,9 @@ DEFAULT_IGNORE_INDEX = 255
 def evaluate(model: nn.Module, data, *, batch_size: int = 500, device=None, amp: bool = False,
              d: Dist = Dist(), progress: bool | str = False) -> dict:
     """Accuracy, loss and per-MoE-layer expert load over a whole dataset (sharded across DDP ranks);
-    ``progress``: a tqdm bar on stderr (main rank only), labelled with it when it is a string.  A segmentation model (``task = 'segmentation'``) is
-    scored per pixel (the data's ``ignore_index`` left out): ``acc`` is pixel accuracy, and ``miou``,
-    ``pixel_acc``, ``iou`` (per class), ``confusion`` and ``pixels`` are added."""
+    ``progress``: a tqdm bar on stderr (main rank only), labelled with it when it is a string.  A segmentation
+    model (``task = 'segmentation'``) is scored per pixel (the data's ``ignore_index`` left out): ``acc`` is pixel
+    accuracy, and ``miou``, ``pixel_acc``, ``iou`` (per class), ``confusion`` and ``pixels`` are added."""
     core = getattr(model, "module", model)
     was_training = core.training
     core.eval()
@@ -37,7 +37,8 @@ def evaluate(model: nn.Module, data, *, batch_size: int = 500, device=None, amp:
     confusion = torch.zeros(core.num_classes, core.num_classes, dtype=torch.long, device=device) if seg else None
     batches = 0
     loader = data.batches(batch_size, shuffle=False, rank=d.rank, world=d.world)
-    for x, y in tqdm(loader, total=data.num_batches(batch_size, d.world), desc=progress if isinstance(progress, str) else "eval", unit="batch", leave=False,
+    label = progress if isinstance(progress, str) else "eval"
+    for x, y in tqdm(loader, total=data.num_batches(batch_size, d.world), desc=label, unit="batch", leave=False,
                      disable=not (progress and d.main)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
