@@ -264,3 +264,46 @@ def test_slurm_states_and_what_a_rerun_submits(tmp_path, monkeypatch, capsys):
     assert all(s[2] == root and s[3] == root for s in submitted)  # jobs import this checkout's workbench
     assert "2 already queued or running (left alone); submitting 4" in capsys.readouterr().out
     assert cluster.read_ledger(study, results)["dense__seed1"]["earlier"] == ["13"]
+
+
+def test_local_workers_runs_show_as_running_or_stopped_and_are_never_trained_twice(tmp_path, capsys):
+    """A run that a live ``study run`` process trains is ``running`` (epochs done and time left, no score), is left
+    alone by another ``study run`` and refused by ``run_one``; once that process is gone, its checkpoint makes it
+    ``stopped`` (the next run resumes it)."""
+    import socket
+    import subprocess
+    import sys
+
+    path = _study(tmp_path, seeds=[0], configs={"dense": {"moe_layers": "none"}})
+    study = load_study(path)
+    results = tmp_path / "results"
+    folder = run_folder(study, "dense", 0, results)
+    folder.mkdir(parents=True)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (folder / "running.json").write_text(json.dumps({"pid": worker.pid, "host": socket.gethostname(),
+                                                         "started": time.time() - 90, "epochs": 4}))
+        (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "wall_time": 60.0, "test_acc": 0.5}) + "\n")
+        [row] = run_states(study, plan(study), results)
+        assert row["state"] == "running"
+        assert row["detail"] == f"pid {worker.pid} on {socket.gethostname()}: 1 of 4 epochs done, about 3 min of " \
+                                "training left, then the analysis"
+        assert "0.5" not in format_status(study, [row]) and "1 running" in format_status(study, [row])
+        assert run_study(path, results=results, allow_dirty=True) == []
+        assert f"left alone, being trained by another process of this machine: dense seed 0 (pid {worker.pid})" \
+            in capsys.readouterr().out
+        with pytest.raises(StudyError, match=f"already being trained by pid {worker.pid}.*kill -TERM {worker.pid}"):
+            run_one(study, "dense", 0, results=results, allow_dirty=True, tensorboard=False)
+        assert not (results / "tiny" / "dense__seed0.json").exists()
+    finally:
+        worker.kill()
+        worker.wait()
+    [row] = run_states(study, plan(study), results)
+    assert row["state"] == "not submitted"  # the process is gone and left no checkpoint
+    (folder / "checkpoint.pt").write_bytes(b"")
+    [row] = run_states(study, plan(study), results)
+    assert row["state"] == "stopped" and row["detail"] == "checkpoint after 1 epoch (+ steps): resumes from it"
+    assert "1 stopped" in format_status(study, [row])
+    (folder / "checkpoint.pt").unlink()
+    record = run_one(study, "dense", 0, results=results, allow_dirty=True, tensorboard=False)
+    assert record["seed"] == 0 and not folder.exists()  # its marker went with the run folder

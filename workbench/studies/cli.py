@@ -51,7 +51,7 @@ def register_cli(sub) -> None:
     c.add_argument("--wait", action=argparse.BooleanOptionalAction, default=None,
                    help="wait for the jobs and report each (default: yes for --cluster local, no for slurm)")
     r.set_defaults(func=_cmd_run)
-    t = ssub.add_parser("status", help="each planned run: recorded, queued, running, failed (with the tail of its "
+    t = ssub.add_parser("status", help="each planned run: recorded, queued, running, stopped, failed (with the tail of its "
                                        "log) or not submitted")
     t.add_argument("study")
     t.add_argument("--results", metavar="DIR", help="results folder (default: experiments/results)")

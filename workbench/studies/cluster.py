@@ -12,8 +12,9 @@ this machine (no scheduler; the tests), at most ``--jobs`` at a time.
   failed or was killed (pre-emption, time limit, a lost node) is submitted again and resumes from its run folder's
   last checkpoint.  Under SLURM, a job warned of its end (submitit asks for ``USR2`` 90 s before the time limit) is
   requeued by submitit itself and resumes the same way.
-* ``study status`` shows each run as recorded, queued, running, failed (with the tail of its log) or not submitted,
-  from the records, the ledger of submitted jobs and the scheduler (``sacct``; local jobs: their processes).
+* ``study status`` shows each run as recorded, queued, running, stopped, failed (with the tail of its log) or not
+  submitted, from the records, the ledger of submitted jobs and the scheduler (``sacct``; local jobs: their
+  processes); runs of ``study run``'s own workers from their run folders' ``running.json`` and checkpoints.
 
 Files, beside the run folders (``<runs>/<study>/_jobs/``, never among the records): ``ledger.json`` (run -> its
 latest job), submitit's pickles and logs (``<job id>_0_log.out`` / ``.err``) and ``<config>__seed<k>.started.json``
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
+from .run import live_run, run_progress
 from .spec import (METRICS, ROOT, StudyError, arm_spec, check_launcher, load_study, parse_minutes, result_path,
                    run_folder, runs_folder)
 
@@ -215,8 +217,10 @@ def _checkpoint_note(study: dict, config: str, seed: int, results) -> str:
 
 
 def run_states(study: dict, todo, results: Path | None = None, lines: int = 12) -> list[dict]:
-    """Each (config, seed) of ``todo``: state (recorded | queued | running | failed | not submitted), job id,
-    detail, and for a failed job its log and the log's last ``lines`` lines."""
+    """Each (config, seed) of ``todo``: state (recorded | queued | running | stopped | failed | not submitted), job
+    id, detail, and for a failed job its log and the log's last ``lines`` lines.  Without a scheduler's job, a run
+    that a live local process is training is ``running`` (epochs done, training time left); one that holds a
+    checkpoint and no live process is ``stopped`` (the next ``study run`` resumes it)."""
     ledger = read_ledger(study, results)
     rows = []
     for config, seed in todo:
@@ -230,15 +234,25 @@ def run_states(study: dict, todo, results: Path | None = None, lines: int = 12) 
             started_path = jobs_folder(study, results) / f"{key}.started.json"
             started = json.loads(started_path.read_text()) if started_path.is_file() else None
             row.update(_job_state(entry, started, lines))
+        else:
+            folder = run_folder(study, config, seed, results)
+            marker = live_run(folder)
+            if marker is not None and marker["alive"]:  # a local worker (study run without a scheduler)
+                row.update(state="running", detail=run_progress(folder, marker))
+            elif marker is not None:
+                row.update(state="running", detail=f"pid {marker.get('pid')} on {marker.get('host')} (another host: "
+                                                   f"not checked)")
         if row["state"] in ("failed", "not submitted"):
             note = _checkpoint_note(study, config, seed, results)
             row["detail"] = "; ".join(filter(None, [row["detail"], note]))
+            if note and row["state"] == "not submitted":
+                row["state"] = "stopped"  # a local run stopped part-way: the next study run resumes it
         rows.append(row)
     return rows
 
 
 def format_status(study: dict, rows: list[dict]) -> str:
-    counts = {s: sum(r["state"] == s for r in rows) for s in ("recorded", "queued", "running", "failed",
+    counts = {s: sum(r["state"] == s for r in rows) for s in ("recorded", "queued", "running", "stopped", "failed",
                                                                "not submitted")}
     out = [f"{study['name']}: {len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
     width = max([6] + [len(r["config"]) for r in rows])

@@ -7,7 +7,9 @@ Imports: ``workbench.data``, ``workbench.models``, ``workbench.train``, ``workbe
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -18,6 +20,47 @@ from .spec import (RESULTS, ROOT, StudyError, arm_spec, arm_train_values, result
 
 
 NOT_RECORDED = ("quiet", "output", "tensorboard", "tensorboard_dir")  # how a run is watched, not what it trains
+RUNNING = "running.json"  # in a run folder while a process trains it: pid, host, start time, epochs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def live_run(folder: Path) -> dict | None:
+    """The process training the run in ``folder`` (its ``running.json``: pid, host, started, epochs), if that
+    process is alive; None if no process is, or if it runs on another host (whose processes this one cannot see:
+    its marker is returned with ``"alive": None``)."""
+    try:
+        marker = json.loads((Path(folder) / RUNNING).read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("host") != socket.gethostname():
+        return {**marker, "alive": None}
+    if marker.get("pid") == os.getpid() or not _alive(int(marker.get("pid", 0))):
+        return None
+    return {**marker, "alive": True}
+
+
+def run_progress(folder: Path, marker: dict) -> str:
+    """One line on a run in progress, from its epoch log: epochs done of how many, and the training time left at
+    its pace so far (no score: a study's interim values are not shown)."""
+    epochs = int(marker.get("epochs") or 0)
+    log = Path(folder) / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    where = f"pid {marker.get('pid')} on {marker.get('host')}"
+    if not rows:
+        minutes = (time.time() - float(marker.get("started", time.time()))) / 60
+        return f"{where}: in epoch 1 of {epochs} ({minutes:.0f} min in)"
+    done, spent = len(rows), float(rows[-1].get("wall_time") or 0.0)
+    left = spent / done * max(epochs - done, 0) / 60
+    return f"{where}: {done} of {epochs} epochs done, about {left:.0f} min of training left, then the analysis"
 
 
 def train_config(study: dict, config: str, seed: int, out: Path, device: str, quiet: bool):
@@ -139,16 +182,9 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     holding a checkpoint (a run killed before) is resumed from it.  ``tensorboard``: event files under
     ``<results>/<study>/tensorboard/<config>/seed<k>``; ``launch``: what ran it, for the provenance (``executor``,
     ``job_id``; default: this process, ``local``)."""
-    import socket
-
     import torch
 
-    from ..analysis.flops import profile
-    from ..data.classification import build_splits
-    from ..train.checkpoint import load_model
-    from ..train.distributed import Dist, resolve_device
-    from ..train.provenance import git_commit, provenance
-    from ..train.trainer import train
+    from ..train.provenance import git_commit
 
     commit = git_commit()
     if commit.endswith("+dirty") and not allow_dirty:
@@ -161,6 +197,30 @@ def run_one(study: dict, config: str, seed: int, device: str = "auto", quiet: bo
     cfg.tensorboard = tensorboard
     cfg.tensorboard_dir = str(tensorboard_folder(study, config, seed, results)) if tensorboard else None
     started = time.time()
+    other = live_run(out)
+    if other is not None and other["alive"]:
+        raise StudyError(f"{study['name']}/{config} seed {seed} is already being trained by pid {other['pid']} on "
+                         f"{other['host']}; wait for it (python -m workbench study status) or stop it with "
+                         f"kill -TERM {other['pid']} (it saves a checkpoint this run resumes from)")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / RUNNING, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "started": started, "epochs": cfg.epochs}))
+    try:
+        return _train_and_record(study, config, seed, device, results, threads, launch, commit, out, cfg, started)
+    finally:
+        (out / RUNNING).unlink(missing_ok=True)
+
+
+def _train_and_record(study, config, seed, device, results, threads, launch, commit, out, cfg, started) -> dict:
+    import torch
+
+    from ..analysis.flops import profile
+    from ..data.classification import build_splits
+    from ..train.checkpoint import load_model
+    from ..train.distributed import Dist, resolve_device
+    from ..train.provenance import provenance
+    from ..train.trainer import train
+
     resume = (out / "checkpoint.pt").exists()
     if resume:
         _check_resumable(out, cfg, study, config)

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from .records import read_record
-from .run import base_accuracy, run_one
-from .spec import METRICS, ROOT, StudyError, arm_spec, load_study, plan, result_path
+from .run import base_accuracy, live_run, run_one
+from .spec import METRICS, ROOT, StudyError, arm_spec, load_study, plan, result_path, run_folder
 
 
 EXECUTORS = ("local", "submitit")
@@ -121,6 +121,15 @@ def run_study(path, only=None, seeds=None, device: str = "auto", results: Path |
     how = f"{jobs} worker{'s' if jobs > 1 else ''}" if executor == "local" else f"submitit, {cluster} cluster"
     print(f"{study['name']}: {len(todo) - len(pending)} of {len(todo)} runs recorded, {len(pending)} to run "
           f"({how})", flush=True)
+    busy = {}
+    for c, s in pending:
+        marker = live_run(run_folder(study, c, s, results))
+        if marker is not None and marker["alive"]:
+            busy[c, s] = marker["pid"]
+    if busy:
+        print("left alone, being trained by another process of this machine: " + "; ".join(
+            f"{c} seed {s} (pid {pid})" for (c, s), pid in busy.items()), flush=True)
+        pending = [run for run in pending if run not in busy]
     extra = sorted(set(seeds or ()) - set(study["seeds"]))
     if extra:
         print(f"note: seeds {extra} are not among {path}'s seeds {study['seeds']}: summary and claims leave their "
