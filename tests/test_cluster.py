@@ -307,3 +307,20 @@ def test_local_workers_runs_show_as_running_or_stopped_and_are_never_trained_twi
     (folder / "checkpoint.pt").unlink()
     record = run_one(study, "dense", 0, results=results, allow_dirty=True, tensorboard=False)
     assert record["seed"] == 0 and not folder.exists()  # its marker went with the run folder
+
+
+def test_status_says_the_worker_hours_left_at_the_recorded_pace(tmp_path, capsys):
+    from workbench.studies.cluster import time_left
+
+    rows = [{"config": c, "seed": s, "state": st} for c, s, st in
+            [("dense", 0, "recorded"), ("moe", 0, "recorded"), ("dense", 1, "running"), ("moe", 1, "not submitted"),
+             ("new", 1, "not submitted")]]
+    costs = {"dense": [600.0], "moe": [3000.0, 4200.0]}  # medians 600 and 3,600 s; all three runs: 3,000 s
+    assert time_left(rows, costs) == ("left: 3 runs, about 2.0 worker-hours at the pace of the 3 recorded (each "
+                                      "config's median run; runs in progress counted whole)")
+    path = _study(tmp_path, seeds=[0, 1], configs={"dense": {"moe_layers": "none"}})
+    results = tmp_path / "results"
+    run_one(load_study(path), "dense", 0, results=results, allow_dirty=True, tensorboard=False)
+    assert main(["study", "status", str(path), "--results", str(results)]) == 0
+    assert "\nleft: 1 run, about 0 worker-minutes at the pace of the 1 recorded" in capsys.readouterr().out
+    assert time_left(rows[:1] + rows[2:3], {"dense": [1500.0]}).startswith("left: 1 run, about 25 worker-minutes")

@@ -100,13 +100,15 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .cluster import format_status, run_states
+    from .cluster import format_status, run_costs, run_states
     from .spec import plan
 
     if args.lines < 0:
         raise StudyError(f"--lines {args.lines} is invalid: use 0 or more")
     study = load_study(args.study)
-    print(format_status(study, run_states(study, plan(study), args.results, args.lines)))
+    rows = run_states(study, plan(study), args.results, args.lines)
+    left = any(r["state"] != "recorded" for r in rows)
+    print(format_status(study, rows, run_costs(study, args.results) if left else None))
     return 0
 
 

@@ -251,7 +251,8 @@ def run_states(study: dict, todo, results: Path | None = None, lines: int = 12) 
     return rows
 
 
-def format_status(study: dict, rows: list[dict]) -> str:
+def format_status(study: dict, rows: list[dict], costs: dict[str, list[float]] | None = None) -> str:
+    """The status table; with ``costs`` (:func:`run_costs`) a last line on the worker-hours left."""
     counts = {s: sum(r["state"] == s for r in rows) for s in ("recorded", "queued", "running", "stopped", "failed",
                                                                "not submitted")}
     out = [f"{study['name']}: {len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
@@ -270,7 +271,37 @@ def format_status(study: dict, rows: list[dict]) -> str:
     if waiting:
         out.append("not submitted yet: " + "; ".join(f"{c} (seed{'s' if len(v) > 1 else ''} "
                                                      f"{', '.join(map(str, v))})" for c, v in waiting.items()))
+    if costs:
+        out.append(time_left(rows, costs))
     return "\n".join(out)
+
+
+def run_costs(study: dict, results: Path | None = None) -> dict[str, list[float]]:
+    """Seconds each recorded run cost, per config, from its provenance: the whole run's wall time where it ran in
+    one attempt, its training time over every attempt where it was resumed (the analysis then not counted)."""
+    from .records import iter_records
+
+    costs: dict[str, list[float]] = {}
+    for record in iter_records(study, results):
+        prov = record.get("provenance") or {}
+        seconds = prov.get("train_wall_time_s") if prov.get("resumed") else prov.get("wall_time_s")
+        if seconds:
+            costs.setdefault(record["config"], []).append(float(seconds))
+    return costs
+
+
+def time_left(rows: list[dict], costs: dict[str, list[float]]) -> str:
+    """One line: the worker-hours the runs not yet recorded need at the pace of the recorded ones (the median of
+    their config's runs; a config with none at the median of all)."""
+    import statistics
+
+    every = statistics.median([c for v in costs.values() for c in v])
+    left = [r for r in rows if r["state"] != "recorded"]
+    seconds = sum(statistics.median(costs[r["config"]]) if r["config"] in costs else every for r in left)
+    n = sum(map(len, costs.values()))
+    amount = f"{seconds / 3600:.1f} worker-hours" if seconds >= 3600 else f"{seconds / 60:.0f} worker-minutes"
+    return (f"left: {len(left)} run{'s' if len(left) != 1 else ''}, about {amount} at the "
+            f"pace of the {n} recorded (each config's median run; runs in progress counted whole)")
 
 
 # -- submitting -----------------------------------------------------------------------------------------------------
