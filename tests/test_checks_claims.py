@@ -7,8 +7,10 @@ import pytest
 import torch
 import yaml
 
+from workbench.cli import main
 from workbench.studies import answer
-from workbench.studies.checks import evaluate_checks, prediction_change, run_metric, study_is_void
+from workbench.studies.checks import (checks_by_seed, evaluate_checks, prediction_change, run_metric,
+                                      study_is_void)
 from workbench.studies.claims import evaluate_claims, format_project_claims, project_claims
 from workbench.studies.spec import StudyError, load_study
 
@@ -116,7 +118,7 @@ def test_run_metrics_read_the_record():
     assert (0.9118 - 0.9098) * 100 > 0.2 and run_metric(exact, "late_gain") <= 0.2  # a rule's boundary holds
 
 
-def test_prediction_change_is_relative_to_the_controls_own_seed_noise(tmp_path):
+def test_prediction_change_is_relative_to_the_controls_own_seed_noise(tmp_path, capsys):
     path = _study(tmp_path)
     results = tmp_path / "results"
     _record(results, "s", "dense", 0, 0.8, preds="0000000000")
@@ -124,6 +126,20 @@ def test_prediction_change_is_relative_to_the_controls_own_seed_noise(tmp_path):
     _record(results, "s", "a", 0, 0.8, preds="0000111100")  # 40% from seed 0's control
     _record(results, "s", "a", 1, 0.8, preds="1111000011")  # 40% from seed 1's control
     assert prediction_change(load_study(path), results) == {"a": pytest.approx(2.0)}
+    checks = [{"id": "moved", "says": "s", "metric": "prediction_change", "at_least": 0.8, "configs": ["a"]},
+              {"id": "apart", "says": "s", "metric": "expert_spread", "at_least": 0.1, "configs": ["a"]}]
+    path = _study(tmp_path, checks=checks)
+    table = checks_by_seed(path, results)
+    rows = [tuple(r) for r in table.itertuples(index=False)]
+    assert rows[:3] == [("moved", "a", 0, pytest.approx(2.0), pytest.approx(0.4)),
+                        ("moved", "a", 1, pytest.approx(2.0), pytest.approx(0.4)),
+                        ("moved", "dense seed-to-seed", 0, pytest.approx(np.nan, nan_ok=True), pytest.approx(0.2))]
+    assert rows[3:5] == [("apart", "a", 0, 0.2, pytest.approx(np.nan, nan_ok=True)),
+                         ("apart", "a", 1, 0.2, pytest.approx(np.nan, nan_ok=True))]
+    medians = table.dropna(subset=["value"]).groupby(["id", "config"])["value"].median()
+    assert medians.to_dict() == evaluate_checks(path, results).set_index(["id", "config"])["value"].to_dict()
+    assert main(["study", "checks", str(path), "--results", str(results), "--by-seed"]) == 0
+    assert "dense seed-to-seed" in capsys.readouterr().out
 
 
 def test_check_and_set_claim_errors_name_the_fix(tmp_path):

@@ -156,3 +156,34 @@ def progress_line(study: dict, results=None) -> str | None:
         return None
     return (f"{study['name']}: {k} of {planned} planned runs recorded; the study is incomplete, so its checks and "
             f"claims below are provisional (python -m workbench study run {study['_path']} continues it)")
+
+
+def checks_by_seed(study_or_path, results=None) -> pd.DataFrame:
+    """The values behind each check's median: one row per (check, config, seed).  For predictions-moved also the raw
+    share of test predictions that differ from the same seed's control (``share``), and one row per consecutive
+    pair of control seeds (config ``<control> seed-to-seed``, seed: the pair's first) with that pair's share: the
+    denominator."""
+    study = as_study(study_or_path)
+    records = list(iter_records(study, results))
+    rows = []
+    for check in study.get("checks", []):
+        metric = check["metric"]
+        if metric == "prediction_change":
+            shares, noise = prediction_shares(study, results)
+            ratios = prediction_change_by_seed(study, results)
+            for config in check["configs"]:
+                for seed, share in sorted(shares.get(config, {}).items()):
+                    rows.append({"id": check["id"], "config": config, "seed": seed, "value": ratios[config][seed],
+                                 "share": share})
+            control_study, control = source_of(study, study["control"])
+            seeds = sorted(r["seed"] for r in iter_records(control_study, results)
+                           if r["config"] == control and isinstance(r.get("test_predictions"), str))
+            for seed, share in zip(seeds, noise):
+                rows.append({"id": check["id"], "config": f"{study['control']} seed-to-seed", "seed": seed,
+                             "value": math.nan, "share": share})
+            continue
+        for config in check["configs"]:
+            for r in sorted((r for r in records if r["config"] == config), key=lambda r: r["seed"]):
+                rows.append({"id": check["id"], "config": config, "seed": r["seed"], "value": run_metric(r, metric),
+                             "share": math.nan})
+    return pd.DataFrame(rows, columns=["id", "config", "seed", "value", "share"])

@@ -77,6 +77,8 @@ def register_cli(sub) -> None:
                                        "each config's median, its rule, pass or fail")
     k.add_argument("study")
     k.add_argument("--results", metavar="DIR", type=Path, help=RESULTS_HELP)
+    k.add_argument("--by-seed", action="store_true", help="also each run's value behind each median (and, for "
+                   "predictions-moved, the raw shares of changed predictions and the control's seed-to-seed shares)")
     k.set_defaults(func=_cmd_checks)
 
 
@@ -178,6 +180,13 @@ def _cmd_checks(args) -> int:
     if progress:
         print(progress)
     print(format_checks(evaluate_checks(study, args.results)))
+    if args.by_seed:
+        from .checks import checks_by_seed
+
+        table = checks_by_seed(study, args.results)
+        print("\nper run (share: of test predictions differing from the same seed's control; seed-to-seed rows: the "
+              "control's consecutive seeds, the denominator):")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="-"))
     return 0
 
 
