@@ -257,7 +257,8 @@ def format_status(study: dict, rows: list[dict], costs: dict[str, list[float]] |
                                                                "not submitted")}
     out = [f"{study['name']}: {len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)]
     width = max([6] + [len(r["config"]) for r in rows])
-    out.append(f"{'config':<{width}}  {'seed':>4}  {'state':<13}  {'job':<12}  detail")
+    if any(r["state"] != "not submitted" for r in rows):
+        out.append(f"{'config':<{width}}  {'seed':>4}  {'state':<13}  {'job':<12}  detail")
     waiting: dict[str, list[int]] = {}
     for r in rows:
         if r["state"] == "not submitted":  # one line per config below, not one per run

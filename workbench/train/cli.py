@@ -308,7 +308,8 @@ def register_cli(sub) -> None:
     p = sub.add_parser("eval", help="accuracy (segmentation: mIoU, pixel accuracy, per-class IoU) and per-layer "
                        "routing statistics of a checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="PATH",
-                   help="a model folder (model.safetensors + config.json), .safetensors or a run's checkpoint.pt")
+                   help="a model folder (model.safetensors + config.json), .safetensors, a run's checkpoint.pt "
+                        "or a run folder (its model/)")
     p.add_argument("--dataset", help="the test set (default: fashion-mnist, or fmnist-scenes for a segmentation "
                    "checkpoint)")
     p.add_argument("--data-root", metavar="DIR")
