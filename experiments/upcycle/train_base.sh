@@ -6,6 +6,9 @@
 #                                                test accuracy is below 0.90, at most 80 epochs (it took all 80:
 #                                                115 min on one thread of a shared 2-core machine), shipped to
 #                                                experiments/checkpoints/vimoe_micro4_fmnist_dense
+#   experiments/upcycle/train_base.sh dense_p4_avg  dense_p4_avg.yaml: dense_p4 with global_pool avg, one 80-epoch
+#                                                cosine (about 2 h on one thread), shipped to
+#                                                experiments/checkpoints/vimoe_micro4_fmnist_dense_avg
 # The run goes to experiments/runs/upcycle/<name>; it is shipped (tracked, used by the recorded upcycle studies)
 # only when that folder does not exist yet, or with --ship (SHIP=1).
 # Then: python -m workbench study run experiments/studies/upcycle/placement.yaml --jobs 2  (and shared_expert, routing)
@@ -20,14 +23,15 @@ NAME=dense
 for arg in "$@"; do
   case "$arg" in
     --ship) SHIP=1 ;;
-    dense|dense_p4) NAME=$arg ;;
-    *) echo "unknown argument $arg: name a base (dense or dense_p4) and/or --ship to replace the shipped one" >&2
+    dense|dense_p4|dense_p4_avg) NAME=$arg ;;
+    *) echo "unknown argument $arg: name a base (dense, dense_p4 or dense_p4_avg) and/or --ship to replace the shipped one" >&2
        exit 2 ;;
   esac
 done
 case "$NAME" in
   dense) DEST=experiments/checkpoints/vimoe_micro_fmnist_dense ;;
   dense_p4) DEST=experiments/checkpoints/vimoe_micro4_fmnist_dense ;;
+  dense_p4_avg) DEST=experiments/checkpoints/vimoe_micro4_fmnist_dense_avg ;;
 esac
 $PY -m workbench train --config "experiments/upcycle/$NAME.yaml" $(resume "experiments/runs/upcycle/$NAME")
 if [ "$NAME" = dense_p4 ]; then
