@@ -324,3 +324,11 @@ def test_status_says_the_worker_hours_left_at_the_recorded_pace(tmp_path, capsys
     assert main(["study", "status", str(path), "--results", str(results)]) == 0
     assert "\nleft: 1 run, about 0 worker-minutes at the pace of the 1 recorded" in capsys.readouterr().out
     assert time_left(rows[:1] + rows[2:3], {"dense": [1500.0]}).startswith("left: 1 run, about 25 worker-minutes")
+
+
+def test_naming_the_default_results_folder_keeps_the_default_runs_folder(tmp_path):
+    from workbench.studies.spec import RESULTS
+
+    study = load_study(_study(tmp_path))
+    assert run_folder(study, "dense", 0, RESULTS) == run_folder(study, "dense", 0)
+    assert run_folder(study, "dense", 0, tmp_path / "r") == tmp_path / "runs" / "tiny" / "dense" / "seed0"

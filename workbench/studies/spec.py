@@ -396,8 +396,10 @@ def result_path(study: dict, config: str, seed: int, results: Path | None = None
 
 
 def runs_folder(study: dict, results: Path | None = None) -> Path:
-    """Where a study's runs train (``experiments/runs/studies/<study>``, or ``<results>/../runs/<study>``)."""
-    return (Path(results).parent / "runs" if results else RUNS) / study["name"]
+    """Where a study's runs train (``experiments/runs/studies/<study>``, or ``<results>/../runs/<study>`` for
+    another results folder than the default)."""
+    other = results and Path(results).resolve() != RESULTS.resolve()
+    return (Path(results).parent / "runs" if other else RUNS) / study["name"]
 
 
 def run_folder(study: dict, config: str, seed: int, results: Path | None = None) -> Path:
