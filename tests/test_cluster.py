@@ -13,7 +13,8 @@ import yaml
 
 from workbench.cli import main
 from workbench.studies import cluster
-from workbench.studies.cluster import RunJob, format_status, launcher_settings, make_executor, run_states
+from workbench.studies.cluster import RunJob, launcher_settings, make_executor
+from workbench.studies.jobstate import format_status, run_states
 from workbench.studies.runner import run_study
 from workbench.studies.spec import StudyError, arm_spec, load_study, plan, run_folder
 from workbench.studies.run import run_one
@@ -310,7 +311,7 @@ def test_local_workers_runs_show_as_running_or_stopped_and_are_never_trained_twi
 
 
 def test_status_says_the_worker_hours_left_at_the_recorded_pace(tmp_path, capsys):
-    from workbench.studies.cluster import time_left
+    from workbench.studies.jobstate import time_left
 
     rows = [{"config": c, "seed": s, "state": st} for c, s, st in
             [("dense", 0, "recorded"), ("moe", 0, "recorded"), ("dense", 1, "running"), ("moe", 1, "not submitted"),

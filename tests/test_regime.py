@@ -105,3 +105,70 @@ def test_routing_by_block_sets_patch_and_cls_side_by_side(study):
     assert table.loc[3, "cls_bal_excess"] == pytest.approx(0.05) and table.loc[3, "cls_specialised"] == 1
     assert table.loc[3, "seeds"] == 2
     assert list(regime.routing_by_block(s, "b", results).columns) == ["block"]  # nothing recorded
+
+
+def _pilot(tmp_path, shares, nmi=0.05, dense_acc=0.90, missing=False, seeds=(0, 1)):
+    """A two-seed schedule pilot: dense control (seed-to-seed share 0.2) and one MoE arm whose predictions differ
+    from the same seed's control on ``shares`` of 10 test images (ratio to the noise = share / 0.2)."""
+    checks = [{"id": "experts-moved", "says": "x", "metric": "expert_spread", "at_least": 0.10},
+              {"id": "router-choices-moved", "says": "x", "metric": "router_nmi_moved", "at_least": 0.01},
+              {"id": "predictions-moved", "says": "x", "metric": "prediction_change", "at_least": 0.8}]
+    spec = {"name": "p", "protocol": "scratch", "model": "vimoe_micro_patch7_28", "seeds": list(seeds),
+            "control": "dense", "configs": {"dense": {"moe_layers": "none"}, "a": {"moe_layers": "last-1"}},
+            "checks": checks}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    results = tmp_path / "results"
+    dense = {seed: ("1" * 2 * seed).ljust(10, "0") for seed in seeds}  # consecutive seeds differ on 2 of 10
+    runs = [("dense", seed) for seed in seeds] + [("a", seed) for seed in seeds[: len(seeds) - missing]]
+    for config, seed in runs:
+        if config == "dense":
+            preds, extra = dense[seed], {}
+        else:
+            k = round(10 * shares[seed])
+            preds = "".join(("2" if i < k else c) for i, c in enumerate(dense[seed]))
+            extra = {"expert_spread": {"3": 0.2}, "router_init": {"3": {"router_shift": 1.0, "trained_nmi": nmi,
+                                                                        "init_nmi": 0.0}}}
+        rec = {"study": "p", "config": config, "seed": seed, "test_acc": dense_acc, "val_acc": dense_acc,
+               "history": [{"epoch": 1, "val_acc": dense_acc, "test_acc": dense_acc}], "test_predictions": preds,
+               "provenance": {"commit": "x"}, **extra}
+        out = results / "p" / f"{config}__seed{seed}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rec))
+    return load_study(path), results
+
+
+@pytest.mark.parametrize("shares, nmi, acc, missing, outcome, band", [
+    ({0: 0.2, 1: 0.2}, 0.05, 0.90, False, "rule (1) adopted", "adopt"),            # ratio 1.0
+    ({0: 0.2, 1: 0.1}, 0.05, 0.90, False, "rule (1) borderline", "borderline"),    # ratio 0.75
+    ({0: 0.1, 1: 0.1}, 0.05, 0.90, False, "fails outright (a below a floor)", "fails"),  # ratio 0.5
+    ({0: 0.2, 1: 0.2}, 0.01, 0.90, False, "rule (1) borderline", "adopt"),         # router in [0.005, 0.015)
+    ({0: 0.2, 1: 0.2}, 0.05, 0.89, False, "dense mean below 89.68%", "adopt"),
+    ({0: 0.2, 1: 0.2}, 0.05, 0.90, True, "3 of 4 runs recorded", None),
+])
+def test_schedule_rule_adopts_asks_for_seeds_or_fails(tmp_path, shares, nmi, acc, missing, outcome, band):
+    s, results = _pilot(tmp_path, shares, nmi, acc, missing)
+    table, line = regime.schedule_rule(s, results)
+    assert outcome in line
+    if band is None:
+        assert table.empty
+    else:
+        assert table.set_index("check").loc["predictions-moved", "band"] == band
+
+
+def test_pilots_load_by_folder():
+    assert regime.load("pilots/upcycle4_finetune8")["name"] == "pilot-upcycle4-finetune8"
+    with pytest.raises(FileNotFoundError, match="upcycle4_finetune8"):
+        regime.load("pilots/nope")
+
+
+def test_schedule_rule_after_more_seeds_uses_the_checks_own_thresholds(tmp_path):
+    # ratios 1, 1, 0.5, 0.5: median 0.75, below the check's 0.8 (on two seeds it would be borderline)
+    s, results = _pilot(tmp_path, {0: 0.2, 1: 0.2, 2: 0.1, 3: 0.1}, seeds=(0, 1, 2, 3))
+    table, line = regime.schedule_rule(s, results)
+    row = table.set_index("check").loc["predictions-moved"]
+    assert row["band"] == "fails" and row["adopt at"] == 0.8 and "fails outright" in line
+    # router NMI 0.01 meets the check's own 0.01; ratios 1, 1, 1, 0.5: median 1.0
+    (tmp_path / "b").mkdir()
+    s, results = _pilot(tmp_path / "b", {0: 0.2, 1: 0.2, 2: 0.2, 3: 0.1}, nmi=0.01, seeds=(0, 1, 2, 3))
+    assert regime.schedule_rule(s, results)[1].endswith("rule (1) adopted")

@@ -102,7 +102,7 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_status(args) -> int:
-    from .cluster import format_status, run_costs, run_states
+    from .jobstate import format_status, run_costs, run_states
     from .spec import plan
 
     if args.lines < 0:

@@ -8,6 +8,7 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.checks_table(s)        # each check per config: median over seeds, rule, passes
     regime.placement_grid(s)      # test accuracy per (placement, shared expert or not, seed)
     regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
+    regime.schedule_rule(regime.load("pilots/upcycle4_finetune8"))  # a schedule pilot's rule (1): adopt or not
 
 Imports: this package's ``spec``, ``records`` and ``checks``.
 """
@@ -21,14 +22,59 @@ from .spec import ROOT, arm_model_kwargs, load_study
 
 REGIME = ROOT / "experiments" / "studies" / "regime"
 
+# The upcycle schedule pilots' rule (1) (pilots/upcycle4_finetune8.yaml, pilots/upcycle4_lr2e3.yaml; fixed before
+# their runs): per check metric, (adopt at or above, fail outright below); between the two is borderline, which asks
+# for two more seeds.  The dense control's mean test accuracy must reach DENSE_FLOOR (the base's 90.18% less 0.5).
+SCHEDULE_RULE = {"expert_spread": (0.10, 0.10), "prediction_change": (0.9, 0.7), "router_nmi_moved": (0.015, 0.005)}
+DENSE_FLOOR = 0.8968
+
 
 def load(name: str) -> dict:
-    """A regime study by its file's stem (``upcycle4``)."""
-    path = REGIME / f"{name}.yaml"
+    """A regime study by its file's stem (``upcycle4``), or a pilot as ``pilots/<stem>``."""
+    folder, stem = (REGIME.parent / "pilots", name.split("/", 1)[1]) if name.startswith("pilots/") else (REGIME, name)
+    path = folder / f"{stem}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in REGIME.glob("*.yaml")))
-        raise FileNotFoundError(f"no regime study {name!r} (known: {known})")
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+        raise FileNotFoundError(f"no study {name!r} in {folder.name}/ (known: {known})")
     return load_study(path)
+
+
+def schedule_rule(study: dict, results=None) -> tuple[pd.DataFrame, str]:
+    """A schedule pilot's rule (1) on its records: one row per (check, config) with the unrounded median, its band
+    (``adopt``, ``borderline``, ``fails``) and the outcome in one line.  On two seeds the SCHEDULE_RULE bands apply;
+    on more (the seeds a borderline result added) the checks' own thresholds decide, with no borderline left.
+    Nothing is judged before every planned run is recorded (a missing record would count as a failure): the table
+    is then empty and the line says how many."""
+    done, planned = progress(study, results)
+    columns = ["check", "config", "seeds", "value", "adopt at", "fails below", "band"]
+    if done < planned:
+        return (pd.DataFrame(columns=columns),
+                f"{study['name']}: {done} of {planned} runs recorded; rule (1) is judged once all are in")
+    final = len(study["seeds"]) > 2
+    rows = []
+    for _, row in evaluate_checks(study, results).iterrows():
+        value = row["value"]
+        if final:
+            adopt = floor = float(row["rule"].split()[-1])
+            band = "adopt" if row["passed"] else "fails"
+        else:
+            adopt, floor = SCHEDULE_RULE[row["metric"]]
+            band = "adopt" if value >= adopt else "borderline" if value >= floor else "fails"  # NaN fails
+        rows.append({"check": row["id"], "config": row["config"], "seeds": row["n"], "value": value,
+                     "adopt at": adopt, "fails below": floor, "band": band})
+    table = pd.DataFrame(rows, columns=columns)
+    dense = control_mean(study, results=results)
+    dense_ok = dense is not None and dense >= 100 * DENSE_FLOOR
+    failed = table.loc[table["band"] == "fails", "config"].unique().tolist()
+    if failed or not dense_ok:
+        why = [f"{', '.join(failed)} below a floor"] if failed else []
+        why += [] if dense_ok else [f"dense mean below {100 * DENSE_FLOOR:.2f}%"]
+        outcome = "fails outright (" + "; ".join(why) + "): the schedule is not adopted"
+    elif (table["band"] == "borderline").any():
+        outcome = "borderline: two more seeds for every arm before deciding (the pilot file names them)"
+    else:
+        outcome = "adopted"
+    return table, f"{study['name']}: dense mean {dense:.2f}% (floor {100 * DENSE_FLOOR:.2f}%); rule (1) {outcome}"
 
 
 def status(study: dict, results=None) -> str:
