@@ -32,7 +32,9 @@ ANSWER
 # earlier low-lr fine-tune, the arms' predictions stayed within the dense control's seed noise and, in the 4x4-base
 # study (`upcycle_p7` recorded no spread), the experts stayed near-copies.
 # Their estimates (top-1 with a shared expert ahead of top-2 in the last two blocks on the larger scratch
-# confirmation, for one) describe those regimes and decide nothing: no study here has a verdict on claim 2.
+# confirmation, for one) describe those regimes and decide nothing: no study here has a verdict on claim 2. Two
+# schedule pilots (8 epochs; a peak lr of 2e-3) then failed their pre-registered rules (notebook 01), so by the
+# files' limit claim 2 is unanswerable in the upcycle protocol at this budget.
 #
 # ## Method
 #
