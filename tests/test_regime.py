@@ -131,7 +131,7 @@ def _pilot(tmp_path, shares, nmi=0.05, dense_acc=0.90, missing=False, seeds=(0, 
                                                                         "init_nmi": 0.0}}}
         rec = {"study": "p", "config": config, "seed": seed, "test_acc": dense_acc, "val_acc": dense_acc,
                "history": [{"epoch": 1, "val_acc": dense_acc, "test_acc": dense_acc}], "test_predictions": preds,
-               "provenance": {"commit": "x"}, **extra}
+               "provenance": {"commit": "x"}, "base_test_acc": 0.9018, **extra}
         out = results / "p" / f"{config}__seed{seed}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(rec))
