@@ -218,8 +218,9 @@ def test_an_interrupted_study_saves_its_run_and_continues_exactly(tmp_path, monk
 
 def test_sigterm_to_study_run_with_workers_saves_and_resumes(tmp_path):
     """A scheduler's SIGTERM to `study run --jobs 2`: the parent passes it to its workers, each saves its run at
-    the current step; the same command continues, and the records equal an uninterrupted run's."""
-    path = _write(tmp_path, STOPPABLE)
+    the current step; the same command continues, and the records equal an uninterrupted run's.  Runs of 100
+    steps, so that on a loaded machine one worker cannot finish its run before the other has saved a checkpoint."""
+    path = _write(tmp_path, _edit(STOPPABLE, train={**STOPPABLE["train"], "train_subset": 1600, "save_every": 5}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     results = tmp_path / "results"
     args = [sys.executable, "-m", "workbench", "study", "run", str(path), "--results", str(results), "--jobs", "2",
