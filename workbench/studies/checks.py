@@ -48,15 +48,15 @@ def _differ(a: str, b: str) -> float:
     return sum(x != y for x, y in zip(a, b)) / max(1, len(a))
 
 
-def prediction_shares(study: dict, results=None) -> tuple[dict[str, dict[int, float]], list[float]]:
+def prediction_shares(study: dict, results=None) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
     """The share of test images whose predicted class differs from the same seed's control, per config and seed,
-    and the control's own seed-to-seed shares (consecutive seeds): how far each arm moved beyond seed noise.  The
-    control may be another study's arm (``other-study/dense``)."""
+    and the control's own seed-to-seed shares (consecutive seeds, keyed by the pair's first): how far each arm moved
+    beyond seed noise.  The control may be another study's arm (``other-study/dense``)."""
     control_study, control = source_of(study, study["control"])
     base = {r["seed"]: r["test_predictions"] for r in iter_records(control_study, results)
             if r["config"] == control and isinstance(r.get("test_predictions"), str)}
     seeds = sorted(base)
-    noise = [_differ(base[a], base[b]) for a, b in zip(seeds, seeds[1:])]
+    noise = {a: _differ(base[a], base[b]) for a, b in zip(seeds, seeds[1:])}
     arms: dict[str, dict[int, float]] = {}
     for r in iter_records(study, results):
         if r["config"] != study["control"] and r["seed"] in base and isinstance(r.get("test_predictions"), str):
@@ -67,8 +67,11 @@ def prediction_shares(study: dict, results=None) -> tuple[dict[str, dict[int, fl
 def prediction_change_by_seed(study: dict, results=None) -> dict[str, dict[int, float]]:
     """Per config and seed: the share of test predictions that differ from the same seed's control, divided by the
     control's own seed-to-seed share (mean over consecutive seeds); NaN without that share."""
-    arms, noise = prediction_shares(study, results)
-    scale = sum(noise) / len(noise) if noise else math.nan
+    return _ratios(*prediction_shares(study, results))
+
+
+def _ratios(arms: dict[str, dict[int, float]], noise: dict[int, float]) -> dict[str, dict[int, float]]:
+    scale = sum(noise.values()) / len(noise) if noise else math.nan
     return {c: {seed: v / scale if scale and scale == scale else math.nan for seed, v in sorted(shares.items())}
             for c, shares in arms.items()}
 
@@ -170,15 +173,12 @@ def checks_by_seed(study_or_path, results=None) -> pd.DataFrame:
         metric = check["metric"]
         if metric == "prediction_change":
             shares, noise = prediction_shares(study, results)
-            ratios = prediction_change_by_seed(study, results)
+            ratios = _ratios(shares, noise)
             for config in check["configs"]:
                 for seed, share in sorted(shares.get(config, {}).items()):
                     rows.append({"id": check["id"], "config": config, "seed": seed, "value": ratios[config][seed],
                                  "share": share})
-            control_study, control = source_of(study, study["control"])
-            seeds = sorted(r["seed"] for r in iter_records(control_study, results)
-                           if r["config"] == control and isinstance(r.get("test_predictions"), str))
-            for seed, share in zip(seeds, noise):
+            for seed, share in noise.items():
                 rows.append({"id": check["id"], "config": f"{study['control']} seed-to-seed", "seed": seed,
                              "value": math.nan, "share": share})
             continue

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from .jobstate import ACTIVE, _key, _proc_start, _reason, _result, jobs_folder, read_ledger, run_states
+from .jobstate import ACTIVE, _key, _reason, _result, jobs_folder, read_ledger, run_states
+from .run import process_start
 from .spec import (METRICS, ROOT, StudyError, arm_spec, check_launcher, load_study, parse_minutes, result_path,
                    run_folder)
 
@@ -222,7 +223,7 @@ def submit_runs(study: dict, path, pending: list, *, device: str, results: Path 
                        "commit": commit,
                        "earlier": earlier.get("earlier", []) + ([earlier["job_id"]] if earlier else [])}
         if cluster == "local":
-            ledger[key]["pid_start"] = _proc_start(int(job.job_id))
+            ledger[key]["pid_start"] = process_start(int(job.job_id))
         atomic_write_text(folder / "ledger.json", json.dumps(ledger, indent=1) + "\n")
 
     metric = METRICS[study["metric"]]

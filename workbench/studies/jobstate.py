@@ -8,12 +8,11 @@ Imports: this package's ``spec`` and ``run``; submitit (inside functions).
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import statistics
 from pathlib import Path
 
-from .run import live_run, run_progress
+from .run import live_run, process_start, run_progress
 from .spec import result_path, run_folder, runs_folder
 
 ACTIVE = ("queued", "running")
@@ -39,27 +38,11 @@ def read_ledger(study: dict, results: Path | None = None) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-
-
 # -- where each run stands ----------------------------------------------------------------------------------------
-def _proc_start(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot), to tell it from a later process given the same id; None
-    when it is gone or a zombie."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc (not Linux): alive or not, no more
-        except (OSError, ValueError):
-            return None
-        return "?"
-    return None if fields[0] in ("Z", "X") else fields[19]
-
-
 def _scheduler_state(entry: dict, started: dict | None) -> tuple[str, str]:
     """('queued' | 'running' | 'ended', what the scheduler says) for a job with no result yet."""
     if entry["cluster"] == "local":
-        alive = _proc_start(int(entry["job_id"]))
+        alive = process_start(int(entry["job_id"]))
         if alive is None or alive != entry.get("pid_start", alive) and alive != "?":
             return "ended", "its process is gone"
         return ("running" if started and started.get("job_id") == entry["job_id"] else "queued"), ""

@@ -52,11 +52,12 @@ def schedule_rule(study: dict, results=None) -> tuple[pd.DataFrame, str]:
         return (pd.DataFrame(columns=columns),
                 f"{study['name']}: {done} of {planned} runs recorded; rule (1) is judged once all are in")
     final = len(study["seeds"]) > 2
+    own = {c["id"]: c.get("at_least", c.get("at_most")) for c in study.get("checks", [])}
     rows = []
     for _, row in evaluate_checks(study, results).iterrows():
         value = row["value"]
         if final:
-            adopt = floor = float(row["rule"].split()[-1])
+            adopt = floor = own[row["id"]]
             band = "adopt" if row["passed"] else "fails"
         else:
             adopt, floor = SCHEDULE_RULE[row["metric"]]

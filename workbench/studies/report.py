@@ -276,13 +276,13 @@ def prediction_changes(kind: str, protocol: str) -> pd.DataFrame:
     ``prediction_change`` check reads)."""
     s = st.load_study(study_file(kind, protocol))
     arms, noise = prediction_shares(s)
+    seed_to_seed = round(sum(noise.values()) / len(noise), 5) if noise else float("nan")
     rows = []
     for config in s["configs"]:
         diffs = list(arms.get(config, {}).values())
         if diffs:
             rows.append({"config": config, "seeds": len(diffs), "vs_control": round(sum(diffs) / len(diffs), 5),
-                         "vs_control_max": round(max(diffs), 5),
-                         "control_seed_to_seed": round(sum(noise) / len(noise), 5) if noise else float("nan")})
+                         "vs_control_max": round(max(diffs), 5), "control_seed_to_seed": seed_to_seed})
     return pd.DataFrame(rows)
 
 

@@ -23,14 +23,20 @@ NOT_RECORDED = ("quiet", "output", "tensorboard", "tensorboard_dir")  # how a ru
 RUNNING = "running.json"  # in a run folder while a process trains it: pid, host, start time, epochs
 
 
-def _alive(pid: int) -> bool:
+def process_start(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), to tell it from a later process given the same id; None
+    when it is gone or a zombie."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    return True
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        try:
+            os.kill(pid, 0)  # no /proc (not Linux): alive or not, no more
+        except PermissionError:  # someone else's process: it exists
+            return "?"
+        except (OSError, ValueError):
+            return None
+        return "?"
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def live_run(folder: Path) -> dict | None:
@@ -43,7 +49,7 @@ def live_run(folder: Path) -> dict | None:
         return None
     if marker.get("host") != socket.gethostname():
         return {**marker, "alive": None}
-    if marker.get("pid") == os.getpid() or not _alive(int(marker.get("pid", 0))):
+    if marker.get("pid") == os.getpid() or process_start(int(marker.get("pid", 0))) is None:
         return None
     return {**marker, "alive": True}
 
