@@ -439,12 +439,12 @@ def pilots() -> pd.DataFrame:
 
 
 def pilot_curves() -> pd.DataFrame:
-    """Validation (and test) accuracy by epoch of every pilot run: one row per (pilot, config, epoch)."""
+    """Validation (and test) accuracy by epoch of every pilot run: one row per (pilot, config, seed, epoch)."""
     rows = []
     for path in sorted((STUDIES / "pilots").glob("*.yaml")):
         s = st.load_study(path)
         for r in st.iter_records(s):
             for h in r["history"]:
-                rows.append({"pilot": s["name"], "config": r["config"], "epoch": h["epoch"],
+                rows.append({"pilot": s["name"], "config": r["config"], "seed": r["seed"], "epoch": h["epoch"],
                              "val_acc": h.get("val_acc"), "test_acc": h["test_acc"]})
     return pd.DataFrame(rows)
