@@ -5,12 +5,14 @@ import sys
 from pathlib import Path, PureWindowsPath
 
 import pytest
+import timm
 import torch
 
 from workbench import bench
 from workbench.bench.layers import bench_moe, bench_peers, format_peers_table
 from workbench.bench.models import bench_train
 from workbench.bench.timing import saved_bytes, write_result
+from workbench.moe import moe_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = sorted((ROOT / "experiments" / "results" / "bench").glob("*.json"))
@@ -73,9 +75,11 @@ def test_bench_train_latency_per_thread_count_against_macs():
     for r in result["latency"]:
         assert r["vs_macs"] == pytest.approx(r["ratio"] / result["macs_ratio"], abs=2e-3)
         assert r["sorted_ms"] > 0 and r["sorted_vs_macs"] > 0  # the same ViMoE with the padded path off
+        assert r["fixed_ms"] > 0 and r["one_copy_vs_macs"] == pytest.approx(
+            r["one_copy_ms"] / r["dense_ms"] / result["macs_ratio"], abs=0.05)
     assert result["moe_latency_ms"] == result["latency"][0]["moe_ms"] and result["threads"] == 1
     text = bench.format_train(result)
-    assert "2 threads" in text and "sorted vs MACs" in text and f"{result['macs_ratio']:.3f}x dense" in text
+    assert "2 threads" in text and "one copy" in text and f"{result['macs_ratio']:.3f}x dense" in text
 
 
 def test_bench_cli_json(capsys, tmp_path):
@@ -254,3 +258,24 @@ def test_bench_step_refuses_bad_sizes(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "step", "--batch", "0"])
     assert "--batch 0" in capsys.readouterr().err
+
+
+def test_latency_diagnostics_route_to_fixed_experts_and_read_one_experts_weights():
+    """bench train's two equal-MACs diagnostics: `fixed` sends every token to experts 0..k-1 (as routed gates),
+    `one copy` keeps the routing but every expert is a view of expert 0's weights; the model itself is untouched."""
+    from workbench.bench.models import _fixed_routing, _one_copy
+
+    torch.manual_seed(0)
+    model = timm.create_model("vimoe_tiny_patch4_28", depth=2, embed_dim=32, num_heads=2, moe_layers="last-1",
+                              num_experts=4, top_k=2).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 1, 28, 28)
+    fixed, copied = _fixed_routing(model), _one_copy(model)
+    layer, fixed_layer, copied_layer = (next(iter(moe_modules(m).values())) for m in (model, fixed, copied))
+    tokens = torch.randn(10, 32)
+    assert fixed_layer.router(tokens)[2].tolist() == [[0, 1]] * 10
+    assert layer.router(tokens)[2].tolist() == copied_layer.router(tokens)[2].tolist() != [[0, 1]] * 10
+    assert copied_layer.w1.stride(0) == 0 and torch.equal(copied_layer.w2[3], layer.w2[0])
+    with torch.no_grad():
+        assert not torch.allclose(fixed(x), model(x)) and not torch.allclose(copied(x), model(x))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

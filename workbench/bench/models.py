@@ -158,15 +158,50 @@ def _training_speed(moe, dense, batch, steps, warmup, device, dtype, compile) ->
             "dense_img_s": round(batch / med["dense"], 1), "throughput_ratio": round(med["dense"] / med["moe"], 3)}
 
 
+def _fixed_routing(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose every token goes to experts 0..k-1 (gates as routed): the same MACs, one or k
+    experts' weights read and one or k expert calls per layer."""
+    import copy
+
+    fixed = copy.deepcopy(model)
+    for layer in moe_modules(fixed).values():
+        router, route = layer.router, layer.router.forward
+
+        def forward(x, route=route):
+            logits, probs, experts, gates = route(x)
+            return logits, probs, torch.arange(experts.shape[-1], device=x.device).expand_as(experts), gates
+        router.forward = forward
+    return fixed
+
+
+def _one_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose experts are all views of expert 0's weights: routed as trained, the same expert
+    calls, but one expert's bytes read per layer."""
+    import copy
+
+    copied = copy.deepcopy(model)
+    for layer in moe_modules(copied).values():
+        for name in ("w1", "b1", "w2", "b2"):
+            p = getattr(layer, name)
+            if p is not None:
+                p.data = p.data[:1].expand_as(p.data)
+    return copied
+
+
 def _latency(moe, dense, batches, reps: int, device, macs_ratio: float) -> list[dict]:
     """Eval forward under ``torch.no_grad()``, interleaved; ``vs_macs`` = (ViMoE / dense) / MACs ratio, so 1.0 means
-    the ViMoE costs exactly what its extra MACs predict.  The ViMoE runs twice per round: as shipped (its dispatch
-    picks the padded batched matmul at few tokens per expert) and with every MoE layer on the sorted path
-    (``sorted_*``), so the row shows what the automatic choice saves."""
+    the ViMoE costs exactly what its extra MACs predict.  The ViMoE runs four times per round: as shipped (its
+    dispatch picks the padded batched matmul at few tokens per expert); with every MoE layer on the sorted path
+    (``sorted_*``), so the row shows what the automatic choice saves; and two diagnostics at equal MACs that split
+    what routing to many experts costs: ``fixed_*`` sends every token to experts 0..k-1 (k experts' weights read,
+    k expert calls per layer) and ``one_copy_*`` keeps the routing but makes every expert a view of expert 0's
+    weights (every expert call, one expert's bytes).  moe - one_copy is what reading E experts' weights costs;
+    one_copy - fixed what the extra expert calls cost."""
     rows = []
     moe.eval()
     dense.eval()
     layers = list(moe_modules(moe).values())
+    fixed, one_copy = _fixed_routing(moe).eval(), _one_copy(moe).eval()
 
     def sorted_path(x):
         saved = [layer.padded_max_rows for layer in layers]
@@ -182,12 +217,15 @@ def _latency(moe, dense, batches, reps: int, device, macs_ratio: float) -> list[
         for b in batches:
             x = torch.randn(b, *moe.pretrained_cfg["input_size"], device=device)
             med = time_interleaved({"moe": lambda: moe(x), "sorted": lambda: sorted_path(x),
+                                    "fixed": lambda: fixed(x), "one_copy": lambda: one_copy(x),
                                     "dense": lambda: dense(x)}, reps, 5, device)
-            ratio, sorted_ratio = med["moe"] / med["dense"], med["sorted"] / med["dense"]
-            rows.append({"threads": torch.get_num_threads(), "batch": b, "moe_ms": round(med["moe"] * 1e3, 2),
-                         "dense_ms": round(med["dense"] * 1e3, 2), "ratio": round(ratio, 3),
-                         "vs_macs": round(ratio / macs_ratio, 3), "sorted_ms": round(med["sorted"] * 1e3, 2),
-                         "sorted_vs_macs": round(sorted_ratio / macs_ratio, 3)})
+            row = {"threads": torch.get_num_threads(), "batch": b, "moe_ms": round(med["moe"] * 1e3, 2),
+                   "dense_ms": round(med["dense"] * 1e3, 2), "ratio": round(med["moe"] / med["dense"], 3),
+                   "vs_macs": round(med["moe"] / med["dense"] / macs_ratio, 3)}
+            for k in ("sorted", "fixed", "one_copy"):
+                row[f"{k}_ms"] = round(med[k] * 1e3, 2)
+                row[f"{k}_vs_macs"] = round(med[k] / med["dense"] / macs_ratio, 3)
+            rows.append(row)
     return rows
 
 
@@ -223,12 +261,14 @@ def format_train(result: dict) -> str:
                      f"{t['dense_img_s']:.1f} img/s   ratio {t['throughput_ratio']:.3f}")
     lines.append(f"eval forward latency (ViMoE MACs = {r['macs_ratio']:.3f}x dense; vs MACs = latency ratio / MACs "
                  "ratio, 1.00 = costs what its MACs predict)")
-    lines.append("  (sorted: the same ViMoE with the padded small-batch path off, every expert its own matmuls)")
+    lines.append("  (sorted: the padded small-batch path off; fixed: every token to experts 0..k-1; one copy: every "
+                 "expert a view of expert 0's weights; all at the ViMoE's MACs)")
     lines.append(f"  {'threads':>7} {'batch':>5} {'ViMoE ms':>9} {'dense ms':>9} {'ratio':>6} {'vs MACs':>8} "
-                 f"{'sorted ms':>10} {'sorted vs MACs':>15}")
+                 f"{'sorted':>7} {'fixed':>7} {'one copy':>8}   (vs MACs)")
     for t in r["latency"]:
         lines.append(f"  {t['threads']:>7} {t['batch']:>5} {t['moe_ms']:>9.2f} {t['dense_ms']:>9.2f} "
-                     f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f} {t['sorted_ms']:>10.2f} {t['sorted_vs_macs']:>15.3f}")
+                     f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f} {t['sorted_vs_macs']:>7.3f} "
+                     f"{t.get('fixed_vs_macs', float('nan')):>7.3f} {t.get('one_copy_vs_macs', float('nan')):>8.3f}")
     return "\n".join(lines)
 
 
