@@ -164,3 +164,24 @@ def test_shipped_segmentation_checkpoint_scores_exactly_what_was_recorded():
     finally:
         torch.set_num_threads(threads)
     assert (result["miou"], result["pixel_acc"], result["n"]) == (0.41271253414302805, 0.8773612882653061, 200)
+
+
+def test_ship_records_the_tree_as_it_was_before_it_wrote(tmp_path, monkeypatch):
+    """ship's provenance is taken before it creates the destination folder, so that shipping into the repository
+    does not mark its own record '+dirty' (it did: vimoe_micro4_fmnist_dense_avg was re-shipped after this fix)."""
+    from workbench.train import ship as ship_module
+    from workbench.train.checkpoint import model_config, save_model
+
+    kw = {"moe_layers": "none", "depth": 1, "embed_dim": 16, "num_heads": 2}
+    run, dest = tmp_path / "run", tmp_path / "shipped"
+    save_model(timm.create_model("vimoe_tiny_patch4_28", **kw), model_config("vimoe_tiny_patch4_28", kw), run / "model")
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_acc": 0.5, "wall_time": 12.5}) + "\n")
+    (run / "train_config.json").write_text(json.dumps({"dataset": "fashion-mnist", "epochs": 1}))
+    seen = []
+    monkeypatch.setattr(ship_module, "provenance", lambda *a, **k: seen.append(dest.exists()) or {"commit": "c"})
+    monkeypatch.setattr(ship_module, "build_datasets", lambda *a, **k: (None, None))
+    monkeypatch.setattr(ship_module, "evaluate", lambda model, data: {"acc": 0.5, "loss": 1.0, "n": 10})
+    ship_module.ship(run, dest)
+    record = json.loads((dest / "config.json").read_text())
+    assert seen == [False] and record["provenance"] == {"commit": "c", "wall_time_s": 12.5}
+    assert record["shipped_test"] == {"acc": 0.5, "loss": 1.0, "n": 10}

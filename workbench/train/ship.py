@@ -23,6 +23,8 @@ from .provenance import provenance
 def ship(run: str | Path, dest: str | Path) -> Path:
     run, dest = Path(run), Path(dest)
     model, config = load_model(run / "model")  # refuses anything that does not rebuild
+    # the tree as it is before this function writes anything (a new dest folder would mark it dirty)
+    source = provenance("cpu")
     dest.mkdir(parents=True, exist_ok=True)
     half = {k: v.detach().half().contiguous() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     atomic_write(dest / "model.safetensors", lambda tmp: save_file(half, tmp))  # fp16 storage: half the size
@@ -36,7 +38,7 @@ def ship(run: str | Path, dest: str | Path) -> Path:
             rows = [json.loads(line) for line in dense_metrics.read_text().splitlines() if line.strip()]
             pretrain = {"from": train_config["init_from"], "metrics": rows[-1]}
     record = {**config, "train_config": train_config, "metrics": history[-1], "pretrain": pretrain,
-              "provenance": provenance("cpu", wall_time_s=history[-1]["wall_time"])}
+              "provenance": {**source, "wall_time_s": history[-1]["wall_time"]}}
     atomic_write_text(dest / "config.json", json.dumps(record, indent=2) + "\n")
     shipped, _ = load_model(dest)  # what is shipped, after the fp16 round trip, on the full test set
     if getattr(shipped, "task", None) == "segmentation":
