@@ -34,7 +34,10 @@ ANSWER
 # Their estimates (top-1 with a shared expert ahead of top-2 in the last two blocks on the larger scratch
 # confirmation, for one) describe those regimes and decide nothing: no study here has a verdict on claim 2. Two
 # schedule pilots (8 epochs; a peak lr of 2e-3) then failed their pre-registered rules (notebook 01), so by the
-# files' limit claim 2 is unanswerable in the upcycle protocol under the schedules those files allow.
+# files' limit claim 2 is unanswerable in the upcycle protocol under the schedules those files allow. A third pilot
+# on an avg-pooled twin of the base (every patch token reaches the prediction) failed its rule the same way
+# (last-2's predictions-moved 0.4569, last-2-shared's 0.6235; notebook 01), so its confirmatory file was not run and
+# claim 2 is unanswerable for that model too.
 #
 # ## Method
 #
