@@ -37,7 +37,7 @@ ANSWER
 # files' limit claim 2 is unanswerable in the upcycle protocol under the schedules those files allow. A third pilot
 # on an avg-pooled twin of the base (every patch token reaches the prediction) failed its rule the same way
 # (last-2's predictions-moved 0.4569, last-2-shared's 0.6235; notebook 01), so its confirmatory file was not run and
-# claim 2 is unanswerable for that model too.
+# claim 2 is unanswerable for that model under that schedule too.
 #
 # ## Method
 #
