@@ -5,6 +5,7 @@ latency of 1 and 8 images as a ratio to dense and to what the MACs predict; one 
 Imports: ``workbench.moe``, ``workbench.analysis.flops``, ``workbench.explorer`` (bench app) and ``.timing``.
 """
 
+import copy
 import statistics
 import time
 
@@ -161,8 +162,6 @@ def _training_speed(moe, dense, batch, steps, warmup, device, dtype, compile) ->
 def _fixed_routing(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose every token goes to experts 0..k-1 (gates as routed): the same MACs, one or k
     experts' weights read and one or k expert calls per layer."""
-    import copy
-
     fixed = copy.deepcopy(model)
     for layer in moe_modules(fixed).values():
         router, route = layer.router, layer.router.forward
@@ -177,8 +176,6 @@ def _fixed_routing(model: nn.Module) -> nn.Module:
 def _one_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose experts are all views of expert 0's weights: routed as trained, the same expert
     calls, but one expert's bytes read per layer."""
-    import copy
-
     copied = copy.deepcopy(model)
     for layer in moe_modules(copied).values():
         for name in ("w1", "b1", "w2", "b2"):
@@ -268,7 +265,7 @@ def format_train(result: dict) -> str:
     for t in r["latency"]:
         lines.append(f"  {t['threads']:>7} {t['batch']:>5} {t['moe_ms']:>9.2f} {t['dense_ms']:>9.2f} "
                      f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f} {t['sorted_vs_macs']:>7.3f} "
-                     f"{t.get('fixed_vs_macs', float('nan')):>7.3f} {t.get('one_copy_vs_macs', float('nan')):>8.3f}")
+                     f"{t['fixed_vs_macs']:>7.3f} {t['one_copy_vs_macs']:>8.3f}")
     return "\n".join(lines)
 
 
