@@ -279,3 +279,25 @@ def test_latency_diagnostics_route_to_fixed_experts_and_read_one_experts_weights
     with torch.no_grad():
         assert not torch.allclose(fixed(x), model(x)) and not torch.allclose(copied(x), model(x))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bench_train_reports_weight_bytes_and_cache(tmp_path):
+    from workbench.bench.models import _weights_mb, last_level_cache_mb
+
+    layer = torch.nn.Linear(1000, 250)  # 250,250 fp32 parameters
+    assert _weights_mb(layer) == pytest.approx(1.001, abs=0.005)
+    for level, size in ((1, "32K"), (2, "1024K"), (3, "32768K")):
+        d = tmp_path / f"index{level}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert last_level_cache_mb(str(tmp_path)) == 33.6  # the highest level, 32 MiB in MB
+    assert last_level_cache_mb(str(tmp_path / "absent")) is None
+    result = bench_train(batch=2, steps=1, warmup=0, latency_reps=1, depth=2, embed_dim=32, num_heads=2,
+                         moe_layers="last-1", num_experts=4)
+    assert result["weights_mb_moe"] == pytest.approx(result["params_moe"] * 4 / 1e6, abs=0.01)
+    assert result["weights_mb_moe"] > result["weights_mb_dense"]
+    text = bench.format_train(result)
+    assert f"ViMoE {result['weights_mb_moe']:.1f} MB" in text and "last-level cache" in text
+    old = {k: v for k, v in result.items() if not k.startswith(("weights_mb", "last_level"))}
+    assert "last-level cache" not in bench.format_train(old)  # records saved before the keys existed

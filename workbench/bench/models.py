@@ -64,7 +64,37 @@ def bench_train(*, model: str = "vimoe_tiny_patch4_28", dense_model: str | None 
             "moe_latency_ms": first["moe_ms"], "dense_latency_ms": first["dense_ms"], "macs_ratio": macs_ratio,
             "training": training, "latency": latency,
             "params_moe": sum(p.numel() for p in moe.parameters()),
-            "params_dense": sum(p.numel() for p in dense.parameters())}
+            "params_dense": sum(p.numel() for p in dense.parameters()),
+            "weights_mb_moe": _weights_mb(moe), "weights_mb_dense": _weights_mb(dense),
+            "last_level_cache_mb": last_level_cache_mb()}
+
+
+def _weights_mb(model: nn.Module) -> float:
+    """Bytes of the model's parameters, in MB (10**6): what one forward reads at least once."""
+    return round(sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6, 2)
+
+
+def last_level_cache_mb(cpu_dir: str = "/sys/devices/system/cpu/cpu0/cache") -> float | None:
+    """The largest cache level's size in MB (Linux sysfs; None where it cannot be read).  A forward whose weights
+    fit in it runs from cache when it is repeated; one whose weights do not reads them from memory each time."""
+    import glob
+    import os
+
+    best = None
+    for index in glob.glob(os.path.join(cpu_dir, "index*")):
+        try:
+            level = int(open(os.path.join(index, "level")).read())
+            size = open(os.path.join(index, "size")).read().strip()
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(size[-1:].upper(), 1)
+        try:
+            size_bytes = int(size.rstrip("KMGkmg")) * unit
+        except ValueError:
+            continue
+        if best is None or level > best[0]:
+            best = (level, size_bytes)
+    return None if best is None else round(best[1] / 1e6, 1)
 
 
 def bench_step(*, model: str = "vimoe_small_patch16_224", moe_layers: str = "every-2", num_experts: int = 8,
@@ -266,6 +296,14 @@ def format_train(result: dict) -> str:
         lines.append(f"  {t['threads']:>7} {t['batch']:>5} {t['moe_ms']:>9.2f} {t['dense_ms']:>9.2f} "
                      f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f} {t['sorted_vs_macs']:>7.3f} "
                      f"{t['fixed_vs_macs']:>7.3f} {t['one_copy_vs_macs']:>8.3f}")
+    if "weights_mb_moe" in r:  # records saved before these keys existed print without the line
+        cache = r["last_level_cache_mb"]
+        lines.append(f"weights: ViMoE {r['weights_mb_moe']:.1f} MB (every expert), dense "
+                     f"{r['weights_mb_dense']:.1f} MB ({r['weights_mb_moe'] / r['weights_mb_dense']:.2f}x); "
+                     "last-level cache "
+                     + ("unknown" if cache is None else f"{cache:.1f} MB"))
+        lines.append("  (a forward of few tokens reads nearly every expert, so reading weights, not MACs, can set "
+                     "its latency)")
     return "\n".join(lines)
 
 
