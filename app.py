@@ -52,7 +52,8 @@ from workbench.analysis.card import (NOT_SPECIALISED, ModelCards, checkpoint_cho
 from workbench.train.checkpoint import CheckpointError  # noqa: E402
 from workbench.viz.class_palette import CLASS_COLORS, class_color, class_label  # noqa: E402
 from workbench.explorer import (CHECKPOINTS, DEFAULT_CHECKPOINT, BadImage, Explorer, example_images,  # noqa: E402
-                                example_scenes_paths, list_checkpoints, model_folders, one_line)
+                                example_scenes_paths, list_checkpoints, model_folders, one_line,
+                                resolve_checkpoint)
 from workbench.viz.palette import EXPERT_COLORS, SHARED_COLOR, expert_color, expert_name  # noqa: E402
 
 LOG = logging.getLogger("workbench.app")
@@ -130,7 +131,7 @@ document.addEventListener('mousemove', (ev) => {
   const row = Math.min(rows - 1, Math.floor(y / h * rows)), col = Math.min(cols - 1, Math.floor(x / w * cols));
   const i = row * cols + col, e = +box.dataset.experts.split(',')[i], g = box.dataset.gates.split(',')[i];
   const colors = box.dataset.colors.split(',');
-  const where = rows * cols === 1 ? 'the image' : `patch (row ${row}, col ${col})`;
+  const where = rows * cols === 1 ? 'the image' : `patch (row ${row + 1} of ${rows}, col ${col + 1} of ${cols})`;
   box.querySelector('.text').textContent = `Hover: ${where}, block ${box.dataset.block}: ${name(e)}` +
     (e < 0 ? '' : `, gate ${g}`) + (rows * cols === 1 ? '' : ' (click for its router distribution)');
   box.querySelector('.chip').style.background = e < 0 ? colors[colors.length - 1] : colors[e % (colors.length - 1)];
@@ -314,8 +315,9 @@ def _router_figure(analysis, row: int, col: int) -> go.Figure:
     the uniform 1/E line, the first-choice expert outlined and labelled with its gate."""
     fig = go.Figure()
     r, c = (0, 0) if analysis.routing == "image" else (row, col)
-    where = "the image" if analysis.routing == "image" else f"patch (row {row}, col {col})"
     blocks = [f"block {b}" for b in analysis.layers]
+    rows, cols = analysis.experts[analysis.layers[0]].shape[:2]
+    where = "the image" if analysis.routing == "image" else f"patch (row {row + 1} of {rows}, col {col + 1} of {cols})"
     chosen = {b: int(analysis.experts[b][r, c]) for b in analysis.layers}
     top = 1 / max(analysis.num_experts, 1)
     for e in range(analysis.num_experts):
@@ -491,7 +493,7 @@ def _readout_html(state, block: int | None, picked) -> str:
     e, g = int(experts[r, c]), float(gates[r, c])
     uniform = 1 / max(state.num_experts, 1)
     prob = float(state.probs[block][r, c, e]) if e >= 0 else None
-    where = "The image" if state.routing == "image" else f"Framed patch (row {r}, col {c})"
+    where = "The image" if state.routing == "image" else f"Framed patch (row {r + 1} of {rows}, col {c + 1} of {cols})"
     fixed = (f"{where}, block {block}: no expert" if e < 0 else
              f"{where}, block {block}: {expert_name(e)}, gate {g:.2f} (P = {prob:.3f}; uniform 1/E = {uniform:.3f})")
     color = SHARED_COLOR if e < 0 else expert_color(e)
@@ -697,6 +699,11 @@ def refresh_card(checkpoint, layer):
     checkpoint = str(checkpoint or DEFAULT_CHECKPOINT)
     if not _known(checkpoint):
         name = html.escape(checkpoint_name(checkpoint))
+        try:
+            resolve_checkpoint(checkpoint)
+        except CheckpointError as err:  # a mistyped path: say so here too, not only in the status line
+            return (f'<div id="card-body"><b>No model card</b><p>{html.escape(str(err))}</p></div>', "",
+                    gr.Timer(active=False))
         return (f'<div id="card-body"><b>Model card: {name}</b><p>Route an image with this checkpoint to load it; '
                 f"its card follows.</p></div>", "", gr.Timer(active=False))
     card, task = _card_state(checkpoint)

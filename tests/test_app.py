@@ -411,7 +411,7 @@ def test_browser_upload_shows_overlay(served, tmp_path):
         page.locator("#status").get_by_text("patch grid").wait_for(timeout=10_000)
         page.wait_for_function("src => document.querySelector('#overlay img').src !== src", arg=src,
                                timeout=30_000)
-        page.get_by_text("Router distribution of patch (row 0, col 0)").wait_for(timeout=30_000)
+        page.get_by_text("Router distribution of patch (row 1 of 7, col 1 of 7)").wait_for(timeout=30_000)
         page.locator("#upload button[aria-label='Clear']").first.click()  # clearing: quiet, results stay
         page.wait_for_timeout(1500)
         errors = page.locator(".error, .toast-body.error").count()

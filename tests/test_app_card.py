@@ -344,7 +344,7 @@ def _pick_example_and_click(page, index=3, from_top=False):
     overlay.click(position={"x": box["width"] * 0.1, "y": box["height"] * 0.1})  # patch (0, 0) of 7x7
     page.wait_for_function("src => document.querySelector('#overlay img').src !== src", arg=src, timeout=120_000)
     try:
-        page.locator("#router-plot").get_by_text("Router distribution of patch (row 0, col 0)").wait_for(timeout=120_000)
+        page.locator("#router-plot").get_by_text("Router distribution of patch (row 1 of 7, col 1 of 7)").wait_for(timeout=120_000)
     except Exception as err:  # say what the plot showed instead
         raise AssertionError(f"the router plot did not show patch (0, 0): it reads "
                              f"{page.locator('#router-plot').inner_text()[:200]!r}") from err
@@ -373,7 +373,7 @@ def test_browser_1400_router_in_view_card_verdicts_hover_scene_and_warnings(serv
     # hover readout
     box = page.locator("#overlay img").first.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.95, box["y"] + box["height"] * 0.05)
-    page.locator("#readout").get_by_text("Hover: patch (row 0, col 6)").wait_for(timeout=5_000)
+    page.locator("#readout").get_by_text("Hover: patch (row 1 of 7, col 7 of 7)").wait_for(timeout=5_000)
     hover = page.locator("#readout").inner_text()
     shot = _shot(page, tmp_path, "explorer-1400-click.png")
     _shot(page, tmp_path, "explorer-1400-full.png", full=True)
@@ -425,3 +425,13 @@ def test_browser_400_stacks_and_keeps_the_router_plot_in_view(served, browser, t
     assert router["right"] - router["left"] > 300 and load["right"] - load["left"] > 300  # stacked, not squeezed
     assert card["top"] > router["bottom"] and wide <= 400 and not title_clipped
     assert shot.stat().st_size > 10_000
+
+
+def test_card_of_a_mistyped_path_names_the_problem(checkpoints, tmp_path):
+    import app
+
+    body, verdict, _ = app.refresh_card(str(tmp_path / "vimoe_tiny_fmnst"), None)
+    assert "No model card" in body and "does not exist" in body and "Model card: vimoe_tiny_fmnst" not in body
+    assert verdict == ""
+    body, _, _ = app.refresh_card(str(checkpoints / "token"), None)  # a real folder not loaded yet: it waits
+    assert "Route an image with this checkpoint to load it" in body

@@ -279,7 +279,7 @@ def test_under_torchrun_only_the_main_process_prints_the_final_line(tmp_path, mo
     assert "done:" not in capsys.readouterr().out
     monkeypatch.setenv("RANK", "0")
     assert main(["train", *TINY, "--output", str(tmp_path / "r")]) == 0
-    assert capsys.readouterr().out.count("done: test accuracy 0.5000 after 1 epochs") == 1
+    assert capsys.readouterr().out.count("done: test accuracy 0.5000 after 1 epoch;") == 1
 
 
 def test_under_ddp_a_signal_to_one_rank_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path, torchrun):

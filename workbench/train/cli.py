@@ -146,7 +146,8 @@ def cmd_train(args) -> int:
     last = result["history"][-1] if result["history"] else {}
     score = (f"test mIoU {last['test_miou']:.4f}, pixel accuracy {last['test_pixel_acc']:.4f}" if "test_miou" in last
              else f"test accuracy {last.get('test_acc', float('nan')):.4f}")
-    print(f"done: {score} after {last.get('epoch', 0)} epochs; model in {Path(result['output']) / 'model'}")
+    epochs = last.get('epoch', 0)
+    print(f"done: {score} after {epochs} epoch{'' if epochs == 1 else 's'}; model in {Path(result['output']) / 'model'}")
     return 0
 
 

@@ -69,7 +69,7 @@ def class_expert_heatmap(stats, class_names=None, normalise: str = "class", titl
                       height=560, sliders=[dict(active=active, steps=steps, currentvalue=dict(prefix="layer: "),
                                                 pad=dict(t=40))],
                       xaxis=dict(title="expert", tickmode="array", tickvals=[f"e{e}" for e in range(E)]),
-                      yaxis=dict(title="", autorange="reversed"))
+                      yaxis=dict(title="class", autorange="reversed"))
     for e in range(E):  # colour key on the axis: each expert's tick in its palette colour
         fig.add_shape(type="rect", xref="x", yref="paper", x0=e - 0.5, x1=e + 0.5, y0=1.0, y1=1.03,
                       fillcolor=expert_color(e), line_width=0)
