@@ -94,3 +94,42 @@ def test_subset_is_fixed():
     data = _data()
     assert torch.equal(data.subset(10, seed=3).labels, data.subset(10, seed=3).labels)
     assert len(data.subset(10)) == 10 and data.subset(None) is data
+
+
+def test_train_classes_keep_labels_and_the_validation_draw():
+    from workbench.data.classification import build_splits
+
+    full = build_splits("synthetic", val_size=64, train_subset=None, test_subset=128, augment=False)
+    part = build_splits("synthetic", val_size=64, train_subset=None, test_subset=128, augment=False,
+                        classes=[0, 3])
+    for whole, kept in zip(full, part):
+        mask = (whole.labels == 0) | (whole.labels == 3)
+        assert torch.equal(kept.labels, whole.labels[mask])  # the same images, labels unchanged, order kept
+        assert torch.equal(kept.images, whole.images[mask])
+        assert set(kept.labels.tolist()) <= {0, 3} and kept.num_classes == whole.num_classes
+    small = build_splits("synthetic", val_size=64, train_subset=20, augment=False, classes=[0, 3])[0]
+    assert len(small) == 20 and set(small.labels.tolist()) <= {0, 3}
+    with pytest.raises(ValueError, match=r"train_classes \[12\] are not labels of synthetic \(0 to 9\)"):
+        build_splits("synthetic", val_size=64, classes=[0, 12])
+
+
+def test_train_classes_config_is_checked(tmp_path):
+    from workbench.train.config import TrainConfig
+
+    for bad in ([], [0, 0], [-1], ["0"], 3):
+        with pytest.raises(ValueError, match="train_classes=.* is invalid: use a list of distinct labels"):
+            TrainConfig(train_classes=bad).validate()
+    TrainConfig(train_classes=[0, 1, 2, 3, 4]).validate()
+
+
+def test_training_on_part_of_the_classes(tmp_path):
+    from workbench.train.config import TrainConfig
+    from workbench.train.trainer import train
+
+    cfg = TrainConfig(dataset="synthetic", train_subset=64, test_subset=128, val_size=32, epochs=1, batch_size=32,
+                      warmup_epochs=0.25, output=str(tmp_path / "run"), quiet=True, train_classes=[1, 2],
+                      model_kwargs=dict(moe_layers="none", depth=1, embed_dim=16, num_heads=2), tensorboard=False)
+    result = train(cfg)
+    trainer_data = build_datasets("synthetic", test_subset=128)[1]
+    expected = int(((trainer_data.labels == 1) | (trainer_data.labels == 2)).sum())
+    assert result["history"][-1]["test_n"] == expected

@@ -9,6 +9,9 @@
 #   experiments/upcycle/train_base.sh dense_p4_avg  dense_p4_avg.yaml: dense_p4 with global_pool avg, one 80-epoch
 #                                                cosine (about 2 h on one thread), shipped to
 #                                                experiments/checkpoints/vimoe_micro4_fmnist_dense_avg
+#   experiments/upcycle/train_base.sh dense_half dense_half.yaml: dense.yaml pretrained on labels 0-4 only (a
+#                                                transfer base: the fine-tune learns five unseen classes), shipped to
+#                                                experiments/checkpoints/vimoe_micro_fmnist_dense_half
 # The run goes to experiments/runs/upcycle/<name>; it is shipped (tracked, used by the recorded upcycle studies)
 # only when that folder does not exist yet, or with --ship (SHIP=1).
 # Then: python -m workbench study run experiments/studies/upcycle/placement.yaml --jobs 2  (and shared_expert, routing)
@@ -23,8 +26,8 @@ NAME=dense
 for arg in "$@"; do
   case "$arg" in
     --ship) SHIP=1 ;;
-    dense|dense_p4|dense_p4_avg) NAME=$arg ;;
-    *) echo "unknown argument $arg: name a base (dense, dense_p4 or dense_p4_avg) and/or --ship to replace the shipped one" >&2
+    dense|dense_p4|dense_p4_avg|dense_half) NAME=$arg ;;
+    *) echo "unknown argument $arg: name a base (dense, dense_p4, dense_p4_avg or dense_half) and/or --ship to replace the shipped one" >&2
        exit 2 ;;
   esac
 done
@@ -32,6 +35,7 @@ case "$NAME" in
   dense) DEST=experiments/checkpoints/vimoe_micro_fmnist_dense ;;
   dense_p4) DEST=experiments/checkpoints/vimoe_micro4_fmnist_dense ;;
   dense_p4_avg) DEST=experiments/checkpoints/vimoe_micro4_fmnist_dense_avg ;;
+  dense_half) DEST=experiments/checkpoints/vimoe_micro_fmnist_dense_half ;;
 esac
 $PY -m workbench train --config "experiments/upcycle/$NAME.yaml" $(resume "experiments/runs/upcycle/$NAME")
 if [ "$NAME" = dense_p4 ]; then

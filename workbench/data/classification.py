@@ -154,6 +154,12 @@ class TensorData:
         return TensorData(self.images[idx], self.labels[idx], self.mean, self.std, self.num_classes, self.augment,
                           self.pad, self.flip)
 
+    def only_classes(self, classes) -> "TensorData":
+        """The images whose label is in ``classes``, labels unchanged (the head keeps every output)."""
+        keep = torch.isin(self.labels, torch.as_tensor(list(classes), device=self.labels.device))
+        return TensorData(self.images[keep], self.labels[keep], self.mean, self.std, self.num_classes, self.augment,
+                          self.pad, self.flip)
+
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return normalise(images, self.mean, self.std)
 
@@ -257,10 +263,24 @@ VAL_SEED = 2410_15732  # the validation split is the same for every run seed, so
 
 
 def build_splits(name: str, *, val_size: int = 0, root=None, model=None, train_subset: int | None = None,
-                 test_subset: int | None = None, augment: bool = True, seed: int = 0, num_workers: int = 4):
+                 test_subset: int | None = None, augment: bool = True, seed: int = 0, num_workers: int = 4,
+                 classes=None):
     """(train, validation, test): ``val_size`` images carved out of the training set by a fixed draw (independent
     of ``seed``), never augmented, never trained on; ``train_subset`` then samples what is left.  With
-    ``val_size=0`` the validation split is None.  Choose layers, thresholds and hyperparameters on it, not on test."""
+    ``val_size=0`` the validation split is None.  Choose layers, thresholds and hyperparameters on it, not on test.
+    ``classes`` (a list of labels) keeps only those classes in every split, after the validation draw, so that a
+    model pretrained on part of the label set never sees the validation images of the full task."""
+    if classes is not None:
+        splits = build_splits(name, val_size=val_size, root=root, model=model, train_subset=None,
+                              test_subset=test_subset, augment=augment, seed=seed, num_workers=num_workers)
+        if not all(isinstance(d, TensorData) for d in splits if d is not None):
+            raise ValueError("train_classes keeps classes of in-memory datasets only (fashion-mnist, cifar, "
+                             "synthetic); leave it unset for an imagefolder dataset")
+        bad = sorted(set(classes) - set(range(splits[0].num_classes)))
+        if bad:
+            raise ValueError(f"train_classes {bad} are not labels of {name} (0 to {splits[0].num_classes - 1})")
+        train, val, test = (None if d is None else d.only_classes(classes) for d in splits)
+        return train.subset(train_subset, seed), val, test
     train, test = build_datasets(name, root=root, model=model, augment=augment, test_subset=test_subset,
                                  seed=seed, num_workers=num_workers)
     if not val_size:

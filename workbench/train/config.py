@@ -35,6 +35,7 @@ class TrainConfig:
     clip_grad: float | None = 1.0
     augment: bool = True
     train_subset: int | None = None
+    train_classes: list | None = None  # only these labels in every split (labels unchanged): pretraining on part of a task
     test_subset: int | None = None
     val_size: int = 0  # images held out of the training set (fixed draw, same for every seed) as a validation split
     eval_at_start: bool = False  # evaluate before the first step (step-0 accuracy: is an upcycled start clean?)
@@ -70,6 +71,12 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr!r} is invalid: use a learning rate > 0")
         if self.train_subset is not None and self.train_subset < 1:
             raise ValueError(f"train_subset={self.train_subset!r} is invalid: use an integer >= 1 or leave it unset")
+        if self.train_classes is not None and not (
+                isinstance(self.train_classes, (list, tuple)) and self.train_classes
+                and all(type(c) is int and c >= 0 for c in self.train_classes)
+                and len(set(self.train_classes)) == len(self.train_classes)):
+            raise ValueError(f"train_classes={self.train_classes!r} is invalid: use a list of distinct labels >= 0, "
+                             f"e.g. [0, 1, 2, 3, 4], or leave it unset (every class)")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is invalid: use auto, cpu, cuda or cuda:N")
         if self.task not in (None,) + TASKS:

@@ -152,6 +152,10 @@ class Trainer:
         if self.task == "segmentation":
             from ..data.scenes import build_seg_splits
 
+            if cfg.train_classes is not None:
+                raise ValueError("train_classes keeps classes of a classification dataset; a segmentation dataset "
+                                 "labels every pixel, leave it unset")
+
             self.train_data, self.val_data, self.test_data = build_seg_splits(cfg.dataset, **split_args,
                                                                               **cfg.data_options)
         elif cfg.data_options:
@@ -159,7 +163,8 @@ class Trainer:
                              f"{cfg.dataset} takes none, leave them out")
         else:
             self.train_data, self.val_data, self.test_data = build_splits(cfg.dataset, **split_args,
-                                                                          num_workers=cfg.num_workers)
+                                                                          num_workers=cfg.num_workers,
+                                                                          classes=cfg.train_classes)
         self.ignore_index = getattr(self.train_data, "ignore_index", -100) if self.task == "segmentation" else -100
         head = getattr(self.model, "num_classes", None)
         if head is not None and head != self.train_data.num_classes:
