@@ -311,3 +311,20 @@ def test_an_estimate_that_prints_as_zero_is_on_neither_side():
     assert _side(-1e-9, "greater", 0.2) == "zero" and _side(3e-4, "less", 0.2) == "zero"
     assert _side(0.01, "greater", 0.2) == "claimed side" and _side(-0.01, "greater", 0.2) == "other side"
     assert _side(0.0, "no_less", 0.5) == "claimed side"  # a margin claim reads its margin, not zero
+
+
+def test_prediction_shares_split_by_the_true_class(tmp_path):
+    from workbench.studies.checks import shares_by_classes
+
+    path = _study(tmp_path)
+    results = tmp_path / "results"
+    labels = [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    _record(results, "s", "dense", 0, 0.8, preds="0000000000")
+    _record(results, "s", "dense", 1, 0.8, preds="0000000011")  # seed-to-seed: 0 of 5 old, 2 of 5 new
+    _record(results, "s", "a", 0, 0.8, preds="1000011100")  # 1 of 5 old, 3 of 5 new
+    table = shares_by_classes(path, {"old": [0], "new": [1]}, labels=labels, results=results)
+    got = {(r.config, r.group): r.share for r in table.itertuples()}
+    assert got == {("a", "old"): pytest.approx(0.2), ("a", "new"): pytest.approx(0.6),
+                   ("dense seed-to-seed", "old"): 0.0, ("dense seed-to-seed", "new"): pytest.approx(0.4)}
+    with pytest.raises(ValueError, match="10 predictions for 3 test labels"):
+        shares_by_classes(path, {"old": [0]}, labels=[0, 1, 1], results=results)

@@ -7,7 +7,7 @@ control) and a threshold (``at_least`` or ``at_most``) for the median over seeds
 check voids every claim that reads it: those claims are printed with their estimates, and their verdict reads
 ``void``.
 
-Imports: this package's ``spec`` and ``records``.
+Imports: this package's ``spec`` and ``records``; ``workbench.data`` (test labels, for shares by class group).
 """
 from __future__ import annotations
 
@@ -187,3 +187,43 @@ def checks_by_seed(study_or_path, results=None) -> pd.DataFrame:
                 rows.append({"id": check["id"], "config": config, "seed": r["seed"], "value": run_metric(r, metric),
                              "share": math.nan})
     return pd.DataFrame(rows, columns=["id", "config", "seed", "value", "share"])
+
+
+def _split(predictions: str) -> list[str]:
+    return predictions.split(",") if "," in predictions else list(predictions)
+
+
+def shares_by_classes(study_or_path, groups: dict[str, list[int]], labels=None, results=None) -> pd.DataFrame:
+    """:func:`checks_by_seed`'s predictions-moved shares, each split by the true class of the test images: per
+    (config, seed, group) the share of that group's test images whose predicted class differs from the same seed's
+    control, and the control's consecutive seed pairs (config ``<control> seed-to-seed``).  ``labels``: the test
+    labels in record order (default: the study's dataset's test split, which the records score in full)."""
+    study = as_study(study_or_path)
+    if labels is None:
+        from ..data.classification import build_datasets
+
+        if study["train"].get("test_subset"):
+            raise ValueError("shares_by_classes needs the full test split; this study scores a test_subset")
+        labels = build_datasets(study["train"].get("dataset", "fashion-mnist"), augment=False)[1].labels
+    labels = [int(v) for v in labels]
+    control_study, control = source_of(study, study["control"])
+    base = {r["seed"]: _split(r["test_predictions"]) for r in iter_records(control_study, results)
+            if r["config"] == control and isinstance(r.get("test_predictions"), str)}
+
+    def differ(a, b, members):
+        idx = [i for i, y in enumerate(labels) if y in members]
+        return sum(a[i] != b[i] for i in idx) / max(1, len(idx))
+
+    rows = []
+    for r in sorted(iter_records(study, results), key=lambda r: (r["config"], r["seed"])):
+        if r["config"] == study["control"] or r["seed"] not in base or not isinstance(r.get("test_predictions"), str):
+            continue
+        mine = _split(r["test_predictions"])
+        if len(mine) != len(labels):
+            raise ValueError(f"{r['config']} seed {r['seed']}: {len(mine)} predictions for {len(labels)} test labels")
+        rows += [{"config": r["config"], "seed": r["seed"], "group": g, "share": differ(mine, base[r["seed"]], set(m))}
+                 for g, m in groups.items()]
+    seeds = sorted(base)
+    rows += [{"config": f"{study['control']} seed-to-seed", "seed": a, "group": g,
+              "share": differ(base[a], base[b], set(m))} for a, b in zip(seeds, seeds[1:]) for g, m in groups.items()]
+    return pd.DataFrame(rows, columns=["config", "seed", "group", "share"])
