@@ -187,3 +187,24 @@ def test_ship_records_the_tree_as_it_was_before_it_wrote(tmp_path, monkeypatch):
     record = json.loads((dest / "config.json").read_text())
     assert seen == [False] and record["provenance"] == {"commit": "c", "wall_time_s": 12.5}
     assert record["shipped_test"] == {"acc": 0.5, "loss": 1.0, "n": 10}
+
+
+def test_transfer_base_knows_only_its_five_classes(one_thread):
+    """vimoe_micro_fmnist_dense_half (experiments/upcycle/dense_half.yaml): pretrained on labels 0-4 only; scored on
+    its own classes while it trained (90.96% of their 5,000 test images), on all ten when shipped (45.48%)."""
+    folder = ROOT / "experiments" / "checkpoints" / "vimoe_micro_fmnist_dense_half"
+    model, _ = load_model(folder)
+    record = json.loads((folder / "config.json").read_text())
+    assert record["provenance"]["commit"] == "dc2f90a2af7eea28627388cca00bc7a93cb67840"  # clean: no '+dirty'
+    assert record["train_config"]["train_classes"] == [0, 1, 2, 3, 4]
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (last["test_n"], last["test_acc"]) == (5000, 0.9096) and len(record["train_config"]) > 0
+    assert record["shipped_test"]["n"] == 10000 and record["shipped_test"]["acc"] == 0.4548
+    try:
+        _, test = build_datasets("fashion-mnist", model=model, test_subset=SUBSET, num_workers=0)
+    except DatasetNotFound as err:
+        pytest.skip(f"Fashion-MNIST is not installed: {err}")
+    result = evaluate(model, test)
+    assert round(result["acc"] * SUBSET) == 238 and result["loss"] == pytest.approx(2.28546728515625, rel=1e-6)
+    old = test.only_classes([0, 1, 2, 3, 4])
+    assert len(old) == 265 and round(evaluate(model, old)["acc"] * len(old)) == 238  # every hit is an old class
