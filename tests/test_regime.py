@@ -172,3 +172,13 @@ def test_schedule_rule_after_more_seeds_uses_the_checks_own_thresholds(tmp_path)
     (tmp_path / "b").mkdir()
     s, results = _pilot(tmp_path / "b", {0: 0.2, 1: 0.2, 2: 0.2, 3: 0.1}, nmi=0.01, seeds=(0, 1, 2, 3))
     assert regime.schedule_rule(s, results)[1].endswith("rule (1) adopted")
+
+
+def test_floor_rule_reads_the_pilots_own_dense_floor():
+    """pilots/upcycle_half.yaml's rule (1) on its first two seeds: borderline (router-choices-moved for first-2 and
+    all-shared) with the dense mean above its 80% floor; the same records fail outright under a 90% floor."""
+    study = dict(regime.load("pilots/upcycle_half"), seeds=[940, 941])
+    table, line = regime.floor_rule(study, 80.0)
+    assert "dense mean 85.745% (floor 80.00%); rule (1) borderline" in line
+    assert sorted(table.loc[table["band"] == "borderline", "config"]) == ["all-shared", "first-2"]
+    assert "fails outright (dense mean below 90.00%)" in regime.floor_rule(study, 90.0)[1]

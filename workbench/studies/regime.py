@@ -83,6 +83,28 @@ def schedule_rule(study: dict, results=None) -> tuple[pd.DataFrame, str]:
     return table, f"{study['name']}: dense mean {dense:.2f}% (floor {100 * dense_floor:.2f}%); rule (1) {outcome}"
 
 
+def floor_rule(study: dict, dense_floor: float, results=None) -> tuple[pd.DataFrame, str]:
+    """A pilot whose rule (1) sets its own dense floor (``dense_floor``, percent; pilots/upcycle_half.yaml: 80.00, the
+    fine-tune must learn the classes its base never saw): :func:`schedule_rule`'s check bands, with the dense floor
+    read as :func:`control_mean` (unrounded) >= ``dense_floor`` in place of the base's accuracy less the margin."""
+    table, line = schedule_rule(study, results)
+    if not len(table):
+        return table, line
+    dense = control_mean(study, results=results)
+    dense_ok = dense is not None and dense >= dense_floor
+    failed = table.loc[table["band"] == "fails", "config"].unique().tolist()
+    if failed or not dense_ok:
+        why = [f"{', '.join(failed)} below a floor"] if failed else []
+        why += [] if dense_ok else [f"dense mean below {dense_floor:.2f}%"]
+        outcome = "fails outright (" + "; ".join(why) + "): the schedule is not adopted"
+    elif (table["band"] == "borderline").any():
+        outcome = "borderline: two more seeds for every arm before deciding (the pilot file names them)"
+    else:
+        outcome = "adopted"
+    seeds = f"{len(study['seeds'])} seeds"
+    return table, f"{study['name']} ({seeds}): dense mean {dense:.3f}% (floor {dense_floor:.2f}%); rule (1) {outcome}"
+
+
 def status(study: dict, results=None) -> str:
     done, planned = progress(study, results)
     if done >= planned:
