@@ -13,7 +13,8 @@ from workbench import viz
 from workbench.studies import answer, report
 pd.set_option("display.width", 140)
 from workbench.studies import regime
-REGIME = [("upcycle regime: re-warmed fine-tune, equal parameters, 8 seeds", "experiments/studies/regime/upcycle4.yaml")]
+REGIME = [("transfer regime: base pretrained on 5 classes, equal parameters, 8 seeds", "experiments/studies/regime/upcycle_half.yaml"),
+          ("upcycle regime: re-warmed fine-tune, equal parameters, 8 seeds", "experiments/studies/regime/upcycle4.yaml")]
 ANSWER = answer.show(["shared_expert"], confirm=["confirm", "confirm_shared"], regime=REGIME,
                      ids=["shared-narrows-placement-range", "shared-lifts-worst-placement", "shared-beats-top2-last2", "shared-beats-top2-all", "fine-grained-beats-top1-last2",
                           "fine-grained-beats-top1-all", "shared-makes-placement-matter-less", "shared-init-copy-vs-zero",
@@ -37,7 +38,10 @@ ANSWER
 # files' limit claim 2 is unanswerable in the upcycle protocol under the schedules those files allow. A third pilot
 # on an avg-pooled twin of the base (every patch token reaches the prediction) failed its rule the same way
 # (last-2's predictions-moved 0.4569, last-2-shared's 0.6235; notebook 01), so its confirmatory file was not run and
-# claim 2 is unanswerable for that model under that schedule too.
+# claim 2 is unanswerable for that model under that schedule too. A fourth pilot, in a transfer regime (a base
+# pretrained on five of the ten classes, every arm fine-tuned on all ten; 7x7 patches), adopted its schedule: every
+# arm moved (notebook 01). Its confirmatory study, `regime/upcycle_half.yaml`, tests claim 2 there as the same
+# interaction across placements at equal parameters; it is under way and has no verdict until all 56 runs are in.
 #
 # ## Method
 #

@@ -228,3 +228,20 @@ def test_schedule_pilots_failed_their_rule_as_the_readme_says(pilot, line, value
     assert round(row["value"], 4) == value and row["band"] == "fails"
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"{value:.4f}" in readme
+
+
+def test_transfer_pilot_adopted_its_schedule_as_the_readme_says():
+    """pilots/upcycle_half.yaml: borderline on seeds 940-941, adopted on 940-943 by its own rule (1) (every check
+    at its own threshold, the dense mean at least 80.00%), as README and notebook 01 report."""
+    from workbench.studies import regime
+
+    study = regime.load("pilots/upcycle_half")
+    table, said = regime.floor_rule(study, 80.0)
+    assert "(4 seeds): dense mean 85.595% (floor 80.00%); rule (1) adopted" in said
+    assert (table["band"] == "adopt").all() and len(table) == 18
+    last2 = table[(table["check"] == "predictions-moved") & (table["config"] == "last-2")].iloc[0]
+    assert round(last2["value"], 4) == 0.9457
+    first = regime.floor_rule(dict(study, seeds=[940, 941]), 80.0)[1]
+    assert "rule (1) borderline" in first
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "0.9457" in readme and "85.595%" in readme and "**adopted**" in readme

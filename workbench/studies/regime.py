@@ -110,7 +110,8 @@ def status(study: dict, results=None) -> str:
     if done >= planned:
         return f"{study['name']}: all {planned} planned runs recorded"
     seeds = sorted({r["seed"] for r in iter_records(study, results)})
-    return (f"{study['name']}: {done} of {planned} planned runs recorded (seeds {', '.join(map(str, seeds))}); "
+    which = f" (seeds {', '.join(map(str, seeds))})" if seeds else ""
+    return (f"{study['name']}: {done} of {planned} planned runs recorded{which}; "
             "the study is incomplete, so what follows is provisional: no claim has a verdict until every run is in")
 
 
