@@ -178,12 +178,19 @@ answer.Table(shares[shares["id"] == "predictions-moved"].drop(columns="id").roun
 # and 0.0127 for all-shared, between the 0.005 floor and the 0.015 adopt mark), so seeds 942-943 were appended, as
 # the rule prescribes, in a commit made before their runs; on four seeds every arm passes the checks' own
 # thresholds (experts-moved 0.35-0.51, router-choices-moved 0.0135-0.0626, predictions-moved 0.885-1.207, last-2
-# 0.9457) and the dense control's mean test accuracy, 85.595%, clears the file's 80.00% floor: **adopted**. As rule
-# (6) asks, the shares below: each arm changed 3.4-5.2% of test predictions against its same-seed control, against
+# 0.9457) and the dense control's mean test accuracy, 85.595%, clears the file's 80.00% floor: **adopted**. The
+# adoption rests on the 4-seed decision using the checks' own thresholds, looser than the 2-seed adopt marks, as the
+# rule fixed in advance: first-2's router-choices-moved passes on its median only because seeds 942-943 came in at
+# 0.0174 and 0.0193 (940-941: 0.0057 and 0.0096), and, as rule (4) asks, the values that would sit in the
+# 2-seed borderline band are reported beside the outcome: router-choices-moved 0.0135 (first-2) and 0.0136
+# (all-shared), under 0.015; predictions-moved 0.8851 (first-2), under 0.9; one seed below 0.8 (last-2-shared,
+# seed 942: 0.780). As rule (6) asks, the shares below: each arm changed 3.4-5.2% of test predictions against its same-seed control, against
 # the control's seed-to-seed 4.1-4.5% (last-2: 3.8-4.3%, where on the other bases it changed 1.1-1.3% against a seed
 # noise of 2.6-2.8%), and about equally on the base's classes and on the new ones (last-2: 4.03% on each), so the
 # movement is not confined to the new classes; no arm's mean test accuracy is below 80% (85.6-86.0%), so none moved
-# by failing to learn. By rule (2), `regime/upcycle_half.yaml` (written, reviewed and committed while the pilot ran,
+# by failing to learn. Every ratio is 0.885-1.207: the arms differ from their same-seed control about as much as
+# one control seed differs from another, and a ratio near 1 could also come from training runs drifting apart on
+# the new classes (the even split over old and new classes speaks against that, without excluding it). By rule (2), `regime/upcycle_half.yaml` (written, reviewed and committed while the pilot ran,
 # before any of its records was read) runs; its verdicts will concern this transfer regime and this 7x7 model only.
 # The pilot's test accuracies are not read as results about placement or shared experts (rule (5)).
 
