@@ -70,17 +70,21 @@ def schedule_rule(study: dict, results=None) -> tuple[pd.DataFrame, str]:
     if len(bases) != 1:
         raise ValueError(f"{study['name']}: its records carry {len(bases)} base accuracies, a schedule pilot one")
     dense_floor = round(bases.pop() - DENSE_MARGIN, 6)
-    dense_ok = dense is not None and dense >= round(100 * dense_floor, 4)
+    outcome = _outcome(table, dense, round(100 * dense_floor, 4))
+    return table, f"{study['name']}: dense mean {dense:.2f}% (floor {100 * dense_floor:.2f}%); rule (1) {outcome}"
+
+
+def _outcome(table: pd.DataFrame, dense: float | None, floor_pct: float) -> str:
+    """Rule (1)'s outcome from the bands and the dense mean against its floor (both in percent)."""
+    dense_ok = dense is not None and dense >= floor_pct
     failed = table.loc[table["band"] == "fails", "config"].unique().tolist()
     if failed or not dense_ok:
         why = [f"{', '.join(failed)} below a floor"] if failed else []
-        why += [] if dense_ok else [f"dense mean below {100 * dense_floor:.2f}%"]
-        outcome = "fails outright (" + "; ".join(why) + "): the schedule is not adopted"
-    elif (table["band"] == "borderline").any():
-        outcome = "borderline: two more seeds for every arm before deciding (the pilot file names them)"
-    else:
-        outcome = "adopted"
-    return table, f"{study['name']}: dense mean {dense:.2f}% (floor {100 * dense_floor:.2f}%); rule (1) {outcome}"
+        why += [] if dense_ok else [f"dense mean below {floor_pct:.2f}%"]
+        return "fails outright (" + "; ".join(why) + "): the schedule is not adopted"
+    if (table["band"] == "borderline").any():
+        return "borderline: two more seeds for every arm before deciding (the pilot file names them)"
+    return "adopted"
 
 
 def floor_rule(study: dict, dense_floor: float, results=None) -> tuple[pd.DataFrame, str]:
@@ -91,16 +95,7 @@ def floor_rule(study: dict, dense_floor: float, results=None) -> tuple[pd.DataFr
     if not len(table):
         return table, line
     dense = control_mean(study, results=results)
-    dense_ok = dense is not None and dense >= dense_floor
-    failed = table.loc[table["band"] == "fails", "config"].unique().tolist()
-    if failed or not dense_ok:
-        why = [f"{', '.join(failed)} below a floor"] if failed else []
-        why += [] if dense_ok else [f"dense mean below {dense_floor:.2f}%"]
-        outcome = "fails outright (" + "; ".join(why) + "): the schedule is not adopted"
-    elif (table["band"] == "borderline").any():
-        outcome = "borderline: two more seeds for every arm before deciding (the pilot file names them)"
-    else:
-        outcome = "adopted"
+    outcome = _outcome(table, dense, dense_floor)
     seeds = f"{len(study['seeds'])} seeds"
     return table, f"{study['name']} ({seeds}): dense mean {dense:.3f}% (floor {dense_floor:.2f}%); rule (1) {outcome}"
 
