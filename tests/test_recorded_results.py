@@ -90,8 +90,11 @@ def test_records_have_clean_single_commit_provenance(path):
     if len(commits) > 1:  # only where a rule added seeds in a later commit: no code between them may differ
         first, *later = sorted(commits)
         for other in later:
-            changed = subprocess.run(["git", "diff", "--name-only", first, other], cwd=ROOT, capture_output=True,
-                                     text=True, check=True).stdout.split()
+            diff = subprocess.run(["git", "diff", "--name-only", first, other], cwd=ROOT, capture_output=True,
+                                  text=True)
+            if diff.returncode:
+                pytest.skip(f"git cannot compare {first[:7]} and {other[:7]} here (a shallow clone?)")
+            changed = diff.stdout.split()
             code = [p for p in changed if p.startswith(("workbench/", "experiments/checkpoints/", "experiments/upcycle/"))
                     or p in ("pyproject.toml", "app.py")]
             assert not code, f"{study['name']}: records from commits {first[:7]} and {other[:7]}, which differ in {code}"
