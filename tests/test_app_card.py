@@ -433,5 +433,6 @@ def test_card_of_a_mistyped_path_names_the_problem(checkpoints, tmp_path):
     body, verdict, _ = app.refresh_card(str(tmp_path / "vimoe_tiny_fmnst"), None)
     assert "No model card" in body and "does not exist" in body and "Model card: vimoe_tiny_fmnst" not in body
     assert verdict == ""
-    body, _, _ = app.refresh_card(str(checkpoints / "token"), None)  # a real folder not loaded yet: it waits
+    fresh = _save_token(tmp_path / "fresh")  # a real folder that no test has loaded: its card waits for a route
+    body, _, _ = app.refresh_card(str(fresh), None)
     assert "Route an image with this checkpoint to load it" in body
