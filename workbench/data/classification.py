@@ -151,13 +151,14 @@ class TensorData:
         if n is None or n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].to(self.labels.device)
-        return TensorData(self.images[idx], self.labels[idx], self.mean, self.std, self.num_classes, self.augment,
-                          self.pad, self.flip)
+        return self._take(idx)
 
     def only_classes(self, classes) -> "TensorData":
         """The images whose label is in ``classes``, labels unchanged (the head keeps every output)."""
-        keep = torch.isin(self.labels, torch.as_tensor(list(classes), device=self.labels.device))
-        return TensorData(self.images[keep], self.labels[keep], self.mean, self.std, self.num_classes, self.augment,
+        return self._take(torch.isin(self.labels, torch.as_tensor(list(classes), device=self.labels.device)))
+
+    def _take(self, idx: torch.Tensor) -> "TensorData":
+        return TensorData(self.images[idx], self.labels[idx], self.mean, self.std, self.num_classes, self.augment,
                           self.pad, self.flip)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:

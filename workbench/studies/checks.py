@@ -42,9 +42,13 @@ def run_metric(record: dict, metric: str) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _split(predictions: str) -> list[str]:
+    """A record's test predictions, one entry per image (digits, or comma-separated for 10+ classes)."""
+    return predictions.split(",") if "," in predictions else list(predictions)
+
+
 def _differ(a: str, b: str) -> float:
-    if "," in a or "," in b:
-        a, b = a.split(","), b.split(",")
+    a, b = _split(a), _split(b)
     return sum(x != y for x, y in zip(a, b)) / max(1, len(a))
 
 
@@ -189,10 +193,6 @@ def checks_by_seed(study_or_path, results=None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["id", "config", "seed", "value", "share"])
 
 
-def _split(predictions: str) -> list[str]:
-    return predictions.split(",") if "," in predictions else list(predictions)
-
-
 def shares_by_classes(study_or_path, groups: dict[str, list[int]], labels=None, results=None) -> pd.DataFrame:
     """:func:`checks_by_seed`'s predictions-moved shares, each split by the true class of the test images: per
     (config, seed, group) the share of that group's test images whose predicted class differs from the same seed's
@@ -210,9 +210,10 @@ def shares_by_classes(study_or_path, groups: dict[str, list[int]], labels=None, 
     base = {r["seed"]: _split(r["test_predictions"]) for r in iter_records(control_study, results)
             if r["config"] == control and isinstance(r.get("test_predictions"), str)}
 
-    def differ(a, b, members):
-        idx = [i for i, y in enumerate(labels) if y in members]
-        return sum(a[i] != b[i] for i in idx) / max(1, len(idx))
+    where = {g: [i for i, y in enumerate(labels) if y in set(m)] for g, m in groups.items()}  # once per group
+
+    def differ(a, b, group):
+        return sum(a[i] != b[i] for i in where[group]) / max(1, len(where[group]))
 
     rows = []
     for r in sorted(iter_records(study, results), key=lambda r: (r["config"], r["seed"])):
@@ -221,9 +222,9 @@ def shares_by_classes(study_or_path, groups: dict[str, list[int]], labels=None, 
         mine = _split(r["test_predictions"])
         if len(mine) != len(labels):
             raise ValueError(f"{r['config']} seed {r['seed']}: {len(mine)} predictions for {len(labels)} test labels")
-        rows += [{"config": r["config"], "seed": r["seed"], "group": g, "share": differ(mine, base[r["seed"]], set(m))}
-                 for g, m in groups.items()]
+        rows += [{"config": r["config"], "seed": r["seed"], "group": g, "share": differ(mine, base[r["seed"]], g)}
+                 for g in groups]
     seeds = sorted(base)
     rows += [{"config": f"{study['control']} seed-to-seed", "seed": a, "group": g,
-              "share": differ(base[a], base[b], set(m))} for a, b in zip(seeds, seeds[1:]) for g, m in groups.items()]
+              "share": differ(base[a], base[b], g)} for a, b in zip(seeds, seeds[1:]) for g in groups]
     return pd.DataFrame(rows, columns=["config", "seed", "group", "share"])
