@@ -262,7 +262,7 @@ def test_transfer_pilot_adopted_its_schedule_as_the_readme_says():
 def test_prune_study_all_runs_equal_the_regime_records():
     """regime/upcycle_half_prune.yaml re-runs upcycle-half-regime's ``all`` arm from its own commit (adding the CLS
     routing analysis): every recorded seed must equal the regime's record of that seed exactly (test predictions and
-    per-epoch history), which is what lets its new placements sit beside first-2, last-2 and dense from 6204652."""
+    per-epoch history but its timings), which is what lets its new placements sit beside first-2, last-2 and dense from 6204652."""
     prune = load_study(ROOT / "experiments/studies/regime/upcycle_half_prune.yaml")
     regime = load_study(ROOT / "experiments/studies/regime/upcycle_half.yaml")
     mine = {r["seed"]: r for r in _records(prune) if r["config"] == "all"}
@@ -273,5 +273,7 @@ def test_prune_study_all_runs_equal_the_regime_records():
         assert seed in theirs, f"upcycle-half-regime has no all seed {seed}"
         assert r["provenance"]["commit"] != theirs[seed]["provenance"]["commit"]
         assert r["test_predictions"] == theirs[seed]["test_predictions"], f"all seed {seed}: predictions differ"
-        assert r["history"] == theirs[seed]["history"], f"all seed {seed}: history differs"
+        timing = ("img_per_s", "wall_time")  # the only entries that may differ: the machine's speed
+        same = [[{k: v for k, v in e.items() if k not in timing} for e in x["history"]] for x in (r, theirs[seed])]
+        assert same[0] == same[1], f"all seed {seed}: history differs"
         assert r["expert_spread"] == theirs[seed]["expert_spread"]
