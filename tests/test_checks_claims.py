@@ -275,6 +275,12 @@ def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_oth
     assert table.loc["g-unbalanced", "estimate"] == pytest.approx(
         np.mean([acc["p13", s] * 100 - others("p13", s) for s in range(3)]))
     assert "picked by all's routing" in table.loc["g", "contrast"]
+    from workbench.studies.pruning import placement_ranking
+    ranks = placement_ranking(study, "g", results)  # p23 is the best placement on every seed, p03 the 4th
+    assert list(ranks["guided"]) == ["p23", "p23", "p03"] and list(ranks["guided_rank"]) == [1, 1, 4]
+    assert ranks.loc[2, "p03"] == pytest.approx(acc["p03", 2] * 100) and list(ranks["specialised_blocks"]) == [1, 1, 1]
+    with pytest.raises(ValueError, match="no guided claim 'g-none'"):
+        placement_ranking(study, "g-none", results)
     # a placement list that is not every 2-of-4 placement once: refused when read
     short = _guided_study(tmp_path, places, [{**claim, "treatment": list(places)[:5]}])
     with pytest.raises(StudyError, match="must list every 2-of-4 placement"):

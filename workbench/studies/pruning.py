@@ -8,7 +8,7 @@ same way.
     pruning.expert_pruning_table(study, "all")
     pruning.refit_table(study, "all")
 
-Imports: this package's ``records`` and ``workbench.analysis.stats``.
+Imports: this package's ``records`` and ``claims`` (the guided picks) and ``workbench.analysis.stats``.
 """
 from __future__ import annotations
 
@@ -89,3 +89,29 @@ def refit_table(study: dict, config: str, results=None) -> pd.DataFrame:
                      "params": int(df[f"{variant}_params"].iloc[0]), "gmacs": df[f"{variant}_gmacs"].iloc[0],
                      "vs_control": "-" if variant == "unpruned_ft" else _interval(paired(acc, control))})
     return pd.DataFrame(rows, columns=["variant", "what", "seeds", "test_acc", "params", "gmacs", "vs_control"])
+
+
+def placement_ranking(study: dict, claim_id: str, results=None) -> pd.DataFrame:
+    """A guided claim's placements side by side: one row per seed with every placement's test accuracy (%), the
+    placement the guide's routing picked (chosen on validation), its rank among them by test accuracy (1 = best;
+    reported, never used to choose) and how many of the guide's blocks passed the random-router test.  Seeds that
+    lack a placement are left out, as the claim leaves them out."""
+    from .claims import guided_picks
+    from .records import config_values
+
+    claim = next((c for c in study["claims"] if c["id"] == claim_id and c.get("kind") == "guided"), None)
+    if claim is None:
+        raise ValueError(f"{study['name']} has no guided claim {claim_id!r}")
+    places = claim["treatment"]
+    acc = {c: config_values(study, c, results) for c in places}
+    rows = []
+    for _, pick in guided_picks(study, claim, results).iterrows():
+        seed = pick["seed"]
+        if pick["placement"] is None or any(seed not in acc[c].index for c in places):
+            continue
+        row = {"seed": seed, **{c.rpartition("/")[2]: 100 * acc[c][seed] for c in places}}
+        picked = pick["placement"].rpartition("/")[2]
+        order = sorted((row[c.rpartition("/")[2]] for c in places), reverse=True)
+        rows.append({**row, "guided": picked, "guided_rank": order.index(row[picked]) + 1,
+                     "specialised_blocks": pick["specialised_blocks"]})
+    return pd.DataFrame(rows)
