@@ -22,7 +22,7 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "segmentation_panels": "figures",
     "regions_by_depth": "figures",
     "accuracy_by_epoch": "figures",
-    "placement_interaction": "interaction",
+    "placement_interaction": "interaction", "guided_placements": "interaction",
     "render_overlay": "overlay", "render_mask": "overlay",
     "EXPERT_COLORS": "palette",
     "SHARED_COLOR": "palette",

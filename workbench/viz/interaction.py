@@ -1,5 +1,6 @@
 """Claim 2's figure: test accuracy per MoE placement, without and with a shared expert, each seed's line beside
-the mean and its 95% t-interval.  "Stable across configurations" reads as the flatter of the two profiles.
+the mean and its 95% t-interval.  "Stable across configurations" reads as the flatter of the two profiles.  And
+claim 3's, tested by training: every k-of-L placement per seed, with the one the routing picked.
 
 Imports: plotly, pandas, scipy; this package's ``palette`` and ``figures`` (the one layout).
 """
@@ -49,5 +50,29 @@ def placement_interaction(grid: pd.DataFrame, reference: float | None = None, re
                       annotation_text=reference_name, annotation_position="top left")
     fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="MoE placement", tickmode="array", tickvals=list(range(len(order))),
                                                 ticktext=order),
+                      yaxis=dict(title="test accuracy (%)"), legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+def guided_placements(ranks: pd.DataFrame, reference: float | None = None, reference_name: str = "all-MoE",
+                      title: str = "Every 2-of-4 placement, and the one routing picked") -> go.Figure:
+    """Claim 3 tested by training: ``ranks`` from ``studies.pruning.placement_ranking`` (one row per seed, a column
+    per placement in percent, ``guided`` the routing's pick).  Thin lines: one seed across the placements; a ring:
+    the placement that seed's routing picked; thick: the mean over seeds; a dashed line at ``reference``."""
+    order = [c for c in ranks.columns if c not in ("seed", "guided", "guided_rank", "specialised_blocks")]
+    fig = go.Figure()
+    for _, row in ranks.iterrows():
+        fig.add_trace(go.Scatter(x=order, y=[row[c] for c in order], mode="lines", opacity=0.35, showlegend=False,
+                                 line=dict(color=expert_color(0), width=1),
+                                 hovertemplate=f"seed {row['seed']}: %{{y:.2f}}%<extra></extra>"))
+    fig.add_trace(go.Scatter(x=list(ranks["guided"]), y=[row[row["guided"]] for _, row in ranks.iterrows()],
+                             mode="markers", name="routing's pick (one seed each)",
+                             marker=dict(size=13, symbol="circle-open", color=SHARED_COLOR, line=dict(width=2))))
+    fig.add_trace(go.Scatter(x=order, y=[ranks[c].mean() for c in order], mode="lines+markers",
+                             name=f"mean of {len(ranks)} seeds", line=dict(color=expert_color(0), width=3)))
+    if reference is not None:
+        fig.add_hline(y=reference, line=dict(color="black", dash="dash", width=1),
+                      annotation_text=reference_name, annotation_position="top left")
+    fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="MoE placement (blocks)"),
                       yaxis=dict(title="test accuracy (%)"), legend=dict(orientation="h", y=-0.2))
     return fig
