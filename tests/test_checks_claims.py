@@ -281,7 +281,7 @@ def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_oth
     assert ranks.loc[2, "p03"] == pytest.approx(acc["p03", 2] * 100) and list(ranks["specialised_blocks"]) == [1, 1, 1]
     from workbench.viz import guided_placements
     fig = guided_placements(ranks, reference=82.0)
-    rings = next(t for t in fig.data if t.name.startswith("routing's pick"))
+    rings = next(t for t in fig.data if (t.name or "").startswith("routing's pick"))
     assert list(rings.x) == ["p23", "p23", "p03"] and rings.y[2] == pytest.approx(acc["p03", 2] * 100)
     assert list(fig.data[-1].x) == list(places) and fig.data[-1].y[0] == pytest.approx(
         np.mean([acc["p01", s] * 100 for s in range(3)]))
