@@ -17,7 +17,8 @@ ROOT = os.path.abspath("..")
 ANSWER = answer.show(["placement"], claim_kinds=["pruning"])
 display(ANSWER)
 display(answer.pruning_ranks())
-display(answer.show([], regime=[("upcycle regime: every 2-of-4 placement trained", "experiments/studies/regime/upcycle4_guided.yaml"),
+display(answer.show([], regime=[("transfer regime: placements trained, densify then fine-tune", "experiments/studies/regime/upcycle_half_prune.yaml"),
+                                ("upcycle regime: every 2-of-4 placement trained", "experiments/studies/regime/upcycle4_guided.yaml"),
                                 ("upcycle regime: densify, then fine-tune", "experiments/studies/regime/upcycle4_densify.yaml")]))
 answer.show([], regime=[("upcycle regime: experts pruned or merged", "experiments/studies/regime/upcycle4_experts.yaml")])
 
@@ -103,6 +104,43 @@ print(f"specialised CLS-routing blocks per seed of upcycle4-regime/all: "
       f"(the rule: {premise.attrs['rule']}), so it {'passes: the file runs' if premise.attrs['passed'] else 'fails: the file is not run (routing shows fewer than 2 specialised layers: claim 3' + chr(39) + 's premise is not shown)'}")
 if report.progress(densify_file)[0]:
     display(answer.Table(st.refit_table(st.load_study(densify_file), "all").round(4)))
+
+# %% [markdown]
+# ## Claim 3 in the transfer regime: the guidance tested by training, and densify then fine-tune
+#
+# `experiments/studies/regime/upcycle_half_prune.yaml` (written and reviewed before its runs) puts both halves of
+# the claim-3 design on the transfer base of notebook 01, where every upcycled arm moved: per seed, the 2 blocks
+# whose CLS routing in the all-MoE run most exceeds random routers (load-balanced, validation) pick one of the six
+# 2-of-4 placements, each fine-tuned on the same schedule and seeds (first-2, last-2 and the dense control come
+# from upcycle-half-regime; its `all` run is repeated here with the CLS analysis, and must equal that study's
+# record exactly, which `tests/test_recorded_results.py` checks); and the same all-MoE runs have their 2 least
+# specialised blocks merged (controls: the 2 most specialised merged, every block merged, the base's FFN restored,
+# a fresh FFN), each scored before and after one more epoch beside the MoE model given the same epoch. First the
+# checks (the premise, routing-shows-specialised-layers, comes first), then each seed's pick beside the blocks that
+# pass the random-router test, every placement per seed with the pick's rank (test accuracy, reported only), the
+# figure, and the densify table (points paired by seed against the MoE model fine-tuned the same way).
+
+# %%
+prune_file = os.path.join(ROOT, "experiments/studies/regime/upcycle_half_prune.yaml")
+prune = st.load_study(prune_file)
+done, planned = report.progress(prune_file)
+print(f"upcycle-half-prune: {done} of {planned} runs recorded" + ("" if done == planned else " (no table before all are in)"))
+if done == planned:
+    from workbench.studies.checks import format_checks
+    from workbench.studies.claims import guided_picks
+    print(format_checks(st.evaluate_checks(prune)))
+    guided = next(c for c in prune["claims"] if c["id"] == "guided-beats-other-placements")
+    picks = guided_picks(prune, guided)
+    cls = st.load_routing(prune, ["all"], tokens="cls")
+    picks["specialised"] = [sorted(g.loc[g["specialised"].astype(bool), "block"].astype(int)) for _, g in cls.groupby("seed")]
+    picks["excess_pick"] = list(guided_picks(prune, {**guided, "rank_by": "excess"})["blocks"])
+    display(answer.Table(picks))
+    ranks = st.placement_ranking(prune, "guided-beats-other-placements")
+    display(answer.Table(ranks.round(2)))
+    all_moe = 100 * st.config_values(prune, "all").mean()
+    display(viz.guided_placements(ranks, reference=all_moe, reference_name="MoE in all four blocks (mean)",
+                                  title=f"Transfer regime: every 2-of-4 placement, {len(ranks)} seeds"))
+    display(answer.Table(st.refit_table(prune, "all").round(4)))
 
 # %% [markdown]
 # ## Experts pruned or merged (upcycle regime)
