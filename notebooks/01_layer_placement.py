@@ -48,10 +48,11 @@ ANSWER
 # 56 runs, 8 seeds, every arm passes every check, and **no claim-1 verdict agrees**: MoE in the last two blocks
 # against the dense control +0.136 points [-0.011, +0.284], first-2 against last-2 +0.110 [-0.030, +0.250], all
 # four blocks against last-2 +0.164 [+0.049, +0.279], all three *inconclusive* after Holm, and the two "hurt"
-# estimates lie on the side the paper does not claim (all four blocks, at 63% more MACs, were more accurate than
-# last-2 by an interval that excludes zero but not by Holm in the file, p = 0.060; the project-wide BH view reads
-# it *disagrees*). In this regime placement moved test accuracy by less than a quarter of a point either way. Scope
-# and deviations follow the method.
+# estimates lie on the side the paper does not claim (all four blocks, at 24% more MACs than last-2 and 63% more
+# than dense, were more accurate than last-2 by an interval that excludes zero but not by Holm in the file, p =
+# 0.060; the project-wide BH view reads it *disagrees*). The placement estimates were all under a quarter of a point
+# (largest, all minus last-2, +0.164 [+0.049, +0.279]); these intervals do not rule out differences of about
+# 0.25-0.3 points. Scope and deviations follow the method.
 #
 # ## Method
 #
@@ -226,7 +227,9 @@ viz.accuracy_by_epoch(curves[curves["pilot"].str.startswith("pilot-scratch")],
 # The confirmatory study the transfer pilot called for (`experiments/studies/regime/upcycle_half.yaml`): the pilot's
 # base, schedule, seven arms and checks, upcycle4-regime's claims 1 and 2 (without its dense-control and routing
 # claims), 8 seeds fixed before its runs (950-957), every run from one clean commit (6204652), resumable across
-# sessions. Its verdicts are read only with all 56 runs in (its reading rule (b)); they are. Below: its checks, each
+# sessions (two runs, last-2 and first-2 of seed 954, were stopped with the session and resumed from their
+# checkpoints, which on the CPU continues a run exactly and re-checks its clean start; `provenance.resumed`). Its
+# verdicts are read only with all 56 runs in (its reading rule (b)); they are. Below: its checks, each
 # run's test accuracy, the per-seed shares of test predictions that differ from the same seed's control split into
 # the base's classes and the new ones (rule (c)) beside the dense control's own seed-to-seed shares (rule (e)), and
 # the claims with the interval widths reached.
