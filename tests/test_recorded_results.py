@@ -277,3 +277,28 @@ def test_prune_study_all_runs_equal_the_regime_records():
         same = [[{k: v for k, v in e.items() if k not in timing} for e in x["history"]] for x in (r, theirs[seed])]
         assert same[0] == same[1], f"all seed {seed}: history differs"
         assert r["expert_spread"] == theirs[seed]["expert_spread"]
+
+
+def test_transfer_regime_verdicts_are_the_ones_readme_and_notebooks_report():
+    """upcycle-half-regime (all 56 runs): every arm passes every check; claim 1 has no agreeing verdict, and the
+    secondary worst-placement claim of claim 2 disagrees; README and notebooks 01-02 quote these intervals."""
+    from workbench.studies import evaluate_checks, evaluate_claims
+
+    study = load_study(ROOT / "experiments/studies/regime/upcycle_half.yaml")
+    assert len(list(_records(study))) == 56
+    assert evaluate_checks(study)["passed"].all()
+    table = evaluate_claims(study).set_index("id")
+    want = {"late-moe-helps": ("inconclusive", "+0.136 [-0.011, +0.284]"),
+            "early-moe-hurts": ("inconclusive", "+0.110 [-0.030, +0.250]"),
+            "all-layers-hurt": ("inconclusive", "+0.164 [+0.049, +0.279]"),
+            "shared-narrows-placement-range": ("inconclusive", "+0.135 [-0.117, +0.387]"),
+            "shared-lifts-worst-placement": ("disagrees", "-0.289 [-0.461, -0.116]"),
+            "shared-beats-top2-last2": ("inconclusive", "-0.009 [-0.220, +0.202]")}
+    readme = (ROOT / "README.md").read_text().replace("\n", " ").replace(" points [", " [")
+    notebooks = ((ROOT / "notebooks/01_layer_placement.py").read_text() + (ROOT / "notebooks/02_shared_expert.py").read_text()
+                 ).replace("\n# ", " ").replace(" points [", " [")
+    for claim, (verdict, interval) in want.items():
+        row = table.loc[claim]
+        assert row["verdict"] == verdict, claim
+        assert f"{row['estimate']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]" == interval, claim
+        assert interval in readme and interval in notebooks, claim
