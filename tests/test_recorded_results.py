@@ -302,3 +302,25 @@ def test_transfer_regime_verdicts_are_the_ones_readme_and_notebooks_report():
         assert row["verdict"] == verdict, claim
         assert f"{row['estimate']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]" == interval, claim
         assert interval in readme and interval in notebooks, claim
+
+
+def test_prune_study_premise_fails_and_voids_every_claim_as_readme_says():
+    """upcycle-half-prune (25 runs): every arm passes its movement checks, the premise check fails (a median of one
+    block per seed whose CLS routing beats random routers), so every claim is void; README quotes the estimates."""
+    from workbench.studies import evaluate_checks, evaluate_claims
+    from workbench.studies.claims import guided_picks
+
+    study = load_study(ROOT / "experiments/studies/regime/upcycle_half_prune.yaml")
+    assert len(list(_records(study))) == 25
+    checks = evaluate_checks(study).set_index(["id", "config"])
+    assert not checks.loc[("routing-shows-specialised-layers", "all"), "passed"]
+    assert checks.drop(index="routing-shows-specialised-layers", level=0)["passed"].all()
+    table = evaluate_claims(study).set_index("id")
+    assert (table["verdict"] == "void").all() and len(table) == 12
+    picks = guided_picks(study, study["claims"][0])
+    assert list(picks["specialised_blocks"]) == [0, 1, 1, 1, 1]
+    assert sum(p == "upcycle-half-regime/last-2" for p in picks["placement"]) == 4
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    for claim in ("guided-beats-other-placements", "merge-ft-keeps-accuracy", "least-beats-most"):
+        row = table.loc[claim]
+        assert f"[{row['low']:+.3f}, {row['high']:+.3f}]" in readme or f"[{row['low']:+.2f}, {row['high']:+.2f}]" in readme, claim
