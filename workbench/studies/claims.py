@@ -132,7 +132,7 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
                  else paired([], []))
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         elif kind == "experts":
-            from .pruning import expert_value
+            from .records import expert_value
 
             source, config = source_of(study, claim["treatment"])
             first, second, keep = *claim["compare"], claim["keep"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..analysis.stats import paired
-from .records import iter_records, load_refit
+from .records import expert_value, iter_records, load_refit
 
 METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
 
@@ -24,14 +24,6 @@ def _interval(t) -> str:
     if t.n < 2:
         return f"{t.mean:+.2f} (n={t.n})"
     return f"{t.mean:+.2f} [{t.low:+.2f}, {t.high:+.2f}]"
-
-
-def expert_value(record: dict, keep, name: str) -> float:
-    """One run's test accuracy (%) of an expert-pruning variant: a method (or ``random``, the mean of its draws) at
-    ``keep`` experts, ``<method>_ft`` after the fine-tune, or ``unpruned`` / ``unpruned_ft`` (NaN when missing)."""
-    ep = record.get("expert_pruning") or {}
-    cell = ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
-    return 100 * cell["test_acc"] if cell else float("nan")
 
 
 def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame:

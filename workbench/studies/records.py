@@ -219,3 +219,11 @@ def referenced(study: dict, name: str) -> dict:
         if other["name"] == name:
             return other
     raise StudyError(f"study {name!r} (named in references of {study['name']}) has no file in {folder}")
+
+
+def expert_value(record: dict, keep, name: str) -> float:
+    """One run's test accuracy (%) of an expert-pruning variant: a method (or ``random``, the mean of its draws) at
+    ``keep`` experts, ``<method>_ft`` after the fine-tune, or ``unpruned`` / ``unpruned_ft`` (NaN when missing)."""
+    ep = record.get("expert_pruning") or {}
+    cell = ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
+    return 100 * cell["test_acc"] if cell else float("nan")
