@@ -210,7 +210,8 @@ def shares_by_classes(study_or_path, groups: dict[str, list[int]], labels=None, 
     base = {r["seed"]: _split(r["test_predictions"]) for r in iter_records(control_study, results)
             if r["config"] == control and isinstance(r.get("test_predictions"), str)}
 
-    where = {g: [i for i, y in enumerate(labels) if y in set(m)] for g, m in groups.items()}  # once per group
+    members = {g: set(m) for g, m in groups.items()}
+    where = {g: [i for i, y in enumerate(labels) if y in members[g]] for g in groups}  # once per group
 
     def differ(a, b, group):
         return sum(a[i] != b[i] for i in where[group]) / max(1, len(where[group]))
