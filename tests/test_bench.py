@@ -9,7 +9,7 @@ import timm
 import torch
 
 from workbench import bench
-from workbench.bench.layers import bench_moe, bench_peers, format_peers_table
+from workbench.bench.layers import _output, bench_moe, bench_peers, format_peers_table
 from workbench.bench.models import bench_train
 from workbench.bench.timing import saved_bytes, write_result
 from workbench.moe import moe_modules
@@ -181,7 +181,7 @@ def test_peer_layers_compute_finite_outputs_and_gradients():
     x = torch.randn(2, 8, 16, requires_grad=True)
     for c in contenders:
         layer = c.build(c.top_ks[-1])
-        y = bench._output(layer(x))
+        y = _output(layer(x))
         y.sum().backward()
         assert y.shape == x.shape and torch.isfinite(y).all(), c.name
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters()), c.name

@@ -71,6 +71,8 @@ def register_cli(sub) -> None:
     t.add_argument("--threads", type=_thread_list, default=None,
                    help="comma-separated thread counts, e.g. 1,2 (default: 1 and all cores)")
     t.add_argument("--compile", action="store_true", help="torch.compile both models before timing training")
+    t.add_argument("--cpu-matmul", nargs="+", choices=["blas", "onednn"], default=["blas"],
+                   help="CPU matmul libraries to time, both models on each in turn (default: %(default)s)")
     t.add_argument("--json", action="store_true", help="print the results as JSON")
     t.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     t.set_defaults(func=_cmd_train)
@@ -180,6 +182,7 @@ def _cmd_train(args) -> int:
     result = bench_train(model=args.model, dense_model=args.dense_model, moe_layers=args.moe_layers,
                          num_experts=args.num_experts, top_k=args.top_k, batch=args.batch, steps=args.steps,
                          device=args.device, threads=args.threads or default_threads(), compile=args.compile,
+                         cpu_matmuls=args.cpu_matmul,
                          **({"shared_expert": args.shared_expert} if args.shared_expert != "none" else {}))
     result.update(note)
     return _emit(args, "train", result, format_train(result))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..moe import moe_aux_loss, moe_modules
+from ..moe import moe_aux_loss, moe_modules, set_cpu_matmul
 
 from .timing import _plural, time_interleaved
 
@@ -29,9 +29,11 @@ def _train_step(model, opt, x, y, dtype):
 def bench_train(*, model: str = "vimoe_tiny_patch4_28", dense_model: str | None = None, moe_layers: str = "last-3",
                 num_experts: int = 8, top_k: int = 1, batch: int = 128, steps: int = 12, warmup: int = 3,
                 device: str | None = None, latency_reps: int = 50, latency_batches=(1, 8), threads=None,
-                compile: bool = False, **model_kwargs) -> dict:
+                compile: bool = False, cpu_matmuls=("blas",), **model_kwargs) -> dict:
     """Training images/s and eval-forward latency of a ViMoE against its dense model, at each thread count in
-    ``threads`` (default: the current one).  The first thread count's figures are also at the top level."""
+    ``threads`` (default: the current one) and, on the CPU, with each matmul library in ``cpu_matmuls`` (both models
+    switched alike, so each ratio compares like with like).  The first setting's figures are also at the top
+    level."""
     import timm
 
     from ..models import register
@@ -49,14 +51,22 @@ def bench_train(*, model: str = "vimoe_tiny_patch4_28", dense_model: str | None 
         dense = timm.create_model(dense_model, **model_kwargs).to(device)
     macs_ratio = _macs_ratio(moe, dense)
     threads = list(threads or [torch.get_num_threads()])
+    backends = list(cpu_matmuls) if device.type == "cpu" else ["blas"]
     before, training, latency = torch.get_num_threads(), [], []
     try:
-        for n in threads:
-            torch.set_num_threads(n)
-            training.append(_training_speed(moe, dense, batch, steps, warmup, device, dtype, compile))
-            latency += _latency(moe, dense, latency_batches, latency_reps, device, macs_ratio)
+        for backend in backends:
+            for m in (moe, dense):
+                set_cpu_matmul(m, backend)
+            for n in threads:
+                torch.set_num_threads(n)
+                training.append({"cpu_matmul": backend, **_training_speed(moe, dense, batch, steps, warmup, device,
+                                                                          dtype, compile)})
+                latency += [{"cpu_matmul": backend, **row}
+                            for row in _latency(moe, dense, latency_batches, latency_reps, device, macs_ratio)]
     finally:
         torch.set_num_threads(before)
+        for m in (moe, dense):
+            set_cpu_matmul(m, "blas")
     first = next(r for r in latency if r["threads"] == threads[0] and r["batch"] == latency_batches[0])
     return {"model": model, "dense_model": dense_model or f"{model}(moe_layers='none')", "moe_layers": moe_layers,
             "num_experts": num_experts, "top_k": top_k, **model_kwargs, "batch": batch, "device": str(device),
@@ -283,17 +293,18 @@ def format_train(result: dict) -> str:
     r = result
     lines = [f"training {r['model']} (moe_layers={r['moe_layers']}, E={r['num_experts']}, top-{r['top_k']}) vs "
              f"{r['dense_model']}, batch {r['batch']}, {r['dtype']} on {r['device']}"]
+    lib = lambda t: f"{t.get('cpu_matmul', 'blas'):>6} " if r["device"] == "cpu" else ""  # noqa: E731
     for t in r["training"]:
-        lines.append(f"  {_plural(t['threads'], 'thread'):>10}: ViMoE {t['moe_img_s']:.1f} img/s   dense "
+        lines.append(f"  {lib(t)}{_plural(t['threads'], 'thread'):>10}: ViMoE {t['moe_img_s']:.1f} img/s   dense "
                      f"{t['dense_img_s']:.1f} img/s   ratio {t['throughput_ratio']:.3f}")
     lines.append(f"eval forward latency (ViMoE MACs = {r['macs_ratio']:.3f}x dense; vs MACs = latency ratio / MACs "
                  "ratio, 1.00 = costs what its MACs predict)")
     lines.append("  (sorted: the padded small-batch path off; fixed: every token to experts 0..k-1; one copy: every "
                  "expert a view of expert 0's weights; all at the ViMoE's MACs)")
-    lines.append(f"  {'threads':>7} {'batch':>5} {'ViMoE ms':>9} {'dense ms':>9} {'ratio':>6} {'vs MACs':>8} "
-                 f"{'sorted':>7} {'fixed':>7} {'one copy':>8}   (vs MACs)")
+    lines.append(f"  {'matmul ' if r['device'] == 'cpu' else ''}{'threads':>7} {'batch':>5} {'ViMoE ms':>9} "
+                 f"{'dense ms':>9} {'ratio':>6} {'vs MACs':>8} {'sorted':>7} {'fixed':>7} {'one copy':>8}   (vs MACs)")
     for t in r["latency"]:
-        lines.append(f"  {t['threads']:>7} {t['batch']:>5} {t['moe_ms']:>9.2f} {t['dense_ms']:>9.2f} "
+        lines.append(f"  {lib(t)}{t['threads']:>7} {t['batch']:>5} {t['moe_ms']:>9.2f} {t['dense_ms']:>9.2f} "
                      f"{t['ratio']:>6.3f} {t['vs_macs']:>8.3f} {t['sorted_vs_macs']:>7.3f} "
                      f"{t['fixed_vs_macs']:>7.3f} {t['one_copy_vs_macs']:>8.3f}")
     if "weights_mb_moe" in r:  # records saved before these keys existed print without the line

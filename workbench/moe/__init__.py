@@ -5,13 +5,14 @@ import torch
 import torch.nn as nn
 
 from .dispatch import DISPATCH_MODES, HAS_GROUPED_MM
+from .kernels import CPU_MATMULS, OneDNNLinear, check_cpu_matmul
 from .layer import SHARED_EXPERT_MODES, FeedForward, MoEMlp
 from .losses import AUX_LOSSES
 from .router import ROUTING_MODES, Router, Routing, assign_slots, expert_capacity
 
 __all__ = ["MoEMlp", "FeedForward", "Router", "Routing", "assign_slots", "expert_capacity", "moe_modules",
            "moe_aux_loss", "moe_aux_terms", "set_capture", "DISPATCH_MODES", "ROUTING_MODES", "SHARED_EXPERT_MODES",
-           "AUX_LOSSES", "HAS_GROUPED_MM"]
+           "AUX_LOSSES", "HAS_GROUPED_MM", "CPU_MATMULS", "set_cpu_matmul"]
 
 
 def moe_modules(model: nn.Module) -> dict[int, MoEMlp]:
@@ -47,3 +48,20 @@ def set_capture(model: nn.Module, enabled: bool = True) -> None:
         layer.capture_routing = enabled
         if not enabled:
             layer.last_routing = None
+
+
+def set_cpu_matmul(model: nn.Module, backend: str = "blas") -> int:
+    """Run the model's fp32 CPU matmuls on ``backend`` (``'blas'`` or ``'onednn'``, see :mod:`.kernels`): every
+    ``nn.Linear`` becomes :class:`~.kernels.OneDNNLinear` (or back; the parameters stay the same objects) and every
+    MoE layer's experts follow.  Returns how many linear layers and MoE layers it set."""
+    check_cpu_matmul(backend)
+    cls = OneDNNLinear if backend == "onednn" else nn.Linear
+    count = 0
+    for module in model.modules():
+        if type(module) in (nn.Linear, OneDNNLinear):
+            module.__class__ = cls
+            count += 1
+        elif isinstance(module, MoEMlp):
+            module.cpu_matmul = backend
+            count += 1
+    return count

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import a_bt, a_tb, usable, x_w
 from .router import autocast_enabled
 
 DISPATCH_MODES = ("grouped", "loop", "einsum")
@@ -160,30 +161,26 @@ class SortedAssignments:
         return torch.empty_like(sorted_gates).scatter_(0, self.order, sorted_gates).view(self.tokens, self.k)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None):
-    if b is None:
-        return torch.mm(x, w, out=out)
-    return torch.addmm(b, x, w, out=out)
-
-
 def _bias(b: torch.Tensor | None, e: int) -> torch.Tensor | None:
     return None if b is None else b[e]
 
 
-def _experts_forward(xs, w1, b1, w2, b2, plan: SortedAssignments, act: Act, saved: list | None = None):
+def _experts_forward(xs, w1, b1, w2, b2, plan: SortedAssignments, act: Act, saved: list | None = None,
+                     backend: str = "blas"):
     """Sorted rows -> each row through its expert: fc1, activation and fc2 back to back on the expert's slice while
-    it is in cache, three ops per expert.  ``saved`` (training) collects each expert's (pre, post) activations."""
+    it is in cache, three ops per expert.  ``saved`` (training) collects each expert's (pre, post) activations.
+    ``backend``: the CPU matmul library (:mod:`.kernels`)."""
     out = xs.new_empty(xs.shape[0], w2.shape[2])
     for e, r in plan.slices():
-        pre = _linear(xs[r], w1[e], _bias(b1, e))
+        pre = x_w(xs[r], w1[e], _bias(b1, e), backend=backend)
         post = act(pre)
-        _linear(post, w2[e], _bias(b2, e), out=out[r])
+        x_w(post, w2[e], _bias(b2, e), out=out[r], backend=backend)
         if saved is not None:
             saved += [pre, post]
     return out
 
 
-def _experts_backward(grad, xs, w1, w2, acts, plan: SortedAssignments, act: Act, bias: bool):
+def _experts_backward(grad, xs, w1, w2, acts, plan: SortedAssignments, act: Act, bias: bool, backend: str = "blas"):
     """Gradients of :func:`_experts_forward`: grad (sorted rows of d out) -> d xs, d w1, d b1, d w2, d b2."""
     gx, gw1, gw2 = torch.empty_like(xs), torch.empty_like(w1), torch.empty_like(w2)
     gb1 = w1.new_empty(w1.shape[0], w1.shape[2]) if bias else None
@@ -194,10 +191,10 @@ def _experts_backward(grad, xs, w1, w2, acts, plan: SortedAssignments, act: Act,
                 g[e].zero_()
     for i, (e, r) in enumerate(plan.slices()):
         pre, post, g = acts[2 * i], acts[2 * i + 1], grad[r]
-        torch.mm(post.t(), g, out=gw2[e])
-        gpre = _act_backward(act, g @ w2[e].t(), pre)
-        torch.mm(xs[r].t(), gpre, out=gw1[e])
-        torch.mm(gpre, w1[e].t(), out=gx[r])
+        a_tb(post, g, out=gw2[e], backend=backend)
+        gpre = _act_backward(act, a_bt(g, w2[e], backend=backend), pre)
+        a_tb(xs[r], gpre, out=gw1[e], backend=backend)
+        a_bt(gpre, w1[e], out=gx[r], backend=backend)
         if bias:
             torch.sum(g, 0, out=gb2[e])
             torch.sum(gpre, 0, out=gb1[e])
@@ -210,11 +207,11 @@ class _SortedExperts(torch.autograd.Function):
     the experts the same way.  Autograd records one node, and each (T*k, d) buffer moves once each way."""
 
     @staticmethod
-    def forward(ctx, x, gates, w1, b1, w2, b2, plan: SortedAssignments, act: Act):
+    def forward(ctx, x, gates, w1, b1, w2, b2, plan: SortedAssignments, act: Act, backend: str = "blas"):
         xs, g, acts = plan.gather(x), plan.sorted_gates(gates), []
-        out = _experts_forward(xs, w1, b1, w2, b2, plan, act, acts)
+        out = _experts_forward(xs, w1, b1, w2, b2, plan, act, acts, backend)
         ctx.save_for_backward(xs, out, g, w1, w2, *acts)
-        ctx.plan, ctx.act, ctx.bias = plan, act, b1 is not None
+        ctx.plan, ctx.act, ctx.bias, ctx.backend = plan, act, b1 is not None, backend
         return plan.scatter(out * g)
 
     @staticmethod
@@ -223,13 +220,15 @@ class _SortedExperts(torch.autograd.Function):
         plan = ctx.plan
         grows = plan.gather(grad.contiguous())  # d(gated rows), sorted
         dgates = plan.unsort_gates((grows * out).sum(1))
-        gxs, gw1, gb1, gw2, gb2 = _experts_backward(grows.mul_(g), xs, w1, w2, acts, plan, ctx.act, ctx.bias)
-        return plan.scatter(gxs), dgates, gw1, gb1, gw2, gb2, None, None
+        gxs, gw1, gb1, gw2, gb2 = _experts_backward(grows.mul_(g), xs, w1, w2, acts, plan, ctx.act, ctx.bias,
+                                                     ctx.backend)
+        return plan.scatter(gxs), dgates, gw1, gb1, gw2, gb2, None, None, None
 
 
-def _sorted_experts_inference(x, gates, w1, b1, w2, b2, plan: SortedAssignments, act: Act) -> torch.Tensor:
+def _sorted_experts_inference(x, gates, w1, b1, w2, b2, plan: SortedAssignments, act: Act,
+                              backend: str = "blas") -> torch.Tensor:
     """:class:`_SortedExperts`'s forward without autograd: nothing saved, the gates applied in place."""
-    out = _experts_forward(plan.gather(x), w1, b1, w2, b2, plan, act)
+    out = _experts_forward(plan.gather(x), w1, b1, w2, b2, plan, act, backend=backend)
     return plan.scatter(out.mul_(plan.sorted_gates(gates)))
 
 
@@ -272,19 +271,22 @@ def padded_experts_inference(x, experts, gates, w1, b1, w2, b2, act: Act) -> tor
 
 
 def dispatch_grouped(x, experts, gates, w1, b1, w2, b2, act: Act, drop: Act,
-                     padded_max_rows: float = PADDED_MAX_ROWS) -> torch.Tensor:
+                     padded_max_rows: float = PADDED_MAX_ROWS, cpu_matmul: str = "blas") -> torch.Tensor:
     """Expert-sorted rows through the experts.  On CPU (no dropout inside the experts): :class:`_SortedExperts`, or
     under ``torch.no_grad()`` its forward alone, or :func:`padded_experts_inference` where the busiest expert has at
     most ``padded_max_rows`` rows and padding at most doubles the rows.  On CUDA: two ``torch._grouped_mm``
-    kernels, no host sync."""
+    kernels, no host sync.  ``cpu_matmul='onednn'`` runs the sorted path's fp32 matmuls on oneDNN
+    (:mod:`.kernels`) and leaves out the padded path (its batched matmul is BLAS's)."""
     if not (x.is_cuda and HAS_GROUPED_MM) and not _dropout_active(drop):
-        if not torch.is_grad_enabled() and experts.numel() <= padded_max_rows * w1.shape[0]:
+        backend = "onednn" if usable(x, cpu_matmul) else "blas"
+        if backend == "blas" and not torch.is_grad_enabled() and experts.numel() <= padded_max_rows * w1.shape[0]:
             busiest = int(torch.bincount(experts.reshape(-1), minlength=w1.shape[0]).max())
             if busiest <= padded_max_rows and busiest * w1.shape[0] <= PADDED_MAX_FILL * experts.numel():
                 return padded_experts_inference(x, experts, gates, w1, b1, w2, b2, act)
         dtype = _matmul_dtype(x)
         plan = SortedAssignments.of(experts, w1.shape[0])
-        args = (x.to(dtype), gates.to(dtype), w1.to(dtype), _cast(b1, dtype), w2.to(dtype), _cast(b2, dtype), plan, act)
+        args = (x.to(dtype), gates.to(dtype), w1.to(dtype), _cast(b1, dtype), w2.to(dtype), _cast(b2, dtype), plan, act,
+                backend)
         if not torch.is_grad_enabled():
             return _sorted_experts_inference(*args)
         return _SortedExperts.apply(*args)

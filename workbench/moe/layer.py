@@ -70,9 +70,14 @@ class MoEMlp(nn.Module):
     checkpoints do not record it): with ``dispatch='grouped'``, an inference forward (``torch.no_grad()``, CPU)
     whose busiest expert has at most this many rows runs as one padded batched matmul per expert matrix (see
     :mod:`.dispatch`); None (default) takes ``dispatch.PADDED_MAX_ROWS`` (16), 0 always takes the sorted path.
+
+    ``cpu_matmul`` (an attribute too, set by :func:`workbench.moe.set_cpu_matmul`): ``'blas'`` (default) or
+    ``'onednn'``, the library that runs the grouped experts' fp32 matmuls on the CPU (:mod:`.kernels`); outputs
+    agree to fp32 rounding.
     """
 
     padded_max_rows: float | None = None
+    cpu_matmul: str = "blas"
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
                  act_layer=nn.GELU, norm_layer=None, bias: bool = True, drop: float = 0.0, *,
@@ -210,8 +215,11 @@ class MoEMlp(nn.Module):
         flat = x.reshape(-1, dim)
         kwargs = {}
         dispatcher = dispatch_meta if flat.is_meta else DISPATCHERS[self.dispatch]  # meta: shapes only
-        if self.dispatch == "grouped" and self.padded_max_rows is not None:
-            kwargs["padded_max_rows"] = self.padded_max_rows
+        if self.dispatch == "grouped":
+            if self.padded_max_rows is not None:
+                kwargs["padded_max_rows"] = self.padded_max_rows
+            if self.cpu_matmul != "blas":
+                kwargs["cpu_matmul"] = self.cpu_matmul
         elif self.dispatch == "einsum" and self.routing == "token" and self.capacity_factor is not None:
             order = torch.argsort(r.gates[:, 0], descending=True, stable=True) if self.priority == "gate" else None
             kwargs["positions"] = slot_positions(r.experts, self.num_experts, order)

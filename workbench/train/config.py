@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
     compile: bool = False
+    cpu_matmul: str = "blas"  # CPU fp32 matmuls: 'blas' (torch's MKL) or 'onednn' (faster where MKL lacks AVX-512)
     save_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     eval_batch_size: int = 500
     num_workers: int = 4
@@ -79,6 +80,8 @@ class TrainConfig:
                              f"e.g. [0, 1, 2, 3, 4], or leave it unset (every class)")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r} is invalid: use auto, cpu, cuda or cuda:N")
+        if self.cpu_matmul not in ("blas", "onednn"):
+            raise ValueError(f"cpu_matmul={self.cpu_matmul!r} is invalid: use 'blas' (default) or 'onednn'")
         if self.task not in (None,) + TASKS:
             raise ValueError(f"task={self.task!r} is invalid: use one of {TASKS} or leave it unset (from the dataset)")
 

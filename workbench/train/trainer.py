@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from .progress import tqdm
 
 from ..data.classification import build_splits
-from ..moe import moe_aux_loss, moe_modules
+from ..moe import moe_aux_loss, moe_modules, set_cpu_matmul
+from ..moe.kernels import check_cpu_matmul
 from ..models.vimoe import ViMoE, split_moe_kwargs
 from . import checkpoint as ckpt
 from .config import (DEFAULT_MODEL, DEFAULT_SEG_MODEL, NonFiniteLoss, TrainConfig, check_model_task,  # noqa: F401
@@ -146,6 +147,8 @@ class Trainer:
         else:
             self.model, self.model_config = build_training_model(cfg)
         self.model.to(self.device).train()
+        if self.device.type == "cpu":
+            set_cpu_matmul(self.model, check_cpu_matmul(cfg.cpu_matmul))
 
         split_args = dict(val_size=cfg.val_size, root=cfg.data_root, model=self.model, train_subset=cfg.train_subset,
                           test_subset=cfg.test_subset, augment=cfg.augment, seed=cfg.seed)
