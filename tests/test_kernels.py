@@ -124,3 +124,15 @@ def test_train_cli_runs_on_onednn_records_it_and_may_switch_on_resume(tmp_path, 
     assert main(["train", "--config", str(config), "--output", str(out), "--resume", "--epochs", "2",
                  "--cpu-matmul", "blas"]) == 0
     assert "resuming with cpu_matmul onednn -> blas" in capsys.readouterr().out
+
+
+def test_bench_moe_puts_dense_and_layers_on_the_same_backend(capsys):
+    from workbench.cli import main
+
+    assert main(["bench", "moe", "--batch", "2", "--tokens", "8", "--dim", "16", "--expert-hidden", "32",
+                 "--num-experts", "2", "--top-k", "1", "--dispatch", "grouped", "--shared", "none", "--routers",
+                 "topk", "--reps", "1", "--quiet", "--cpu-matmul", "onednn", "--json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["cpu_matmul"] for r in rows] == ["onednn"] and rows[0]["ratio"] > 0

@@ -37,6 +37,9 @@ def register_cli(sub) -> None:
     m.add_argument("--dtype", choices=["fp32", "bf16"], help="fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA)")
     m.add_argument("--device", help="cpu | cuda (default: cuda if available, else cpu)")
     m.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    m.add_argument("--cpu-matmul", choices=["blas", "onednn"], default="blas",
+                   help="library for the fp32 matmuls on the CPU, the dense FFN's and the layers' alike "
+                        "(default: %(default)s)")
     m.add_argument("--json", action="store_true", help="print the results as JSON")
     m.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     m.add_argument("--quiet", action="store_true",
@@ -145,7 +148,8 @@ def _cmd_moe(args) -> int:
             block = bench_moe(batch=cfg["batch"], tokens=cfg["tokens"], dim=cfg["dim"],
                               expert_hidden=cfg["expert_hidden"], num_experts=num_experts, top_ks=cfg["top_k"],
                               dispatches=cfg["dispatch"], shared=cfg["shared"], reps=args.reps, device=args.device,
-                              dtype=cfg["dtype"], routers=cfg["routers"], progress=not args.quiet)
+                              dtype=cfg["dtype"], routers=cfg["routers"], progress=not args.quiet,
+                              cpu_matmul=args.cpu_matmul)
             for row in block:
                 row["preset"] = preset
             rows.append(block)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp
 
-from ..moe import MoEMlp
+from ..moe import MoEMlp, set_cpu_matmul
 
 from .timing import (PEER_DISTRIBUTIONS, PEERS_INSTALL, PROGRESS_FORMAT, _fresh_grads, _memory, _plural, _step,
                      _versions, default_threads, load_note, machine, time_interleaved)
@@ -43,8 +43,9 @@ def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidd
               num_experts: int = 8, top_ks=(1, 2), dispatches=("grouped", "loop", "einsum"),
               shared=("none", "add"), reps: int = 30, warmup: int = 5, device: str | None = None,
               dtype: str | None = None, seed: int = 0, routers=("topk", "experts_choose", "soft"),
-              progress: bool = False) -> list[dict]:
-    """One MoE layer, fwd+bwd, against a dense FFN of the activated width, interleaved in one run.  Beside the
+              progress: bool = False, cpu_matmul: str = "blas") -> list[dict]:
+    """One MoE layer, fwd+bwd, against a dense FFN of the activated width, interleaved in one run (on the CPU both
+    with their fp32 matmuls on ``cpu_matmul``: ``'blas'`` or ``'onednn'``).  Beside the
     top-k dispatch paths, at the same k: experts-choose with capacity factor k (per image: about k experts per
     token) and Soft MoE with round(k x tokens / E) slots per expert (about the same expert FLOPs).  ``progress``: a
     bar on stderr over every timing round, with the time it expects the rest to take."""
@@ -74,6 +75,9 @@ def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidd
             slots = max(1, round(k * tokens / num_experts))
             layers[f"soft(S={slots})"] = MoEMlp(dim, expert_hidden, num_experts=num_experts, router="soft",
                                                 slots_per_expert=slots, shared_expert=shared_mode).to(device)
+        if device.type == "cpu":
+            for m in (dense, *layers.values()):
+                set_cpu_matmul(m, cpu_matmul)
         fns = {"dense": lambda: _step(dense, x, grad, dtype)}
         fns.update({d: (lambda m=m: _step(m, x, grad, dtype)) for d, m in layers.items()})
         med = time_interleaved(fns, reps, warmup, device, on_round=bar.update)
@@ -88,7 +92,8 @@ def bench_moe(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidd
     bar.close()
     meta = {"batch": batch, "tokens": tokens, "dim": dim, "expert_hidden": expert_hidden,
             "num_experts": num_experts, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
-            "threads": torch.get_num_threads(), "reps": reps}
+            "threads": torch.get_num_threads(), "reps": reps,
+            "cpu_matmul": cpu_matmul if device.type == "cpu" else None}
     for row in rows:
         row.update(meta)
     return rows
@@ -292,7 +297,9 @@ def format_moe_table(rows: list[dict]) -> str:
                      f"{r['ratio']:>6.2f} {r['mem_mb']:>8.1f} {r['dense_mem_mb']:>8.1f} {r['mem_ratio']:>6.2f}")
     r = rows[0]
     lines.append(f"({r['batch']} images x {r['tokens']} tokens, d={r['dim']}, expert width {r['expert_hidden']}, "
-                 f"E={r['num_experts']}, {r['dtype']} on {r['device']}, {r['threads']} threads, median of {r['reps']}; "
+                 f"E={r['num_experts']}, {r['dtype']} on {r['device']}"
+                 + (f" (matmuls: {r['cpu_matmul']})" if r.get("cpu_matmul") else "")
+                 + f", {r['threads']} threads, median of {r['reps']}; "
                  "ratio = time / dense FFN of the activated width)")
     return "\n".join(lines)
 
