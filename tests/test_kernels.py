@@ -136,3 +136,22 @@ def test_bench_moe_puts_dense_and_layers_on_the_same_backend(capsys):
 
     rows = json.loads(capsys.readouterr().out)
     assert [r["cpu_matmul"] for r in rows] == ["onednn"] and rows[0]["ratio"] > 0
+
+
+def test_bench_matmul_reports_per_row_cost_per_backend(capsys, tmp_path):
+    from workbench.bench.matmul import bench_matmul, format_matmul
+    from workbench.cli import main
+
+    r = bench_matmul(rows=(1, 8, 16), dim=16, hidden=32, num_experts=2, reps=2, warmup=1)
+    assert [row["rows"] for row in r["rows"]] == [1, 8, 16] and r["backends"] == ["blas", "onednn"]
+    for row in r["rows"]:
+        for be in r["backends"]:
+            assert row[f"{be}_us_per_row"] == pytest.approx(row[f"{be}_us"] / row["rows"], abs=0.01)
+    text = format_matmul(r)
+    assert "blas: 8 rows cost" in text and "the per-row time of 16 rows" in text
+    assert main(["bench", "matmul", "--rows", "2,4", "--dim", "8", "--expert-hidden", "16", "--reps", "1",
+                 "--cpu-matmul", "blas", "--save", str(tmp_path)]) == 0
+    assert "saved" in capsys.readouterr().out and list(tmp_path.glob("matmul-*.json"))
+    with pytest.raises(SystemExit):
+        main(["bench", "matmul", "--rows", "0,4"])
+    assert "'0,4' is invalid: use row counts >= 1" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """``python -m workbench bench moe | peers | train | step | app``: the parsers and commands.
 
-Imports: this package's ``layers``, ``models`` and ``timing``.
+Imports: this package's ``layers``, ``matmul``, ``models`` and ``timing``.
 """
 
 import argparse
@@ -9,6 +9,7 @@ import json
 import torch
 
 
+from .matmul import bench_matmul, format_matmul
 from .layers import MOE_PRESETS, PRESET_RUN, bench_moe, bench_peers, format_moe_table, format_peers_table
 from .models import bench_app, bench_step, bench_train, format_step, format_train
 from .timing import PEERS_INSTALL, default_threads, load_note, steady_allocator, write_result
@@ -97,6 +98,20 @@ def register_cli(sub) -> None:
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     q.set_defaults(func=_cmd_peers)
+    mm = bsub.add_parser("matmul", help="one expert's matmul per token row as the rows per expert shrink (what a "
+                                        "small batch pays), per CPU matmul library")
+    mm.add_argument("--rows", type=_row_list, default=[1, 2, 4, 6, 8, 16, 32, 50],
+                    help="comma-separated row counts (default: 1,2,4,6,8,16,32,50)")
+    mm.add_argument("--dim", type=int, default=192, help="model width d (default: %(default)s)")
+    mm.add_argument("--expert-hidden", type=int, default=768, help="expert width h (default: %(default)s)")
+    mm.add_argument("--num-experts", type=int, default=8, help="experts whose weights are cycled (default: %(default)s)")
+    mm.add_argument("--cpu-matmul", nargs="+", choices=["blas", "onednn"], default=["blas", "onednn"],
+                    help="libraries to time (default: both)")
+    mm.add_argument("--reps", type=int, default=200, help="timed rounds; the median is reported (default: %(default)s)")
+    mm.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    mm.add_argument("--json", action="store_true", help="print the results as JSON")
+    mm.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
+    mm.set_defaults(func=_cmd_matmul)
     a = bsub.add_parser("app", help="per-request latency of the routing explorer (preprocess, forward, overlay)")
     a.add_argument("--checkpoint", help="default: the shipped checkpoint")
     a.add_argument("--reps", type=int, default=30, help="timed repetitions; the median is reported (default: %(default)s)")
@@ -199,3 +214,26 @@ def _cmd_peers(args) -> int:
                          dispatches=args.dispatch, peers=not args.no_peers, reps=args.reps, warmup=args.warmup)
     result["allocator"] = allocator
     return _emit(args, "peers", result, format_peers_table(result))
+
+
+def _cmd_matmul(args) -> int:
+    note = load_note()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("dim", "expert_hidden", "num_experts", "reps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: use an integer >= 1")
+    result = bench_matmul(rows=args.rows, dim=args.dim, hidden=args.expert_hidden, num_experts=args.num_experts,
+                          backends=args.cpu_matmul, reps=args.reps)
+    result.update(note)
+    return _emit(args, "matmul", result, format_matmul(result))
+
+
+def _row_list(text: str) -> list[int]:
+    try:
+        rows = [int(v) for v in text.replace(" ", ",").split(",") if v]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: use row counts >= 1, comma-separated, e.g. 1,6,50")
+    return rows
