@@ -146,7 +146,7 @@ def test_bench_matmul_reports_per_row_cost_per_backend(capsys, tmp_path):
     assert [row["rows"] for row in r["rows"]] == [1, 8, 16] and r["backends"] == ["blas", "onednn"]
     for row in r["rows"]:
         for be in r["backends"]:
-            assert row[f"{be}_us_per_row"] == pytest.approx(row[f"{be}_us"] / row["rows"], abs=0.01)
+            assert row[f"{be}_us_per_row"] == pytest.approx(row[f"{be}_us"] / row["rows"], abs=0.06)  # us: 0.1
     text = format_matmul(r)
     assert "blas: 8 rows cost" in text and "the per-row time of 16 rows" in text
     assert main(["bench", "matmul", "--rows", "2,4", "--dim", "8", "--expert-hidden", "16", "--reps", "1",
