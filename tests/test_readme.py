@@ -109,6 +109,8 @@ def _budget(argv: list[str]) -> list[str]:
         argv += ["--steps", "1", "--batch", "2", "--threads", "1"]
     elif argv[:2] == ["bench", "app"]:
         argv += ["--reps", "1"]
+    elif argv[:2] == ["bench", "matmul"]:
+        argv += ["--reps", "2", "--rows", "2,8"]
     return argv
 
 
