@@ -155,3 +155,22 @@ def test_bench_matmul_reports_per_row_cost_per_backend(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["bench", "matmul", "--rows", "0,4"])
     assert "'0,4' is invalid: use row counts >= 1" in capsys.readouterr().err
+
+
+def test_defaults_stay_on_blas_and_odd_inputs_fall_back_or_agree():
+    from workbench.train.config import TrainConfig
+
+    assert TrainConfig().cpu_matmul == "blas" and MoEMlp.cpu_matmul == "blas"
+    torch.manual_seed(3)
+    w = torch.randn(40, 24)
+    x = torch.randn(24, 16).t()  # non-contiguous rows
+    torch.testing.assert_close(kernels.onednn_linear(x, w), x @ w.t(), rtol=1e-5, atol=1e-5)  # no bias
+    b64 = torch.randn(40, dtype=torch.float64)
+    assert kernels.onednn_linear(x, w, b64.float()).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.onednn_linear(x, w).dtype == torch.bfloat16  # autocast: torch's own path
+    layer = OneDNNLinear(24, 40)
+    xg = torch.randn(10, 24, requires_grad=True)
+    first = torch.autograd.grad(layer(xg).sum(), xg, create_graph=True)[0]
+    with pytest.raises(RuntimeError):
+        first.sum().backward()  # no second derivative: an error, never a wrong number

@@ -13,14 +13,15 @@ import itertools
 
 import torch
 
-from ..moe.kernels import onednn_available, x_w
+from ..moe.kernels import _dnn, onednn_available, x_w
 from .timing import time_interleaved
 
 
 def bench_matmul(*, rows=(1, 2, 4, 6, 8, 16, 32, 50), dim: int = 192, hidden: int = 768, num_experts: int = 8,
                  backends=("blas", "onednn"), reps: int = 200, warmup: int = 20, seed: int = 0) -> dict:
     """Median microseconds of one expert's ``x @ w1[e] + b1[e]`` per row count and backend (E experts' weights
-    cycled, so that each call reads another expert's weights), interleaved in one run."""
+    cycled, so that each call reads another expert's weights), interleaved in one run.  ``onednn`` is timed raw, at
+    every row count (the switch itself sends products under ``ONEDNN_MIN_ROWS`` rows to BLAS)."""
     backends = [b for b in backends if b == "blas" or onednn_available()]
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(num_experts, dim, hidden, generator=g) * 0.02
@@ -30,7 +31,9 @@ def bench_matmul(*, rows=(1, 2, 4, 6, 8, 16, 32, 50), dim: int = 192, hidden: in
 
     def call(m, backend):
         e = next(expert)
-        return lambda: x_w(xs[m], w[e], b[e], backend=backend)
+        if backend == "onednn":
+            return lambda: _dnn(xs[m], w[e].t(), b[e])
+        return lambda: x_w(xs[m], w[e], b[e])
 
     fns = {(m, be): (lambda m=m, be=be: call(m, be)()) for m in rows for be in backends}
     med = time_interleaved(fns, reps, warmup, torch.device("cpu"))
@@ -48,12 +51,13 @@ def bench_matmul(*, rows=(1, 2, 4, 6, 8, 16, 32, 50), dim: int = 192, hidden: in
 
 def format_matmul(result: dict) -> str:
     r = result
-    head = "".join(f" {be + ' us':>11} {'per row':>8}" for be in r["backends"])
+    label = {"blas": "blas us", "onednn": "onednn raw us"}
+    head = "".join(f" {label[be]:>13} {'per row':>8}" for be in r["backends"])
     lines = [f"one expert's first matmul, rows x {r['dim']} @ {r['dim']} x {r['hidden']} + bias, fp32, "
              f"{r['num_experts']} experts' weights cycled, {r['threads']} thread(s), median of {r['reps']}",
              f"  {'rows':>5}{head}"]
     for row in r["rows"]:
-        cells = "".join(f" {row[be + '_us']:>11.1f} {row[be + '_us_per_row']:>8.2f}" for be in r["backends"])
+        cells = "".join(f" {row[be + '_us']:>13.1f} {row[be + '_us_per_row']:>8.2f}" for be in r["backends"])
         lines.append(f"  {row['rows']:>5}{cells}")
     last = r["rows"][-1]
     for be in r["backends"]:

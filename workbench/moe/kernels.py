@@ -1,14 +1,16 @@
 """Which library runs an fp32 matmul on the CPU: ``blas`` (torch's own choice, MKL in the x86 wheels) or ``onednn``.
 
-On CPUs that MKL does not give its AVX-512 kernels (AMD's, for one), oneDNN's fp32 matmul runs the same product in
-less than half the time, forward and backward (measured by ``python -m workbench bench peers --cpu-matmul``).  The
+On a CPU that MKL does not give its AVX-512 kernels (measured on an AMD EPYC with AVX-512), oneDNN's fp32 matmul
+runs the same product in about half the time, forward and backward (``python -m workbench bench matmul`` and
+``bench train --cpu-matmul blas onednn`` measure it).  The
 two agree to fp32 rounding, not bit for bit (they sum in another order), so ``blas`` stays the default and every
 recorded run regenerates unchanged; ``onednn`` is a speed switch a user turns on (``train --cpu-matmul onednn``,
 ``set_cpu_matmul``), recorded with the run.
 
 Three products cover a linear layer forward and backward, in the layouts the callers hold:
 ``x_w`` (x @ w + b, w stored (in, out) as the experts' ``w1``/``w2``), ``a_tb`` (a^T @ b: a weight gradient) and
-``a_bt`` (a @ b^T: an input gradient), each with an optional ``out`` to write into.  :class:`OneDNNLinear` is
+``a_bt`` (a @ b^T: an input gradient), each with an optional ``out`` to write into; they are autograd-free (for use
+inside an ``autograd.Function`` such as the grouped experts').  :class:`OneDNNLinear` is
 ``nn.Linear`` with the same parameters whose CPU fp32 forward and backward run on oneDNN.
 
 Imports: torch only.
@@ -20,8 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CPU_MATMULS = ("blas", "onednn")
-# Below this many rows a product stays on BLAS even under ``onednn``: oneDNN's fixed cost per call (about 20 us more
-# than MKL's at 1 row, d=192, h=768, 1 thread, AMD EPYC) outweighs its faster kernel until about 8 rows.
+# Below this many rows a product stays on BLAS even under ``onednn``: oneDNN's fixed cost per call outweighs its faster
+# kernel until about 8 rows (``bench matmul``'s ``onednn (raw)`` column times oneDNN at every row count).
 ONEDNN_MIN_ROWS = 8
 
 
@@ -90,6 +92,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         return _dnn(x, weight, bias)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of coming out wrong
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
@@ -105,7 +108,8 @@ class _OneDNNLinearFn(torch.autograd.Function):
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` on oneDNN, forward and backward, for fp32 CPU tensors (others take ``F.linear``)."""
     flat = x.reshape(-1, x.shape[-1])
-    if not usable(x, "onednn") or weight.dtype != torch.float32 or flat.shape[0] < ONEDNN_MIN_ROWS:
+    if (not usable(x, "onednn") or weight.dtype != torch.float32 or flat.shape[0] < ONEDNN_MIN_ROWS
+            or (bias is not None and bias.dtype != torch.float32)):
         return F.linear(x, weight, bias)
     return _OneDNNLinearFn.apply(flat, weight, bias).view(*x.shape[:-1], weight.shape[0])
 

@@ -302,8 +302,8 @@ def register_cli(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cpu-matmul", choices=["blas", "onednn"],
                    help="library for the CPU's fp32 matmuls: blas (torch's MKL; the default, which the recorded "
-                        "runs used) or onednn (about 2x faster training on CPUs where MKL lacks AVX-512, such as "
-                        "AMD's; agrees to fp32 rounding, not bit for bit)")
+                        "runs used) or onednn (1.5-1.6x faster training on one thread of an AMD EPYC whose AVX-512 "
+                        "MKL does not use; agrees to fp32 rounding, not bit for bit)")
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (CPU always runs fp32)")
     p.add_argument("--no-augment", action="store_true", help="no random flips / shifts of training images")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")

@@ -48,7 +48,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA (CPU always runs fp32)
     compile: bool = False
-    cpu_matmul: str = "blas"  # CPU fp32 matmuls: 'blas' (torch's MKL) or 'onednn' (faster where MKL lacks AVX-512)
+    cpu_matmul: str = "blas"  # CPU fp32 matmuls: 'blas' (torch's MKL) or 'onednn' (see workbench.moe.kernels)
     save_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     eval_batch_size: int = 500
     num_workers: int = 4
