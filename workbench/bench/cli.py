@@ -186,14 +186,21 @@ def _cmd_step(args) -> int:
     return _emit(args, "step", result, format_step(result))
 
 
-def _thread_list(text: str) -> list[int]:
-    try:
-        counts = [int(v) for v in text.replace(" ", ",").split(",") if v]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: use thread counts >= 1, comma-separated, e.g. 1,2")
-    return counts
+def _positive_ints(what: str, example: str):
+    """An argparse type: comma-separated integers >= 1 (``what`` and ``example`` name them in the error)."""
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.replace(" ", ",").split(",") if v]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: use {what} >= 1, comma-separated, e.g. {example}")
+        return values
+    return parse
+
+
+_thread_list = _positive_ints("thread counts", "1,2")
+_row_list = _positive_ints("row counts", "1,6,50")
 
 
 def _cmd_train(args) -> int:
@@ -228,12 +235,3 @@ def _cmd_matmul(args) -> int:
     result.update(note)
     return _emit(args, "matmul", result, format_matmul(result))
 
-
-def _row_list(text: str) -> list[int]:
-    try:
-        rows = [int(v) for v in text.replace(" ", ",").split(",") if v]
-    except ValueError:
-        rows = []
-    if not rows or min(rows) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is invalid: use row counts >= 1, comma-separated, e.g. 1,6,50")
-    return rows

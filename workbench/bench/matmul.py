@@ -32,10 +32,10 @@ def bench_matmul(*, rows=(1, 2, 4, 6, 8, 16, 32, 50), dim: int = 192, hidden: in
     def call(m, backend):
         e = next(expert)
         if backend == "onednn":
-            return lambda: _dnn(xs[m], w[e].t(), b[e])
-        return lambda: x_w(xs[m], w[e], b[e])
+            return _dnn(xs[m], w[e].t(), b[e])
+        return x_w(xs[m], w[e], b[e])
 
-    fns = {(m, be): (lambda m=m, be=be: call(m, be)()) for m in rows for be in backends}
+    fns = {(m, be): (lambda m=m, be=be: call(m, be)) for m in rows for be in backends}
     med = time_interleaved(fns, reps, warmup, torch.device("cpu"))
     table = []
     for m in rows:
