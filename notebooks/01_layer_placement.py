@@ -100,6 +100,13 @@ ANSWER
 #   stay reported as early-training results; the 120-epoch file, written before its run, reports them void under
 #   the plateau standard instead, and the scratch studies read *void* through their own plateau checks (every arm
 #   still gaining 1.8-3.2 points in its last epoch).
+# * **scratch, data-limited** (`scratch_small5k.yaml`, `scratch_small10k.yaml`): a different design question,
+#   written and reviewed together before their runs and departing from the 120-epoch file's rule (4) (no further
+#   pilot), as they say: would the model plateau where the training data, not the step count, limits it? 5,000
+#   images for 120 epochs or 10,000 for 60 (4,680 steps each), dense first, the same bands. Both dense runs failed
+#   (`late_gain_pts` 1.57 and 2.03 in the table below: validation still rose through the cosine's tail on a few
+#   thousand images), so by their rule (2) no MoE arm ran and no confirmatory scratch study is written: the scratch
+#   claims stay void, and the search for a scratch budget ends here.
 # * **upcycle**: a re-warmed fine-tune (4 epochs, peak lr 1e-3). The experts moved apart (median block's
 #   `expert_spread` about 0.2, against about 0.02-0.03 in the recorded studies) and the routers moved; the dense
 #   control lost about 0.3 test points to the re-warm. `experiments/studies/regime/upcycle4.yaml` is the study
