@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
     (["train", "--weight-decay", "-0.1"], "--weight-decay -0.1 is invalid"),
     (["train", "--clip-grad", "abc"], "--clip-grad: 'abc' is not a number"),
     (["train", "--test-subset", "0"], "--test-subset 0 is invalid"),
+    (["train", "--test-every", "0"], "--test-every 0 is invalid: use an integer >= 1"),
     (["eval", "--checkpoint", "experiments/checkpoints/vimoe_tiny_fmnist", "--test-subset", "0"],
      "--test-subset 0 is invalid: use an integer >= 1"),
     (["train", "--shared-expert", "both"], "invalid choice: 'both'"),

@@ -48,6 +48,20 @@ def test_loss_decreases_and_metrics_written(tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
+def test_test_every_skips_test_scores_but_not_training(tmp_path):
+    every = train(_cfg(tmp_path / "a", epochs=3, val_size=64))["history"]
+    sparse = train(_cfg(tmp_path / "b", epochs=3, val_size=64, test_every=2))["history"]
+    assert [("test_acc" in r, "val_acc" in r) for r in sparse] == [(False, True), (True, True), (True, True)]
+    assert "moe_test" not in sparse[0] and "moe_test" in sparse[1]
+    # evaluation draws no random numbers: the same training, the same scores where both were taken
+    for a, b in zip(_strip_timing(every), _strip_timing(sparse)):
+        assert {k: v for k, v in a.items() if k in b} == b
+    assert torch.equal(torch.cat([p.flatten() for p in _weights(tmp_path / "a" / "run" / "model").values()]),
+                       torch.cat([p.flatten() for p in _weights(tmp_path / "b" / "run" / "model").values()]))
+    with pytest.raises(ValueError, match="test_every=0 is invalid"):
+        TrainConfig(test_every=0).validate()
+
+
 def test_exact_resume_in_process(tmp_path, crash_training):
     full = train(_cfg(tmp_path, output=str(tmp_path / "full")))
     # crash in the middle of epoch 2 (8 steps per epoch; checkpoints every 3 steps and at epoch ends)

@@ -114,7 +114,7 @@ def curves(study: dict, mean: bool = False, results=None) -> pd.DataFrame:
     """Validation and test accuracy (fractions) by epoch: one row per (config, seed, epoch), or with ``mean`` one
     per (config, epoch), averaged over the seeds recorded (``seeds`` counts them)."""
     rows = [{"config": r["config"], "seed": r["seed"], "epoch": h["epoch"], "val_acc": h.get("val_acc"),
-             "test_acc": h["test_acc"]}
+             "test_acc": h.get("test_acc")}
             for r in iter_records(study, results) for h in r["history"]]
     table = pd.DataFrame(rows, columns=["config", "seed", "epoch", "val_acc", "test_acc"])
     if not mean:

@@ -258,7 +258,7 @@ def gap_by_epoch(kind: str, protocol: str, treatment: str, control: str) -> pd.D
     seeds = [k for k in s["seeds"] if all(st.result_path(*src[c], k).exists() for c in src)]
     if len(seeds) < 2:
         raise FileNotFoundError(f"{kind} ({protocol}): fewer than two seeds recorded for both {treatment} and {control}")
-    hist = {c: [[h["test_acc"] for h in st.load_record(*src[c], k)["history"]] for k in seeds] for c in src}
+    hist = {c: [[h.get("test_acc") for h in st.load_record(*src[c], k)["history"]] for k in seeds] for c in src}
     rows = []
     for e in range(len(hist[treatment][0])):
         a = pd.Series([h[e] for h in hist[treatment]], index=seeds) * 100
@@ -446,5 +446,5 @@ def pilot_curves() -> pd.DataFrame:
         for r in st.iter_records(s):
             for h in r["history"]:
                 rows.append({"pilot": s["name"], "config": r["config"], "seed": r["seed"], "epoch": h["epoch"],
-                             "val_acc": h.get("val_acc"), "test_acc": h["test_acc"]})
+                             "val_acc": h.get("val_acc"), "test_acc": h.get("test_acc")})
     return pd.DataFrame(rows)

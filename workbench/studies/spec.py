@@ -52,6 +52,7 @@ here, in one place, before any run and by every command that reads the file.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
@@ -88,12 +89,26 @@ CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "
 
 
 # -- study files ------------------------------------------------------------------------------------------------
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when PyYAML was built with it
+_PARSED: dict = {}
+
+
+def read_yaml(path: Path):
+    """A YAML file's contents (a fresh copy), parsed once per version of the file (path, size, modification time) in
+    a process: a notebook's tables read the same study files hundreds of times."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED:
+        _PARSED[key] = yaml.load(path.read_text(), Loader=_LOADER)
+    return copy.deepcopy(_PARSED[key])
+
+
 def load_study(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study file {path} does not exist")
     try:
-        study = yaml.safe_load(path.read_text()) or {}
+        study = read_yaml(path) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise StudyError(f"{path} is not a study file (not valid YAML: {str(err).splitlines()[0]}); study files are "
                          f"in experiments/studies/") from None
@@ -245,7 +260,7 @@ def _check_references(path, study: dict) -> None:
     names = {}
     for other in sorted(folder.glob("*.yaml")):
         try:
-            text = yaml.safe_load(other.read_text())
+            text = read_yaml(other)
         except (yaml.YAMLError, UnicodeDecodeError, OSError):
             continue
         if isinstance(text, dict) and isinstance(text.get("name"), str):

@@ -53,6 +53,7 @@ TRAIN_RANGES = {  # flag destination -> (test, what is allowed)
     "train_subset": (lambda v: v >= 1, "an integer >= 1"),
     "test_subset": (lambda v: v >= 1, "an integer >= 1"),
     "save_every": (lambda v: v >= 0, "an integer >= 0 (0: only at the end of each epoch)"),
+    "test_every": (lambda v: v >= 1, "an integer >= 1 (1: every epoch)"),
     "val_size": (lambda v: v >= 0, "an integer >= 0 (0: no validation split)"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
 }
@@ -95,7 +96,7 @@ def cmd_train(args) -> int:
              "warmup_epochs": args.warmup_epochs, "label_smoothing": args.label_smoothing,
              "train_subset": args.train_subset, "test_subset": args.test_subset, "seed": args.seed,
              "init_from": args.init_from, "output": args.output, "device": args.device, "save_every": args.save_every,
-             "shared_init": args.shared_init, "expert_noise": args.expert_noise}
+             "test_every": args.test_every, "shared_init": args.shared_init, "expert_noise": args.expert_noise}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.clip_grad is not None:
         values["clip_grad"] = args.clip_grad or None  # 0 / none: no clipping
@@ -292,13 +293,16 @@ def register_cli(sub) -> None:
                         "wins, and only flags given now change it (each change is printed). A run in progress may "
                         "change --epochs (e.g. to extend it), --lr, --min-lr, --warmup-epochs, --weight-decay, "
                         "--label-smoothing, --clip-grad, --device, --no-amp, --compile, --cpu-matmul, --save-every, "
-                        "--data-root; "
+                        "--test-every, --data-root; "
                         "a change of the model, the data (dataset, subsets, split, augmentation), --batch-size, "
                         "--seed or --init-from is refused. Ctrl-C or SIGTERM saves a checkpoint at the current "
                         "step and prints this command; a second Ctrl-C stops at once")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N" + dflt("device"))
     p.add_argument("--save-every", type=int, metavar="N",
                    help="also checkpoint every N steps; 0: only at the end of each epoch" + dflt("save_every"))
+    p.add_argument("--test-every", type=int, metavar="N",
+                   help="score the test split after every N-th epoch and after the last (the validation split, "
+                        "when there is one, every epoch; training is the same either way)" + dflt("test_every"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cpu-matmul", choices=["blas", "onednn"],
                    help="library for the CPU's fp32 matmuls: blas (torch's MKL; the default, which the recorded "

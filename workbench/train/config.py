@@ -51,6 +51,7 @@ class TrainConfig:
     cpu_matmul: str = "blas"  # CPU fp32 matmuls: 'blas' (torch's MKL) or 'onednn' (see workbench.moe.kernels)
     save_every: int = 0  # also checkpoint every N steps (0: at the end of each epoch only)
     eval_batch_size: int = 500
+    test_every: int = 1  # score the test split after every N-th epoch and after the last (validation: every epoch)
     num_workers: int = 4
     quiet: bool = False
     tensorboard: bool = True  # TensorBoard event files of the curves (workbench.train.events); not recorded
@@ -65,7 +66,7 @@ class TrainConfig:
         return cls(**values)
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "test_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: use an integer >= 1")
         if not self.lr > 0:

@@ -48,7 +48,7 @@ RUN_LOCAL = ("quiet", "output", "tensorboard", "tensorboard_dir")  # and where i
 # rest is fixed when a run starts (the model, its initialisation, the data and its split, the batch size and the seed
 # that order the batches the run is in the middle of) and a change to it is refused.
 CHANGEABLE = ("epochs", "lr", "min_lr", "warmup_epochs", "weight_decay", "label_smoothing", "clip_grad", "device",
-              "amp", "compile", "cpu_matmul", "save_every", "eval_batch_size", "num_workers", "data_root")
+              "amp", "compile", "cpu_matmul", "save_every", "eval_batch_size", "test_every", "num_workers", "data_root")
 _UNSET = "(unset)"
 
 

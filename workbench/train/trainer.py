@@ -376,13 +376,14 @@ class Trainer:
         steps = max(1, acc["steps"])
         return {"epoch": self.epoch + 1, "train_loss": round(task / seen, 6), "aux_loss": round(aux / seen, 6),
                 **{f"aux_{k}": round(v / steps, 6) for k, v in sorted(acc["terms"].items())},
-                "train_acc": round(correct / seen, 6), "test_loss": round(test["loss"], 6),
-                "test_acc": round(test["acc"], 6), "test_n": test["n"], **seg_metrics("test", test),
+                "train_acc": round(correct / seen, 6),
+                **({"test_loss": round(test["loss"], 6), "test_acc": round(test["acc"], 6), "test_n": test["n"],
+                    **seg_metrics("test", test)} if "acc" in test else {}),
                 **({"val_loss": round(test["val"]["loss"], 6), "val_acc": round(test["val"]["acc"], 6),
                     **seg_metrics("val", test["val"])} if "val" in test else {}),
                 "lr": self.scheduler.get_last_lr()[0], "img_per_s": round(images / max(acc["train_time"], 1e-9), 1),
                 "wall_time": round(self.wall_offset + time.time() - self.started, 1),
-                "moe_train": moe, "moe_test": test["moe"]}
+                "moe_train": moe, **({"moe_test": test["moe"]} if "moe" in test else {})}
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -401,7 +402,8 @@ class Trainer:
                 tqdm.write(f"step 0: test {self.step0['test_acc']:.4f}")
         while self.epoch < cfg.epochs:
             self._train_epoch()
-            test = self._evaluate(self.test_data)
+            last = self.epoch + 1 == cfg.epochs
+            test = self._evaluate(self.test_data) if last or (self.epoch + 1) % cfg.test_every == 0 else {}
             if self.val_data is not None:
                 test["val"] = self._evaluate(self.val_data)
             row = self._epoch_metrics(test)
@@ -410,7 +412,9 @@ class Trainer:
             self.save()
             if self.d.main and not cfg.quiet:
                 tqdm.write(f"epoch {row['epoch']:>3}/{cfg.epochs}  loss {row['train_loss']:.4f}  "
-                           f"train {row['train_acc']:.4f}  test {row['test_acc']:.4f}  "
+                           f"train {row['train_acc']:.4f}  "
+                           + (f"test {row['test_acc']:.4f}  " if "test_acc" in row else "")
+                           + (f"val {row['val_acc']:.4f}  " if "test_acc" not in row and "val_acc" in row else "")
                            + (f"mIoU {row['test_miou']:.4f}  " if "test_miou" in row else "")
                            + f"{row['img_per_s']:.0f} img/s  {row['wall_time']:.0f}s")
                 if row["moe_train"]:
