@@ -324,3 +324,17 @@ def test_prune_study_premise_fails_and_voids_every_claim_as_readme_says():
     for claim in ("guided-beats-other-placements", "merge-ft-keeps-accuracy", "least-beats-most"):
         row = table.loc[claim]
         assert f"[{row['low']:+.3f}, {row['high']:+.3f}]" in readme or f"[{row['low']:+.2f}, {row['high']:+.2f}]" in readme, claim
+
+
+def test_compare_expert_claims_reproduces_each_studys_estimates():
+    from workbench.studies import evaluate_claims, load_study
+    from workbench.studies.pruning import compare_expert_claims
+
+    study = load_study(ROOT / "experiments/studies/regime/upcycle4_experts.yaml")
+    table = compare_expert_claims(study, study, "all").set_index("claim")
+    claims = evaluate_claims(study).set_index("id")
+    assert len(table) == 7
+    for claim, row in table.iterrows():
+        est = claims.loc[claim]
+        assert row.iloc[0] == row.iloc[1] == f"{est['estimate']:+.2f} [{est['low']:+.2f}, {est['high']:+.2f}]"
+        assert row["difference"].startswith("+0.00 [-") or row["difference"].startswith("-0.00 [-")

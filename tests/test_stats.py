@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from workbench.analysis.stats import (bootstrap_sd, bootstrap_sd_difference, empirical_p, holm, mcnemar, paired, pitman_morgan, slope_interval, verdict)
+from workbench.analysis.stats import (bootstrap_sd, bootstrap_sd_difference, empirical_p, holm, mcnemar, paired, pitman_morgan, slope_interval, verdict, welch)
 
 
 def test_paired_interval_matches_a_hand_computed_t_interval():
@@ -118,3 +118,14 @@ def test_pitman_morgan_matches_its_definition_and_rejects_only_unequal_spreads()
     assert math.isnan(pitman_morgan(a[:2], b[:2]))
     with pytest.raises(ValueError, match="pair runs by seed"):
         pitman_morgan(a, b[:5])
+
+
+def test_welch_matches_the_textbook_interval():
+    a, b = [1.0, 2.0, 4.0, 7.0], [0.5, 0.7, 0.2, 1.1, 0.9]
+    out = welch(a, b)
+    va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 5
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 4)  # Welch-Satterthwaite
+    half = st.t.ppf(0.975, df) * math.sqrt(va + vb)
+    assert out.n == 9 and out.mean == pytest.approx(np.mean(a) - np.mean(b))
+    assert (out.low, out.high) == pytest.approx((out.mean - half, out.mean + half))
+    assert 0 < out.p < 1 and math.isnan(welch([1.0], b).mean)

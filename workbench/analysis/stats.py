@@ -54,6 +54,18 @@ def paired(treatment, control, confidence: float = 1 - ALPHA) -> Paired:
     return Paired(n, mean, sd, float(low), float(high), float(_st.ttest_1samp(d, 0.0).pvalue))
 
 
+def welch(a, b, confidence: float = 1 - ALPHA) -> Paired:
+    """Difference of means ``mean(a) - mean(b)`` of two independent samples (e.g. one claim's per-seed differences
+    in two studies), Welch's t-interval and two-sided p (scipy); ``n`` is len(a) + len(b), ``sd`` NaN."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return Paired(len(a) + len(b), math.nan, math.nan, math.nan, math.nan, math.nan)
+    test = _st.ttest_ind(a, b, equal_var=False)
+    ci = test.confidence_interval(confidence)
+    return Paired(len(a) + len(b), float(a.mean() - b.mean()), math.nan, float(ci.low), float(ci.high),
+                  float(test.pvalue))
+
+
 def holm(pvalues) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values (step-down; monotone; capped at 1), NaN kept as NaN."""
     p = np.asarray(pvalues, float)

@@ -6,6 +6,7 @@ same way.
 
     from workbench.studies import pruning
     pruning.expert_pruning_table(study, "all")
+    pruning.compare_expert_claims(study, other, "all")      # the same claims in two studies, side by side
     pruning.refit_table(study, "all")
 
 Imports: this package's ``records`` and ``claims`` (the guided picks) and ``workbench.analysis.stats``.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..analysis.stats import paired
+from ..analysis.stats import paired, welch
 from .records import expert_value, iter_records, load_refit
 
 METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
@@ -54,6 +55,26 @@ def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame
                          "vs_unpruned": _interval(paired(acc, unpruned))})
     return pd.DataFrame(rows, columns=["keep", "method", "seeds", "test_acc", "params", "gmacs", "vs_random",
                                        "vs_unpruned"])
+
+
+def compare_expert_claims(study: dict, other: dict, config: str, results=None) -> pd.DataFrame:
+    """The ``experts`` claims of ``study`` beside the claims of the same id in ``other`` (each on its own ``config``
+    records): each study's paired estimate [95% CI] in points, and the difference of the two estimates with Welch's
+    interval over the two studies' per-seed differences (independent runs), which says whether a verdict that
+    differs between them is a difference the data show."""
+    def deltas(s: dict, claim: dict) -> list[float]:
+        a, b = claim["compare"]
+        runs = [r for r in iter_records(s, results) if r["config"] == config and r.get("expert_pruning")]
+        return [expert_value(r, claim["keep"], a) - expert_value(r, claim["keep"], b) for r in runs]
+
+    theirs = {c["id"]: c for c in other["claims"] if c.get("kind") == "experts"}
+    rows = []
+    for claim in (c for c in study["claims"] if c.get("kind") == "experts" and c["id"] in theirs):
+        mine, them = deltas(study, claim), deltas(other, theirs[claim["id"]])
+        rows.append({"claim": claim["id"], study["name"]: _interval(paired(mine, [0.0] * len(mine))),
+                     other["name"]: _interval(paired(them, [0.0] * len(them))),
+                     "difference": _interval(welch(mine, them))})
+    return pd.DataFrame(rows, columns=["claim", study["name"], other["name"], "difference"])
 
 
 REFIT_LABELS = {"unpruned": "MoE as trained", "unpruned_ft": "MoE, fine-tuned (control)",
