@@ -338,3 +338,30 @@ def test_compare_expert_claims_reproduces_each_studys_estimates():
         est = claims.loc[claim]
         assert row.iloc[0] == row.iloc[1] == f"{est['estimate']:+.2f} [{est['low']:+.2f}, {est['high']:+.2f}]"
         assert row["difference"].startswith("+0.00 [-") or row["difference"].startswith("-0.00 [-")
+
+
+def test_upcycle_half_experts_verdicts_are_the_ones_readme_and_notebook_04_quote():
+    from workbench.studies import evaluate_checks, evaluate_claims
+    from workbench.studies.pruning import compare_expert_claims
+
+    study = load_study(ROOT / "experiments/studies/regime/upcycle_half_experts.yaml")
+    assert len(list(_records(study))) == 8
+    assert evaluate_checks(study)["passed"].all()
+    claims = evaluate_claims(study).set_index("id")
+    quoted = {"frequency-beats-random": ("+4.44 [+3.26, +5.62]", "agrees"),
+              "reap-beats-random": ("+4.93 [+3.55, +6.30]", "agrees"),
+              "merge-beats-random": ("+4.60 [+3.56, +5.65]", "agrees"),
+              "cluster-beats-random": ("+3.93 [+2.39, +5.47]", "agrees"),
+              "reap-ft-beats-random-ft": ("+1.03 [+0.51, +1.55]", "agrees"),
+              "reap-ft-keeps-accuracy": ("-1.18 [-1.41, -0.94]", "disagrees"),
+              "merge-ft-keeps-accuracy": ("-1.01 [-1.23, -0.79]", "disagrees")}
+    readme = (ROOT / "README.md").read_text()
+    for claim, (interval, verdict) in quoted.items():
+        row = claims.loc[claim]
+        assert f"{row['estimate']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]" == interval
+        assert row["verdict"] == verdict
+        assert interval.split(" [")[0] in readme
+    other = load_study(ROOT / "experiments/studies/regime/upcycle4_experts.yaml")
+    table = compare_expert_claims(study, other, "all")
+    lows = table["difference"].str.extract(r"\[([-+.0-9]+), ([-+.0-9]+)\]").astype(float)
+    assert ((lows[0] > 0) | (lows[1] < 0)).all()  # every difference excludes 0, as the notebook says
