@@ -1,5 +1,5 @@
 # make app   - set up (venv, packages, data) and start the routing explorer on the shipped checkpoint
-# make test  - set up and run the test suite but the slow re-training tests, notebooks included (about 18 min on an idle 2-core machine)
+# make test  - set up and run the test suite but the slow re-training tests, notebooks included (14-19 min on an idle 2-core machine)
 # make lab   - set up and open JupyterLab on notebooks/ (with --allow-root when run as root)
 # Set-up: .venv with the package; Fashion-MNIST and chromium through apt-get only when run as root (else it prints
 # the command and goes on).  Afterwards: source .venv/bin/activate (or use .venv/bin/python).
