@@ -275,9 +275,9 @@ if done:
 # tested: the random choice also lost far more here (7.55 points against the unpruned model, 0.65 there), and in
 # these records no block's routing beats random routers after Holm (0 of 32 block-seeds; 1 of 32 there). Limits: the no-fine-tune intervals are 1.0-1.6 points wide on each side, beyond the 0.5-point standard
 # (8 seeds, fixed before the runs), though far from the margin; router-choices-moved passes on its median only
-# (seed 951 under 0.01). The runs do not equal upcycle-half-regime's bit for bit (the lines above): the same code at
-# the commit that reproduced them and at this one trained identical weights on a short run of this arm on this
-# machine, so the cause is most likely the other CPU's kernels, not isolated further. On this CPU the same arm and
+# (seed 951 under 0.01). The runs do not equal upcycle-half-regime's bit for bit (the lines above), and the CPU is
+# the cause: on this study's CPU, the code at the commit of upcycle-half-regime's records trained seed 950's arm to
+# exactly this study's per-epoch losses and accuracies (README, Studies). On this CPU the same arm and
 # seed already differ from the other machine's record on about as many test predictions as the dense control's
 # seed-to-seed share, so the predictions-moved check (which compares with that study's dense control) could not
 # fail here; its pass rests on upcycle-half-regime's own check of these seeds (1.087). Top-2 routing keeps the
