@@ -206,13 +206,13 @@ if done:
           f"{sum(v < bound for v in per_seed.values())} of {len(per_seed)} seeds under {bound:g}")
     table = st.expert_pruning_table(experts, "all")
     display(answer.Table(table.round({"test_acc": 3})))
-    runs = sorted(st.iter_records(experts), key=lambda r: r["seed"])
-    regime = {r["seed"]: r for r in st.iter_records(st.load_study(os.path.join(ROOT, "experiments/studies/regime/upcycle4.yaml")))
-              if r["config"] == "all"}
-    same = [r["seed"] for r in runs if r["test_predictions"] == regime[r["seed"]]["test_predictions"]]
+    from workbench.studies.pruning import repeated_runs
+    from workbench.studies.records import expert_value
+    again = repeated_runs(experts, st.load_study(os.path.join(ROOT, "experiments/studies/regime/upcycle4.yaml")), "all")
+    runs, same = again["runs"], again["same"]
     print(f"test predictions identical to upcycle4-regime/all's on {len(same)} of {len(runs)} seeds {same}")
-    mean = lambda key: sum(100 * r["expert_pruning"][key]["test_acc"] for r in runs) / len(runs)  # noqa: E731
-    display(viz.expert_pruning(table, mean("unpruned"), unpruned_ft=mean("unpruned_ft"),
+    mean = lambda runs, key: sum(expert_value(r, None, key) for r in runs) / len(runs)  # noqa: E731
+    display(viz.expert_pruning(table, mean(runs, "unpruned"), unpruned_ft=mean(runs, "unpruned_ft"),
                                title=f"all, top-2 of 9 experts, mean of {len(runs)} seeds"))
 
 # %% [markdown]
@@ -248,17 +248,13 @@ if done:
     print(format_checks(st.evaluate_checks(half)))
     table = st.expert_pruning_table(half, "all")
     display(answer.Table(table.round({"test_acc": 3})))
-    runs = sorted(st.iter_records(half), key=lambda r: r["seed"])
-    regime_half = {r["seed"]: r for r in st.iter_records(st.load_study(os.path.join(ROOT, "experiments/studies/regime/upcycle_half.yaml")))
-                   if r["config"] == "all"}
-    same = [r["seed"] for r in runs if r["test_predictions"] == regime_half[r["seed"]]["test_predictions"]]
+    again = repeated_runs(half, st.load_study(os.path.join(ROOT, "experiments/studies/regime/upcycle_half.yaml")), "all")
+    runs, same = again["runs"], again["same"]
     print(f"test predictions identical to upcycle-half-regime/all's on {len(same)} of {len(runs)} seeds {same}")
-    cpus = lambda records: sorted({r["provenance"]["device"] for r in records})  # noqa: E731
-    print(f"  these runs on {cpus(runs)}, upcycle-half-regime's on {cpus(regime_half[r['seed']] for r in runs)}")
-    display(answer.Table(compare_expert_claims(half, experts, "all"),
+    print(f"  these runs on {again['devices']}, upcycle-half-regime's on {again['reference_devices']}")
+    display(answer.Table(compare_expert_claims(half, experts),
                          caption="each claim in both studies, and the difference of the two estimates (Welch)"))
-    mean = lambda key: sum(100 * r["expert_pruning"][key]["test_acc"] for r in runs) / len(runs)  # noqa: E731
-    display(viz.expert_pruning(table, mean("unpruned"), unpruned_ft=mean("unpruned_ft"),
+    display(viz.expert_pruning(table, mean(runs, "unpruned"), unpruned_ft=mean(runs, "unpruned_ft"),
                                title=f"transfer regime: all, top-2 of 9 experts, mean of {len(runs)} seeds"))
 
 # %% [markdown]

@@ -331,7 +331,7 @@ def test_compare_expert_claims_reproduces_each_studys_estimates():
     from workbench.studies.pruning import compare_expert_claims
 
     study = load_study(ROOT / "experiments/studies/regime/upcycle4_experts.yaml")
-    table = compare_expert_claims(study, study, "all").set_index("claim")
+    table = compare_expert_claims(study, study).set_index("claim")
     claims = evaluate_claims(study).set_index("id")
     assert len(table) == 7
     for claim, row in table.iterrows():
@@ -362,6 +362,6 @@ def test_upcycle_half_experts_verdicts_are_the_ones_readme_and_notebook_04_quote
         assert row["verdict"] == verdict
         assert interval.split(" [")[0] in readme
     other = load_study(ROOT / "experiments/studies/regime/upcycle4_experts.yaml")
-    table = compare_expert_claims(study, other, "all")
+    table = compare_expert_claims(study, other)
     lows = table["difference"].str.extract(r"\[([-+.0-9]+), ([-+.0-9]+)\]").astype(float)
     assert ((lows[0] > 0) | (lows[1] < 0)).all()  # every difference excludes 0, as the notebook says

@@ -132,15 +132,11 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
                  else paired([], []))
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         elif kind == "experts":
-            from .records import expert_value
+            from .records import expert_pairs
 
-            source, config = source_of(study, claim["treatment"])
             first, second, keep = *claim["compare"], claim["keep"]
             row["contrast"] = f"{claim['treatment']}: {first} vs {second}, {keep} experts kept per MoE layer"
-            pairs = [(expert_value(r, keep, first), expert_value(r, keep, second))
-                     for r in sorted(iter_records(source, results), key=lambda r: r["seed"]) if r["config"] == config]
-            pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
-            d = paired([a for a, _ in pairs], [b for _, b in pairs])
+            d = paired(*expert_pairs(study, claim, results))
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         elif kind == "guided":
             a, b, row["contrast"] = _guided(study, claim, results)

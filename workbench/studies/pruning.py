@@ -6,7 +6,7 @@ same way.
 
     from workbench.studies import pruning
     pruning.expert_pruning_table(study, "all")
-    pruning.compare_expert_claims(study, other, "all")      # the same claims in two studies, side by side
+    pruning.compare_expert_claims(study, other)             # the same claims in two studies, side by side
     pruning.refit_table(study, "all")
 
 Imports: this package's ``records`` and ``claims`` (the guided picks) and ``workbench.analysis.stats``.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..analysis.stats import paired, welch
-from .records import expert_value, iter_records, load_refit
+from .records import expert_pairs, expert_value, iter_records, load_refit
 
 METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
 
@@ -57,15 +57,13 @@ def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame
                                        "vs_unpruned"])
 
 
-def compare_expert_claims(study: dict, other: dict, config: str, results=None) -> pd.DataFrame:
-    """The ``experts`` claims of ``study`` beside the claims of the same id in ``other`` (each on its own ``config``
-    records): each study's paired estimate [95% CI] in points, and the difference of the two estimates with Welch's
-    interval over the two studies' per-seed differences (independent runs), which says whether a verdict that
-    differs between them is a difference the data show."""
+def compare_expert_claims(study: dict, other: dict, results=None) -> pd.DataFrame:
+    """The ``experts`` claims of ``study`` beside the claims of the same id in ``other``: each study's paired
+    estimate [95% CI] in points, and the difference of the two estimates with Welch's interval over the two studies'
+    per-seed differences (independent runs), which says whether a verdict that differs between them is a difference
+    the data show."""
     def deltas(s: dict, claim: dict) -> list[float]:
-        a, b = claim["compare"]
-        runs = [r for r in iter_records(s, results) if r["config"] == config and r.get("expert_pruning")]
-        return [expert_value(r, claim["keep"], a) - expert_value(r, claim["keep"], b) for r in runs]
+        return [a - b for a, b in zip(*expert_pairs(s, claim, results))]
 
     theirs = {c["id"]: c for c in other["claims"] if c.get("kind") == "experts"}
     rows = []
@@ -75,6 +73,18 @@ def compare_expert_claims(study: dict, other: dict, config: str, results=None) -
                      other["name"]: _interval(paired(them, [0.0] * len(them))),
                      "difference": _interval(welch(mine, them))})
     return pd.DataFrame(rows, columns=["claim", study["name"], other["name"], "difference"])
+
+
+def repeated_runs(study: dict, reference: dict, config: str, results=None) -> dict:
+    """``config``'s runs of ``study`` set beside ``reference``'s runs of the same config and seeds (a study that
+    trains another study's arm again): the runs in seed order, the seeds whose test predictions are identical, and
+    the CPUs (provenance devices) each side ran on."""
+    runs = sorted((r for r in iter_records(study, results) if r["config"] == config), key=lambda r: r["seed"])
+    before = {r["seed"]: r for r in iter_records(reference, results) if r["config"] == config}
+    return {"runs": runs,
+            "same": [r["seed"] for r in runs if r["test_predictions"] == before[r["seed"]]["test_predictions"]],
+            "devices": sorted({r["provenance"]["device"] for r in runs}),
+            "reference_devices": sorted({before[r["seed"]]["provenance"]["device"] for r in runs})}
 
 
 REFIT_LABELS = {"unpruned": "MoE as trained", "unpruned_ft": "MoE, fine-tuned (control)",

@@ -221,6 +221,17 @@ def referenced(study: dict, name: str) -> dict:
     raise StudyError(f"study {name!r} (named in references of {study['name']}) has no file in {folder}")
 
 
+def expert_pairs(study: dict, claim: dict, results: Path | None = None) -> tuple[list[float], list[float]]:
+    """An ``experts`` claim's two variants (``compare``) at its ``keep``, test accuracy (%) per seed of its
+    treatment's records, ordered by seed; a seed missing either variant is left out."""
+    source, config = source_of(study, claim["treatment"])
+    first, second = claim["compare"]
+    pairs = [(expert_value(r, claim["keep"], first), expert_value(r, claim["keep"], second))
+             for r in sorted(iter_records(source, results), key=lambda r: r["seed"]) if r["config"] == config]
+    pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
 def expert_value(record: dict, keep, name: str) -> float:
     """One run's test accuracy (%) of an expert-pruning variant: a method (or ``random``, the mean of its draws) at
     ``keep`` experts, ``<method>_ft`` after the fine-tune, or ``unpruned`` / ``unpruned_ft`` (NaN when missing)."""
