@@ -77,6 +77,27 @@ def test_train_val_and_test_scenes_draw_from_disjoint_items():
     assert torch.equal(example_scenes(3)[0], fmnist_scenes("test", 2000)[0][:3])
 
 
+
+@needs_fmnist
+def test_scenes_of_some_classes_hold_only_their_items_after_the_same_validation_draw():
+    """A transfer base's scenes: items of the listed labels only, in every split; the validation items still come
+    from the classifier's held-out images, and a bad list is a one-line error."""
+    train_images, labels = load_fashion_mnist("train")
+    test_labels = load_fashion_mnist("test")[1]
+    held_out = set(torch.randperm(60000, generator=torch.Generator().manual_seed(VAL_SEED))[:200].tolist())
+    for split, n, source_labels in (("train", 200, labels), ("val", 100, labels), ("test", 100, test_labels)):
+        _, masks, src = fmnist_scenes(split, n, val_size=200, classes=[4, 0, 2])
+        used = src[src >= 0]
+        assert set(source_labels[used].tolist()) == {0, 2, 4}, split
+        assert set(masks.unique().tolist()) == {0, 1, 3, 5}, split  # background + label + 1
+        if split != "test":
+            assert (set(used.tolist()) <= held_out) == (split == "val")
+    train, val, test = build_seg_splits("fmnist-scenes", val_size=200, train_size=64, classes=[0, 1])
+    assert train.num_classes == 11 and set(test.masks.unique().tolist()) <= {0, 1, 2}
+    for bad in ([], [10], [-1]):
+        with pytest.raises(ValueError, match="non-empty list of Fashion-MNIST labels"):
+            fmnist_scenes("train", 10, val_size=200, classes=bad)
+
 def _seg_data(n=24, augment=False):
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return SegTensorData(images, (images[:, 0] > 128).to(torch.uint8), (0.5,), (0.25,), 2, ("dark", "light"),

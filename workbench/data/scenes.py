@@ -136,18 +136,26 @@ def make_scenes(images, labels, n: int, seed: int, size: int = SCENE_SIZE, max_i
 
 
 def fmnist_scenes(split: str, n: int, *, val_size: int = 0, size: int = SCENE_SIZE, max_items: int = 4,
-                  root=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  root=None, classes=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(images, masks, sources) for ``split`` in 'train', 'val', 'test' (cached: treat the tensors as read-only).
     ``sources`` (n, max_items) index the Fashion-MNIST training images for train and val scenes, its test images
     for test scenes (-1: no item).  Val scenes draw from the ``val_size`` images that ``data.build_splits`` holds
-    out, train scenes from the rest."""
+    out, train scenes from the rest.  ``classes`` (Fashion-MNIST labels): items come only from images of those
+    classes, kept after the validation draw (a transfer base that never sees the other classes); the masks keep
+    the full label set."""
     if split not in SCENE_SEEDS:
         raise ValueError(f"split={split!r} is invalid: use 'train', 'val' or 'test'")
-    return _scenes(split, n, val_size if split != "test" else 0, size, max_items, find_fashion_mnist(root))
+    if classes is not None:
+        classes = tuple(sorted({int(c) for c in classes}))
+        bad = [c for c in classes if not 0 <= c < len(FASHION_MNIST_LABELS)]
+        if bad or not classes:
+            raise ValueError(f"classes={list(classes)} must be a non-empty list of Fashion-MNIST labels (0 to "
+                             f"{len(FASHION_MNIST_LABELS) - 1})")
+    return _scenes(split, n, val_size if split != "test" else 0, size, max_items, find_fashion_mnist(root), classes)
 
 
 @functools.lru_cache(maxsize=6)
-def _scenes(split: str, n: int, val_size: int, size: int, max_items: int, folder: Path):
+def _scenes(split: str, n: int, val_size: int, size: int, max_items: int, folder: Path, classes=None):
     images, labels = load_fashion_mnist("test" if split == "test" else "train", folder)
     pool = torch.arange(len(images))
     if split != "test":
@@ -156,6 +164,8 @@ def _scenes(split: str, n: int, val_size: int, size: int, max_items: int, folder
                              "held out for validation scenes)")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(VAL_SEED))
         pool = order[:val_size] if split == "val" else order[val_size:]
+    if classes is not None:
+        pool = pool[torch.isin(labels[pool], torch.tensor(classes))]
     x, y, layout = make_scenes(images[pool], labels[pool], n, SCENE_SEEDS[split], size, max_items,
                                return_layout=True)
     return x, y, torch.where(layout.sources >= 0, pool[layout.sources.clamp(min=0)], -1)
@@ -308,7 +318,7 @@ def _model_channels(model) -> int | None:
     return (cfg.get("input_size") or (None,))[0] or getattr(model, "in_chans", None)
 
 
-SEG_OPTIONS = {"fmnist-scenes": ("train_size", "size", "max_items", "in_chans"),
+SEG_OPTIONS = {"fmnist-scenes": ("train_size", "size", "max_items", "in_chans", "classes"),
                "ade": ("reduce_zero_label", "num_classes", "img_size", "in_chans", "class_names")}
 
 
@@ -329,7 +339,7 @@ def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, tra
     """(train, validation or None, test) :class:`SegTensorData` for ``name`` in SEG_DATASETS.
 
     'fmnist-scenes' options: ``train_size`` (20000), ``size`` (the model's input size, else 56), ``max_items`` (4),
-    ``in_chans``; ``val_size`` validation scenes draw from the ``val_size`` training images that ``data.build_splits``
+    ``in_chans``, ``classes`` (items of these Fashion-MNIST labels only, in every split: see :func:`fmnist_scenes`); ``val_size`` validation scenes draw from the ``val_size`` training images that ``data.build_splits``
     holds out, the 2000 test scenes from the test images.  'ade' options: ``reduce_zero_label`` (True),
     ``num_classes`` (max label + 1), ``img_size`` (the model's input size), ``in_chans``, ``class_names``;
     ``val_size`` images of ``training`` are carved out by the fixed ``VAL_SEED`` draw, ``validation`` is the test
@@ -344,7 +354,7 @@ def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, tra
         if in_chans not in (1, 3):
             raise ValueError(f"in_chans={in_chans} is not supported: scenes are greyscale (1) or repeated to RGB (3)")
         size = options.get("size") or (cfg.get("input_size") or (SCENE_SIZE,))[-1]
-        scene = dict(size=size, max_items=options.get("max_items", 4), root=root)
+        scene = dict(size=size, max_items=options.get("max_items", 4), root=root, classes=options.get("classes"))
         counts = {"train": options.get("train_size", SCENE_COUNTS["train"]), "val": val_size,
                   "test": SCENE_COUNTS["test"]}
         splits = {}
