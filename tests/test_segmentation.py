@@ -82,6 +82,7 @@ def fake_build_seg_splits(name, *, val_size=0, root=None, model=None, train_subs
 def fake_segdata(monkeypatch):
     module = types.ModuleType("workbench.data.scenes")
     module.SEG_DATASETS, module.build_seg_splits = ("fmnist-scenes", "ade"), fake_build_seg_splits
+    module.check_data_options = lambda name, options: None
     monkeypatch.setitem(sys.modules, "workbench.data.scenes", module)
     return module
 
@@ -380,3 +381,66 @@ def test_cli_train_and_eval(tmp_path, fake_segdata, capsys):
     with pytest.raises(SystemExit) as err:
         main(["info", "--model", "vimoe_seg_micro_patch7_56", "--model-arg", "heads=linear"])
     assert "did you mean 'head'?" in capsys.readouterr().err
+
+
+# -- the upcycle protocol on segmentation (a transfer study's checks read these) ------------------------------------
+def test_pixel_predictions_are_the_class_at_each_patch_centre():
+    from workbench.studies.analyse import predict_pixels
+
+    class Stripes(torch.nn.Module):
+        """Predicts, at pixel (r, c), class (r + 2c) % 11 for every image: a known answer at every patch centre."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.patch_embed = types.SimpleNamespace(grid_size=(4, 4))
+
+        def forward(self, x):
+            r, c = torch.meshgrid(torch.arange(x.shape[-2]), torch.arange(x.shape[-1]), indexing="ij")
+            return torch.nn.functional.one_hot((r + 2 * c) % 11, 11).permute(2, 0, 1).float().expand(len(x), -1, -1, -1)
+
+    data = FakeScenes(6, 0)
+    centres = [3, 10, 17, 24]  # 28 px, 4 patches of 7: the centre pixel of each
+    want = "".join("0123456789a"[(r + 2 * c) % 11] for r in centres for c in centres)
+    assert predict_pixels(Stripes(), data) == want * 6
+    assert predict_pixels(Stripes(), data, scenes=2) == want * 2
+
+
+def test_upcycle_study_on_segmentation_records_what_its_checks_read(tmp_path, fake_segdata):
+    """A segmentation base upcycled by a study: the clean start measured in pixel accuracy, and per run the expert
+    spread, the routers' patch-class NMI against their init and the pixel predictions that the upcycle checks
+    read, so that a segmentation transfer study can be checked like a classification one."""
+    import yaml
+
+    from workbench.studies.checks import evaluate_checks
+    from workbench.studies.records import load_record
+    from workbench.studies.runner import run_study
+
+    kw = {"moe_layers": "none", "head": "linear", **SMALL}
+    ckpt.save_model(timm.create_model("vimoe_seg_micro_patch7_56", **kw),
+                    ckpt.model_config("vimoe_seg_micro_patch7_56", kw), tmp_path / "dense")
+    checks = [{"id": i, "says": i, "metric": m, "at_least": 0.0}
+              for i, m in (("spread", "expert_spread"), ("router", "router_nmi_moved"), ("moved", "prediction_change"))]
+    study = {"name": "segup", "protocol": "upcycle", "metric": "test_miou", "base": str(tmp_path / "dense"),
+             "train": {"dataset": "fmnist-scenes", "val_size": 16, "train_subset": 32, "epochs": 1, "batch_size": 16,
+                       "lr": 1e-3},
+             "analysis": {"regions": True, "random_routers": 3, "max_images": 16}, "seeds": [0, 1],
+             "control": "dense", "common": {"renormalize": "straight_through"},
+             "configs": {"dense": {"moe_layers": "none"}, "last-1": {"moe_layers": "last-1", "num_experts": 3,
+                                                                     "top_k": 2}},
+             "checks": checks}
+    path = tmp_path / "segup.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    results = tmp_path / "results"
+    run_study(path, results=results, allow_dirty=True)
+    base = json.loads((results / "segup" / "_base.json").read_text())
+    assert 0 < base["test_miou"] < base["test_acc"] <= 1  # pixel accuracy, with the mIoU beside it
+    for seed in (0, 1):
+        rec = load_record(path, "last-1", seed, results)
+        assert rec["clean_start"] and rec["step0_test_acc"] == base["test_acc"]
+        assert len(rec["test_predictions"]) == 64 * 16  # every fake test scene, 4 x 4 patch centres
+        assert set(rec["expert_spread"]) == set(rec["router_init"]) == set(rec["regions"]) == {"1"}
+        assert rec["router_init"]["1"]["router_shift"] > 0 and rec["expert_spread"]["1"] > 0
+        assert len(load_record(path, "dense", seed, results)["test_predictions"]) == 64 * 16
+    table = evaluate_checks(path, results=results)
+    assert table["n"].tolist() == [2, 2, 2] and table["value"].notna().all() and table["passed"].all()

@@ -31,7 +31,8 @@ def router_at_init(model, cfg, data, max_images: int | None = 2000, inputs: dict
     ||W - W0|| / ||W0||) and the class NMI of the init router's first choices on the trained model's router
     inputs (``init_nmi``), beside the trained router's on the same inputs (``trained_nmi``).  The init is rebuilt
     exactly as the trainer built it (same seed, same base).  ``inputs``: the trained model's :func:`router_inputs`
-    on ``data`` when already captured."""
+    on ``data`` when already captured (for a segmentation model, :func:`workbench.analysis.regions.region_inputs`'
+    RouterInputs: patch tokens labelled with their majority class)."""
     import torch
 
     from ..moe import moe_modules
@@ -51,8 +52,11 @@ def router_at_init(model, cfg, data, max_images: int | None = 2000, inputs: dict
     for block, inp in inputs.items():
         w0 = start[block].router.weight.detach().float().cpu()
         E = inp.num_experts or inp.weight.shape[0]
-        out[str(block)] = {
-            "router_shift": round(float((inp.weight - w0).norm() / w0.norm()), 6),
-            "init_nmi": round(nmi(_table(inp.labels, inp.first_choice(w0), classes, E)), 6),
-            "trained_nmi": round(nmi(_table(inp.labels, inp.first_choice(inp.weight), classes, E)), 6)}
+        known = inp.labels >= 0  # segmentation: patches whose pixels are all ignored have no label
+
+        def class_nmi(weight):
+            return round(nmi(_table(inp.labels[known], inp.first_choice(weight)[known], classes, E)), 6)
+
+        out[str(block)] = {"router_shift": round(float((inp.weight - w0).norm() / w0.norm()), 6),
+                           "init_nmi": class_nmi(w0), "trained_nmi": class_nmi(inp.weight)}
     return out

@@ -133,12 +133,13 @@ def region_test(inputs: RouterInputs, boundary: torch.Tensor, num_classes: int, 
 
 
 def region_report(model, data, *, max_images: int | None = 1000, draws: int = 200, seed: int = 0,
-                  alpha: float = ALPHA) -> pd.DataFrame:
+                  alpha: float = ALPHA, inputs: dict | None = None) -> pd.DataFrame:
     """One row per MoE block: the region metrics, their random-router baselines, and ``specialised`` (class NMI
-    beats the random routers, Holm across blocks).  The smallest p is 1 / (draws + 1): with L layers, Holm needs
+    beats the random routers, Holm across blocks).  ``inputs``: :func:`region_inputs` of ``model`` on ``data``
+    when already captured.  The smallest p is 1 / (draws + 1): with L layers, Holm needs
     draws >= L / alpha (80 for 4 layers at 0.05) for a layer to be able to come out specialised at all."""
     rows = []
-    for block, (inputs, boundary) in region_inputs(model, data, max_images=max_images).items():
+    for block, (inputs, boundary) in (inputs or region_inputs(model, data, max_images=max_images)).items():
         rows.append({"block": block, **region_test(inputs, boundary, data.num_classes, draws=draws, seed=seed)})
     table = pd.DataFrame(rows)
     if len(table):

@@ -201,22 +201,62 @@ def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test, c
     return out
 
 
-def analyse_regions(model, analysis: dict, seed: int, val) -> dict:
+def analyse_regions(model, analysis: dict, seed: int, val, cfg=None) -> dict:
     """Segmentation runs, ``regions: true``: per MoE layer, routing against ground-truth regions on the first
-    ``max_images`` validation images (:func:`workbench.analysis.regions.region_report`, ``random_routers`` draws)."""
+    ``max_images`` validation images (:func:`workbench.analysis.regions.region_report`, ``random_routers`` draws).
+    An upcycled run (``cfg.init_from``) also records what the upcycle checks read, as classifiers do: each block's
+    ``expert_spread`` and ``router_init`` (the routers' shift and patch-class NMI against the upcycling init, on the
+    same validation patches)."""
     from ..moe import moe_modules
 
     if not analysis.get("regions") or not moe_modules(model):
         return {}
     if val is None:
         raise StudyError("the regions analysis needs a validation split: set train.val_size (e.g. 2000)")
-    from ..analysis.regions import region_report
+    from ..analysis.regions import region_inputs, region_report
 
-    table = region_report(model, val, max_images=analysis.get("max_images", 1000),
-                          draws=int(analysis.get("random_routers", 50)), seed=seed)
-    return {"regions": {str(int(r["block"])): {k: (round(v, 6) if isinstance(v, float) else v)
-                                               for k, v in r.items() if k != "block"}
-                        for r in table.to_dict("records")}}
+    max_images = analysis.get("max_images", 1000)
+    captured = region_inputs(model, val, max_images=max_images)
+    table = region_report(model, val, max_images=max_images, draws=int(analysis.get("random_routers", 50)),
+                          seed=seed, inputs=captured)
+    out = {"regions": {str(int(r["block"])): {k: (round(v, 6) if isinstance(v, float) else v)
+                                              for k, v in r.items() if k != "block"}
+                       for r in table.to_dict("records")}}
+    if cfg is not None and cfg.init_from:
+        from ..analysis.movement import expert_spread, router_at_init
+
+        out["expert_spread"] = expert_spread(model)
+        out["router_init"] = router_at_init(model, cfg, val, max_images,
+                                            inputs={b: inputs for b, (inputs, _) in captured.items()})
+    return out
+
+
+PIXEL_SCENES = 1000  # test scenes whose predictions a segmentation record keeps (one pixel per patch)
+CLASS_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def predict_pixels(model, data, scenes: int = PIXEL_SCENES) -> str:
+    """A segmentation run's test predictions in :func:`predict`'s form, for the predictions-moved check: the class
+    predicted at the centre pixel of every patch of the first ``scenes`` test scenes (scene by scene, row-major),
+    one character per pixel (0-9, then a-z: up to 36 classes; comma-separated beyond).  64,000 pixels for 1,000
+    scenes on an 8 x 8 grid: a record stays small while the share of changed pixels is measured to about 0.1%."""
+    import torch
+
+    gh, gw = model.patch_embed.grid_size
+    device = next(model.parameters()).device
+    preds = []
+    with torch.no_grad():
+        for x, _ in data.batches(250, shuffle=False):
+            if sum(len(p) for p in preds) >= scenes:
+                break
+            h, w = x.shape[-2:]
+            rows = torch.arange(gh) * (h // gh) + h // gh // 2
+            cols = torch.arange(gw) * (w // gw) + w // gw // 2
+            preds.append(model(x.to(device)).argmax(1)[:, rows][:, :, cols].cpu())
+    values = torch.cat(preds)[:scenes].flatten().tolist()
+    if max(values, default=0) < len(CLASS_CHARS):
+        return "".join(CLASS_CHARS[v] for v in values)
+    return ",".join(map(str, values))
 
 
 def prune_subsets(model, stats, report, val, test, count: int, seed: int, random_draws: int = 20) -> dict:

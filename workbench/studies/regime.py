@@ -150,9 +150,10 @@ def placement_grid(study: dict, results=None) -> pd.DataFrame:
 
 
 def control_mean(study: dict, seeds=None, results=None) -> float | None:
-    """The control's mean test accuracy (%) over its recorded seeds, or over ``seeds`` only (the seeds the arms it
-    is drawn beside have); None when none is recorded."""
-    values = [100 * r["test_acc"] for r in iter_records(study, results)
+    """The control's mean score (%: test accuracy, or the study's ``metric``, e.g. test mIoU) over its recorded seeds,
+    or over ``seeds`` only (the seeds the arms it is drawn beside have); None when none is recorded."""
+    metric = study.get("metric", "test_acc")
+    values = [100 * r[metric] for r in iter_records(study, results)
               if r["config"] == study["control"] and (seeds is None or r["seed"] in set(seeds))]
     return sum(values) / len(values) if values else None
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from .analyse import analyse_regions, analyse_run, predict
+from .analyse import analyse_regions, analyse_run, predict, predict_pixels
 from .spec import (RESULTS, ROOT, StudyError, arm_spec, arm_train_values, result_path, run_folder,
                    tensorboard_folder)
 
@@ -86,11 +86,25 @@ def base_fingerprint(base: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def eval_splits(dataset: str, model, *, val_size: int = 0, root=None, test_subset=None, data_options=None,
+                seed: int = 0):
+    """(train, validation, test) of ``dataset`` as a run evaluates them (no augmentation): a segmentation dataset's
+    scenes (with its ``data_options``) or a classification dataset's images."""
+    from ..data.scenes import SEG_DATASETS, build_seg_splits
+
+    if dataset in SEG_DATASETS:
+        return build_seg_splits(dataset, val_size=val_size, root=root, model=model, augment=False,
+                                test_subset=test_subset, seed=seed, **(data_options or {}))
+    from ..data.classification import build_splits
+
+    return build_splits(dataset, val_size=val_size, root=root, model=model, augment=False, test_subset=test_subset,
+                        seed=seed)
+
+
 def base_accuracy(study: dict, results: Path | None = None) -> dict:
     """The dense base's test (and validation) accuracy and weights fingerprint, measured once per study and cached
     beside its records.  A base whose weights changed since (a re-trained, re-shipped base) is refused, so one
     study never mixes bases; so is a base below the study's ``base_min_test_acc``."""
-    from ..data.classification import build_splits
     from ..train.checkpoint import load_model
     from ..train.metrics import evaluate
 
@@ -108,11 +122,12 @@ def base_accuracy(study: dict, results: Path | None = None) -> dict:
     else:
         train = study["train"]
         model, _ = load_model(ROOT / study["base"])
-        _, val, test = build_splits(train.get("dataset", "fashion-mnist"), val_size=train.get("val_size", 0),
-                                    root=train.get("data_root"), model=model, augment=False,
-                                    test_subset=train.get("test_subset"))
-        out = {"base": study["base"], "sha256": base_fingerprint(study["base"]),
-               "test_acc": round(evaluate(model, test)["acc"], 6)}
+        _, val, test = eval_splits(train.get("dataset", "fashion-mnist"), model, val_size=train.get("val_size", 0),
+                                   root=train.get("data_root"), test_subset=train.get("test_subset"),
+                                   data_options=train.get("data_options"))
+        scored = evaluate(model, test)
+        out = {"base": study["base"], "sha256": base_fingerprint(study["base"]), "test_acc": round(scored["acc"], 6),
+               **({"test_miou": round(scored["miou"], 6)} if "miou" in scored else {})}
         if val is not None:
             out["val_acc"] = round(evaluate(model, val)["acc"], 6)
     least = study.get("base_min_test_acc")
@@ -131,7 +146,6 @@ def check_clean_start(study: dict, config: str, cfg, results: Path | None = None
     since the cached base accuracy is the CPU's."""
     import torch
 
-    from ..data.classification import build_splits
     from ..train.checkpoint import load_model
     from ..train.metrics import evaluate
     from ..train.trainer import build_training_model
@@ -140,8 +154,8 @@ def check_clean_start(study: dict, config: str, cfg, results: Path | None = None
     base = base_accuracy(study, results)
     model, _ = build_training_model(cfg)
     model.to(device)
-    _, _, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model, augment=False,
-                              test_subset=cfg.test_subset)
+    _, _, test = eval_splits(cfg.dataset, model, val_size=cfg.val_size, root=cfg.data_root,
+                             test_subset=cfg.test_subset, data_options=cfg.data_options)
     step0 = round(evaluate(model, test)["acc"], 6)
     dense, _ = load_model(ROOT / study["base"])
     dense.to(device)
@@ -221,7 +235,6 @@ def _train_and_record(study, config, seed, device, results, threads, launch, com
     import torch
 
     from ..analysis.flops import profile
-    from ..data.classification import build_splits
     from ..train.checkpoint import load_model
     from ..train.distributed import Dist, resolve_device
     from ..train.provenance import provenance
@@ -241,19 +254,15 @@ def _train_and_record(study, config, seed, device, results, threads, launch, com
     prof = profile(model, batch=cfg.batch_size if batch_groups else 1)  # per-batch choice: at the training batch
     model.to(where)
     last = history[-1]
-    seg = getattr(model, "task", None) == "segmentation"
-    if seg:
-        from ..data.scenes import build_seg_splits
-
-        _, val, test = build_seg_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
-                                        augment=False, test_subset=cfg.test_subset, seed=cfg.seed,
-                                        **cfg.data_options)
+    # the seed picks a test_subset as training did, so that test_predictions are of the images the scores are of
+    _, val, test = eval_splits(cfg.dataset, model, val_size=cfg.val_size, root=cfg.data_root,
+                               test_subset=cfg.test_subset, data_options=cfg.data_options, seed=cfg.seed)
+    if getattr(model, "task", None) == "segmentation":
         scores = {k: last.get(k) for k in ("test_miou", "val_miou", "test_pixel_acc", "test_iou")}
-        analysis = analyse_regions(model, study.get("analysis", {}), seed, val)
+        if study["protocol"] == "upcycle":  # the predictions-moved check reads them
+            scores["test_predictions"] = predict_pixels(model, test)
+        analysis = analyse_regions(model, study.get("analysis", {}), seed, val, cfg)
     else:
-        # the seed picks a test_subset as training did, so that test_predictions are of the images test_acc scored
-        _, val, test = build_splits(cfg.dataset, val_size=cfg.val_size, root=cfg.data_root, model=model,
-                                    augment=False, test_subset=cfg.test_subset, seed=cfg.seed)
         scores = {"test_predictions": predict(model, test)}
         analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test, config=config,
                                model_config=model_cfg)
