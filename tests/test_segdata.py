@@ -226,3 +226,21 @@ def test_scene_splits_and_options():
         build_seg_splits("voc")
     with pytest.raises(ValueError, match="unknown option"):
         build_seg_splits("fmnist-scenes", img_size=64)
+
+
+@needs_fmnist
+def test_pixel_labels_are_the_test_masks_at_the_patch_centres_that_records_keep(tmp_path):
+    """regime.pixel_labels: the true label at each pixel whose prediction a segmentation record keeps (the centre
+    of every 7x7 patch of the first 1,000 test scenes), for splitting the predictions-moved shares by class."""
+    from workbench.studies import regime
+    from workbench.train.checkpoint import model_config, save_model
+
+    kw = {"moe_layers": "none", "head": "linear"}
+    save_model(timm.create_model("vimoe_seg_micro_patch7_56", **kw), model_config("vimoe_seg_micro_patch7_56", kw),
+               tmp_path / "base")
+    study = {"base": str(tmp_path / "base"), "train": {"dataset": "fmnist-scenes", "val_size": 200,
+                                                       "data_options": {"train_size": 16}}}
+    labels = regime.pixel_labels(study)
+    masks = fmnist_scenes("test", 2000)[1]
+    assert len(labels) == 1000 * 64 and labels[:64] == masks[0, 3::7, 3::7].flatten().tolist()
+    assert labels[-64:] == masks[999, 3::7, 3::7].flatten().tolist() and set(labels) == set(range(11))

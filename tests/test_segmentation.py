@@ -414,6 +414,7 @@ def test_upcycle_study_on_segmentation_records_what_its_checks_read(tmp_path, fa
 
     from workbench.studies.checks import evaluate_checks
     from workbench.studies.records import load_record
+    from workbench.studies.spec import load_study
     from workbench.studies.runner import run_study
 
     kw = {"moe_layers": "none", "head": "linear", **SMALL}
@@ -444,3 +445,16 @@ def test_upcycle_study_on_segmentation_records_what_its_checks_read(tmp_path, fa
         assert len(load_record(path, "dense", seed, results)["test_predictions"]) == 64 * 16
     table = evaluate_checks(path, results=results)
     assert table["n"].tolist() == [2, 2, 2] and table["value"].notna().all() and table["passed"].all()
+    # the transfer rule's class groups: labels 5-9 (mask 6-10) against 0-4 (mask 1-5), background left out
+    from workbench.studies import regime
+
+    iou = regime.class_iou(load_study(path), results=results).set_index("config")
+    assert iou["seeds"].tolist() == [2, 2]
+    recs = [load_record(path, "last-1", s, results) for s in (0, 1)]
+
+    def group_mean(r, lo, hi):
+        values = [v for v in r["test_iou"][lo:hi] if v is not None]
+        return sum(values) / len(values)
+
+    assert iou.loc["last-1", "base_iou"] == pytest.approx(sum(group_mean(r, 1, 6) for r in recs) / 2)
+    assert iou.loc["last-1", "test_miou"] == pytest.approx(50 * sum(r["test_miou"] for r in recs))

@@ -201,3 +201,53 @@ def routing_by_block(study: dict, config: str, results=None) -> pd.DataFrame:
     if out is None:
         return pd.DataFrame(columns=["block"])
     return out.round(4).reset_index()
+
+
+# Segmentation transfer studies (pilots/seg_transfer.yaml, regime/seg_transfer.yaml): mask label 0 is background,
+# 1-5 the base's Fashion-MNIST labels 0-4, 6-10 the new labels 5-9.
+SCENE_GROUPS = {"background": [0], "base classes": [1, 2, 3, 4, 5], "new classes": [6, 7, 8, 9, 10]}
+
+
+def class_iou(study: dict, results=None) -> pd.DataFrame:
+    """Per config: the mean over its seeds of mean(test_iou[6:11]) (``new``: the classes a transfer base never saw)
+    and of mean(test_iou[1:6]) (``base``: its own; background excluded), their ratio, the mean test mIoU (points)
+    and the seeds counted.  A class absent from the test scenes (IoU None) is left out of its mean."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    per = {}
+    for r in iter_records(study, results):
+        iou = r.get("test_iou") or []
+        per.setdefault(r["config"], []).append((mean(iou[6:11]), mean(iou[1:6]), 100 * r["test_miou"]))
+    rows = []
+    for config in [c for c in study["configs"] if c in per]:
+        new, base, miou = (sum(v) / len(v) for v in zip(*per[config]))
+        rows.append({"config": config, "seeds": len(per[config]), "new_iou": new, "base_iou": base,
+                     "new_over_base": new / base if base else float("nan"), "test_miou": miou})
+    return pd.DataFrame(rows, columns=["config", "seeds", "new_iou", "base_iou", "new_over_base", "test_miou"])
+
+
+def pixel_labels(study: dict) -> list[int]:
+    """The true label at every pixel whose prediction a segmentation record keeps (the patch centres of its first
+    ``analyse.PIXEL_SCENES`` test scenes, in record order): for ``checks.shares_by_classes(study, SCENE_GROUPS,
+    labels=...)``."""
+    import json
+
+    import timm
+
+    from ..data.scenes import build_seg_splits
+    from ..models import register
+    from .analyse import PIXEL_SCENES
+
+    register()
+    train = study["train"]
+    name = study.get("model") or json.loads((ROOT / study["base"] / "config.json").read_text())["model"]
+    model = timm.create_model(name, moe_layers="none")
+    _, _, test = build_seg_splits(train["dataset"], val_size=train.get("val_size", 0), model=model, augment=False,
+                                  test_subset=train.get("test_subset"), **train.get("data_options", {}))
+    gh, gw = model.patch_embed.grid_size
+    h, w = test.masks.shape[-2:]
+    rows = [i * (h // gh) + h // gh // 2 for i in range(gh)]
+    cols = [j * (w // gw) + w // gw // 2 for j in range(gw)]
+    return test.masks[:PIXEL_SCENES][:, rows][:, :, cols].flatten().tolist()
