@@ -458,3 +458,8 @@ def test_upcycle_study_on_segmentation_records_what_its_checks_read(tmp_path, fa
 
     assert iou.loc["last-1", "base_iou"] == pytest.approx(sum(group_mean(r, 1, 6) for r in recs) / 2)
     assert iou.loc["last-1", "test_miou"] == pytest.approx(50 * sum(r["test_miou"] for r in recs))
+    # the pilot's rule (1): the floor is the base's mIoU + 5 points; the class-IoU ratio can fail it on its own
+    _, line = regime.seg_transfer_rule(load_study(path), results=results, points=-100, ratio=0)
+    assert f"(floor {100 * base['test_miou'] - 100:.2f}: the base's + -100)" in line and "below 0" not in line
+    _, line = regime.seg_transfer_rule(load_study(path), results=results, points=-100, ratio=1e9)
+    assert "fails outright" in line and "below 1000000000.0" in line

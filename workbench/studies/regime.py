@@ -10,7 +10,8 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
     regime.schedule_rule(regime.load("pilots/upcycle4_finetune8"))  # a schedule pilot's rule (1): adopt or not
 
-Imports: this package's ``spec``, ``records`` and ``checks``.
+Imports: this package's ``spec``, ``records`` and ``checks``; inside functions ``.run`` (a study's cached base score),
+``.analyse``, ``workbench.data`` and ``workbench.models`` (the pixels a segmentation record keeps).
 """
 from __future__ import annotations
 
@@ -74,13 +75,15 @@ def schedule_rule(study: dict, results=None) -> tuple[pd.DataFrame, str]:
     return table, f"{study['name']}: dense mean {dense:.2f}% (floor {100 * dense_floor:.2f}%); rule (1) {outcome}"
 
 
-def _outcome(table: pd.DataFrame, dense: float | None, floor_pct: float) -> str:
-    """Rule (1)'s outcome from the bands and the dense mean against its floor (both in percent)."""
+def _outcome(table: pd.DataFrame, dense: float | None, floor_pct: float, also: tuple[str, ...] = ()) -> str:
+    """Rule (1)'s outcome from the bands and the dense mean against its floor (both in percent); ``also``: further
+    reasons, each an outright failure (a rule's own extra floor)."""
     dense_ok = dense is not None and dense >= floor_pct
     failed = table.loc[table["band"] == "fails", "config"].unique().tolist()
-    if failed or not dense_ok:
+    if failed or not dense_ok or also:
         why = [f"{', '.join(failed)} below a floor"] if failed else []
         why += [] if dense_ok else [f"dense mean below {floor_pct:.2f}%"]
+        why += list(also)
         return "fails outright (" + "; ".join(why) + "): the schedule is not adopted"
     if (table["band"] == "borderline").any():
         return "borderline: two more seeds for every arm before deciding (the pilot file names them)"
@@ -98,6 +101,27 @@ def floor_rule(study: dict, dense_floor: float, results=None) -> tuple[pd.DataFr
     outcome = _outcome(table, dense, dense_floor)
     seeds = f"{len(study['seeds'])} seeds"
     return table, f"{study['name']} ({seeds}): dense mean {dense:.3f}% (floor {dense_floor:.2f}%); rule (1) {outcome}"
+
+
+def seg_transfer_rule(study: dict, points: float = 5.0, ratio: float = 0.5, results=None) -> tuple[pd.DataFrame, str]:
+    """pilots/seg_transfer.yaml's rule (1): :func:`floor_rule`'s check bands, the dense control's mean test mIoU at
+    least ``points`` above the base's test mIoU on the same test scenes (the study's cached ``_base.json``), and the
+    dense control's new-class mean IoU at least ``ratio`` x its base-class mean IoU (:func:`class_iou`): it must
+    have learned the classes its base never saw, not only re-labelled them as background."""
+    from .run import base_accuracy
+
+    floor = round(100 * base_accuracy(study, results)["test_miou"] + points, 6)
+    table, line = floor_rule(study, floor, results)
+    if not len(table):
+        return table, line
+    iou = class_iou(study, results).set_index("config").loc[study["control"]]
+    also = () if iou["new_over_base"] >= ratio else (f"dense new/base class IoU {iou['new_over_base']:.3f} below "
+                                                       f"{ratio}",)
+    outcome = _outcome(table, control_mean(study, results=results), floor, also)
+    return table, (f"{study['name']} ({len(study['seeds'])} seeds): dense mean test mIoU "
+                   f"{control_mean(study, results=results):.3f} points (floor {floor:.2f}: the base's + {points:g}); "
+                   f"dense new-class IoU {iou['new_iou']:.4f} = {iou['new_over_base']:.3f} x base-class "
+                   f"{iou['base_iou']:.4f} (floor {ratio:g}x); rule (1) {outcome}")
 
 
 def status(study: dict, results=None) -> str:
