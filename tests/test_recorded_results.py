@@ -365,3 +365,28 @@ def test_upcycle_half_experts_verdicts_are_the_ones_readme_and_notebook_04_quote
     table = compare_expert_claims(study, other)
     lows = table["difference"].str.extract(r"\[([-+.0-9]+), ([-+.0-9]+)\]").astype(float)
     assert ((lows[0] > 0) | (lows[1] < 0)).all()  # every difference excludes 0, as the notebook says
+
+
+def test_seg_transfer_pilot_adopted_with_the_figures_notebook_06_and_readme_quote():
+    """pilots/seg_transfer.yaml's rule (1), read again from its 14 records: adopted, with the ranges quoted."""
+    from workbench.studies import regime
+    from workbench.studies.checks import checks_by_seed
+
+    pilot = regime.load("pilots/seg_transfer")
+    assert len(list(_records(pilot))) == 14
+    table, line = regime.seg_transfer_rule(pilot)
+    assert line.endswith("rule (1) adopted") and "dense mean test mIoU 39.955 points (floor 29.37" in line
+    assert "= 0.775 x base-class 0.3890" in line and (table["band"] == "adopt").all()
+    quoted = {"experts-moved": (0.147, 0.332), "router-choices-moved": (0.087, 0.170),
+              "predictions-moved": (1.010, 1.998)}
+    for check, (low, high) in quoted.items():
+        values = table.loc[table["check"] == check, "value"]
+        assert (round(values.min(), 3), round(values.max(), 3)) == (low, high), check
+    shares = checks_by_seed(pilot).query("id == 'predictions-moved'").set_index("config")["share"]
+    assert round(shares["dense seed-to-seed"], 4) == 0.0188 and round(shares["last-2"].max(), 3) == 0.019
+    iou = regime.class_iou(pilot).set_index("config")
+    assert (iou["new_iou"].min().round(3), iou["new_iou"].max().round(3)) == (0.300, 0.314)
+    text = (ROOT / "notebooks" / "06_segmentation.py").read_text()
+    for quote in ("expert spread 0.147-0.332", "0.087-0.170", "1.010-1.998", "39.95 points", "floor of 29.37",
+                  "0.775 times"):
+        assert quote in text, quote
