@@ -386,7 +386,13 @@ def test_seg_transfer_pilot_adopted_with_the_figures_notebook_06_and_readme_quot
     assert round(shares["dense seed-to-seed"], 4) == 0.0188 and round(shares["last-2"].max(), 3) == 0.019
     iou = regime.class_iou(pilot).set_index("config")
     assert (iou["new_iou"].min().round(3), iou["new_iou"].max().round(3)) == (0.300, 0.314)
+    moved = shares.drop(["dense seed-to-seed", "last-2", "last-2-shared"])
+    assert f"{100 * moved.min():.1f}-{100 * moved.max():.1f}%" == "3.1-3.8%"
     text = (ROOT / "notebooks" / "06_segmentation.py").read_text()
     for quote in ("expert spread 0.147-0.332", "0.087-0.170", "1.010-1.998", "39.95 points", "floor of 29.37",
-                  "0.775 times"):
+                  "0.775 times", "1.8-2.0%", "3.1-3.8%", "own 1.88%"):
         assert quote in text, quote
+    readme = (ROOT / "README.md").read_text()
+    for quote in ("expert spread 0.147-0.332", "router-choices-moved 0.087-0.170", "predictions-moved 1.010-1.998",
+                  "39.955 points (floor 29.37)", "0.775 times base-class", "0.5510", "0.2437"):
+        assert quote in readme, quote

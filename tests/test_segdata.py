@@ -77,7 +77,6 @@ def test_train_val_and_test_scenes_draw_from_disjoint_items():
     assert torch.equal(example_scenes(3)[0], fmnist_scenes("test", 2000)[0][:3])
 
 
-
 @needs_fmnist
 def test_scenes_of_some_classes_hold_only_their_items_after_the_same_validation_draw():
     """A transfer base's scenes: items of the listed labels only, in every split; the validation items still come
@@ -94,9 +93,10 @@ def test_scenes_of_some_classes_hold_only_their_items_after_the_same_validation_
             assert (set(used.tolist()) <= held_out) == (split == "val")
     train, val, test = build_seg_splits("fmnist-scenes", val_size=200, train_size=64, classes=[0, 1])
     assert train.num_classes == 11 and set(test.masks.unique().tolist()) <= {0, 1, 2}
-    for bad in ([], [10], [-1]):
+    for bad in ([], [10], [-1], 3, "0-4", [True], [0.5]):
         with pytest.raises(ValueError, match="non-empty list of Fashion-MNIST labels"):
             fmnist_scenes("train", 10, val_size=200, classes=bad)
+
 
 def _seg_data(n=24, augment=False):
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -393,7 +393,7 @@ def test_pixel_predictions_are_the_class_at_each_patch_centre():
         def __init__(self):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(()))
-            self.patch_embed = types.SimpleNamespace(grid_size=(4, 4))
+            self.patch_embed, self.num_classes = types.SimpleNamespace(grid_size=(4, 4)), 11
 
         def forward(self, x):
             r, c = torch.meshgrid(torch.arange(x.shape[-2]), torch.arange(x.shape[-1]), indexing="ij")
@@ -406,6 +406,17 @@ def test_pixel_predictions_are_the_class_at_each_patch_centre():
     assert predict_pixels(Stripes(), data, scenes=2) == want * 2
 
 
+def test_patch_centre_pixels_carry_the_heads_patch_logits():
+    """Bilinear upsampling (align_corners=False) by the patch size puts pixel p*i + p//2 on grid point i, so the
+    predictions a segmentation record keeps are the head's own per-patch decisions (up to float rounding)."""
+    model = _seg("linear", moe_layers="last-1", num_experts=4).eval()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        full, patches = model(x), model.seg_head(model.forward_maps(x))
+    assert torch.allclose(full[..., 3::7, 3::7], patches, atol=1e-5)
+    assert torch.equal(full[..., 3::7, 3::7].argmax(1), patches.argmax(1))
+
+
 def test_upcycle_study_on_segmentation_records_what_its_checks_read(tmp_path, fake_segdata):
     """A segmentation base upcycled by a study: the clean start measured in pixel accuracy, and per run the expert
     spread, the routers' patch-class NMI against their init and the pixel predictions that the upcycle checks
@@ -414,7 +425,9 @@ def test_upcycle_study_on_segmentation_records_what_its_checks_read(tmp_path, fa
 
     from workbench.studies.checks import evaluate_checks
     from workbench.studies.records import load_record
-    from workbench.studies.spec import load_study
+    import pandas as pd
+
+    from workbench.studies.spec import StudyError, load_study
     from workbench.studies.runner import run_study
 
     kw = {"moe_layers": "none", "head": "linear", **SMALL}
@@ -458,8 +471,21 @@ def test_upcycle_study_on_segmentation_records_what_its_checks_read(tmp_path, fa
 
     assert iou.loc["last-1", "base_iou"] == pytest.approx(sum(group_mean(r, 1, 6) for r in recs) / 2)
     assert iou.loc["last-1", "test_miou"] == pytest.approx(50 * sum(r["test_miou"] for r in recs))
-    # the pilot's rule (1): the floor is the base's mIoU + 5 points; the class-IoU ratio can fail it on its own
+    # the pilot's rule (1): the floor is the base's mIoU + points, read against the dense control's mean mIoU (a
+    # floor between its mean mIoU and its mean pixel accuracy fails it: pixel accuracy would pass)
+    dense = [load_record(path, "dense", s, results) for s in (0, 1)]
+    between = 50 * sum(r["test_miou"] + r["test_acc"] for r in dense) / 2
+    points = between - 100 * base["test_miou"]
+    _, line = regime.seg_transfer_rule(load_study(path), results=results, points=points, ratio=0)
+    assert f"(floor {between:.2f}: the base's + {points:g})" in line and "dense mean below" in line
     _, line = regime.seg_transfer_rule(load_study(path), results=results, points=-100, ratio=0)
-    assert f"(floor {100 * base['test_miou'] - 100:.2f}: the base's + -100)" in line and "below 0" not in line
+    assert "dense mean below" not in line and "class IoU" not in line.split("rule (1)")[1]
     _, line = regime.seg_transfer_rule(load_study(path), results=results, points=-100, ratio=1e9)
-    assert "fails outright" in line and "below 1000000000.0" in line
+    assert "below 1000000000.0" in line.split("rule (1)")[1]
+    # the ratio fails the rule on its own: every band adopting, the dense floor met
+    adopt = pd.DataFrame({"config": ["last-1"], "band": ["adopt"]})
+    assert regime._outcome(adopt, 50.0, 10.0) == "adopted"
+    assert regime._outcome(adopt, 50.0, 10.0, ("ratio low",)) == "fails outright (ratio low): the schedule is not adopted"
+    (results / "segup" / "_base.json").unlink()
+    with pytest.raises(StudyError, match="_base.json is missing"):
+        regime.seg_transfer_rule(load_study(path), results=results)

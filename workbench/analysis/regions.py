@@ -139,8 +139,8 @@ def region_report(model, data, *, max_images: int | None = 1000, draws: int = 20
     when already captured.  The smallest p is 1 / (draws + 1): with L layers, Holm needs
     draws >= L / alpha (80 for 4 layers at 0.05) for a layer to be able to come out specialised at all."""
     rows = []
-    for block, (inputs, boundary) in (inputs or region_inputs(model, data, max_images=max_images)).items():
-        rows.append({"block": block, **region_test(inputs, boundary, data.num_classes, draws=draws, seed=seed)})
+    for block, (units, boundary) in (inputs or region_inputs(model, data, max_images=max_images)).items():
+        rows.append({"block": block, **region_test(units, boundary, data.num_classes, draws=draws, seed=seed)})
     table = pd.DataFrame(rows)
     if len(table):
         table["p_holm"] = holm(table["p_nmi"].tolist())

@@ -146,11 +146,12 @@ def fmnist_scenes(split: str, n: int, *, val_size: int = 0, size: int = SCENE_SI
     if split not in SCENE_SEEDS:
         raise ValueError(f"split={split!r} is invalid: use 'train', 'val' or 'test'")
     if classes is not None:
-        classes = tuple(sorted({int(c) for c in classes}))
-        bad = [c for c in classes if not 0 <= c < len(FASHION_MNIST_LABELS)]
-        if bad or not classes:
-            raise ValueError(f"classes={list(classes)} must be a non-empty list of Fashion-MNIST labels (0 to "
-                             f"{len(FASHION_MNIST_LABELS) - 1})")
+        labels = range(len(FASHION_MNIST_LABELS))
+        if (not isinstance(classes, (list, tuple)) or not classes
+                or any(isinstance(c, bool) or not isinstance(c, int) or c not in labels for c in classes)):
+            raise ValueError(f"classes={classes!r} must be a non-empty list of Fashion-MNIST labels (0 to "
+                             f"{len(FASHION_MNIST_LABELS) - 1}), e.g. [0, 1, 2, 3, 4]")
+        classes = tuple(sorted(set(classes)))
     return _scenes(split, n, val_size if split != "test" else 0, size, max_items, find_fashion_mnist(root), classes)
 
 

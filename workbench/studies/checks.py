@@ -43,7 +43,7 @@ def run_metric(record: dict, metric: str) -> float:
 
 
 def _split(predictions: str) -> list[str]:
-    """A record's test predictions, one entry per image (digits, or comma-separated for 10+ classes)."""
+    """A record's test predictions, one entry per image or pixel (one character each, or comma-separated)."""
     return predictions.split(",") if "," in predictions else list(predictions)
 
 

@@ -10,16 +10,19 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
     regime.schedule_rule(regime.load("pilots/upcycle4_finetune8"))  # a schedule pilot's rule (1): adopt or not
 
-Imports: this package's ``spec``, ``records`` and ``checks``; inside functions ``.run`` (a study's cached base score),
-``.analyse``, ``workbench.data`` and ``workbench.models`` (the pixels a segmentation record keeps).
+Imports: this package's ``spec``, ``records`` and ``checks``; inside functions ``.analyse``, ``workbench.data`` and
+``workbench.models`` (the pixels a segmentation record keeps).
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pandas as pd
 
 from .checks import evaluate_checks
 from .records import iter_records, progress
-from .spec import ROOT, arm_model_kwargs, load_study
+from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, load_study
 
 REGIME = ROOT / "experiments" / "studies" / "regime"
 
@@ -103,14 +106,29 @@ def floor_rule(study: dict, dense_floor: float, results=None) -> tuple[pd.DataFr
     return table, f"{study['name']} ({seeds}): dense mean {dense:.3f}% (floor {dense_floor:.2f}%); rule (1) {outcome}"
 
 
+def cached_base(study: dict, results=None) -> dict:
+    """The base's scores that a study measured before its first run (``_base.json`` beside its records), read only;
+    a missing file is a one-line StudyError."""
+    path = Path(results or RESULTS) / study["name"] / "_base.json"
+    if not path.is_file():
+        raise StudyError(f"{path} is missing: the base is scored when the study's first run starts (python -m "
+                         f"workbench study run <its file>)")
+    base = json.loads(path.read_text())
+    if "test_miou" not in base and study.get("metric") == "test_miou":
+        raise StudyError(f"{path} has no test_miou (it was written before segmentation bases were scored by mIoU); "
+                         "delete it and the next study run scores the base again")
+    return base
+
+
 def seg_transfer_rule(study: dict, points: float = 5.0, ratio: float = 0.5, results=None) -> tuple[pd.DataFrame, str]:
     """pilots/seg_transfer.yaml's rule (1): :func:`floor_rule`'s check bands, the dense control's mean test mIoU at
-    least ``points`` above the base's test mIoU on the same test scenes (the study's cached ``_base.json``), and the
+    least ``points`` above the base's test mIoU on the same test scenes (:func:`cached_base`), and the
     dense control's new-class mean IoU at least ``ratio`` x its base-class mean IoU (:func:`class_iou`): it must
     have learned the classes its base never saw, not only re-labelled them as background."""
-    from .run import base_accuracy
-
-    floor = round(100 * base_accuracy(study, results)["test_miou"] + points, 6)
+    done, planned = progress(study, results)
+    if done < planned:
+        return schedule_rule(study, results)  # nothing judged yet: an empty table and how many runs are in
+    floor = round(100 * cached_base(study, results)["test_miou"] + points, 6)
     table, line = floor_rule(study, floor, results)
     if not len(table):
         return table, line
@@ -235,7 +253,8 @@ SCENE_GROUPS = {"background": [0], "base classes": [1, 2, 3, 4, 5], "new classes
 def class_iou(study: dict, results=None) -> pd.DataFrame:
     """Per config: the mean over its seeds of mean(test_iou[6:11]) (``new``: the classes a transfer base never saw)
     and of mean(test_iou[1:6]) (``base``: its own; background excluded), their ratio, the mean test mIoU (points)
-    and the seeds counted.  A class absent from the test scenes (IoU None) is left out of its mean."""
+    and the seeds counted.  A class absent from both the test masks and the predictions (IoU None) is left out of
+    its mean."""
     def mean(values):
         values = [v for v in values if v is not None]
         return sum(values) / len(values) if values else float("nan")
@@ -266,10 +285,15 @@ def pixel_labels(study: dict) -> list[int]:
 
     register()
     train = study["train"]
+    if train.get("test_subset"):
+        raise ValueError("pixel_labels needs the full test split; this study scores a test_subset, drawn per seed")
     name = study.get("model") or json.loads((ROOT / study["base"] / "config.json").read_text())["model"]
     model = timm.create_model(name, moe_layers="none")
-    _, _, test = build_seg_splits(train["dataset"], val_size=train.get("val_size", 0), model=model, augment=False,
-                                  test_subset=train.get("test_subset"), **train.get("data_options", {}))
+    options = dict(train.get("data_options", {}))
+    if train["dataset"] == "fmnist-scenes":
+        options["train_size"] = 1  # the test scenes do not depend on the training scenes: build as few as possible
+    _, _, test = build_seg_splits(train["dataset"], val_size=train.get("val_size", 0), root=train.get("data_root"),
+                                  model=model, augment=False, **options)
     gh, gw = model.patch_embed.grid_size
     h, w = test.masks.shape[-2:]
     rows = [i * (h // gh) + h // gh // 2 for i in range(gh)]
