@@ -66,6 +66,9 @@ def _edit(base: dict, **changes) -> dict:
      "unknown option(s) ['train_sise'] for fmnist-scenes: use train_size"),
     ({"train__dataset": "fmnist-scenes"}, "arm 'dense': model vimoe_micro_patch7_28 is a classification model but "
                                           "the dataset is a segmentation dataset"),
+    ({"train__dataset": "fmnist-scenes", "model": "vimoe_seg_micro_patch7_56", "analysis": {"regions": False},
+      "checks": [{"id": "moved", "says": "s", "metric": "expert_spread", "at_least": 0.1}]},
+     "check 'moved': a segmentation study records expert_spread with its regions analysis; set analysis.regions: true"),
     ({"seeds": [0, 0]}, "seeds=[0, 0] is invalid: give a list of distinct integers"),
     ({"seeds": "0"}, "seeds='0' is invalid"),
     ({"references": ["nowhere"]}, "references names study 'nowhere', which has no file in"),

@@ -296,6 +296,13 @@ def _check_check(path, study: dict, check: dict) -> None:
         raise StudyError(f"{where}: metric={check['metric']!r} is not one of {sorted(CHECK_METRICS)}")
     if ("at_least" in check) == ("at_most" in check):
         raise StudyError(f"{where}: give exactly one of at_least / at_most (the threshold the metric must meet)")
+    from ..data.scenes import SEG_DATASETS
+
+    seg = study.get("train", {}).get("dataset") in SEG_DATASETS
+    if seg and check["metric"] in ("expert_spread", "router_shift", "router_nmi_moved") \
+            and not study.get("analysis", {}).get("regions"):
+        raise StudyError(f"{where}: a segmentation study records {check['metric']} with its regions analysis; "
+                         "set analysis.regions: true")
     configs = check.setdefault("configs", [c for c in study["configs"] if c != study["control"]])
     missing = [c for c in configs if c not in study["configs"]]
     if missing:
