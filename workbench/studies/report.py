@@ -420,15 +420,20 @@ def arm_costs(kind: str, protocol: str = "scratch", batch: int | None = None) ->
     return table.round(5)
 
 
+def _classification_pilots() -> list[dict]:
+    studies = [st.load_study(path) for path in sorted((STUDIES / "pilots").glob("*.yaml"))]
+    return [s for s in studies if s.get("metric", "test_acc") == "test_acc"]
+
+
 def pilots() -> pd.DataFrame:
-    """The regime pilots (``experiments/studies/pilots/``), one row per recorded run: final test and validation
-    accuracy, the validation points gained over the last third of the epochs (the plateau rule), and how far an
-    upcycled arm moved (median block: expert spread, router shift, router class NMI moved from its init)."""
+    """The classification regime pilots (``experiments/studies/pilots/``; a segmentation pilot, scored by mIoU, is
+    notebook 06's), one row per recorded run: final test and validation accuracy, the validation points gained over
+    the last third of the epochs (the plateau rule), and how far an upcycled arm moved (median block: expert spread,
+    router shift, router class NMI moved from its init)."""
     from .checks import run_metric
 
     rows = []
-    for path in sorted((STUDIES / "pilots").glob("*.yaml")):
-        s = st.load_study(path)
+    for s in _classification_pilots():
         for r in st.iter_records(s):
             rows.append({"pilot": s["name"], "config": r["config"], "seed": r["seed"],
                          "epochs": len(r["history"]), "test_acc": r["test_acc"], "val_acc": r["val_acc"],
@@ -439,10 +444,10 @@ def pilots() -> pd.DataFrame:
 
 
 def pilot_curves() -> pd.DataFrame:
-    """Validation (and test) accuracy by epoch of every pilot run: one row per (pilot, config, seed, epoch)."""
+    """Validation (and test) accuracy by epoch of every classification pilot run: one row per (pilot, config, seed,
+    epoch)."""
     rows = []
-    for path in sorted((STUDIES / "pilots").glob("*.yaml")):
-        s = st.load_study(path)
+    for s in _classification_pilots():
         for r in st.iter_records(s):
             for h in r["history"]:
                 rows.append({"pilot": s["name"], "config": r["config"], "seed": r["seed"], "epoch": h["epoch"],
