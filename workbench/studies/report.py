@@ -420,18 +420,14 @@ def arm_costs(kind: str, protocol: str = "scratch", batch: int | None = None) ->
     return table.round(5)
 
 
-def _classification_pilots() -> list[dict]:
-    studies = [st.load_study(path) for path in sorted((STUDIES / "pilots").glob("*.yaml"))]
-    return [s for s in studies if s.get("metric", "test_acc") == "test_acc"]
-
+def _classification_pilots() -> list[dict]:  # a segmentation pilot (metric test_miou) is notebook 06's
+    return [s for s in map(st.load_study, sorted((STUDIES / "pilots").glob("*.yaml"))) if s["metric"] == "test_acc"]
 
 def pilots() -> pd.DataFrame:
-    """The classification regime pilots (``experiments/studies/pilots/``; a segmentation pilot, scored by mIoU, is
-    notebook 06's), one row per recorded run: final test and validation accuracy, the validation points gained over
-    the last third of the epochs (the plateau rule), and how far an upcycled arm moved (median block: expert spread,
-    router shift, router class NMI moved from its init)."""
+    """The classification regime pilots (``experiments/studies/pilots/``), one row per recorded run: final test and
+    validation accuracy, the validation points gained over the last third of the epochs (the plateau rule), and how
+    far an upcycled arm moved (median block: expert spread, router shift, router class NMI moved from its init)."""
     from .checks import run_metric
-
     rows = []
     for s in _classification_pilots():
         for r in st.iter_records(s):
@@ -444,8 +440,7 @@ def pilots() -> pd.DataFrame:
 
 
 def pilot_curves() -> pd.DataFrame:
-    """Validation (and test) accuracy by epoch of every classification pilot run: one row per (pilot, config, seed,
-    epoch)."""
+    """Validation (and test) accuracy by epoch of every classification pilot: a row per (pilot, config, seed, epoch)."""
     rows = []
     for s in _classification_pilots():
         for r in st.iter_records(s):
