@@ -340,9 +340,10 @@ def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, tra
     """(train, validation or None, test) :class:`SegTensorData` for ``name`` in SEG_DATASETS.
 
     'fmnist-scenes' options: ``train_size`` (20000), ``size`` (the model's input size, else 56), ``max_items`` (4),
-    ``in_chans``, ``classes`` (items of these Fashion-MNIST labels only, in every split: see :func:`fmnist_scenes`); ``val_size`` validation scenes draw from the ``val_size`` training images that ``data.build_splits``
-    holds out, the 2000 test scenes from the test images.  'ade' options: ``reduce_zero_label`` (True),
-    ``num_classes`` (max label + 1), ``img_size`` (the model's input size), ``in_chans``, ``class_names``;
+    ``in_chans``, ``classes`` (items of these Fashion-MNIST labels only, in every split: see :func:`fmnist_scenes`);
+    ``val_size`` validation scenes draw from the ``val_size`` training images that ``data.build_splits`` holds out,
+    the 2000 test scenes from the test images.  'ade' options: ``reduce_zero_label`` (True), ``num_classes`` (max
+    label + 1), ``img_size`` (the model's input size), ``in_chans``, ``class_names``;
     ``val_size`` images of ``training`` are carved out by the fixed ``VAL_SEED`` draw, ``validation`` is the test
     split.  ``in_chans`` defaults to the model's; mean/std come from the model's pretrained config when it has them
     for that many channels."""

@@ -235,24 +235,31 @@ PIXEL_SCENES = 1000  # test scenes whose predictions a segmentation record keeps
 CLASS_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
+def patch_centres(size, grid):
+    """(rows, cols): the centre pixel of every patch of a ``grid`` (gh, gw) over an image of ``size`` (h, w)."""
+    import torch
+
+    (h, w), (gh, gw) = size, grid
+    return torch.arange(gh) * (h // gh) + h // gh // 2, torch.arange(gw) * (w // gw) + w // gw // 2
+
+
 def predict_pixels(model, data, scenes: int = PIXEL_SCENES) -> str:
     """A segmentation run's test predictions in :func:`predict`'s form, for the predictions-moved check: the class
     predicted at the centre pixel of every patch of the first ``scenes`` test scenes (scene by scene, row-major),
-    one character per pixel (0-9, then a-z, for a model of up to 36 classes; comma-separated beyond).  64,000 pixels for 1,000
-    scenes on an 8 x 8 grid: a record stays small while the share of changed pixels is measured to about 0.1%."""
+    one character per pixel (0-9, then a-z, for a model of up to 36 classes; comma-separated beyond).  64,000 pixels
+    for 1,000 scenes on an 8 x 8 grid: a record stays small while the share of changed pixels is measured to about
+    0.1%."""
     import torch
 
-    gh, gw = model.patch_embed.grid_size
     device = next(model.parameters()).device
-    preds = []
+    preds, seen = [], 0
     with torch.no_grad():
         for x, _ in data.batches(250, shuffle=False):
-            if sum(len(p) for p in preds) >= scenes:
+            if seen >= scenes:
                 break
-            h, w = x.shape[-2:]
-            rows = torch.arange(gh) * (h // gh) + h // gh // 2
-            cols = torch.arange(gw) * (w // gw) + w // gw // 2
+            rows, cols = patch_centres(x.shape[-2:], model.patch_embed.grid_size)
             preds.append(model(x.to(device)).argmax(1)[:, rows][:, :, cols].cpu())
+            seen += len(x)
     values = torch.cat(preds)[:scenes].flatten().tolist()
     if model.num_classes <= len(CLASS_CHARS):  # by the model, not the values seen: every run of a study alike
         return "".join(CLASS_CHARS[v] for v in values)

@@ -221,6 +221,19 @@ def referenced(study: dict, name: str) -> dict:
     raise StudyError(f"study {name!r} (named in references of {study['name']}) has no file in {folder}")
 
 
+def cached_base(study: dict, results: Path | None = None) -> dict | None:
+    """The base's scores a study measured before its first run (``_base.json`` beside its records), or None when
+    it has not been measured yet; a damaged file is a one-line StudyError."""
+    path = Path(results or RESULTS) / study["name"] / "_base.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StudyError(f"{path} (the dense base's cached accuracy) is damaged ({type(err).__name__}); delete "
+                         "it and study run measures the base again") from None
+
+
 def expert_pairs(study: dict, claim: dict, results: Path | None = None) -> tuple[list[float], list[float]]:
     """An ``experts`` claim's two variants (``compare``) at its ``keep``, test accuracy (%) per seed of its
     treatment's records, ordered by seed; a seed missing either variant is left out."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from .checks import evaluate_checks
-from .records import iter_records, progress
+from .records import cached_base, iter_records, progress
 from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, load_study
 
 REGIME = ROOT / "experiments" / "studies" / "regime"
@@ -106,38 +106,36 @@ def floor_rule(study: dict, dense_floor: float, results=None) -> tuple[pd.DataFr
     return table, f"{study['name']} ({seeds}): dense mean {dense:.3f}% (floor {dense_floor:.2f}%); rule (1) {outcome}"
 
 
-def cached_base(study: dict, results=None) -> dict:
-    """The base's scores that a study measured before its first run (``_base.json`` beside its records), read only;
-    a missing file is a one-line StudyError."""
+def base_miou(study: dict, results=None) -> float:
+    """The base's test mIoU that a segmentation study measured before its first run (:func:`records.cached_base`,
+    read only); a missing file or score is a one-line StudyError."""
     path = Path(results or RESULTS) / study["name"] / "_base.json"
-    if not path.is_file():
+    base = cached_base(study, results)
+    if base is None:
         raise StudyError(f"{path} is missing: the base is scored when the study's first run starts (python -m "
                          f"workbench study run <its file>)")
-    base = json.loads(path.read_text())
-    if "test_miou" not in base and study.get("metric") == "test_miou":
+    if "test_miou" not in base:
         raise StudyError(f"{path} has no test_miou (it was written before segmentation bases were scored by mIoU); "
                          "delete it and the next study run scores the base again")
-    return base
+    return base["test_miou"]
 
 
 def seg_transfer_rule(study: dict, points: float = 5.0, ratio: float = 0.5, results=None) -> tuple[pd.DataFrame, str]:
     """pilots/seg_transfer.yaml's rule (1): :func:`floor_rule`'s check bands, the dense control's mean test mIoU at
-    least ``points`` above the base's test mIoU on the same test scenes (:func:`cached_base`), and the
+    least ``points`` above the base's test mIoU on the same test scenes (:func:`base_miou`), and the
     dense control's new-class mean IoU at least ``ratio`` x its base-class mean IoU (:func:`class_iou`): it must
     have learned the classes its base never saw, not only re-labelled them as background."""
     done, planned = progress(study, results)
     if done < planned:
         return schedule_rule(study, results)  # nothing judged yet: an empty table and how many runs are in
-    floor = round(100 * cached_base(study, results)["test_miou"] + points, 6)
-    table, line = floor_rule(study, floor, results)
-    if not len(table):
-        return table, line
+    floor = round(100 * base_miou(study, results) + points, 6)
+    table, _ = floor_rule(study, floor, results)
     iou = class_iou(study, results).set_index("config").loc[study["control"]]
     also = () if iou["new_over_base"] >= ratio else (f"dense new/base class IoU {iou['new_over_base']:.3f} below "
                                                        f"{ratio}",)
-    outcome = _outcome(table, control_mean(study, results=results), floor, also)
-    return table, (f"{study['name']} ({len(study['seeds'])} seeds): dense mean test mIoU "
-                   f"{control_mean(study, results=results):.3f} points (floor {floor:.2f}: the base's + {points:g}); "
+    dense = control_mean(study, results=results)
+    outcome = _outcome(table, dense, floor, also)
+    return table, (f"{study['name']} ({len(study['seeds'])} seeds): dense mean test mIoU {dense:.3f} points (floor {floor:.2f}: the base's + {points:g}); "
                    f"dense new-class IoU {iou['new_iou']:.4f} = {iou['new_over_base']:.3f} x base-class "
                    f"{iou['base_iou']:.4f} (floor {ratio:g}x); rule (1) {outcome}")
 
@@ -275,13 +273,11 @@ def pixel_labels(study: dict) -> list[int]:
     """The true label at every pixel whose prediction a segmentation record keeps (the patch centres of its first
     ``analyse.PIXEL_SCENES`` test scenes, in record order): for ``checks.shares_by_classes(study, SCENE_GROUPS,
     labels=...)``."""
-    import json
-
     import timm
 
     from ..data.scenes import build_seg_splits
     from ..models import register
-    from .analyse import PIXEL_SCENES
+    from .analyse import PIXEL_SCENES, patch_centres
 
     register()
     train = study["train"]
@@ -294,8 +290,5 @@ def pixel_labels(study: dict) -> list[int]:
         options["train_size"] = 1  # the test scenes do not depend on the training scenes: build as few as possible
     _, _, test = build_seg_splits(train["dataset"], val_size=train.get("val_size", 0), root=train.get("data_root"),
                                   model=model, augment=False, **options)
-    gh, gw = model.patch_embed.grid_size
-    h, w = test.masks.shape[-2:]
-    rows = [i * (h // gh) + h // gh // 2 for i in range(gh)]
-    cols = [j * (w // gw) + w // gw // 2 for j in range(gw)]
+    rows, cols = patch_centres(test.masks.shape[-2:], model.patch_embed.grid_size)
     return test.masks[:PIXEL_SCENES][:, rows][:, :, cols].flatten().tolist()

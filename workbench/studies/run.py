@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from .analyse import analyse_regions, analyse_run, predict, predict_pixels
+from .records import cached_base
 from .spec import (RESULTS, ROOT, StudyError, arm_spec, arm_train_values, result_path, run_folder,
                    tensorboard_folder)
 
@@ -108,13 +109,8 @@ def base_accuracy(study: dict, results: Path | None = None) -> dict:
     from ..train.checkpoint import load_model
     from ..train.metrics import evaluate
 
-    path = Path(results or RESULTS) / study["name"] / "_base.json"
-    if path.is_file():
-        try:
-            out = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise StudyError(f"{path} (the dense base's cached accuracy) is damaged ({type(err).__name__}); delete "
-                             "it and study run measures the base again") from None
+    out = cached_base(study, results)
+    if out is not None:
         if "sha256" in out and out["sha256"] != base_fingerprint(study["base"]):
             raise StudyError(f"{study['name']}: the dense base {study['base']} is not the one its records started "
                              f"from (weights fingerprint changed): restore that base, or give the study a new name "
@@ -134,6 +130,7 @@ def base_accuracy(study: dict, results: Path | None = None) -> dict:
     if least is not None and out["test_acc"] < least:
         raise StudyError(f"{study['name']}: the dense base {study['base']} has test accuracy {out['test_acc']}, "
                          f"below the study's base_min_test_acc {least}: train the base longer (or larger) first")
+    path = Path(results or RESULTS) / study["name"] / "_base.json"
     if not path.is_file():
         atomic_write_text(path, json.dumps(out) + "\n")
     return out
