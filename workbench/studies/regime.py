@@ -135,7 +135,8 @@ def seg_transfer_rule(study: dict, points: float = 5.0, ratio: float = 0.5, resu
                                                        f"{ratio}",)
     dense = control_mean(study, results=results)
     outcome = _outcome(table, dense, floor, also)
-    return table, (f"{study['name']} ({len(study['seeds'])} seeds): dense mean test mIoU {dense:.3f} points (floor {floor:.2f}: the base's + {points:g}); "
+    return table, (f"{study['name']} ({len(study['seeds'])} seeds): dense mean test mIoU {dense:.3f} points "
+                   f"(floor {floor:.2f}: the base's + {points:g}); "
                    f"dense new-class IoU {iou['new_iou']:.4f} = {iou['new_over_base']:.3f} x base-class "
                    f"{iou['base_iou']:.4f} (floor {ratio:g}x); rule (1) {outcome}")
 
