@@ -24,7 +24,7 @@ def study(tmp_path):
            ("a", 0): 0.81, ("b", 0): 0.78, ("c", 0): 0.80, ("a-s", 0): 0.81, ("b-s", 0): 0.80, ("c-s", 0): 0.805,
            ("a", 1): 0.83, ("b", 1): 0.80}  # seed 1: the shared half and c not yet recorded
     for (config, seed), a in acc.items():
-        rec = {"study": "g", "config": config, "seed": seed, "test_acc": a, "val_acc": a,
+        rec = {"study": "g", "config": config, "seed": seed, "test_acc": a, "val_acc": a, "test_miou": a - 0.5,
                "history": [{"epoch": 1, "val_acc": a - 0.02, "test_acc": a - 0.01},
                            {"epoch": 2, "val_acc": a, "test_acc": a}],
                "provenance": {"commit": "x"}}
@@ -47,7 +47,7 @@ def test_grid_ranges_and_control_mean(study):
     assert "dense" not in set(grid["config"])
     assert list(grid["config"])[:2] == ["a", "a"]  # the study file's order, then seed
     row = grid[(grid["config"] == "b-s")].iloc[0]
-    assert row["placement"] == "first-1" and bool(row["shared"]) and row["test_acc"] == pytest.approx(80.0)
+    assert row["placement"] == "first-1" and bool(row["shared"]) and row["score"] == pytest.approx(80.0)
     assert not grid[grid["config"] == "b"]["shared"].any()
     ranges = regime.placement_ranges(grid).set_index(["seed", "shared"])
     assert len(ranges) == 2  # seed 1 lacks c: its range is not taken over two placements
@@ -56,6 +56,18 @@ def test_grid_ranges_and_control_mean(study):
     assert ranges.loc[(0, True), "worst"] == pytest.approx(80.0)
     assert regime.control_mean(s, results=results) == pytest.approx(81.0)
     assert regime.control_mean(s, seeds=[0], results=results) == pytest.approx(80.0)
+
+
+def test_grid_tables_and_control_read_the_study_metric(study):
+    s, results = study
+    s = {**s, "metric": "test_miou"}  # a segmentation study's score: test mIoU in points
+    grid = regime.placement_grid(s, results)
+    assert grid[grid["config"] == "b-s"].iloc[0]["score"] == pytest.approx(30.0)
+    assert regime.placement_ranges(grid).set_index(["seed", "shared"]).loc[(0, True), "worst"] == pytest.approx(30.0)
+    assert regime.accuracy_table(s, results).set_index("config").loc["a", "mean"] == pytest.approx(32.0)
+    assert regime.control_mean(s, results=results) == pytest.approx(31.0)
+    fig = placement_interaction(grid, score="test mIoU (points)")
+    assert fig.layout.yaxis.title.text == "test mIoU (points)"
 
 
 def test_mean_curves_average_the_seeds_in_file_order(study):

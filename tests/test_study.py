@@ -375,6 +375,21 @@ def test_router_at_init_rebuilds_the_trainers_start(tmp_path):
         moe_modules(moved)[3].router.weight.mul_(-1)
     after = router_at_init(moved, cfg, val, max_images=64)
     assert after["3"]["router_shift"] == pytest.approx(2.0) and after["0"]["router_shift"] == 0.0
+    # segmentation's inputs: patches with no label (-1: every pixel ignored) are left out of both NMIs, whatever
+    # they route to; without the mask they would count as a class of their own (or index out of range)
+    import dataclasses
+    from workbench.analysis.specialisation import router_inputs
+    inputs = router_inputs(moved, val, max_images=64)
+    gen = torch.Generator().manual_seed(0)
+    padded = {b: dataclasses.replace(i, x=torch.cat([i.x, 50 * torch.randn(40, i.x.shape[1], generator=gen)]),
+                                     labels=torch.cat([i.labels, torch.full((40,), -1, dtype=i.labels.dtype)]),
+                                     positions=None if i.positions is None else torch.cat([i.positions, i.positions[:40]]))
+              for b, i in inputs.items()}
+    assert router_at_init(moved, cfg, val, inputs=padded) == router_at_init(moved, cfg, val, inputs=inputs)
+    zeros = torch.zeros(40, dtype=torch.long)
+    relabelled = {b: dataclasses.replace(i, labels=torch.cat([inputs[b].labels, zeros.to(i.labels.dtype)]))
+                  for b, i in padded.items()}  # the same patches labelled: now they count
+    assert router_at_init(moved, cfg, val, inputs=relabelled) != router_at_init(moved, cfg, val, inputs=inputs)
 
 
 def test_expert_pruning_analysis_records_each_method_and_random_draws(tmp_path):

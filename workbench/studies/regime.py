@@ -6,7 +6,7 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.status(s)              # "7 of 56 planned runs recorded ..." or "complete"
     regime.curves(s)              # validation / test accuracy by epoch, one row per (config, seed, epoch)
     regime.checks_table(s)        # each check per config: median over seeds, rule, passes
-    regime.placement_grid(s)      # test accuracy per (placement, shared expert or not, seed)
+    regime.placement_grid(s)      # the score per (placement, shared expert or not, seed)
     regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
     regime.schedule_rule(regime.load("pilots/upcycle4_finetune8"))  # a schedule pilot's rule (1): adopt or not
 
@@ -175,7 +175,9 @@ def checks_table(study: dict, results=None) -> pd.DataFrame:
 
 
 def placement_grid(study: dict, results=None) -> pd.DataFrame:
-    """Test accuracy (%) of every MoE arm: one row per (config, placement, shared, seed); the control is left out."""
+    """The study's score (``metric``: test accuracy by default, or e.g. test mIoU; x100, so % or points) of every MoE
+    arm as ``score``: one row per (config, placement, shared, seed); the control is left out."""
+    metric = study.get("metric", "test_acc")
     rows = []
     for r in iter_records(study, results):
         config = r["config"]
@@ -184,10 +186,10 @@ def placement_grid(study: dict, results=None) -> pd.DataFrame:
         kwargs, _ = arm_model_kwargs(study, config)  # the study's common switches overlaid with the arm's
         rows.append({"config": config, "placement": kwargs.get("moe_layers"),
                      "shared": kwargs.get("shared_expert", "none") not in (None, "none"), "seed": r["seed"],
-                     "test_acc": 100 * r["test_acc"]})
+                     "score": 100 * r[metric]})
     order = list(study["configs"])
     rows.sort(key=lambda row: (order.index(row["config"]), row["seed"]))
-    return pd.DataFrame(rows, columns=["config", "placement", "shared", "seed", "test_acc"])
+    return pd.DataFrame(rows, columns=["config", "placement", "shared", "seed", "score"])
 
 
 def control_mean(study: dict, seeds=None, results=None) -> float | None:
@@ -200,23 +202,24 @@ def control_mean(study: dict, seeds=None, results=None) -> float | None:
 
 
 def placement_ranges(grid: pd.DataFrame) -> pd.DataFrame:
-    """Per seed, with and without a shared expert: the range of test accuracy across placements (max - min, points)
-    and the worst placement's accuracy; only seeds where every placement of that half is recorded."""
+    """Per seed, with and without a shared expert: the range of the score across placements (max - min, points)
+    and the worst placement's score; only seeds where every placement of that half is recorded."""
     placements = grid["placement"].nunique()
     rows = []
     for (seed, shared), g in grid.groupby(["seed", "shared"]):
         if g["placement"].nunique() == placements:
-            rows.append({"seed": seed, "shared": shared, "range": g["test_acc"].max() - g["test_acc"].min(),
-                         "worst": g["test_acc"].min()})
+            rows.append({"seed": seed, "shared": shared, "range": g["score"].max() - g["score"].min(),
+                         "worst": g["score"].min()})
     return pd.DataFrame(rows, columns=["seed", "shared", "range", "worst"])
 
 
 def accuracy_table(study: dict, results=None) -> pd.DataFrame:
-    """Test accuracy (%) of every recorded run: one row per config (the study file's order), one column per seed,
-    then the mean over the seeds recorded for that config."""
+    """The study's score (``metric``, x100: test accuracy in %, or e.g. test mIoU in points) of every recorded run:
+    one row per config (the study file's order), one column per seed, then the mean over the seeds recorded."""
+    metric = study.get("metric", "test_acc")
     rows = {}
     for r in iter_records(study, results):
-        rows.setdefault(r["config"], {})[r["seed"]] = round(100 * r["test_acc"], 2)
+        rows.setdefault(r["config"], {})[r["seed"]] = round(100 * r[metric], 2)
     order = [c for c in study["configs"] if c in rows]
     table = pd.DataFrame([rows[c] for c in order], index=order).sort_index(axis=1)
     table.columns = [f"seed {s}" for s in table.columns]

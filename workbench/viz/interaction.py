@@ -16,8 +16,10 @@ from .palette import SHARED_COLOR, expert_color
 
 def placement_interaction(grid: pd.DataFrame, reference: float | None = None, reference_name: str = "dense control",
                           names: tuple[str, str] = ("without shared expert", "with shared expert"),
-                          title: str = "Test accuracy per placement, without and with a shared expert") -> go.Figure:
-    """``grid``: one row per (placement, shared, seed) with ``test_acc`` in percent (``regime.placement_grid``).
+                          title: str = "Test accuracy per placement, without and with a shared expert",
+                          score: str = "test accuracy (%)") -> go.Figure:
+    """``grid``: one row per (placement, shared, seed) with its ``score`` x100 (``regime.placement_grid``: test
+    accuracy in percent, or the study's metric, e.g. test mIoU in points; ``score`` names it on the y axis).
     Thin lines: one seed; thick: the mean over seeds, error bars its 95% t-interval (from three seeds on); the two
     halves side by side at each placement; a dashed line at ``reference`` (e.g. the dense control's mean)."""
     order = list(dict.fromkeys(grid["placement"]))
@@ -30,12 +32,12 @@ def placement_interaction(grid: pd.DataFrame, reference: float | None = None, re
         name = names[1] if shared else names[0]
         for seed, g in half.groupby("seed"):
             g = g.set_index("placement").reindex(order)
-            fig.add_trace(go.Scatter(x=x, y=g["test_acc"], mode="lines+markers", line=dict(color=color, width=1),
+            fig.add_trace(go.Scatter(x=x, y=g["score"], mode="lines+markers", line=dict(color=color, width=1),
                                      marker=dict(size=4), opacity=0.4, legendgroup=name, showlegend=False,
-                                     hovertemplate=f"seed {seed}: %{{y:.2f}}%<extra>{name}</extra>"))
+                                     hovertemplate=f"seed {seed}: %{{y:.2f}}<extra>{name}</extra>"))
         means, errors = [], []
         for p in order:
-            values = half.loc[half["placement"] == p, "test_acc"]
+            values = half.loc[half["placement"] == p, "score"]
             means.append(values.mean() if len(values) else None)
             n = len(values)
             errors.append(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / n ** 0.5 if n > 1 else 0.0)
@@ -50,7 +52,7 @@ def placement_interaction(grid: pd.DataFrame, reference: float | None = None, re
                       annotation_text=reference_name, annotation_position="top left")
     fig.update_layout(**LAYOUT, title=title, xaxis=dict(title="MoE placement", tickmode="array", tickvals=list(range(len(order))),
                                                 ticktext=order),
-                      yaxis=dict(title="test accuracy (%)"), legend=dict(orientation="h", y=-0.2))
+                      yaxis=dict(title=score), legend=dict(orientation="h", y=-0.2))
     return fig
 
 
