@@ -194,3 +194,19 @@ def test_floor_rule_reads_the_pilots_own_dense_floor():
     assert "dense mean 85.745% (floor 80.00%); rule (1) borderline" in line
     assert sorted(table.loc[table["band"] == "borderline", "config"]) == ["all-shared", "first-2"]
     assert "fails outright (dense mean below 90.00%)" in regime.floor_rule(study, 90.0)[1]
+
+
+def test_regions_by_block_averages_seeds_and_takes_the_excess(study):
+    s, results = study
+    for seed, nmi in ((0, 0.30), (1, 0.10)):
+        path = results / "g" / f"a__seed{seed}.json"
+        rec = json.loads(path.read_text())
+        rec["regions"] = {"3": {"nmi": nmi, "random_nmi": 0.15, "bal_nmi": nmi, "bal_random_nmi": 0.25,
+                                "position_nmi": 0.2, "random_position_nmi": 0.1, "specialised": seed == 0}}
+        path.write_text(json.dumps(rec))
+    table = regime.regions_by_block(s, results)
+    assert list(table["config"]) == ["a"] and table.loc[0, "seeds"] == 2
+    row = table.iloc[0]
+    assert row["nmi"] == pytest.approx(0.20) and row["excess"] == pytest.approx(0.05)
+    assert row["bal_excess"] == pytest.approx(-0.05) and row["specialised"] == 1
+    assert regime.regions_by_block({**s, "name": "none"}, results).empty

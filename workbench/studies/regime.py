@@ -8,6 +8,7 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.checks_table(s)        # each check per config: median over seeds, rule, passes
     regime.placement_grid(s)      # the score per (placement, shared expert or not, seed)
     regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
+    regime.regions_by_block(s)    # segmentation: routing against ground-truth regions, per config and block
     regime.schedule_rule(regime.load("pilots/upcycle4_finetune8"))  # a schedule pilot's rule (1): adopt or not
 
 Imports: this package's ``spec``, ``records`` and ``checks``; inside functions ``.analyse``, ``workbench.data`` and
@@ -21,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .checks import evaluate_checks
-from .records import cached_base, iter_records, progress
+from .records import cached_base, iter_records, load_regions, progress
 from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, load_study
 
 REGIME = ROOT / "experiments" / "studies" / "regime"
@@ -271,6 +272,24 @@ def class_iou(study: dict, results=None) -> pd.DataFrame:
         rows.append({"config": config, "seeds": len(per[config]), "new_iou": new, "base_iou": base,
                      "new_over_base": new / base if base else float("nan"), "test_miou": miou})
     return pd.DataFrame(rows, columns=["config", "seeds", "new_iou", "base_iou", "new_over_base", "test_miou"])
+
+
+def regions_by_block(study: dict, results=None) -> pd.DataFrame:
+    """A segmentation study's routing against regions (``analysis.regions``), per config and MoE block, means over
+    the recorded seeds: the routers' patch-class NMI beside the random routers' and its excess over them, the same
+    at equal loads (``bal_``), the position NMI beside the random routers', and in how many seeds the class NMI
+    passes the random-router test after Holm (``specialised``, of ``seeds``)."""
+    r = load_regions(study, results=results)
+    if r.empty:
+        return pd.DataFrame(columns=["config", "block"])
+    r = r.assign(excess=r["nmi"] - r["random_nmi"], bal_excess=r["bal_nmi"] - r["bal_random_nmi"])
+    cols = ["nmi", "random_nmi", "excess", "bal_nmi", "bal_random_nmi", "bal_excess", "position_nmi",
+            "random_position_nmi"]
+    out = r.groupby(["config", "block"], sort=False).agg(seeds=("seed", "nunique"), **{c: (c, "mean") for c in cols},
+                                                          specialised=("specialised", "sum")).reset_index()
+    order = list(study["configs"])
+    return out.sort_values(["config", "block"], key=lambda c: c.map(order.index) if c.name == "config" else c,
+                           ignore_index=True).round(4)
 
 
 def pixel_labels(study: dict) -> list[int]:
