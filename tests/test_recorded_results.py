@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 from workbench.studies import report  # noqa: E402
 from workbench.studies.records import iter_records as _records
 from workbench.studies.spec import load_study, plan
-from workbench.studies.run import run_one  # noqa: E402
+from workbench.studies.run import run_one, starts_clean  # noqa: E402
 
 REGEN = Path(__file__).resolve().parent / "regen"
 STUDIES = sorted((ROOT / "experiments" / "studies").glob("[a-z]*/*.yaml"))
@@ -79,6 +79,25 @@ def test_regen_digits_are_kept_per_cpu_family():
     assert not _close(0.742853, 0.742853 + 2e-4) and _close([0.1, 3], [0.10005, 3]) and not _close("a", "b")
 
 
+# The one study whose records span commits that differ in code: seg-transfer-regime's seed-994 first-2 start
+# flipped one test pixel of 6.27 million at an fp32 tie (logit gap 7.4e-6), which the exact clean-start check
+# refused; the runs after it come from a commit whose only code change is that check's rounding tolerance
+# (run.starts_clean).  Training, data and scoring code are the same.
+CODE_CHANGES = {"seg-transfer-regime": ("workbench/studies/run.py",)}
+TOLERANCE_LINES = re.compile(r"^(#.*|START_LOGIT_GAP, START_SCORE_GAP = 1e-3, 1e-5|def starts_clean\(.*|"
+                             r'""".*|return abs\(step0 - reference\) <= .*|clean = (starts_clean\(step0, reference, '
+                             r"gap\)|step0 == reference and gap <= 1e-3)|)$")
+
+
+def _assert_only_the_clean_start_tolerance(first: str, other: str, name: str) -> None:
+    diff = subprocess.run(["git", "diff", "-U0", first, other, "--", name], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout
+    changed = [line[1:].strip() for line in diff.splitlines()
+               if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    assert changed and all(TOLERANCE_LINES.match(line) for line in changed), [
+        line for line in changed if not TOLERANCE_LINES.match(line)]
+
+
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_records_have_clean_single_commit_provenance(path):
     study = load_study(path)
@@ -97,8 +116,13 @@ def test_records_have_clean_single_commit_provenance(path):
             changed = diff.stdout.split()
             code = [p for p in changed if p.startswith(("workbench/", "experiments/checkpoints/", "experiments/upcycle/"))
                     or p in ("pyproject.toml", "app.py")]
-            assert not code, f"{study['name']}: records from commits {first[:7]} and {other[:7]}, which differ in {code}"
-        assert study["name"] == "pilot-upcycle-half", f"{study['name']}: records from several commits {commits}"
+            allowed = set(CODE_CHANGES.get(study["name"], ()))
+            assert not set(code) - allowed, (f"{study['name']}: records from commits {first[:7]} and {other[:7]}, "
+                                             f"which differ in {code}")
+            for name in set(code) & allowed:
+                _assert_only_the_clean_start_tolerance(first, other, name)
+        assert study["name"] in ("pilot-upcycle-half", *CODE_CHANGES), (f"{study['name']}: records from several "
+                                                                         f"commits {commits}")
     planned = set(plan(study))
     for r in records:
         assert (r["config"], r["seed"]) in planned
@@ -112,7 +136,8 @@ def test_records_have_clean_single_commit_provenance(path):
                     assert got[key] == want[key], (r["config"], key)
         assert r["train_config"]["epochs"] == study["train"]["epochs"]
         if study["protocol"] == "upcycle" and study["configs"][r["config"]].get("clean_start", True):
-            assert r["clean_start"] and r["step0_test_acc"] == r["base_test_acc"]
+            gap = r.get("step0_max_logit_diff", 0.0)  # early records: checked for equality, gap not kept
+            assert r["clean_start"] and starts_clean(r["step0_test_acc"], r["base_test_acc"], gap), r["config"]
 
 
 def test_clean_start_table_reads_the_records():

@@ -113,6 +113,16 @@ def _dense_base(tmp_path, depth=4):
     return str(tmp_path / "dense")
 
 
+def test_a_clean_start_allows_fp32_ties_among_pixels_not_one_image_in_ten_thousand():
+    from workbench.studies.run import starts_clean
+
+    assert starts_clean(0.839092, 0.839091, 7.4e-6)  # one pixel of 6.27 million flipped at a tie: rounding
+    assert starts_clean(0.9018, 0.9018, 0.0)
+    assert not starts_clean(0.9017, 0.9018, 0.0)  # one test image of 10,000 predicted otherwise
+    assert not starts_clean(0.9018, 0.9018, 2e-3)  # logits moved
+    assert not starts_clean(0.839080, 0.839091, 7.4e-6)  # 1.1e-5: more than rounding
+
+
 def test_upcycle_protocol_records_a_clean_start_and_refuses_a_damaged_one(tmp_path):
     study = {"name": "up", "protocol": "upcycle", "base": _dense_base(tmp_path), "train": TRAIN, "seeds": [0],
              "common": {"num_experts": 4, "renormalize": "straight_through"},
