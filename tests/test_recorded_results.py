@@ -421,3 +421,48 @@ def test_seg_transfer_pilot_adopted_with_the_figures_notebook_06_and_readme_quot
     for quote in ("expert spread 0.147-0.332", "router-choices-moved 0.087-0.170", "predictions-moved 1.010-1.998",
                   "39.955 points (floor 29.37)", "0.775 times base-class", "0.5510", "0.2437"):
         assert quote in readme, quote
+
+
+def test_seg_transfer_regime_verdicts_and_checks_as_notebook_06_and_readme_quote():
+    """regime/seg_transfer.yaml read again from its 56 records: every check passes, and the claims' estimates,
+    intervals and verdicts are those the notebook and README print and quote."""
+    from workbench.studies import evaluate_claims, regime
+    from workbench.studies.checks import checks_by_seed
+
+    study = regime.load("seg_transfer")
+    records = list(_records(study))
+    assert len(records) == 56 and all(r["step0_test_acc"] == r["base_test_acc"] for r in records)
+    checks = regime.checks_table(study)
+    assert checks["passed"].all()
+    quoted = {"experts-moved": (0.148, 0.332), "router-choices-moved": (0.068, 0.155),
+              "predictions-moved": (0.987, 2.001)}
+    for check, (low, high) in quoted.items():
+        values = checks.loc[checks["check"] == check, "median over seeds"]
+        assert (round(values.min(), 3), round(values.max(), 3)) == (low, high), check
+    claims = evaluate_claims(study).set_index("id")
+    want = {"late-moe-helps": (-0.071, -0.165, 0.022), "early-moe-hurts": (0.809, 0.692, 0.926),
+            "all-layers-hurt": (0.610, 0.456, 0.763), "shared-narrows-placement-range": (-0.039, -0.161, 0.084),
+            "shared-lifts-worst-placement": (0.092, -0.003, 0.187), "shared-beats-top2-last2": (0.092, -0.003, 0.187)}
+    for claim, numbers in want.items():
+        r = claims.loc[claim]
+        assert tuple(round(float(r[k]), 3) for k in ("estimate", "low", "high")) == numbers, claim
+        assert r["verdict"] == "disagrees", claim
+    widths = claims["high"] - claims["low"]
+    assert (round(widths.min(), 2), round(widths.max(), 2)) == (0.19, 0.31)
+    assert claims.loc[["early-moe-hurts", "all-layers-hurt"], "p_holm"].max() < 0.001
+    iou = regime.class_iou(study).set_index("config")
+    assert round(iou.loc["dense", "new_iou"], 4) == 0.3018
+    assert (round(iou["new_iou"].min(), 4), round(iou["new_iou"].max(), 4)) == (0.2996, 0.3142)
+    shares = checks_by_seed(study).query("id == 'predictions-moved'")
+    dense = shares[shares["config"] == "dense seed-to-seed"]["share"]
+    assert (round(100 * dense.min(), 2), round(100 * dense.max(), 2)) == (1.79, 1.93)
+    ranges = regime.placement_ranges(regime.placement_grid(study)).groupby("shared")["range"].mean().round(3)
+    assert (ranges[False], ranges[True]) == (0.809, 0.770)
+    text = " ".join((ROOT / "notebooks" / "06_segmentation.py").read_text().replace("\n# ", " ").split())
+    readme = " ".join((ROOT / "README.md").read_text().split())  # quotes may wrap across lines
+    for quote in ("0.148-0.332", "0.068-0.155", "0.987-2.001", "-0.071 points", "[-0.165, +0.022]",
+                  "+0.809", "[+0.692, +0.926]", "+0.610 [+0.456, +0.763]", "-0.039 [-0.161, +0.084]",
+                  "+0.092 [-0.003, +0.187]", "0.19-0.31 points"):
+        assert quote in text and quote in readme, quote
+    for quote in ("0.2996-0.3142 against 0.3018", "1.79-1.93%", "0.809 points on average", "0.770"):
+        assert quote in text, quote
