@@ -196,3 +196,39 @@ def test_reinit_replaces_the_chosen_layers_with_fresh_dense_ffns_and_keeps_the_r
         with pytest.raises(SystemExit) as exit_:
             main([a for a in args if a not in ("--layers", "2,3")] + bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_prune_command_on_a_segmentation_checkpoint_reads_its_own_data_and_scores_miou(tmp_path, capsys):
+    """A segmentation checkpoint is pruned on the scenes it was trained on (dataset, data options and validation
+    size from its train config) and scored by mIoU beside pixel accuracy; a classification --dataset is refused in
+    one line, as is a scenes dataset for a classifier."""
+    import timm
+
+    from workbench.train.checkpoint import model_config
+
+    kw = {"moe_layers": "last-1", "num_experts": 4, "top_k": 1, "head": "linear", "embed_dim": 32, "num_heads": 2}
+    seg = timm.create_model("vimoe_seg_micro_patch7_56", **kw)
+    save_model(seg, {**model_config("vimoe_seg_micro_patch7_56", kw),
+                     "train_config": {"dataset": "fmnist-scenes", "data_options": {"train_size": 64}, "val_size": 24}},
+               tmp_path / "seg")
+    args = ["prune", "--checkpoint", str(tmp_path / "seg"), "--method", "reap", "--keep-experts", "2",
+            "--calibration-images", "16", "--test-subset", "16", "--output", str(tmp_path / "out")]
+    assert main(args + ["--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)["rows"]
+    assert "not trained with" not in captured.err  # its own validation size was used
+    assert all({"val_acc", "test_acc", "val_miou", "test_miou"} <= set(r) for r in rows)
+    assert rows[1]["params"] < rows[0]["params"]
+    assert load_model(tmp_path / "out")[1]["model_kwargs"]["num_experts"] == 2
+    assert main(args) == 0
+    assert "test mIoU" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(args + ["--dataset", "synthetic"])
+    assert exit_.value.code == 2 and "segmentation model and --dataset synthetic" in capsys.readouterr().err
+    model, config = _moe()
+    save_model(model, config, tmp_path / "cls")
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "--checkpoint", str(tmp_path / "cls"), "--method", "reap", "--keep-experts", "2",
+              "--dataset", "fmnist-scenes", "--output", str(tmp_path / "out3")])
+    assert exit_.value.code == 2 and "is a segmentation dataset and the checkpoint is a classifier" in \
+        capsys.readouterr().err

@@ -505,3 +505,53 @@ def test_a_bad_expert_pruning_block_is_refused_in_one_line(tmp_path, block, mess
     with pytest.raises(StudyError) as err:
         load_study(path)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_expert_pruning_on_a_segmentation_study_records_miou_and_claims_read_it(tmp_path):
+    """A segmentation arm gets the same expert-level analysis as a classifier, scored by mIoU beside pixel accuracy,
+    and an ``experts`` claim of a study whose metric is test_miou reads mIoU (in points), not pixel accuracy."""
+    import timm
+
+    from workbench.train.checkpoint import model_config, save_model
+
+    kw = {"moe_layers": "none", "head": "linear", **MICRO}
+    save_model(timm.create_model("vimoe_seg_micro_patch7_56", **kw), model_config("vimoe_seg_micro_patch7_56", kw),
+               tmp_path / "base")
+    path = _write(tmp_path, "segep", {
+        "name": "segep", "protocol": "upcycle", "metric": "test_miou", "base": str(tmp_path / "base"),
+        "train": {"dataset": "fmnist-scenes", "data_options": {"train_size": 64}, "val_size": 24, "test_subset": 16,
+                  "epochs": 1, "batch_size": 16, "lr": 1.0e-3},
+        "seeds": [5, 6], "control": "dense", "common": {"renormalize": "straight_through"},
+        "analysis": {"regions": True, "random_routers": 2, "max_images": 8,
+                     "expert_pruning": {"keep": [2], "methods": ["frequency", "reap"], "random_draws": 2,
+                                        "calibration_images": 8,
+                                        "finetune": {"epochs": 1, "lr": 1.0e-3, "train_images": 16}}},
+        "configs": {"dense": {"moe_layers": "none"}, "all": {"moe_layers": "all", "num_experts": 4, "top_k": 2}},
+        "claims": [{"id": "reap-beats-random", "says": "s", "kind": "experts", "treatment": "all", "keep": 2,
+                    "compare": ["reap", "random"], "expect": "greater"}]})
+    results = tmp_path / "results"
+    run_study(path, results=results, allow_dirty=True)
+    recs = [json.loads((results / "segep" / f"all__seed{s}.json").read_text()) for s in (5, 6)]
+    assert "expert_pruning" not in json.loads((results / "segep" / "dense__seed5.json").read_text())
+    ep = recs[0]["expert_pruning"]
+    assert ep["unpruned"]["test_miou"] == pytest.approx(recs[0]["test_miou"], abs=1e-6)  # the trained model's score
+    assert set(ep["2"]) == {"frequency", "frequency_ft", "reap", "reap_ft", "random", "random_ft"}
+    for cell in (ep["2"]["reap"], ep["2"]["reap_ft"], ep["unpruned_ft"]):
+        assert {"val_acc", "test_acc", "val_miou", "test_miou"} <= set(cell)
+    rnd = ep["2"]["random"]
+    assert rnd["test_miou"] == pytest.approx(sum(rnd["draws_miou"]) / 2, abs=1e-6)
+    assert ep["2"]["reap"]["params"] < ep["unpruned"]["params"]
+    table = evaluate_claims(path, results=results).set_index("id")
+    diff = [100 * (r["expert_pruning"]["2"]["reap"]["test_miou"] - r["expert_pruning"]["2"]["random"]["test_miou"])
+            for r in recs]
+    assert table.loc["reap-beats-random", "n"] == 2
+    assert table.loc["reap-beats-random", "estimate"] == pytest.approx(sum(diff) / 2)
+    acc = [100 * (r["expert_pruning"]["2"]["reap"]["test_acc"] - r["expert_pruning"]["2"]["random"]["test_acc"])
+           for r in recs]
+    assert sum(acc) != pytest.approx(sum(diff))  # pixel accuracy would read differently
+    from workbench.studies.pruning import expert_pruning_table
+
+    view = expert_pruning_table(load_study(path), "all", results=results).set_index("method")
+    assert "test_miou" in view.columns and "test_acc" not in view.columns
+    assert view.loc["reap", "test_miou"] == pytest.approx(sum(100 * r["expert_pruning"]["2"]["reap"]["test_miou"]
+                                                              for r in recs) / 2)

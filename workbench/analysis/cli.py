@@ -34,12 +34,13 @@ def register_cli(sub) -> None:
     q.add_argument("--calibration", default="val", choices=("val",),
                    help="where experts are chosen: the validation split (never the test set) (default: val)")
     q.add_argument("--calibration-images", type=int, default=2000, metavar="N", help="(default: 2000)")
-    q.add_argument("--dataset", default="fashion-mnist", help="the data the checkpoint was trained on (default: "
-                   "fashion-mnist); its validation split calibrates and its test split scores")
+    q.add_argument("--dataset", help="the data the checkpoint was trained on (default: the dataset and data "
+                   "options in its train config, else fashion-mnist); its validation split calibrates and its test "
+                   "split scores")
     q.add_argument("--data-root", metavar="DIR")
-    q.add_argument("--val-size", type=int, default=10000, metavar="N",
-                   help="images held out of the training set as the validation split (default: 10000, as the "
-                        "studies)")
+    q.add_argument("--val-size", type=int, metavar="N",
+                   help="images held out of the training set as the validation split (default: the checkpoint's "
+                        "own, else 10000, as the studies)")
     q.add_argument("--test-subset", type=int, metavar="N", help="score on a fixed random N test images")
     q.add_argument("--val-subset", type=int, metavar="N",
                    help="report val acc on a fixed random N validation images (default: the whole split; the "
@@ -145,7 +146,7 @@ def _cmd_prune(args) -> int:
     layers = parse_moe_layers(args.layers) if args.layers else None
     if args.layers and not isinstance(layers, list):
         raise UsageError(f"--layers {args.layers!r} is invalid: give block indices, e.g. --layers 4,5")
-    from ..data.classification import build_splits
+    from ..data.scenes import build_eval_splits
     from ..train.checkpoint import load_model, save_model
     from ..train.metrics import evaluate
     from .flops import profile
@@ -156,14 +157,21 @@ def _cmd_prune(args) -> int:
         check_request(model, args.method, keep=args.keep_experts, layers=layers)
     except PruneError as err:
         raise UsageError(str(err)) from None
-    trained_val = ((config.get("train_config") or {}).get("val_size") or 0,
+    trained = config.get("train_config") or {}
+    if args.dataset is None:  # the data it was trained on, with that data's options (a scenes dataset's size)
+        args.dataset = trained.get("dataset") or "fashion-mnist"
+    options = trained.get("data_options") if args.dataset == trained.get("dataset") else None
+    if args.val_size is None:
+        args.val_size = trained.get("val_size") or 10000
+    check_task(model, args.dataset)
+    trained_val = (trained.get("val_size") or 0,
                    ((config.get("pretrain") or {}).get("train_config") or {}).get("val_size"))
     if any(v is not None and v != args.val_size for v in trained_val) or not trained_val[0]:
         print(f"note: {args.checkpoint} was not trained with --val-size {args.val_size} held out (its train config: "
               f"val_size {trained_val[0] or 0}), so its 'val acc' below is on images it trained on and the "
               "experts are chosen on them; the test accuracy is the held-out number", file=sys.stderr)
-    _, val, test = build_splits(args.dataset, val_size=args.val_size, root=args.data_root, model=model,
-                                augment=False, test_subset=args.test_subset)
+    _, val, test = build_eval_splits(args.dataset, val_size=args.val_size, root=args.data_root, model=model,
+                                     test_subset=args.test_subset, data_options=options)
     if args.method == "densify":  # the merge weighs experts by their use on the validation split
         from .routing import collect_routing
 
@@ -188,7 +196,7 @@ def _cmd_prune(args) -> int:
 
         plan = finetune_plan({"epochs": args.finetune_epochs, "lr": args.finetune_lr})
         cfg = TrainConfig(dataset=args.dataset, data_root=args.data_root, val_size=args.val_size,
-                          train_subset=args.train_subset, test_subset=args.test_subset)
+                          train_subset=args.train_subset, test_subset=args.test_subset, data_options=options)
         what = {"checkpoint": str(Path(args.checkpoint).resolve()), "pruned": extra["pruned"], "finetune": plan}
         pruned = finetune_from(pruned, new_config, cfg, out / "finetune", what, plan, seed=args.seed,
                                quiet=args.json)
@@ -198,17 +206,40 @@ def _cmd_prune(args) -> int:
     result, scored_val = [], val.subset(args.val_subset)
     for name, m in rows:
         p = profile(m)
-        acc = {split: round(evaluate(m, data, progress=not args.json and f"{name}: {split}")["acc"], 6)
-               for split, data in (("val", scored_val), ("test", test))}
-        result.append({"model": name, "params": p.params, "gmacs": round(p.macs / 1e9, 6),
-                       "val_acc": acc["val"], "test_acc": acc["test"]})
+        row = {"model": name, "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
+        for split, data in (("val", scored_val), ("test", test)):
+            scored = evaluate(m, data, progress=not args.json and f"{name}: {split}")
+            row[f"{split}_acc"] = round(scored["acc"], 6)  # a segmentation model's: pixel accuracy, and mIoU
+            if "miou" in scored:
+                row[f"{split}_miou"] = round(scored["miou"], 6)
+        result.append(row)
     if args.json:
         print(json.dumps({"output": str(out), "pruned": extra["pruned"], "rows": result}, indent=2))
         return 0
     print(f"{args.checkpoint} -> {out} ({args.method}"
           + (f", {args.keep_experts} experts per MoE layer" if args.keep_experts else f", blocks {layers} dense")
           + f"; chosen on {args.calibration_images} validation images)")
-    print(f"{'':<11} {'params':>11} {'GMACs':>9} {'val acc':>8} {'test acc':>8}")
+    seg = "test_miou" in result[0]
+    print(f"{'':<11} {'params':>11} {'GMACs':>9} {'val acc':>8} {'test acc':>8}"
+          + (f" {'val mIoU':>8} {'test mIoU':>9}" if seg else ""))
     for r in result:
-        print(f"{r['model']:<11} {r['params']:>11,} {r['gmacs']:>9.5f} {r['val_acc']:>8.4f} {r['test_acc']:>8.4f}")
+        print(f"{r['model']:<11} {r['params']:>11,} {r['gmacs']:>9.5f} {r['val_acc']:>8.4f} {r['test_acc']:>8.4f}"
+              + (f" {r['val_miou']:>8.4f} {r['test_miou']:>9.4f}" if seg else ""))
+    if seg:
+        print("(a segmentation model: acc is pixel accuracy)")
     return 0
+
+
+def check_task(model, dataset: str) -> None:
+    """A clear one-line error when a checkpoint and ``--dataset`` are of different tasks."""
+    from ..data.scenes import SEG_DATASETS
+    from ..models.args import UsageError
+
+    seg_model, seg_data = getattr(model, "task", None) == "segmentation", dataset in SEG_DATASETS
+    if seg_model and not seg_data:
+        raise UsageError(f"the checkpoint is a segmentation model and --dataset {dataset} is a classification "
+                         f"dataset: give a segmentation dataset ({', '.join(SEG_DATASETS)}), or leave --dataset out "
+                         "to use the one it was trained on")
+    if seg_data and not seg_model:
+        raise UsageError(f"--dataset {dataset} is a segmentation dataset and the checkpoint is a classifier: give "
+                         "the classification data it was trained on, e.g. --dataset fashion-mnist")

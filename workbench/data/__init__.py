@@ -14,4 +14,5 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "synthetic": "classification", "DatasetNotFound": "classification", "find_fashion_mnist": "classification",
     "load_fashion_mnist": "classification", "normalise": "classification", "DATASETS": "classification",
     "VAL_SEED": "classification", "build_seg_splits": "scenes", "example_scenes": "scenes",
-    "SCENE_CLASSES": "scenes", "SEG_DATASETS": "scenes", "SegTensorData": "scenes"})
+    "SCENE_CLASSES": "scenes", "SEG_DATASETS": "scenes", "SegTensorData": "scenes",
+    "build_eval_splits": "scenes"})

@@ -194,9 +194,11 @@ def prune_experts(model, model_config: dict, spec: dict, seed: int, val, test, c
             if finetune and keep in finetune["keep"] and d == 0:  # the first draw, fine-tuned: the baseline after it
                 row["random_ft"] = tuned(pruned, config, f"random-{keep}")
         if draws:
-            row["random"] = {**{k: round(sum(d[k] for d in draws) / len(draws), 6) for k in ("val_acc", "test_acc")},
+            scores = [k for k in ("val_acc", "test_acc", "val_miou", "test_miou") if k in draws[0]]
+            row["random"] = {**{k: round(sum(d[k] for d in draws) / len(draws), 6) for k in scores},
                              "params": draws[0]["params"], "gmacs": draws[0]["gmacs"],
-                             "draws": [d["test_acc"] for d in draws]}
+                             "draws": [d["test_acc"] for d in draws],
+                             **({"draws_miou": [d["test_miou"] for d in draws]} if "test_miou" in scores else {})}
         out[str(keep)] = row
     return out
 

@@ -29,14 +29,14 @@ def _interval(t) -> str:
 
 def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame:
     """One row per (m, method) of ``config``'s records, fine-tuned variants (``_ft``) after their method: seeds,
-    mean test accuracy (%), params, GMACs, and in points paired by seed: ``vs_random`` (method - random choice;
+    the mean of the study's metric (test accuracy, or a segmentation study's ``test_miou``; in %), params, GMACs, and in points paired by seed: ``vs_random`` (method - random choice;
     after a fine-tune, against the fine-tuned random draw) and ``vs_unpruned`` (method - the trained model; after a
     fine-tune, against the trained model fine-tuned the same way)."""
     runs = sorted((r for r in iter_records(study, results) if r["config"] == config and r.get("expert_pruning")),
                   key=lambda r: r["seed"])
     if not runs:
         raise ValueError(f"{study['name']}/{config} has no expert_pruning analysis recorded")
-    rows = []
+    rows, metric = [], study.get("metric", "test_acc")
     counts = sorted({k for r in runs for k in r["expert_pruning"] if k.isdigit()}, key=int, reverse=True)
     for keep in counts:
         have = [r for r in runs if keep in r["expert_pruning"]]
@@ -44,16 +44,16 @@ def expert_pruning_table(study: dict, config: str, results=None) -> pd.DataFrame
                                                                           for r in have)]
         for name in names:
             ft = "_ft" if name.endswith("_ft") else ""
-            acc = [expert_value(r, keep, name) for r in have]
+            acc = [expert_value(r, keep, name, metric) for r in have]
             cell = have[0]["expert_pruning"][keep][name]
-            random = [expert_value(r, keep, "random" + ft) for r in have]
-            unpruned = [expert_value(r, keep, "unpruned" + ft) for r in have]
-            rows.append({"keep": int(keep), "method": name, "seeds": len(have), "test_acc": sum(acc) / len(acc),
+            random = [expert_value(r, keep, "random" + ft, metric) for r in have]
+            unpruned = [expert_value(r, keep, "unpruned" + ft, metric) for r in have]
+            rows.append({"keep": int(keep), "method": name, "seeds": len(have), metric: sum(acc) / len(acc),
                          "params": cell["params"], "gmacs": cell["gmacs"],
                          "vs_random": ("-" if name.startswith("random") or "random" + ft not in names
                                        else _interval(paired(acc, random))),
                          "vs_unpruned": _interval(paired(acc, unpruned))})
-    return pd.DataFrame(rows, columns=["keep", "method", "seeds", "test_acc", "params", "gmacs", "vs_random",
+    return pd.DataFrame(rows, columns=["keep", "method", "seeds", metric, "params", "gmacs", "vs_random",
                                        "vs_unpruned"])
 
 

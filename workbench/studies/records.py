@@ -239,15 +239,17 @@ def expert_pairs(study: dict, claim: dict, results: Path | None = None) -> tuple
     treatment's records, ordered by seed; a seed missing either variant is left out."""
     source, config = source_of(study, claim["treatment"])
     first, second = claim["compare"]
-    pairs = [(expert_value(r, claim["keep"], first), expert_value(r, claim["keep"], second))
+    metric = source.get("metric", "test_acc")
+    pairs = [(expert_value(r, claim["keep"], first, metric), expert_value(r, claim["keep"], second, metric))
              for r in sorted(iter_records(source, results), key=lambda r: r["seed"]) if r["config"] == config]
     pairs = [p for p in pairs if p[0] == p[0] and p[1] == p[1]]
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
-def expert_value(record: dict, keep, name: str) -> float:
-    """One run's test accuracy (%) of an expert-pruning variant: a method (or ``random``, the mean of its draws) at
-    ``keep`` experts, ``<method>_ft`` after the fine-tune, or ``unpruned`` / ``unpruned_ft`` (NaN when missing)."""
+def expert_value(record: dict, keep, name: str, metric: str = "test_acc") -> float:
+    """One run's test accuracy (%) of an expert-pruning variant, or its ``metric`` (``test_miou``: a segmentation
+    study's test mIoU, in points): a method (or ``random``, the mean of its draws) at ``keep`` experts,
+    ``<method>_ft`` after the fine-tune, or ``unpruned`` / ``unpruned_ft`` (NaN when missing)."""
     ep = record.get("expert_pruning") or {}
     cell = ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
-    return 100 * cell["test_acc"] if cell else float("nan")
+    return 100 * cell[metric] if cell else float("nan")

@@ -153,10 +153,16 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
 
 
 def score(model, val, test) -> dict:
-    """A changed model's validation and test accuracy (fractions, 6 decimals), total parameters and GMACs."""
+    """A changed model's validation and test accuracy (fractions, 6 decimals; a segmentation model's pixel accuracy,
+    and its mean IoU as ``val_miou`` / ``test_miou``), total parameters and GMACs."""
     from ..analysis.flops import profile
     from ..train.metrics import evaluate
 
     p = profile(model)
-    return {"val_acc": round(evaluate(model, val)["acc"], 6), "test_acc": round(evaluate(model, test)["acc"], 6),
-            "params": p.params, "gmacs": round(p.macs / 1e9, 6)}
+    out = {}
+    for split, data in (("val", val), ("test", test)):
+        scored = evaluate(model, data)
+        out[f"{split}_acc"] = round(scored["acc"], 6)
+        if "miou" in scored:  # a segmentation model: pixel accuracy above, mean IoU here
+            out[f"{split}_miou"] = round(scored["miou"], 6)
+    return {**out, "params": p.params, "gmacs": round(p.macs / 1e9, 6)}

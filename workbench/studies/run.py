@@ -1,8 +1,8 @@
 """One run of a study: train one (config, seed) under the study's protocol, check an upcycled arm's clean start,
 analyse the trained model, and write the record (atomically).
 
-Imports: ``workbench.data``, ``workbench.models``, ``workbench.train``, ``workbench.analysis`` and this package's
-``spec`` and ``analyse``.
+Imports: ``workbench.data``, ``workbench.models``, ``workbench.moe``, ``workbench.train``, ``workbench.analysis``
+and this package's ``spec`` and ``analyse``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from .analyse import analyse_regions, analyse_run, predict, predict_pixels
+from .analyse import analyse_regions, analyse_run, predict, predict_pixels, prune_experts
 from .records import cached_base
 from .spec import (RESULTS, ROOT, StudyError, arm_spec, arm_train_values, result_path, run_folder,
                    tensorboard_folder)
@@ -89,17 +89,12 @@ def base_fingerprint(base: str | Path) -> str:
 
 def eval_splits(dataset: str, model, *, val_size: int = 0, root=None, test_subset=None, data_options=None,
                 seed: int = 0):
-    """(train, validation, test) of ``dataset`` as a run evaluates them (no augmentation): a segmentation dataset's
-    scenes (with its ``data_options``) or a classification dataset's images."""
-    from ..data.scenes import SEG_DATASETS, build_seg_splits
+    """(train, validation, test) of ``dataset`` as a run evaluates them (no augmentation):
+    :func:`workbench.data.scenes.build_eval_splits`."""
+    from ..data.scenes import build_eval_splits
 
-    if dataset in SEG_DATASETS:
-        return build_seg_splits(dataset, val_size=val_size, root=root, model=model, augment=False,
-                                test_subset=test_subset, seed=seed, **(data_options or {}))
-    from ..data.classification import build_splits
-
-    return build_splits(dataset, val_size=val_size, root=root, model=model, augment=False, test_subset=test_subset,
-                        seed=seed)
+    return build_eval_splits(dataset, val_size=val_size, root=root, model=model, test_subset=test_subset,
+                             data_options=data_options, seed=seed)
 
 
 def base_accuracy(study: dict, results: Path | None = None) -> dict:
@@ -272,6 +267,11 @@ def _train_and_record(study, config, seed, device, results, threads, launch, com
         if study["protocol"] == "upcycle":  # the predictions-moved check reads them
             scores["test_predictions"] = predict_pixels(model, test)
         analysis = analyse_regions(model, study.get("analysis", {}), seed, val, cfg)
+        spec = study.get("analysis", {}).get("expert_pruning")
+        from ..moe import moe_modules
+
+        if spec and config in spec.get("configs", [config]) and moe_modules(model):
+            analysis["expert_pruning"] = prune_experts(model, model_cfg, spec, seed, val, test, cfg)
     else:
         scores = {"test_predictions": predict(model, test)}
         analysis = analyse_run(model, cfg, study.get("analysis", {}), seed, val, test, config=config,
