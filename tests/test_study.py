@@ -537,7 +537,8 @@ def test_expert_pruning_on_a_segmentation_study_records_miou_and_claims_read_it(
     assert ep["unpruned"]["test_miou"] == pytest.approx(recs[0]["test_miou"], abs=1e-6)  # the trained model's score
     assert set(ep["2"]) == {"frequency", "frequency_ft", "reap", "reap_ft", "random", "random_ft"}
     for cell in (ep["2"]["reap"], ep["2"]["reap_ft"], ep["unpruned_ft"]):
-        assert {"val_acc", "test_acc", "val_miou", "test_miou"} <= set(cell)
+        assert {"val_acc", "test_acc", "val_miou", "test_miou", "test_iou"} <= set(cell)
+    assert ep["unpruned"]["test_iou"] == recs[0]["test_iou"]  # per class, as the run scored it
     rnd = ep["2"]["random"]
     assert rnd["test_miou"] == pytest.approx(sum(rnd["draws_miou"]) / 2, abs=1e-6)
     assert ep["2"]["reap"]["params"] < ep["unpruned"]["params"]
@@ -553,5 +554,14 @@ def test_expert_pruning_on_a_segmentation_study_records_miou_and_claims_read_it(
 
     view = expert_pruning_table(load_study(path), "all", results=results).set_index("method")
     assert "test_miou" in view.columns and "test_acc" not in view.columns
+    from workbench import viz
+
+    fig = viz.expert_pruning(view.reset_index(), unpruned=100 * ep["unpruned"]["test_miou"])
+    assert fig.layout.yaxis.title.text.startswith("test mIoU")
+    from workbench.studies.pruning import compare_expert_claims
+
+    with pytest.raises(ValueError, match="unlike units"):
+        compare_expert_claims(load_study(path), {**load_study(path), "name": "cls", "metric": "test_acc"},
+                              results=results)
     assert view.loc["reap", "test_miou"] == pytest.approx(sum(100 * r["expert_pruning"]["2"]["reap"]["test_miou"]
                                                               for r in recs) / 2)

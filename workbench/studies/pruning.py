@@ -61,7 +61,12 @@ def compare_expert_claims(study: dict, other: dict, results=None) -> pd.DataFram
     """The ``experts`` claims of ``study`` beside the claims of the same id in ``other``: each study's paired
     estimate [95% CI] in points, and the difference of the two estimates with Welch's interval over the two studies'
     per-seed differences (independent runs), which says whether a verdict that differs between them is a difference
-    the data show."""
+    the data show.  Two studies scored by different metrics (test accuracy against a segmentation study's test
+    mIoU) are refused: their differences are in unlike units."""
+    if study.get("metric", "test_acc") != other.get("metric", "test_acc"):
+        raise ValueError(f"{study['name']} is scored by {study.get('metric', 'test_acc')} and {other['name']} by "
+                         f"{other.get('metric', 'test_acc')}: their claims' estimates are in unlike units, so no "
+                         "difference is computed; set the two tables beside each other instead")
     def deltas(s: dict, claim: dict) -> list[float]:
         return [a - b for a, b in zip(*expert_pairs(s, claim, results))]
 

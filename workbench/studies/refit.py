@@ -154,7 +154,8 @@ def densify_finetune(model, model_config: dict, cfg, spec: dict, seed: int, val,
 
 def score(model, val, test) -> dict:
     """A changed model's validation and test accuracy (fractions, 6 decimals; a segmentation model's pixel accuracy,
-    and its mean IoU as ``val_miou`` / ``test_miou``), total parameters and GMACs."""
+    its mean IoU as ``val_miou`` / ``test_miou`` and the test IoU per class as ``test_iou``), total parameters and
+    GMACs."""
     from ..analysis.flops import profile
     from ..train.metrics import evaluate
 
@@ -163,6 +164,8 @@ def score(model, val, test) -> dict:
     for split, data in (("val", val), ("test", test)):
         scored = evaluate(model, data)
         out[f"{split}_acc"] = round(scored["acc"], 6)
-        if "miou" in scored:  # a segmentation model: pixel accuracy above, mean IoU here
+        if "miou" in scored:  # a segmentation model: pixel accuracy above, mean IoU (and the test IoU per class)
             out[f"{split}_miou"] = round(scored["miou"], 6)
+            if split == "test":
+                out["test_iou"] = [None if v is None else round(float(v), 6) for v in scored["iou"]]
     return {**out, "params": p.params, "gmacs": round(p.macs / 1e9, 6)}

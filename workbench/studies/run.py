@@ -271,6 +271,9 @@ def _train_and_record(study, config, seed, device, results, threads, launch, com
         from ..moe import moe_modules
 
         if spec and config in spec.get("configs", [config]) and moe_modules(model):
+            if val is None:
+                raise StudyError("analysis.expert_pruning chooses experts on a validation split: set train.val_size "
+                                 "(e.g. 2000)")
             analysis["expert_pruning"] = prune_experts(model, model_cfg, spec, seed, val, test, cfg)
     else:
         scores = {"test_predictions": predict(model, test)}

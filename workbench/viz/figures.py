@@ -173,16 +173,18 @@ def pruning_subsets(record_pruning: dict, title: str = "Every 2-of-4 densified s
 
 def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts pruned or merged per MoE layer",
                    unpruned_ft: float | None = None) -> go.Figure:
-    """Mean test accuracy (%) against total parameters for each method over the kept-expert counts (one line per
+    """Mean test accuracy (%; a segmentation table's test mIoU) against total parameters for each method over the
+    kept-expert counts (one line per
     method; fine-tuned variants, ``_ft``, as open markers), the unpruned model as a dashed line (and, dotted, the
     unpruned model given the same fine-tune).  ``table``: :func:`workbench.studies.pruning.expert_pruning_table`."""
     fig = go.Figure()
+    score = "test_miou" if "test_miou" in table.columns else "test_acc"  # a segmentation study's table: test mIoU
     bases = sorted(table["method"].str.removesuffix("_ft").unique().tolist())  # one colour per method, tuned or not
     for method, rows in table.groupby("method", sort=False):
         base = method.removesuffix("_ft")
         colour = "#888888" if base == "random" else expert_color(bases.index(base))
         tuned = method.endswith("_ft")
-        fig.add_trace(go.Scatter(x=rows["params"], y=rows["test_acc"], name=method, text=rows["keep"].astype(str),
+        fig.add_trace(go.Scatter(x=rows["params"], y=rows[score], name=method, text=rows["keep"].astype(str),
                                  mode="markers" if tuned else "lines+markers+text", textposition="top center",
                                  marker=dict(size=11 if tuned else 8, color=colour,
                                              symbol="circle-open" if tuned else "circle", line=dict(width=2))))
@@ -192,7 +194,9 @@ def expert_pruning(table: pd.DataFrame, unpruned: float, title: str = "Experts p
         fig.add_hline(y=unpruned_ft, line_dash="dot", line_color="#444444", annotation_text="unpruned, fine-tuned",
                       annotation_position="bottom right")
     fig.update_layout(**LAYOUT, title=title + " (labels: experts kept)",
-                      xaxis=dict(title="total parameters"), yaxis=dict(title="test accuracy (%), mean over seeds"))
+                      xaxis=dict(title="total parameters"),
+                      yaxis=dict(title=("test mIoU" if score == "test_miou" else "test accuracy")
+                                 + " (%), mean over seeds"))
     return fig
 
 
