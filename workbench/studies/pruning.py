@@ -7,6 +7,8 @@ same way.
     from workbench.studies import pruning
     pruning.expert_pruning_table(study, "all")
     pruning.compare_expert_claims(study, other)             # the same claims in two studies, side by side
+    pruning.expert_class_iou(study, "all", 4)               # segmentation: base and new classes' IoU per variant
+    pruning.expert_claims_by(study, "test_acc", control="seg-transfer-regime/dense")  # another metric's view
     pruning.refit_table(study, "all")
 
 Imports: this package's ``records`` and ``claims`` (the guided picks) and ``workbench.analysis.stats``.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..analysis.stats import paired, welch
-from .records import expert_pairs, expert_value, iter_records, load_refit
+from .records import expert_pairs, expert_value, iter_records, load_refit, source_of
 
 METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
 
@@ -142,4 +144,53 @@ def placement_ranking(study: dict, claim_id: str, results=None) -> pd.DataFrame:
         order = sorted((row[c.rpartition("/")[2]] for c in places), reverse=True)
         rows.append({**row, "guided": picked, "guided_rank": order.index(row[picked]) + 1,
                      "specialised_blocks": pick["specialised_blocks"]})
+    return pd.DataFrame(rows)
+
+
+def _variant(record: dict, keep, name: str) -> dict | None:
+    ep = record.get("expert_pruning") or {}
+    return ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
+
+
+def expert_class_iou(study: dict, config: str, keep: int, results=None) -> pd.DataFrame:
+    """A segmentation study's expert-level variants at ``keep``, means over seeds (descriptive): test mIoU and the
+    test IoU of the classes a transfer base was pretrained on (``base_iou``: classes 1-5, background left out) and
+    of those it never saw (``new_iou``: 6-10), in points; a class absent from a split (IoU None) is left out of its
+    mean.  The random choice is its first draw only where fine-tuned (``random_ft``); untuned ``random`` rows hold
+    no per-class IoU (its draws are averaged) and are left out."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    runs = [r for r in iter_records(study, results) if r["config"] == config and r.get("expert_pruning")]
+    names = ["unpruned", "unpruned_ft"] + [m + ft for m in METHOD_ORDER for ft in ("", "_ft")]
+    rows = []
+    for name in names:
+        cells = [c for c in (_variant(r, keep, name) for r in runs) if c and c.get("test_iou")]
+        if cells and len(cells) == len(runs):
+            rows.append({"variant": name, "seeds": len(cells),
+                         "test_miou": 100 * sum(c["test_miou"] for c in cells) / len(cells),
+                         "base_iou": 100 * sum(mean(c["test_iou"][1:6]) for c in cells) / len(cells),
+                         "new_iou": 100 * sum(mean(c["test_iou"][6:11]) for c in cells) / len(cells)})
+    return pd.DataFrame(rows, columns=["variant", "seeds", "test_miou", "base_iou", "new_iou"])
+
+
+def expert_claims_by(study: dict, metric: str, control: str | None = None, results=None) -> pd.DataFrame:
+    """Each ``experts`` claim's pair read by another ``metric`` (e.g. pixel accuracy, ``test_acc``, for a study
+    scored by mIoU), in points paired by seed with a 95% interval: descriptive, no verdict.  With ``control``
+    (``study/config`` of a dense control run on the same seeds), also each claim's first variant against it."""
+    rows = []
+    for claim in (c for c in study["claims"] if c.get("kind") == "experts"):
+        source, config = source_of(study, claim["treatment"])
+        runs = sorted((r for r in iter_records(source, results) if r["config"] == config), key=lambda r: r["seed"])
+        first, second = claim["compare"]
+        a = [expert_value(r, claim["keep"], first, metric) for r in runs]
+        b = [expert_value(r, claim["keep"], second, metric) for r in runs]
+        row = {"claim": claim["id"], "contrast": f"{first} - {second}", metric: _interval(paired(a, b))}
+        if control:
+            other, name = source_of(study, control)
+            dense = {r["seed"]: 100 * r[metric] for r in iter_records(other, results) if r["config"] == name}
+            have = [(x, dense[r["seed"]]) for x, r in zip(a, runs) if r["seed"] in dense]
+            row[f"{first} - {control}"] = _interval(paired(*zip(*have))) if have else "-"
+        rows.append(row)
     return pd.DataFrame(rows)
