@@ -153,8 +153,8 @@ def _variant(record: dict, keep, name: str) -> dict | None:
 
 
 def expert_class_iou(study: dict, config: str, keep: int, results=None) -> pd.DataFrame:
-    """A segmentation study's expert-level variants at ``keep``, means over seeds (descriptive): test mIoU and the
-    test IoU of the classes a transfer base was pretrained on (``base_iou``: classes 1-5, background left out) and
+    """A segmentation study's expert-level variants at ``keep``, means over seeds (descriptive): test mIoU, the
+    background's test IoU (class 0) and the test IoU of the classes a transfer base was pretrained on (``base_iou``: classes 1-5, background left out) and
     of those it never saw (``new_iou``: 6-10), in points; a class absent from a split (IoU None) is left out of its
     mean.  The random choice is its first draw only where fine-tuned (``random_ft``); untuned ``random`` rows hold
     no per-class IoU (its draws are averaged) and are left out."""
@@ -170,15 +170,17 @@ def expert_class_iou(study: dict, config: str, keep: int, results=None) -> pd.Da
         if cells and len(cells) == len(runs):
             rows.append({"variant": name, "seeds": len(cells),
                          "test_miou": 100 * sum(c["test_miou"] for c in cells) / len(cells),
+                         "background_iou": 100 * sum(mean(c["test_iou"][:1]) for c in cells) / len(cells),
                          "base_iou": 100 * sum(mean(c["test_iou"][1:6]) for c in cells) / len(cells),
                          "new_iou": 100 * sum(mean(c["test_iou"][6:11]) for c in cells) / len(cells)})
-    return pd.DataFrame(rows, columns=["variant", "seeds", "test_miou", "base_iou", "new_iou"])
+    return pd.DataFrame(rows, columns=["variant", "seeds", "test_miou", "background_iou", "base_iou", "new_iou"])
 
 
 def expert_claims_by(study: dict, metric: str, control: str | None = None, results=None) -> pd.DataFrame:
     """Each ``experts`` claim's pair read by another ``metric`` (e.g. pixel accuracy, ``test_acc``, for a study
     scored by mIoU), in points paired by seed with a 95% interval: descriptive, no verdict.  With ``control``
-    (``study/config`` of a dense control run on the same seeds), also each claim's first variant against it."""
+    (``study/config`` of a dense control run on the same seeds), also each claim's first variant against it
+    (column ``first - <config>``)."""
     rows = []
     for claim in (c for c in study["claims"] if c.get("kind") == "experts"):
         source, config = source_of(study, claim["treatment"])
@@ -191,6 +193,6 @@ def expert_claims_by(study: dict, metric: str, control: str | None = None, resul
             other, name = source_of(study, control)
             dense = {r["seed"]: 100 * r[metric] for r in iter_records(other, results) if r["config"] == name}
             have = [(x, dense[r["seed"]]) for x, r in zip(a, runs) if r["seed"] in dense]
-            row[f"{first} - {control}"] = _interval(paired(*zip(*have))) if have else "-"
+            row[f"first - {name}"] = _interval(paired(*zip(*have))) if have else "-"
         rows.append(row)
     return pd.DataFrame(rows)
