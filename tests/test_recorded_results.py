@@ -466,3 +466,34 @@ def test_seg_transfer_regime_verdicts_and_checks_as_notebook_06_and_readme_quote
         assert quote in text and quote in readme, quote
     for quote in ("0.2996-0.3142 against 0.3018", "1.79-1.93%", "0.809 points on average", "0.770"):
         assert quote in text, quote
+
+
+def test_seg_transfer_experts_verdicts_are_the_ones_readme_and_notebook_04_quote():
+    from workbench.studies import evaluate_checks, evaluate_claims
+    from workbench.studies.pruning import expert_class_iou, expert_pruning_table, repeated_runs
+
+    study = load_study(ROOT / "experiments/studies/regime/seg_transfer_experts.yaml")
+    runs = list(_records(study))
+    assert len(runs) == 8 and evaluate_checks(study)["passed"].all()
+    again = repeated_runs(study, load_study(ROOT / "experiments/studies/regime/seg_transfer.yaml"), "all")
+    assert again["same"] == list(range(990, 998))  # every run equals seg-transfer-regime/all's record
+    claims = evaluate_claims(study).set_index("id")
+    quoted = {"frequency-beats-random": ("-0.07 [-1.16, +1.01]", "inconclusive"),
+              "reap-beats-random": ("-4.23 [-5.82, -2.64]", "disagrees"),
+              "merge-beats-random": ("+1.40 [+0.64, +2.15]", "agrees"),
+              "cluster-beats-random": ("+0.71 [-0.40, +1.82]", "inconclusive"),
+              "reap-ft-beats-random-ft": ("-1.54 [-2.41, -0.68]", "disagrees"),
+              "reap-ft-keeps-accuracy": ("-3.44 [-4.10, -2.78]", "disagrees"),
+              "merge-ft-keeps-accuracy": ("-1.51 [-1.66, -1.37]", "disagrees")}
+    readme = " ".join((ROOT / "README.md").read_text().split())  # as read, across line breaks
+    notebook = " ".join((ROOT / "notebooks/04_pruning.py").read_text().replace("\n# ", " ").split())
+    for claim, (interval, verdict) in quoted.items():
+        row = claims.loc[claim]
+        assert f"{row['estimate']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]" == interval
+        assert row["verdict"] == verdict
+        assert interval in readme and interval in notebook
+    table = expert_pruning_table(study, "all").set_index(["keep", "method"])
+    assert table.loc[(4, "random"), "vs_unpruned"] == "-5.51 [-6.27, -4.74]"
+    iou = expert_class_iou(study, "all", 4).set_index("variant").round(1)
+    assert (iou.loc["reap", "new_iou"], iou.loc["unpruned", "new_iou"]) == (15.4, 30.9)
+    assert (iou.loc["reap", "base_iou"], iou.loc["unpruned", "base_iou"]) == (33.7, 39.4)
