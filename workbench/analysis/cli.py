@@ -146,7 +146,7 @@ def _cmd_prune(args) -> int:
     layers = parse_moe_layers(args.layers) if args.layers else None
     if args.layers and not isinstance(layers, list):
         raise UsageError(f"--layers {args.layers!r} is invalid: give block indices, e.g. --layers 4,5")
-    from ..data.scenes import build_eval_splits
+    from ..data.splits import build_eval_splits
     from ..train.checkpoint import load_model, save_model
     from ..train.metrics import evaluate
     from .flops import profile

@@ -402,16 +402,3 @@ def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, tra
         train, val = train._pick(order[val_size:], augment), train._pick(order[:val_size], False)
     return train.subset(train_subset, seed), val, test.subset(test_subset, seed)
 
-
-def build_eval_splits(dataset: str, *, val_size: int = 0, root=None, model=None, test_subset: int | None = None,
-                      data_options: dict | None = None, seed: int = 0):
-    """(train, validation, test) of any dataset as a trained model is scored on it (no augmentation): a
-    segmentation dataset's scenes (with its ``data_options``, e.g. ``train_size``) or a classification dataset's
-    images (which take no ``data_options``)."""
-    if dataset in SEG_DATASETS:
-        return build_seg_splits(dataset, val_size=val_size, root=root, model=model, augment=False,
-                                test_subset=test_subset, seed=seed, **(data_options or {}))
-    from .classification import build_splits
-
-    return build_splits(dataset, val_size=val_size, root=root, model=model, augment=False, test_subset=test_subset,
-                        seed=seed)

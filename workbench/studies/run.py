@@ -90,8 +90,8 @@ def base_fingerprint(base: str | Path) -> str:
 def eval_splits(dataset: str, model, *, val_size: int = 0, root=None, test_subset=None, data_options=None,
                 seed: int = 0):
     """(train, validation, test) of ``dataset`` as a run evaluates them (no augmentation):
-    :func:`workbench.data.scenes.build_eval_splits`."""
-    from ..data.scenes import build_eval_splits
+    :func:`workbench.data.splits.build_eval_splits`."""
+    from ..data.splits import build_eval_splits
 
     return build_eval_splits(dataset, val_size=val_size, root=root, model=model, test_subset=test_subset,
                              data_options=data_options, seed=seed)
