@@ -218,7 +218,9 @@ def _cmd_prune(args) -> int:
         return 0
     print(f"{args.checkpoint} -> {out} ({args.method}"
           + (f", {args.keep_experts} experts per MoE layer" if args.keep_experts else f", blocks {layers} dense")
-          + f"; chosen on {args.calibration_images} validation images)")
+          + {"densify": "; experts merged by their use on the validation split)",
+             "reinit": "; nothing chosen from data)"}.get(args.method,
+                                                          f"; chosen on {args.calibration_images} validation images)"))
     seg = "test_miou" in result[0]
     print(f"{'':<11} {'params':>11} {'GMACs':>9} {'val acc':>8} {'test acc':>8}"
           + (f" {'val mIoU':>8} {'test mIoU':>9}" if seg else ""))
