@@ -401,4 +401,3 @@ def build_seg_splits(name: str, *, val_size: int = 0, root=None, model=None, tra
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VAL_SEED))
         train, val = train._pick(order[val_size:], augment), train._pick(order[:val_size], False)
     return train.subset(train_subset, seed), val, test.subset(test_subset, seed)
-

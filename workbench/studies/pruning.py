@@ -18,7 +18,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ..analysis.stats import paired, welch
-from .records import expert_pairs, expert_value, iter_records, load_refit, source_of
+from .records import expert_cell, expert_pairs, expert_value, iou_groups, iter_records, load_refit, source_of
 
 METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
 
@@ -147,32 +147,23 @@ def placement_ranking(study: dict, claim_id: str, results=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _variant(record: dict, keep, name: str) -> dict | None:
-    ep = record.get("expert_pruning") or {}
-    return ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
-
-
 def expert_class_iou(study: dict, config: str, keep: int, results=None) -> pd.DataFrame:
     """A segmentation study's expert-level variants at ``keep``, means over seeds (descriptive): test mIoU, the
     background's test IoU (class 0) and the test IoU of the classes a transfer base was pretrained on (``base_iou``: classes 1-5, background left out) and
     of those it never saw (``new_iou``: 6-10), in points; a class absent from a split (IoU None) is left out of its
     mean.  The random choice is its first draw only where fine-tuned (``random_ft``); untuned ``random`` rows hold
     no per-class IoU (its draws are averaged) and are left out."""
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else float("nan")
-
     runs = [r for r in iter_records(study, results) if r["config"] == config and r.get("expert_pruning")]
     names = ["unpruned", "unpruned_ft"] + [m + ft for m in METHOD_ORDER for ft in ("", "_ft")]
     rows = []
     for name in names:
-        cells = [c for c in (_variant(r, keep, name) for r in runs) if c and c.get("test_iou")]
+        cells = [c for c in (expert_cell(r, keep, name) for r in runs) if c and c.get("test_iou")]
         if cells and len(cells) == len(runs):
+            groups = [iou_groups(c["test_iou"]) for c in cells]
+            background, base, new = (100 * sum(g) / len(g) for g in zip(*groups))
             rows.append({"variant": name, "seeds": len(cells),
                          "test_miou": 100 * sum(c["test_miou"] for c in cells) / len(cells),
-                         "background_iou": 100 * sum(mean(c["test_iou"][:1]) for c in cells) / len(cells),
-                         "base_iou": 100 * sum(mean(c["test_iou"][1:6]) for c in cells) / len(cells),
-                         "new_iou": 100 * sum(mean(c["test_iou"][6:11]) for c in cells) / len(cells)})
+                         "background_iou": background, "base_iou": base, "new_iou": new})
     return pd.DataFrame(rows, columns=["variant", "seeds", "test_miou", "background_iou", "base_iou", "new_iou"])
 
 

@@ -250,6 +250,22 @@ def expert_value(record: dict, keep, name: str, metric: str = "test_acc") -> flo
     """One run's test accuracy (%) of an expert-pruning variant, or its ``metric`` (``test_miou``: a segmentation
     study's test mIoU, in points): a method (or ``random``, the mean of its draws) at ``keep`` experts,
     ``<method>_ft`` after the fine-tune, or ``unpruned`` / ``unpruned_ft`` (NaN when missing)."""
-    ep = record.get("expert_pruning") or {}
-    cell = ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
+    cell = expert_cell(record, keep, name)
     return 100 * cell[metric] if cell else float("nan")
+
+
+def expert_cell(record: dict, keep, name: str) -> dict | None:
+    """One run's recorded scores of an expert-pruning variant (see :func:`expert_value`), or None when missing."""
+    ep = record.get("expert_pruning") or {}
+    return ep.get(name) if name.startswith("unpruned") else (ep.get(str(keep)) or {}).get(name)
+
+
+def iou_groups(iou: list) -> tuple[float, float, float]:
+    """A scenes model's per-class IoU list -> the mean IoU of the background (class 0), of the classes a transfer
+    base was pretrained on (1-5) and of those it never saw (6-10); a class absent from a split (None) is left out
+    of its mean (NaN when none is left)."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    return mean(iou[:1]), mean(iou[1:6]), mean(iou[6:11])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from .checks import evaluate_checks
-from .records import cached_base, iter_records, load_regions, progress
+from .records import cached_base, iou_groups, iter_records, load_regions, progress
 from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, load_study
 
 REGIME = ROOT / "experiments" / "studies" / "regime"
@@ -258,14 +258,10 @@ def class_iou(study: dict, results=None) -> pd.DataFrame:
     and of mean(test_iou[1:6]) (``base``: its own; background excluded), their ratio, the mean test mIoU (points)
     and the seeds counted.  A class absent from both the test masks and the predictions (IoU None) is left out of
     its mean."""
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return sum(values) / len(values) if values else float("nan")
-
     per = {}
     for r in iter_records(study, results):
-        iou = r.get("test_iou") or []
-        per.setdefault(r["config"], []).append((mean(iou[6:11]), mean(iou[1:6]), 100 * r["test_miou"]))
+        _, base, new = iou_groups(r.get("test_iou") or [])
+        per.setdefault(r["config"], []).append((new, base, 100 * r["test_miou"]))
     rows = []
     for config in [c for c in study["configs"] if c in per]:
         new, base, miou = (sum(v) / len(v) for v in zip(*per[config]))
