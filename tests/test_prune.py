@@ -117,8 +117,22 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
     assert cfg["model_kwargs"]["num_experts"] == 2 and cfg["pruned"]["from_experts"] == 4
     assert main(["eval", "--checkpoint", str(tmp_path / "out"), "--dataset", "synthetic", "--quiet"]) == 0
     capsys.readouterr()
+    for bad, message in ((["--method", "frequency", "--keep-experts", "2"], "already holds a model that another"),
+                         (["--method", "merge", "--keep-experts", "3"], "already holds a model that another")):
+        with pytest.raises(SystemExit) as exit_:  # another request into a folder that holds a model: refused
+            main(args + bad)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main([*args[:-1], str(tmp_path / "ck"), "--method", "merge", "--keep-experts", "2", "--overwrite"])
+    assert exit_.value.code == 2 and "is the checkpoint being pruned" in capsys.readouterr().err
+    assert main(args + ["--method", "merge", "--keep-experts", "2", "--json", "--val-subset", "48"]) == 0  # the same
+    capsys.readouterr()
+    assert main(["info", "--checkpoint", str(tmp_path / "out")]) == 0
+    info = capsys.readouterr().out
+    assert f"pruned by merge (4 -> 2 experts per MoE layer) from {tmp_path / 'ck'}, not fine-tuned" in info
+    assert "python -m workbench profile --checkpoint" in info
     assert main(args + ["--method", "frequency", "--keep-experts", "2", "--finetune-epochs", "1",
-                        "--train-subset", "256"]) == 0
+                        "--train-subset", "256", "--overwrite"]) == 0
     text = capsys.readouterr().out
     assert "fine-tuned" in text and "params" in text
     assert load_model(tmp_path / "out")[1]["pruned"]["finetune"]["epochs"] == 1

@@ -51,6 +51,8 @@ def register_cli(sub) -> None:
     q.add_argument("--train-subset", type=int, metavar="N", help="fine-tune on a fixed random N training images")
     q.add_argument("--output", required=True, metavar="DIR", help="folder for the pruned model (model.safetensors + "
                    "config.json, loadable by eval, info and the app)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace the model already in --output (without it, an --output holding one is refused)")
     q.add_argument("--json", action="store_true", help="print the before/after rows as JSON")
     q.set_defaults(func=_cmd_prune)
     c = sub.add_parser("card", help="a checkpoint's model card: facts and, per MoE layer, whether its routing beats "
@@ -157,6 +159,7 @@ def _cmd_prune(args) -> int:
         check_request(model, args.method, keep=args.keep_experts, layers=layers)
     except PruneError as err:
         raise UsageError(str(err)) from None
+    check_output(args, layers)
     trained = config.get("train_config") or {}
     if args.dataset is None:  # the data it was trained on, with that data's options (a scenes dataset's size)
         args.dataset = trained.get("dataset") or "fashion-mnist"
@@ -230,6 +233,36 @@ def _cmd_prune(args) -> int:
     if seg:
         print("(a segmentation model: acc is pixel accuracy)")
     return 0
+
+
+def check_output(args, layers) -> None:
+    """A one-line refusal of an ``--output`` that is the checkpoint itself, or that already holds a model another
+    request wrote (unless ``--overwrite``).  The same command again (same checkpoint, method, count or blocks and
+    fine-tune) may write over its own result, as may a rerun that continues an interrupted fine-tune."""
+    import json
+    from pathlib import Path
+
+    from ..models.args import UsageError
+
+    checkpoint, output = Path(args.checkpoint), Path(args.output)
+    source = checkpoint.parent if checkpoint.suffix in (".safetensors", ".pt") else checkpoint
+    if output.resolve() in (source.resolve(), (source / "model").resolve()):
+        raise UsageError(f"--output {output} is the checkpoint being pruned: give another folder")
+    if args.overwrite or not any((output / name).exists() for name in ("model.safetensors", "config.json")):
+        return
+    try:
+        held = json.loads((output / "config.json").read_text()).get("pruned") or {}
+    except (OSError, ValueError):
+        held = {}
+    tuned = held.get("finetune") or {}
+    same = (held.get("method") == args.method and held.get("from") == str(args.checkpoint)
+            and held.get("keep_experts") == args.keep_experts
+            and (args.keep_experts is not None or held.get("layers") == (sorted(layers) if layers else None))
+            and tuned.get("epochs", 0) == args.finetune_epochs
+            and (not args.finetune_epochs or tuned.get("lr") == args.finetune_lr))
+    if not same:
+        raise UsageError(f"--output {output} already holds a model that another request wrote: give another folder, "
+                         "or pass --overwrite to replace it")
 
 
 def check_task(model, dataset: str) -> None:

@@ -208,8 +208,9 @@ def architecture_summary(model: nn.Module) -> list[dict]:
     return rows
 
 
-def model_from_args(args):
-    """(model, name): the model of ``--checkpoint`` if given, else ``--model`` built with the MoE flags."""
+def model_from_args(args, with_config: bool = False):
+    """(model, name): the model of ``--checkpoint`` if given, else ``--model`` built with the MoE flags.
+    ``with_config``: (model, name, the checkpoint's config or None)."""
     import timm
 
     from ..models import register
@@ -223,6 +224,22 @@ def model_from_args(args):
             raise UsageError(f"{flags} describe a new model, but --checkpoint {args.checkpoint} is built as it was "
                              "saved: drop them, or drop --checkpoint to build --model with them")
         model, config = load_model(args.checkpoint)
-        return model, config["model"]
+        return (model, config["model"], config) if with_config else (model, config["model"])
     check_model_kwargs(args.model, kwargs)
-    return timm.create_model(args.model, **kwargs), args.model
+    model = timm.create_model(args.model, **kwargs)
+    return (model, args.model, None) if with_config else (model, args.model)
+
+
+def pruned_line(config: dict | None) -> str | None:
+    """One line on what ``python -m workbench prune`` did to a checkpoint (None for one it did not write)."""
+    pruned = (config or {}).get("pruned")
+    if not pruned:
+        return None
+    if pruned.get("keep_experts"):
+        what = f"{pruned.get('from_experts', '?')} -> {pruned['keep_experts']} experts per MoE layer"
+    else:
+        what = f"blocks {pruned.get('layers')} made dense"
+    ft = pruned.get("finetune")
+    return (f"pruned by {pruned.get('method')} ({what}) from {pruned.get('from', 'an earlier checkpoint')}"
+            + (f", then fine-tuned {ft['epochs']} epoch{'s' if ft['epochs'] != 1 else ''} at lr {ft['lr']:g}"
+               if ft else ", not fine-tuned"))

@@ -217,19 +217,25 @@ def cmd_eval(args) -> int:
 def cmd_info(args) -> int:
     from .checkpoint import architecture_summary
 
-    from .checkpoint import model_from_args
+    from .checkpoint import model_from_args, pruned_line
 
-    model, name = model_from_args(args)
+    model, name, config = model_from_args(args, with_config=True)
     rows = architecture_summary(model)
     total = sum(p.numel() for p in model.parameters())
+    pruned = (config or {}).get("pruned")
     if args.json:
-        print(json.dumps({"model": name, "params": total, "blocks": rows}, indent=2))
+        print(json.dumps({"model": name, "params": total, "blocks": rows, **({"pruned": pruned} if pruned else {})},
+                         indent=2))
         return 0
     print(f"{name}: {total:,} parameters; MoE blocks {[r['block'] for r in rows if r['ffn'] == 'moe']}")
+    if pruned:
+        print(pruned_line(config))
     print(f"{'block':>5}  {'ffn':<5}  {'experts':>7}  {'top_k':>5}  {'shared':<6}  {'params':>10}")
     for r in rows:
         print(f"{r['block']:>5}  {r['ffn']:<5}  {r['experts']!s:>7}  {r['top_k']!s:>5}  {r['shared']:<6}  "
               f"{r['params']:>10,}")
+    source = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--model {name} (and the same MoE flags)"
+    print(f"(activated parameters and MACs per image, per block: python -m workbench profile {source})")
     return 0
 
 
