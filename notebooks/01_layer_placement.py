@@ -20,7 +20,7 @@ ANSWER = answer.show(["placement"], confirm=[("confirm", "confirm_all")], regime
 ANSWER
 
 # %% [markdown]
-# **What it means.** The first column is the study that tests claim 1 in a fine-tune meant to move the upcycled
+# **What it means.** The second column (`regime/upcycle4.yaml`) is the study that tests claim 1 in a fine-tune meant to move the upcycled
 # arms (re-warmed, 4 epochs; its movement checks were written before its runs). All 56 runs are in, and its claim-1
 # verdicts are *void*: the experts moved apart, but the last-2 and first-2 arms' test predictions stayed closer to
 # the same seed's dense control than two seeds of that control are to each other (and first-2's routers barely

@@ -22,7 +22,7 @@ ANSWER = answer.show(["shared_expert"], confirm=["confirm", "confirm_shared"], r
 ANSWER
 
 # %% [markdown]
-# **What it means.** The paper's claim is about stability *across configurations*: the first column tests it as an
+# **What it means.** The paper's claim is about stability *across configurations*: the second column (`regime/upcycle4.yaml`) tests it as an
 # interaction (per seed, the spread of accuracy over three placements with a shared expert against without, at equal
 # total and activated parameters), in a fine-tune meant to move the arms. All 56 runs are in, and its claim-2
 # verdicts are *void*: three of the six arms every claim-2 test reads (last-2, first-2, last-2 with a shared expert)
@@ -42,7 +42,7 @@ ANSWER
 # pretrained on five of the ten classes, every arm fine-tuned on all ten; 7x7 patches), adopted its schedule: every
 # arm moved (notebook 01). Its confirmatory study, `regime/upcycle_half.yaml`, tests claim 2 there as the same
 # interaction across placements at equal parameters. All 56 of its runs are in, every arm passes every check, and
-# **the shared expert did not make placement matter less**: per seed, the range of test accuracy across the three
+# **no evidence that the shared expert made placement matter less**: per seed, the range of test accuracy across the three
 # placements was 0.135 points *wider* with a shared expert [-0.117, +0.387] (*inconclusive*), the worst placement
 # with a shared expert was 0.289 points *less* accurate than the worst without [-0.461, -0.116] (*disagrees* in the
 # file, Holm p = 0.033; the project-wide Holm view reads it *inconclusive*, BH *disagrees*), and in the last two

@@ -340,3 +340,42 @@ def test_prediction_shares_split_by_the_true_class(tmp_path):
                    ("dense seed-to-seed", "old"): 0.0, ("dense seed-to-seed", "new"): pytest.approx(0.4)}
     with pytest.raises(ValueError, match="10 predictions for 3 test labels"):
         shares_by_classes(path, {"old": [0]}, labels=[0, 1, 1], results=results)
+
+
+def test_regions_claims_read_the_excess_they_name_and_the_premise_counts_either_flag(tmp_path):
+    """``metric:`` on an excess / depth_trend claim over segmentation regions: the class excess (default), the
+    balanced test's, or patch position's, each the trained NMI minus the random routers'; and the premise count
+    reads the unbalanced or the balanced Holm flag."""
+    claims = [{"id": "c", "says": "s", "kind": "excess", "source": "regions", "treatment": "a", "blocks": [3],
+               "expect": "greater", "margin": 0.01},
+              {"id": "b", "says": "s", "kind": "excess", "source": "regions", "metric": "bal_excess",
+               "treatment": "a", "blocks": [3], "expect": "greater", "margin": 0.01},
+              {"id": "d", "says": "s", "kind": "depth_trend", "source": "regions", "metric": "bal_excess",
+               "treatment": "a", "expect": "greater"},
+              {"id": "p", "says": "s", "kind": "excess", "source": "regions", "metric": "position_excess",
+               "treatment": "a", "expect": "greater", "margin": 0.01}]
+    path = _study(tmp_path, claims=claims)
+    results = tmp_path / "results"
+    for seed in range(4):
+        _record(results, "s", "a", seed, 0.8)
+        rec_path = results / "s" / f"a__seed{seed}.json"
+        rec = json.loads(rec_path.read_text())
+        jitter = 0.001 * seed
+        rec["regions"] = {str(b): {"nmi": 0.1, "random_nmi": 0.2 + jitter, "excess": -0.1 - jitter,
+                                   "bal_nmi": 0.1 + 0.02 * b + jitter, "bal_random_nmi": 0.1,
+                                   "position_nmi": 0.3 + jitter, "random_position_nmi": 0.1,
+                                   "specialised": False, "specialised_balanced": b == 3}
+                          for b in range(4)}
+        rec_path.write_text(json.dumps(rec))
+        assert run_metric(rec, "specialised_blocks_regions") == 0
+        assert run_metric(rec, "specialised_blocks_regions_balanced") == 1
+    table = evaluate_claims(path, results).set_index("id")
+    assert table.loc["c", "estimate"] == pytest.approx(-0.1015) and table.loc["c", "verdict"] == "disagrees"
+    assert table.loc["b", "estimate"] == pytest.approx(0.0615) and "balanced NMI" in table.loc["b", "contrast"]
+    assert table.loc["d", "estimate"] == pytest.approx(0.02) and table.loc["d", "verdict"] == "agrees"
+    assert table.loc["p", "estimate"] == pytest.approx(0.2015) and table.loc["p", "verdict"] == "agrees"
+    with pytest.raises(StudyError, match="with source: regions also bal_excess or position_excess"):
+        load_study(_study(tmp_path, claims=[{**claims[1], "source": "routing"}]))
+    with pytest.raises(StudyError, match="is for excess and depth_trend claims"):
+        load_study(_study(tmp_path, claims=[{"id": "x", "says": "s", "treatment": "a", "expect": "greater",
+                                             "metric": "bal_excess"}]))

@@ -28,9 +28,12 @@ def run_metric(record: dict, metric: str) -> float:
         values = [v["router_shift"] for v in (record.get("router_init") or {}).values()]
     elif metric == "router_nmi_moved":
         values = [abs(v["trained_nmi"] - v["init_nmi"]) for v in (record.get("router_init") or {}).values()]
-    elif metric in ("specialised_blocks", "specialised_blocks_cls"):
-        routing = record.get("routing_cls" if metric.endswith("_cls") else "routing")
-        return float(sum(bool(v.get("specialised")) for v in routing.values())) if routing else math.nan
+    elif metric in ("specialised_blocks", "specialised_blocks_cls", "specialised_blocks_regions",
+                    "specialised_blocks_regions_balanced"):
+        routing = record.get({"specialised_blocks": "routing", "specialised_blocks_cls": "routing_cls"}.get(metric,
+                                                                                                         "regions"))
+        flag = "specialised_balanced" if metric.endswith("_balanced") else "specialised"
+        return float(sum(bool(v.get(flag)) for v in routing.values())) if routing else math.nan
     elif metric == "late_gain":
         val = [row.get("val_acc") for row in record.get("history", [])]
         if len(val) < 2 or any(v is None for v in val):

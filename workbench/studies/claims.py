@@ -116,12 +116,17 @@ def evaluate_claims(study_or_path, results: Path | None = None) -> pd.DataFrame:
                 routing = load_routing(source, [config], results, tokens=claim.get("tokens", "patch"))
             if claim.get("blocks") is not None:
                 routing = routing[routing["block"].isin(claim["blocks"])]
-            row["contrast"] = f"{claim['treatment']}: {'NMI over random routers' if kind == 'excess' else 'slope of NMI excess over random routers per block'}"
+            column = claim.get("metric", "excess")
+            what = {"excess": "NMI", "bal_excess": "balanced NMI", "position_excess": "position NMI"}[column]
+            row["contrast"] = (f"{claim['treatment']}: {what} over random routers" if kind == "excess" else
+                               f"{claim['treatment']}: slope of {what} excess over random routers per block")
+            if column not in routing:  # records without the fields (a study of another kind): no estimate
+                routing = routing.assign(**{column: float("nan")}).iloc[:0]
             if kind == "excess":
-                per_seed = routing.groupby("seed")["excess"].mean()
+                per_seed = routing.groupby("seed")[column].mean()
                 d = paired(per_seed.values, [0.0] * len(per_seed))
             else:
-                d = slope_interval({s: (g["block"].values, g["excess"].values) for s, g in routing.groupby("seed")})
+                d = slope_interval({s: (g["block"].values, g[column].values) for s, g in routing.groupby("seed")})
             row.update(n=d.n, estimate=d.mean, low=d.low, high=d.high, p=d.p)
         elif kind == "refit":
             source, config = source_of(study, claim["treatment"])

@@ -114,13 +114,21 @@ def load_results(study_or_path, results: Path | None = None) -> pd.DataFrame:
 
 
 def load_regions(study_or_path, configs=None, results: Path | None = None) -> pd.DataFrame:
-    """The recorded routing-vs-regions analyses: one row per (config, seed, MoE block)."""
+    """The recorded routing-vs-regions analyses: one row per (config, seed, MoE block), with ``bal_excess`` and
+    ``position_excess`` beside the recorded ``excess`` (each the trained router's NMI minus the random routers')."""
     rows = [{"config": r["config"], "seed": r["seed"], "block": int(b), **layer}
             for r in iter_records(study_or_path, results) if "regions" in r and (not configs or r["config"] in configs)
             for b, layer in r["regions"].items()]
     if not rows:
         return pd.DataFrame(columns=["config", "seed", "block"])
-    return pd.DataFrame(rows).sort_values(["config", "seed", "block"]).reset_index(drop=True)
+    table = pd.DataFrame(rows).sort_values(["config", "seed", "block"]).reset_index(drop=True)
+    # the excesses over the random routers that claims read besides ``excess`` (class NMI - theirs): the balanced
+    # test's (equal loads for the trained router and every draw) and patch position's
+    if {"bal_nmi", "bal_random_nmi"} <= set(table):
+        table["bal_excess"] = (table["bal_nmi"] - table["bal_random_nmi"]).round(6)
+    if {"position_nmi", "random_position_nmi"} <= set(table):
+        table["position_excess"] = (table["position_nmi"] - table["random_position_nmi"]).round(6)
+    return table
 
 
 def load_routing(study_or_path, configs=None, results: Path | None = None, tokens: str = "patch") -> pd.DataFrame:

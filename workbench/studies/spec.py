@@ -81,10 +81,16 @@ CHECK_METRICS = {"expert_spread": "median over MoE blocks of how far the experts
                                       "the control's own seed-to-seed share",
                  "late_gain": "validation accuracy gained (points) over the last third of the epochs",
                  "specialised_blocks": "MoE blocks whose patch-token routing beats random routers (Holm)",
-                 "specialised_blocks_cls": "MoE blocks whose CLS-token routing beats random routers (Holm)"}
+                 "specialised_blocks_cls": "MoE blocks whose CLS-token routing beats random routers (Holm)",
+                 "specialised_blocks_regions": "MoE blocks whose routing of patches by their majority class beats "
+                                               "random routers (Holm; segmentation, analysis.regions)",
+                 "specialised_blocks_regions_balanced": "the same under the balanced test (every router and random "
+                                                        "draw given equal expert loads)"}
+# what an excess / depth_trend claim reads (``metric:``): the trained router's NMI minus the random routers'
+EXCESS_METRICS = ("excess", "bal_excess", "position_excess")
 CHECK_KEYS = {"id", "says", "metric", "configs", "at_least", "at_most"}
 CLAIM_KEYS = {"id", "says", "paper", "kind", "treatment", "control", "expect", "margin", "blocks", "compare", "tokens",
-              "source", "guide", "rank_by", "keep"}  # guided claims: the all-MoE run whose validation routing picks the
+              "source", "guide", "rank_by", "keep", "metric"}  # guided claims: the all-MoE run whose validation routing picks the
 # placement, and the routing metric that ranks its blocks (bal_excess, the default, or excess)  # source: 'routing' (class routing, default) or 'regions' (segmentation) for excess/depth
 
 
@@ -372,6 +378,10 @@ def _check_claim(path, study: dict, claim: dict) -> None:
     else:
         control = claim.get("control")  # none: the study's control
         names = [claim["treatment"]] + ([control] if control not in (None, "step0") else [])
+    if "metric" in claim and (claim["kind"] not in ("excess", "depth_trend") or claim["metric"] not in EXCESS_METRICS
+                              or (claim["metric"] != "excess" and claim.get("source") != "regions")):
+        raise StudyError(f"{where}: metric={claim['metric']!r} is for excess and depth_trend claims: excess (the "
+                         f"default), or with source: regions also bal_excess or position_excess")
     if claim.get("tokens", "patch") not in ("patch", "cls"):
         raise StudyError(f"{where}: tokens={claim['tokens']!r} is not 'patch' or 'cls' (the CLS token's routing, "
                          f"recorded when analysis.cls_routing is true)")
