@@ -210,3 +210,27 @@ def test_regions_by_block_averages_seeds_and_takes_the_excess(study):
     assert row["nmi"] == pytest.approx(0.20) and row["excess"] == pytest.approx(0.05)
     assert row["bal_excess"] == pytest.approx(-0.05) and row["specialised"] == 1
     assert regime.regions_by_block({**s, "name": "none"}, results).empty
+
+
+def test_regions_premise_counts_the_blocks_each_test_flags_and_reads_the_run_rule(study):
+    s, results = study
+    flags = {0: ([2, 3], [3]), 1: ([3], [])}  # seed -> (balanced, unbalanced)
+    for seed in (0, 1):
+        path = results / "g" / f"a__seed{seed}.json"
+        rec = json.loads(path.read_text())
+        rec["regions"] = {str(b): {"nmi": 0.2, "random_nmi": 0.1 + 0.1 * seed, "bal_nmi": 0.3, "bal_random_nmi": 0.2,
+                                   "object_only_nmi": 0.1, "random_object_only_nmi": 0.05, "position_nmi": 0.4,
+                                   "random_position_nmi": 0.1, "specialised": b in flags[seed][1],
+                                   "specialised_balanced": b in flags[seed][0]} for b in range(4)}
+        rec["router_init"] = {str(b): {"init_nmi": 0.3, "trained_nmi": 0.1 * b, "router_shift": 1.0}
+                              for b in range(4)}
+        path.write_text(json.dumps(rec))
+    blocks, seeds, rule = regime.regions_premise(s, "a", results)
+    assert list(blocks["block"]) == [0, 1, 2, 3] and set(blocks["seeds"]) == {2}
+    row = blocks.set_index("block").loc[3]
+    assert row["excess"] == pytest.approx(0.05) and row["bal_excess"] == pytest.approx(0.1)
+    assert row["object_only_excess"] == pytest.approx(0.05) and row["position_excess"] == pytest.approx(0.3)
+    assert row["specialised"] == 1 and row["specialised_balanced"] == 2 and row["trained_nmi"] == pytest.approx(0.3)
+    assert seeds["balanced"].tolist() == [[2, 3], [3]] and seeds["unbalanced"].tolist() == [[3], []]
+    assert rule.startswith("premise (balanced test): median 1.5 block(s) per seed over 2 seeds (2, 1); fewer than 2")
+    assert regime.regions_premise({**s, "name": "none"}, "a", results)[2] == "a: nothing recorded"

@@ -9,6 +9,7 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.placement_grid(s)      # the score per (placement, shared expert or not, seed)
     regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
     regime.regions_by_block(s)    # segmentation: routing against ground-truth regions, per config and block
+    regime.regions_premise(s)     # ... and claim 3's premise from it: blocks flagged per seed, the run rule
     regime.schedule_rule(regime.load("pilots/upcycle4_finetune8"))  # a schedule pilot's rule (1): adopt or not
 
 Imports: this package's ``spec``, ``records`` and ``checks``; inside functions ``.analyse``, ``workbench.data`` and
@@ -286,6 +287,42 @@ def regions_by_block(study: dict, results=None) -> pd.DataFrame:
     order = list(study["configs"])
     return out.sort_values(["config", "block"], key=lambda c: c.map(order.index) if c.name == "config" else c,
                            ignore_index=True).round(4)
+
+
+def regions_premise(study: dict, config: str = "all", results=None) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Claim 3's premise on a segmentation study's routing against regions (``regime/seg_transfer_routing.yaml``):
+    per MoE block, means over seeds of each excess over the random routers (class, balanced, class among object
+    patches only, position), how many seeds each Holm test flags, and the router's class NMI at its upcycling init
+    against trained; per seed, the blocks each test flags; and the run rule's reading (the median over seeds of the
+    blocks the balanced test flags, at least 2 for a guided-placement file to be written)."""
+    import statistics
+
+    r = load_regions(study, [config], results)
+    if r.empty:
+        return pd.DataFrame(columns=["block"]), pd.DataFrame(columns=["seed"]), f"{config}: nothing recorded"
+    r = r.assign(excess=r["nmi"] - r["random_nmi"],
+                 object_only_excess=r["object_only_nmi"] - r["random_object_only_nmi"])
+    init = pd.DataFrame([{"seed": rec["seed"], "block": int(b), "init_nmi": v["init_nmi"],
+                          "trained_nmi": v["trained_nmi"]}
+                         for rec in iter_records(study, results) if rec["config"] == config
+                         for b, v in (rec.get("router_init") or {}).items()], columns=["seed", "block", "init_nmi",
+                                                                                       "trained_nmi"])
+    r = r.merge(init, on=["seed", "block"], how="left")
+    means = ["excess", "bal_excess", "object_only_excess", "position_excess", "init_nmi", "trained_nmi"]
+    blocks = r.groupby("block").agg(seeds=("seed", "nunique"), **{c: (c, "mean") for c in means},
+                                    specialised=("specialised", "sum"),
+                                    specialised_balanced=("specialised_balanced", "sum")).round(4).reset_index()
+    flagged = lambda g, flag: [int(b) for b in g.loc[g[flag].astype(bool), "block"]]  # noqa: E731
+    seeds = pd.DataFrame([{"seed": seed, "balanced": flagged(g, "specialised_balanced"),
+                           "unbalanced": flagged(g, "specialised")} for seed, g in r.groupby("seed")])
+    counts = [len(b) for b in seeds["balanced"]]
+    median = statistics.median(counts)
+    rule = (f"premise (balanced test): median {median:g} block(s) per seed over {len(counts)} seeds "
+            f"({', '.join(map(str, counts))}); "
+            + ("at least 2: a segmentation guided-placement file is written next" if median >= 2 else
+               "fewer than 2: claim 3's premise is not shown in segmentation (a failure to show, not evidence of "
+               "absence)"))
+    return blocks, seeds, rule
 
 
 def pixel_labels(study: dict) -> list[int]:
