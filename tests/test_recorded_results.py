@@ -497,3 +497,31 @@ def test_seg_transfer_experts_verdicts_are_the_ones_readme_and_notebook_04_quote
     iou = expert_class_iou(study, "all", 4).set_index("variant").round(1)
     assert (iou.loc["reap", "new_iou"], iou.loc["unpruned", "new_iou"]) == (15.4, 30.9)
     assert (iou.loc["reap", "base_iou"], iou.loc["unpruned", "base_iou"]) == (33.7, 39.4)
+
+
+def test_readme_summary_table_quotes_each_verdict_as_its_study_prints_it():
+    """The 'What the studies found' table: every interval and verdict it quotes is evaluate_claims' on the records."""
+    from workbench.studies import evaluate_claims
+
+    readme = (ROOT / "README.md").read_text()
+    summary = readme[readme.index("## What the studies found"):readme.index("## Using it")]
+    quoted = {  # study file -> claim id -> (interval as quoted, to 3 decimals or 2, verdict)
+        "regime/upcycle_half.yaml": {"late-moe-helps": ("+0.136 [-0.011, +0.284]", "inconclusive"),
+                                     "early-moe-hurts": ("+0.110 [-0.030, +0.250]", "inconclusive"),
+                                     "all-layers-hurt": ("+0.164 [+0.049, +0.279]", "inconclusive"),
+                                     "shared-narrows-placement-range": ("+0.135 [-0.117, +0.387]", "inconclusive"),
+                                     "shared-lifts-worst-placement": ("-0.289 [-0.461, -0.116]", "disagrees")},
+        "regime/seg_transfer.yaml": {"late-moe-helps": ("-0.071 [-0.165, +0.022]", "disagrees"),
+                                     "early-moe-hurts": ("+0.809 [+0.692, +0.926]", "disagrees"),
+                                     "all-layers-hurt": ("+0.610 [+0.456, +0.763]", "disagrees"),
+                                     "shared-narrows-placement-range": ("-0.039 [-0.161, +0.084]", "disagrees"),
+                                     "shared-lifts-worst-placement": ("+0.092 [-0.003, +0.187]", "disagrees")},
+        "regime/seg_transfer_experts.yaml": {"merge-beats-random": ("+1.40 [+0.64, +2.15]", "agrees"),
+                                             "reap-beats-random": ("-4.23 [-5.82, -2.64]", "disagrees")},
+    }
+    for file, claims in quoted.items():
+        table = evaluate_claims(load_study(ROOT / "experiments/studies" / file)).set_index("id")
+        for claim, (interval, verdict) in claims.items():
+            row, places = table.loc[claim], 3 if interval.index(".") + 4 == interval.index(" ") else 2
+            assert f"{row['estimate']:+.{places}f} [{row['low']:+.{places}f}, {row['high']:+.{places}f}]" == interval
+            assert row["verdict"] == verdict and interval in summary, (file, claim)
