@@ -38,6 +38,12 @@ ANSWER
 # the earlier low-lr fine-tune, the token-routing arms' routers stayed where their random init put them and the
 # arms' predictions within the dense control's seed noise, so those columns measure no learned specialisation.
 #
+# Elsewhere: in the transfer regime (notebook 04, `regime/upcycle_half_prune.yaml`, 100 random routers, 5 seeds) the
+# last block's routing passes the random-router test after Holm in 5 of 5 seeds for the patch tokens and 4 of 5 for
+# the CLS token, and no other block in any seed (descriptive there: its premise check, which asks for 2 blocks,
+# fails); with 100 draws and Holm over four blocks a block passes only by beating every draw. Segmentation, where
+# every patch token's routing reaches the prediction, is notebook 06 (`regime/seg_transfer_routing.yaml`).
+#
 # ## The routing that reaches the prediction (`upcycle4-regime`)
 #
 # Per MoE block of the regime study's `all` arm (top-2 of 9 experts in every block, upcycled, a re-warmed fine-tune;
