@@ -516,6 +516,10 @@ def test_readme_summary_table_quotes_each_verdict_as_its_study_prints_it():
                                      "all-layers-hurt": ("+0.610 [+0.456, +0.763]", "disagrees"),
                                      "shared-narrows-placement-range": ("-0.039 [-0.161, +0.084]", "disagrees"),
                                      "shared-lifts-worst-placement": ("+0.092 [-0.003, +0.187]", "disagrees")},
+        "regime/seg_transfer_routing.yaml": {
+            "last-block-class-routing-beats-random": ("-0.169 [-0.188, -0.150]", "disagrees"),
+            "last-block-balanced-class-routing-beats-random": ("-0.029 [-0.050, -0.007]", "disagrees"),
+            "routing-follows-position": ("+0.100 [+0.093, +0.107]", "agrees")},
         "regime/seg_transfer_experts.yaml": {"merge-beats-random": ("+1.40 [+0.64, +2.15]", "agrees"),
                                              "reap-beats-random": ("-4.23 [-5.82, -2.64]", "disagrees")},
     }
@@ -525,3 +529,30 @@ def test_readme_summary_table_quotes_each_verdict_as_its_study_prints_it():
             row, places = table.loc[claim], 3 if interval.index(".") + 4 == interval.index(" ") else 2
             assert f"{row['estimate']:+.{places}f} [{row['low']:+.{places}f}, {row['high']:+.{places}f}]" == interval
             assert row["verdict"] == verdict and interval in summary, (file, claim)
+
+
+def test_seg_transfer_routing_verdicts_and_premise_are_the_ones_readme_and_notebook_06_quote():
+    from workbench.studies import evaluate_checks, evaluate_claims, regime
+
+    study = load_study(ROOT / "experiments/studies/regime/seg_transfer_routing.yaml")
+    runs = list(_records(study))
+    assert len(runs) == 8 and {r["provenance"]["commit"][:7] for r in runs} == {"681059f"}
+    checks = evaluate_checks(study).set_index("id")
+    assert checks["passed"].all() and round(checks.loc["experts-moved", "value"], 4) == 0.2234
+    claims = evaluate_claims(study).set_index("id")
+    quoted = {"last-block-class-routing-beats-random": ("-0.169 [-0.188, -0.150]", "disagrees"),
+              "last-block-balanced-class-routing-beats-random": ("-0.029 [-0.050, -0.007]", "disagrees"),
+              "class-specialisation-rises-with-depth": ("-0.003 [-0.012, +0.005]", "inconclusive"),
+              "routing-follows-position": ("+0.100 [+0.093, +0.107]", "agrees")}
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    notebook = " ".join((ROOT / "notebooks/06_segmentation.py").read_text().replace("\n# ", " ").split())
+    for claim, (interval, verdict) in quoted.items():
+        row = claims.loc[claim]
+        assert f"{row['estimate']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]" == interval
+        assert row["verdict"] == verdict and interval in readme and interval in notebook
+    blocks, seeds, rule = regime.regions_premise(study)
+    assert blocks["specialised"].sum() == blocks["specialised_balanced"].sum() == 0  # no block in any seed
+    assert "median 0 block(s) per seed over 8 seeds" in rule and "not shown in segmentation" in rule
+    object_only = blocks.set_index("block")["object_only_excess"].round(3)
+    assert (object_only[2], object_only[3]) == (0.088, 0.075)
+    assert (blocks["trained_nmi"] < blocks["init_nmi"]).all()
