@@ -79,7 +79,8 @@ print("max |einsum - loop|   < 1e-5:", bool((outs["einsum"] - outs["loop"]).abs(
 
 # %%
 import glob, json
-path = sorted(glob.glob(os.path.join(ROOT, "experiments/results/bench/moe-cpu-*.json")))[-1]
+# named records (the ones the README quotes), so that a new `bench ... --save` adds a file and changes nothing here
+path = os.path.join(ROOT, "experiments/results/bench/moe-cpu-20261123-121853.json")
 record = json.load(open(path))
 bench = pd.DataFrame(record["results"])[["top_k", "shared", "dispatch", "ms", "dense_ms", "ratio", "mem_ratio"]]
 print(f"recorded {record['provenance']['date']} on {record['provenance']['device']}, commit {record['provenance']['commit'][:10]}")
@@ -89,7 +90,7 @@ display(answer.Table(bench))
 # Ratios are time over a dense FFN with the activated width, measured interleaved in the same run (`python -m workbench bench moe` regenerates it; timings vary by machine, so they are shown as recorded, not recomputed here). `mem_ratio` is activation memory (parameters excluded).
 
 # %%
-path = sorted(glob.glob(os.path.join(ROOT, "experiments/results/bench/train-cpu-*.json")))[-1]
+path = os.path.join(ROOT, "experiments/results/bench/train-cpu-20261207-005818.json")  # the quiet default run
 t = json.load(open(path))["results"]
 print(f"training img/s: ViMoE {t['moe_img_s']} vs dense {t['dense_img_s']} (ratio {t['throughput_ratio']}), "
       f"moe_layers={t['moe_layers']}, E={t['num_experts']}, top-{t['top_k']}, {t['threads']} thread(s)")
