@@ -556,3 +556,7 @@ def test_seg_transfer_routing_verdicts_and_premise_are_the_ones_readme_and_noteb
     object_only = blocks.set_index("block")["object_only_excess"].round(3)
     assert (object_only[2], object_only[3]) == (0.088, 0.075)
     assert (blocks["trained_nmi"] < blocks["init_nmi"]).all()
+    out = subprocess.run([sys.executable, "-m", "workbench", "study", "claims",
+                          str(ROOT / "experiments/studies/regime/seg_transfer_routing.yaml")],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.splitlines()[-1] == f"all: {rule}"  # study claims prints the run rule's reading last

@@ -234,3 +234,15 @@ def test_regions_premise_counts_the_blocks_each_test_flags_and_reads_the_run_rul
     assert seeds["balanced"].tolist() == [[2, 3], [3]] and seeds["unbalanced"].tolist() == [[3], []]
     assert rule.startswith("premise (balanced test): median 1.5 block(s) per seed over 2 seeds (2, 1); fewer than 2")
     assert regime.regions_premise({**s, "name": "none"}, "a", results)[2] == "a: nothing recorded"
+
+
+def test_regions_premise_on_records_without_the_balanced_test_says_so(study):
+    s, results = study
+    path = results / "g" / "a__seed0.json"
+    rec = json.loads(path.read_text())
+    rec["regions"] = {"3": {"nmi": 0.2, "random_nmi": 0.1, "position_nmi": 0.2, "random_position_nmi": 0.1,
+                            "specialised": True}}
+    path.write_text(json.dumps(rec))
+    blocks, seeds, rule = regime.regions_premise(s, "a", results)
+    assert seeds["unbalanced"].tolist() == [[3]] and seeds["balanced"].tolist() == [[]]
+    assert rule.startswith("these records have no balanced random-router test") and "median of 1 block(s)" in rule

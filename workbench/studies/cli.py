@@ -1,6 +1,6 @@
 """``python -m workbench study run | status | summary | claims | checks | tensorboard``.
 
-Imports: this package's ``spec``, ``runner``, ``records``, ``claims`` and ``cluster``.
+Imports: this package's ``spec``, ``runner``, ``records``, ``claims``, ``regime`` and ``cluster``.
 """
 from __future__ import annotations
 
@@ -164,6 +164,14 @@ def _cmd_claims(args) -> int:
         print(f"VOID: {', '.join(table.attrs['failed_configs'])} failed {which}: the claims that read them have no "
               f"verdict (their estimates below are descriptive)")
     print(format_claims(table))
+    # claims on segmentation routing: the blocks each random-router test flags, and claim 3's run rule read from them
+    regions = sorted({c["treatment"] for c in study["claims"] if c.get("source") == "regions"
+                      and "/" not in c["treatment"]})
+    if regions:
+        from .regime import regions_premise
+
+        for config in regions:
+            print(f"{config}: {regions_premise(study, config, args.results)[2]}")
     return 0
 
 

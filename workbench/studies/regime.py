@@ -300,6 +300,12 @@ def regions_premise(study: dict, config: str = "all", results=None) -> tuple[pd.
     r = load_regions(study, [config], results)
     if r.empty:
         return pd.DataFrame(columns=["block"]), pd.DataFrame(columns=["seed"]), f"{config}: nothing recorded"
+    balanced = "specialised_balanced" in r  # records from before the balanced test have no such flag
+    for column, empty in (("bal_excess", float("nan")), ("position_excess", float("nan")), ("specialised", False),
+                          ("specialised_balanced", False), ("object_only_nmi", float("nan")),
+                          ("random_object_only_nmi", float("nan"))):
+        if column not in r:
+            r[column] = empty
     r = r.assign(excess=r["nmi"] - r["random_nmi"],
                  object_only_excess=r["object_only_nmi"] - r["random_object_only_nmi"])
     init = pd.DataFrame([{"seed": rec["seed"], "block": int(b), "init_nmi": v["init_nmi"],
@@ -315,6 +321,11 @@ def regions_premise(study: dict, config: str = "all", results=None) -> tuple[pd.
     flagged = lambda g, flag: [int(b) for b in g.loc[g[flag].astype(bool), "block"]]  # noqa: E731
     seeds = pd.DataFrame([{"seed": seed, "balanced": flagged(g, "specialised_balanced"),
                            "unbalanced": flagged(g, "specialised")} for seed, g in r.groupby("seed")])
+    if not balanced:
+        counts = [len(b) for b in seeds["unbalanced"]]
+        return blocks, seeds, (f"these records have no balanced random-router test (recorded before it), so the run "
+                               f"rule is not read; the unbalanced test flags a median of "
+                               f"{statistics.median(counts):g} block(s) per seed ({', '.join(map(str, counts))})")
     counts = [len(b) for b in seeds["balanced"]]
     median = statistics.median(counts)
     rule = (f"premise (balanced test): median {median:g} block(s) per seed over {len(counts)} seeds "
