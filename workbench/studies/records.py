@@ -125,9 +125,9 @@ def load_regions(study_or_path, configs=None, results: Path | None = None) -> pd
     # the excesses over the random routers that claims read besides ``excess`` (class NMI - theirs): the balanced
     # test's (equal loads for the trained router and every draw) and patch position's
     if {"bal_nmi", "bal_random_nmi"} <= set(table):
-        table["bal_excess"] = (table["bal_nmi"] - table["bal_random_nmi"]).round(6)
+        table["bal_excess"] = table["bal_nmi"] - table["bal_random_nmi"]
     if {"position_nmi", "random_position_nmi"} <= set(table):
-        table["position_excess"] = (table["position_nmi"] - table["random_position_nmi"]).round(6)
+        table["position_excess"] = table["position_nmi"] - table["random_position_nmi"]
     return table
 
 

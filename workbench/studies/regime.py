@@ -279,7 +279,7 @@ def regions_by_block(study: dict, results=None) -> pd.DataFrame:
     r = load_regions(study, results=results)
     if r.empty:
         return pd.DataFrame(columns=["config", "block"])
-    r = r.assign(excess=r["nmi"] - r["random_nmi"], bal_excess=r["bal_nmi"] - r["bal_random_nmi"])
+    r = r.assign(excess=r["nmi"] - r["random_nmi"])  # bal_excess: load_regions derives it
     cols = ["nmi", "random_nmi", "excess", "bal_nmi", "bal_random_nmi", "bal_excess", "position_nmi",
             "random_position_nmi"]
     out = r.groupby(["config", "block"], sort=False).agg(seeds=("seed", "nunique"), **{c: (c, "mean") for c in cols},

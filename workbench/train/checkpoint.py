@@ -230,11 +230,8 @@ def model_from_args(args, with_config: bool = False):
     return (model, args.model, None) if with_config else (model, args.model)
 
 
-def pruned_line(config: dict | None) -> str | None:
-    """One line on what ``python -m workbench prune`` did to a checkpoint (None for one it did not write)."""
-    pruned = (config or {}).get("pruned")
-    if not pruned:
-        return None
+def pruned_line(pruned: dict) -> str:
+    """One line on what ``python -m workbench prune`` did to a checkpoint, from its config's ``pruned`` record."""
     if pruned.get("keep_experts"):
         what = f"{pruned.get('from_experts', '?')} -> {pruned['keep_experts']} experts per MoE layer"
     else:

@@ -229,7 +229,7 @@ def cmd_info(args) -> int:
         return 0
     print(f"{name}: {total:,} parameters; MoE blocks {[r['block'] for r in rows if r['ffn'] == 'moe']}")
     if pruned:
-        print(pruned_line(config))
+        print(pruned_line(pruned))
     print(f"{'block':>5}  {'ffn':<5}  {'experts':>7}  {'top_k':>5}  {'shared':<6}  {'params':>10}")
     for r in rows:
         print(f"{r['block']:>5}  {r['ffn']:<5}  {r['experts']!s:>7}  {r['top_k']!s:>5}  {r['shared']:<6}  "
