@@ -858,7 +858,11 @@ def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block)."""
+    """argparse with its errors on one line (no usage block); flags spelled out in full (no abbreviations)."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*a, **kw)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

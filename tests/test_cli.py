@@ -179,6 +179,20 @@ def test_unknown_flag_exits_2(capsys):
     assert err.value.code == 2
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["prune", "--checkpoint", "x", "--method", "frequency", "--keep-expert", "4", "--output", "o"], "--keep-expert"),
+    (["train", "--epoch", "1"], "--epoch"),
+    (["study", "claims", "--al"], "--al"),
+])
+def test_abbreviated_flags_are_refused_not_matched(argv, flag, capsys):
+    """A shortened flag (``--keep-expert`` for ``--keep-experts``) is an error naming it, in one line; argparse would
+    otherwise take it silently, and a flag added later could make the same command mean something else."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    line = capsys.readouterr().err
+    assert err.value.code == 2 and f"unrecognized arguments: {flag}" in line and line.count("\n") == 1
+
+
 def test_malformed_config_yaml_is_one_line(tmp_path, capsys):
     for text, message in [("epochs: [1\n", "is not valid YAML"), ("- 1\n- 2\n", "must hold a mapping"),
                           ("epochs: 1\nepochz: 2\n", "unknown config keys ['epochz']")]:

@@ -52,7 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (no usage block): the problem, and where the allowed values are."""
+    """argparse, with its errors on one line (no usage block): the problem, and where the allowed values are.  Flags
+    must be spelled out: an abbreviation (``--keep-expert`` for ``--keep-experts``) is an error naming the flag, not
+    a silent match that a later flag could make ambiguous."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("allow_abbrev", False)
+        super().__init__(*a, **kw)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
