@@ -53,7 +53,9 @@ ANSWER
 # ## Method
 #
 # A shared expert adds a full FFN of activated compute per MoE layer, so "with vs without" is unfair
-# unless FLOPs are matched. The claims compare at **equal activated FLOPs**:
+# unless FLOPs are matched. The claims compare at **equal activated FLOPs** (the regime studies also at equal
+# total and activated expert parameters; the earlier studies below do not: last-2 with a shared expert holds 0.735M
+# parameters against top-2's 0.669M, and they are void anyway):
 #
 # * top-1 + shared expert against top-2 without (both run two FFN-widths per token);
 # * the fine-grained split (DeepSeekMoE-style: a shared expert of half width + routed experts of half width, top-1)

@@ -167,8 +167,8 @@ print(f"untrained routers specialised by the random-router test: {int(control['s
 # given one bias per expert so that all experts take equal loads, and the balanced NMIs are compared. Both sides
 # go through the same step, so an untrained router is still one more draw: the tests show it is rejected at about
 # alpha. Matching only the draws to the trained router's loads would not be fair, and the tests show that too: a
-# router whose loads come from its inputs' geometry beats random routers forced to those loads about 30% of the
-# time. This is a sensitivity check beside the decision above; the recorded studies' claims were written against
+# router whose loads come from its inputs' geometry beats random routers forced to those loads in at least 20% of
+# trials at a 5% level (`tests/test_specialisation.py`, 40 simulated untrained routers). This is a sensitivity check beside the decision above; the recorded studies' claims were written against
 # the plain random-router test.
 
 # %%
@@ -252,8 +252,9 @@ tables = report.show_claims("routing")
 # %% [markdown]
 # Why the earlier upcycle routing claims are void: with class NMI within about a hundredth of the random init
 # (printed above) and a correlation near 1 between the init's and the trained router's excess, they score the
-# random init, and the arms fail the movement checks (notebook 01). For token vs image routing the image routers
-# did move (class NMI 0.02-0.06 from their init), but in the 4x4 study both arms' experts stayed near-copies, and
+# random init, and the arms fail the movement checks (notebook 01). For token vs image routing (these records
+# hold no router init to measure the image routers' movement against), in the 4x4 study both arms' experts stayed
+# near-copies, and
 # image-last-2 (and, in `upcycle_p7`, image-all) changed fewer test predictions against the dense control than
 # 0.8 times the dense control's own seed-to-seed share, so an
 # `equal` estimate there says the fine-tune moved the arms little, not that image routing loses nothing. The

@@ -29,7 +29,8 @@ answer.show([], regime=[("upcycle regime: experts pruned or merged", "experiment
 # they read the placement studies' `all` arms, which fail the checks that they learned (scratch: still gaining
 # 1.8-3.2 validation points in the last of 3 epochs; upcycle: predictions within the dense control's seed noise
 # after the low-lr fine-tune, and experts near-copies where spread was recorded). Their
-# estimates describe: merging kept accuracy only where the fine-tune had barely changed the model, and the
+# estimates describe: the void merge estimates were near 0 in the upcycle studies, whose arms barely moved, and
+# -8.3 points from scratch (first table; why is not tested), and the
 # specialisation metric's choice of layers ranked, on average over seeds, 5.0 of 6 subsets from scratch (near the
 # worst), 2.4 in the 4x4 upcycle study and 4.2 in the 7x7 one, against 3.5 for a random choice (second table).
 # The third table's first column is claim 3 in the transfer regime of notebook 01
@@ -178,7 +179,9 @@ if done == planned:
 # MoE layers. The merged experts did a little better than the base's own FFN restored in their place (+0.28
 # [+0.04, +0.53]: an estimate, Holm p 0.13, its lower bound under the 0.2 margin, so undecided even if the claims
 # were not void), and a fresh FFN lost 4.82 points (expected after one epoch, read one way only). By rule (f),
-# three of these intervals are wider than 0.5 points (-0.90: 0.59 wide; +1.39: 0.55; -0.03: 0.80). Five seeds,
+# seven of the file's twelve intervals are wider than 0.5 points (full width, high - low; `study claims`): -0.90
+# (0.59 wide), +1.39 (0.55), -0.03 (0.80), -0.26 (0.57), -4.82 (0.83), guided against dense +0.18 [-0.09, +0.45]
+# (0.54) and merging alone, before the epoch, -2.50 [-3.80, -1.19] (2.61). Five seeds,
 # one base, one 7x7 model; nothing here is pooled with the 4x4 studies.
 
 # %% [markdown]
@@ -274,8 +277,9 @@ if done:
 # so not which); frequency and merge agree in both. Why the methods beat a random choice here and not there is not
 # tested: the random choice also lost far more here (7.55 points against the unpruned model, 0.65 there). These
 # records' routing test had 20 random routers, too few for any block to pass Holm (the smallest p is 1/21); block
-# 3 beat all 20 draws in every seed, and with 100 draws on the same weights (upcycle-half-prune's `all`, seeds
-# 950-954) block 3's patch routing passes in 5 of 5 seeds (1 of 32 block-seeds passed in the 4x4 study). Limits: the no-fine-tune intervals are 1.0-1.6 points wide on each side, beyond the 0.5-point standard
+# 3 beat all 20 draws in every seed, and with 100 draws on upcycle-half-regime's weights for seeds 950-954
+# (retrained exactly in upcycle-half-prune's `all`; the runs here differ from them, the lines above) block 3's
+# patch routing passes in 5 of 5 seeds (1 of 32 block-seeds passed in the 4x4 study). Limits: the no-fine-tune intervals reach 1.0-1.5 points on each side of their estimates (full widths 2.1-3.1), beyond the 0.5-point standard (full width)
 # (8 seeds, fixed before the runs), though far from the margin; router-choices-moved passes on its median only
 # (seed 951 under 0.01). The runs do not equal upcycle-half-regime's bit for bit (the lines above), and the CPU is
 # the cause: on this study's CPU, the code at the commit of upcycle-half-regime's records trained seed 950's arm to

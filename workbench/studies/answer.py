@@ -334,29 +334,41 @@ def checkpoints(names=("vimoe_tiny_fmnist_dense", "vimoe_tiny_fmnist")) -> Table
                  {"test accuracy (recorded)": "{:.4f}"})
 
 
-def latest_bench(prefix: str) -> dict:
-    """The newest recorded benchmark ``experiments/results/bench/<prefix>-*.json``."""
-    paths = sorted((ROOT / "experiments" / "results" / "bench").glob(f"{prefix}-*.json"))
-    if not paths:
-        raise FileNotFoundError(f"no recorded benchmark {prefix}-*.json: python -m workbench bench moe")
-    return json.loads(paths[-1].read_text())
+BENCH_DIR = ROOT / "experiments" / "results" / "bench"
 
 
-def costs(models: dict, base: str = "dense") -> Table:
+def read_bench(name: str) -> dict:
+    """One recorded benchmark, ``experiments/results/bench/<name>`` (named, so that a later ``bench ... --save``
+    adds a file and changes nothing that reads this one)."""
+    path = BENCH_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no recorded benchmark {path}: pick one of {sorted(p.name for p in BENCH_DIR.glob('*.json'))}")
+    return json.loads(path.read_text())
+
+
+def _moe_setting(model) -> tuple[int, bool] | None:
+    """(top_k, has a shared expert) of a model's MoE layers; None for a dense model."""
+    from ..moe import MoEMlp
+
+    layer = next((m for m in model.modules() if isinstance(m, MoEMlp)), None)
+    return None if layer is None else (layer.top_k, layer.shared is not None)
+
+
+def costs(models: dict, bench: dict, base: str = "dense") -> Table:
     """What MoE layers cost against ``base``: per model (name -> timm model), parameters and activated MACs as
-    multiples of the dense model's, beside the recorded grouped-dispatch time ratios (forward + backward over a
-    dense FFN of the same activated width)."""
+    multiples of the dense model's, beside the grouped-dispatch time ratio that ``bench`` (a recorded ``bench moe``,
+    :func:`read_bench`) measured for the model's own layer form (top-k, with or without a shared expert): forward +
+    backward over a dense FFN of the same activated width."""
     from ..analysis.flops import profile
 
     prof = {name: profile(m) for name, m in models.items()}
     rows = [{"model": name, "params (M)": p.params / 1e6, "params x dense": p.params / prof[base].params,
              "MACs x dense": p.macs / prof[base].macs} for name, p in prof.items()]
-    bench = pd.DataFrame(latest_bench("moe-cpu")["results"])
-    grouped = bench[bench["dispatch"] == "grouped"].groupby("top_k")["ratio"]
-    times = {k: f"{lo:.2f}x to {hi:.2f}x" for k, lo, hi in zip(grouped.min().index, grouped.min(), grouped.max())}
+    grouped = pd.DataFrame(bench["results"]).query("dispatch == 'grouped'")
+    times = {(int(r.top_k), r.shared != "none"): f"{r.ratio:.2f}x" for r in grouped.itertuples()}
     table = pd.DataFrame(rows)
-    table["time x dense FFN (top-k, recorded)"] = [
-        times.get(2 if "top-2" in name else 1, "-") if name != base else "-" for name in table["model"]]
-    return Table(table, "params and MACs profiled here; time: the recorded benchmark, grouped dispatch, per MoE "
-                        "layer against a dense FFN of the same activated width",
+    table["time x dense FFN (recorded)"] = [times.get(_moe_setting(models[name]), "-") for name in table["model"]]
+    device = bench["provenance"]["device"]
+    return Table(table, f"params and MACs profiled here; time: the recorded benchmark ({device}), grouped dispatch, per "
+                        "MoE layer of the model's form against a dense FFN of the same activated width",
                  {"params (M)": "{:.3f}", "params x dense": "{:.2f}", "MACs x dense": "{:.3f}"})
