@@ -673,7 +673,9 @@ def _verdicts_html(card_state, seg: bool) -> str:
             f'{", ".join(flat)}</b>{" (each)" if many else ""}: {NOT_SPECIALISED}.</div>')
     seen = (" The equal-loads p (no Holm) is the test's sensitivity check, not its decision."
             + (" This checkpoint was trained on the whole training set, so it saw these images in training."
-               if t.get("seen_in_training") else ""))
+               if t.get("seen_in_training") else "")
+            + (f" Its experts were chosen ({html.escape(str(t['pruned_by']))}) on the first {t['chosen_on']:,} of these "
+               f"{'scenes' if seg else 'images'}." if t.get("chosen_on") else ""))
     what = ("each patch's majority class in the ground truth" if seg else "the image's class")
     note = (f'<div class="card-note">Test: the first {t["images"]:,} {"scenes" if seg else "images"} of the '
             f"{html.escape(t['dataset'])} {html.escape(t['split'])}; the NMI between each patch's first-choice expert "

@@ -179,18 +179,32 @@ def test_unknown_flag_exits_2(capsys):
     assert err.value.code == 2
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["prune", "--checkpoint", "x", "--method", "frequency", "--keep-expert", "4", "--output", "o"], "--keep-expert"),
-    (["train", "--epoch", "1"], "--epoch"),
-    (["study", "claims", "--al"], "--al"),
+@pytest.mark.parametrize("argv, flag, meant, command", [
+    (["prune", "--checkpoint", "x", "--method", "frequency", "--keep-expert", "4", "--output", "o"], "--keep-expert",
+     "--keep-experts", "prune"),
+    (["train", "--epoch", "1"], "--epoch", "--epochs", "train"),
+    (["study", "claims", "--al"], "--al", "--all", "study claims"),
 ])
-def test_abbreviated_flags_are_refused_not_matched(argv, flag, capsys):
-    """A shortened flag (``--keep-expert`` for ``--keep-experts``) is an error naming it, in one line; argparse would
-    otherwise take it silently, and a flag added later could make the same command mean something else."""
+def test_abbreviated_flags_are_refused_not_matched(argv, flag, meant, command, capsys):
+    """A shortened flag (``--keep-expert`` for ``--keep-experts``) is an error naming it, the flag it is close to and
+    the subcommand's help, in one line; argparse would otherwise take it silently, and a flag added later could make
+    the same command mean something else."""
     with pytest.raises(SystemExit) as err:
         main(argv)
     line = capsys.readouterr().err
     assert err.value.code == 2 and f"unrecognized arguments: {flag}" in line and line.count("\n") == 1
+    assert f"(did you mean {meant}?)" in line and f"(see python -m workbench {command} --help)" in line
+
+
+def test_a_mistyped_required_flag_is_named_beside_the_missing_one(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["eval", "--checkpiont", "x"])
+    line = capsys.readouterr().err
+    assert err.value.code == 2 and line.count("\n") == 1
+    assert "required: --checkpoint; unrecognized: --checkpiont (did you mean --checkpoint?)" in line
+    with pytest.raises(SystemExit):
+        main(["train", "--frobnicate"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess
 
 
 def test_malformed_config_yaml_is_one_line(tmp_path, capsys):
@@ -402,3 +416,20 @@ def test_card_command_prints_the_cached_verdicts_and_refuses_bad_input(tmp_path,
             main(["card", *argv])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_python_without_the_packages_gets_one_line_naming_the_venv():
+    """``python -m workbench`` from a Python without the project's packages (``-S``: no site-packages, as a system
+    ``python3`` would be): one line naming the missing package and the set-up venv, exit 1, no traceback."""
+    run = subprocess.run([sys.executable, "-S", "-m", "workbench", "info"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert "is not installed in this Python" in run.stderr and ".venv/bin/python -m workbench" in run.stderr
+
+
+def test_a_study_file_missing_its_folder_is_pointed_to_the_ones_it_may_mean(capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["study", "claims", "experiments/studies/upcycle_half.yaml"])
+    line = capsys.readouterr().err
+    assert err.value.code == 2 and line.count("\n") == 1
+    assert "did you mean experiments/studies/pilots/upcycle_half.yaml or experiments/studies/regime/upcycle_half.yaml?" in line

@@ -151,10 +151,22 @@ def test_prune_command_writes_a_loadable_model_and_prints_before_and_after(tmp_p
         with pytest.raises(SystemExit) as exit_:
             main(args + bad)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
-    save_model(model, {**config, "train_config": {"val_size": 64}}, tmp_path / "held-out")
+    save_model(model, {**config, "train_config": {"val_size": 64}, "metrics": {"test_acc": 0.123}}, tmp_path / "held-out")
     assert main([*args[:2], str(tmp_path / "held-out"), *args[3:-1], str(tmp_path / "out2"), "--method", "frequency",
                  "--keep-experts", "2", "--json"]) == 0
-    assert "not trained with" not in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "not trained with" not in captured.err
+    # the pruned model keeps its lineage (the data its source held out) and its own scores, not the source's
+    written = load_model(tmp_path / "out2")[1]
+    final = json.loads(captured.out)["rows"][-1]
+    assert written["train_config"] == {"val_size": 64}
+    assert written["metrics"] == {"test_acc": final["test_acc"], "val_acc": final["val_acc"], "test_n": 32}
+    from workbench.analysis.card import _chosen_on, facts
+    card = facts(load_model(tmp_path / "out2")[0], written)
+    assert card["trained_with_val_size"] == 64 and card["accuracy"]["test_acc"] == final["test_acc"]
+    assert _chosen_on(card["pruned"], 2000) == {"chosen_on": 64, "pruned_by": "frequency"}
+    assert _chosen_on({"method": "densify", "layers": [3]}, 500) == {"chosen_on": 500, "pruned_by": "densify"}
+    assert _chosen_on({"method": "reinit", "layers": [3]}, 500) == {} and _chosen_on(None, 500) == {}
 
 
 def test_prune_refuses_a_bad_request_before_reading_any_data(tmp_path, capsys):

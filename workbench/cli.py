@@ -18,6 +18,7 @@ Imports: every package's ``cli`` module (this is the top of the import graph).
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import os
@@ -59,9 +60,35 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, *a, **kw):
         kw.setdefault("allow_abbrev", False)
         super().__init__(*a, **kw)
+        self._seen: list[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._seen = list(sys.argv[1:] if args is None else args)  # for error(): which flags were not known
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        parser = self._command()  # the (sub)command the arguments name: its flags and its --help
+        unknown = [a for a in self._seen if a.startswith("--") and a.split("=", 1)[0] not in parser._option_string_actions]
+        if unknown and "unrecognized arguments" not in message:  # e.g. a required flag missing because it was mistyped
+            message += f"; unrecognized: {' '.join(unknown)}"
+        guesses = [(a.split("=", 1)[0], close[0]) for a in unknown
+                   if (close := difflib.get_close_matches(a.split("=", 1)[0], parser._option_string_actions, 1, 0.75))]
+        if len(guesses) == 1:
+            message += f" (did you mean {guesses[0][1]}?)"
+        elif guesses:
+            message += f" (did you mean {', '.join(f'{right} for {wrong}' for wrong, right in guesses)}?)"
+        self.exit(2, f"{self.prog}: error: {message} (see {parser.prog} --help)\n")
+
+    def _command(self) -> argparse.ArgumentParser:
+        """The deepest subcommand parser that the seen arguments name (this parser if they name none)."""
+        parser = self
+        for token in self._seen:
+            sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+            if sub is None or token not in sub.choices:
+                continue
+            parser = sub.choices[token]
+            parser = parser.real() if isinstance(parser, _DeferredParser) else parser
+        return parser
 
 
 class _DeferredParser(_Parser):

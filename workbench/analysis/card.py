@@ -229,6 +229,8 @@ def facts(model, config: dict) -> dict:
     out["dataset"] = train.get("dataset") or _guess_dataset(model)
     out["epochs"] = train.get("epochs")
     out["trained_with_val_size"] = train.get("val_size") or 0
+    if config.get("pruned"):
+        out["pruned"] = config["pruned"]
     if (config.get("pretrain") or {}).get("from") or train.get("init_from"):
         pre = ((config.get("pretrain") or {}).get("metrics") or {}).get("test_acc")
         out["upcycled_from_dense"] = {"test_acc": pre}
@@ -307,8 +309,21 @@ def verdicts(model, config: dict, *, draws: int = DRAWS, max_images: int | None 
     test = {"kind": kind, "dataset": info["dataset"], "split": f"validation (val_size={val_size})",
             "images": len(data), "max_images": max_images, "draws": draws, "seed": seed, "alpha": ALPHA,
             "correction": "holm", "seen_in_training": not info["trained_with_val_size"],
+            **_chosen_on(info.get("pruned"), len(data)),
             "seconds": round(time.perf_counter() - started, 1), "threads": _threads()}
     return {"test": test, "layers": layers}
+
+
+def _chosen_on(pruned: dict | None, images: int) -> dict:
+    """A pruned model whose experts were chosen on validation images (``prune``'s calibration, the first N of the
+    split this test reads too): how many of the test's images that choice saw."""
+    if not pruned or pruned.get("method") == "reinit":
+        return {}
+    if pruned.get("method") == "densify":  # the merge weighs experts by their use on the whole validation split
+        return {"chosen_on": images, "pruned_by": "densify"}
+    if not pruned.get("calibration_images"):
+        return {}
+    return {"chosen_on": min(int(pruned["calibration_images"]), images), "pruned_by": pruned.get("method")}
 
 
 def _threads() -> int:

@@ -119,7 +119,9 @@ def _cmd_card(args) -> int:
     t = card["test"]
     print(f"random-router test: {t['draws']} random routers per layer, {t['images']} images of the {t['split']}, "
           f"Holm across layers (alpha {t['alpha']})" + ("; these images were in its training set" if
-                                                        t.get("seen_in_training") else ""))
+                                                        t.get("seen_in_training") else "")
+          + (f"; its experts were chosen ({t['pruned_by']}) on the first {t['chosen_on']:,} of them"
+             if t.get("chosen_on") else ""))
     for block, v in sorted(card["layers"].items(), key=lambda kv: int(kv[0])):
         verdict = "specialised" if v.get("specialised") else "not distinguishable from random routers"
         print(f"  block {block}: NMI {v['nmi']:.4f} vs random {v['random_nmi']:.4f}, Holm p {v['p_holm']:.3f}: "
@@ -189,7 +191,9 @@ def _cmd_prune(args) -> int:
     except PruneError as err:
         raise UsageError(str(err)) from None
     out = Path(args.output)
-    base = {k: new_config[k] for k in ("model", "model_kwargs", "upcycle") if k in new_config}
+    # its lineage (the source's training and pretraining configs: the data it saw, the validation split held out),
+    # not the source's scores; the pruned model's own scores are added as ``metrics`` once measured below
+    base = {k: new_config[k] for k in ("model", "model_kwargs", "upcycle", "train_config", "pretrain") if k in new_config}
     extra = {"pruned": {**new_config["pruned"], "from": str(args.checkpoint), "calibration": args.calibration,
                         "calibration_images": args.calibration_images}}
     rows = [("before", model), ("pruned", pruned)]
@@ -205,7 +209,6 @@ def _cmd_prune(args) -> int:
                                quiet=args.json)
         rows.append(("fine-tuned", pruned))
         extra["pruned"]["finetune"] = {"epochs": args.finetune_epochs, "lr": args.finetune_lr}
-    save_model(pruned, base, out, extra)
     result, scored_val = [], val.subset(args.val_subset)
     for name, m in rows:
         p = profile(m)
@@ -216,6 +219,12 @@ def _cmd_prune(args) -> int:
             if "miou" in scored:
                 row[f"{split}_miou"] = round(scored["miou"], 6)
         result.append(row)
+    final = result[-1]  # the model written: pruned, or pruned and fine-tuned
+    extra["metrics"] = {k: final[k] for k in ("test_acc", "val_acc", "test_miou", "val_miou") if k in final}
+    if "test_miou" in final:
+        extra["metrics"]["test_pixel_acc"] = final["test_acc"]
+    extra["metrics"]["test_n"] = len(test)
+    save_model(pruned, base, out, extra)
     if args.json:
         print(json.dumps({"output": str(out), "pruned": extra["pruned"], "rows": result}, indent=2))
         return 0

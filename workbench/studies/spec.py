@@ -112,7 +112,10 @@ def read_yaml(path: Path):
 def load_study(path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise StudyError(f"study file {path} does not exist")
+        same = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments" / "studies").glob(f"*/{path.name}"))
+        where = (f"did you mean {' or '.join(same)}?" if same else
+                 "study files are under experiments/studies/<protocol>/ (scratch, upcycle, regime, pilots, ...)")
+        raise StudyError(f"study file {path} does not exist ({where})")
     try:
         study = read_yaml(path) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
