@@ -246,3 +246,23 @@ def test_regions_premise_on_records_without_the_balanced_test_says_so(study):
     blocks, seeds, rule = regime.regions_premise(s, "a", results)
     assert seeds["unbalanced"].tolist() == [[3]] and seeds["balanced"].tolist() == [[]]
     assert rule.startswith("these records have no balanced random-router test") and "median of 1 block(s)" in rule
+
+
+def test_joint_claims_sets_a_replication_beside_its_earlier_study_without_pooling():
+    """upcycle_half_claim1.yaml's rule (c): one row per (claim, study) for the shared claims, each study's own
+    estimate, interval, Holm p and verdict, and whether the replication's estimate lies inside the earlier interval.
+    Read here with the recorded earlier study on both sides: every estimate lies inside its own interval."""
+    from workbench.studies import evaluate_claims
+
+    earlier = regime.load("upcycle_half")
+    table = regime.joint_claims(earlier, earlier)
+    ids = ["late-moe-helps", "early-moe-hurts", "all-layers-hurt", "shared-narrows-placement-range",
+           "shared-lifts-worst-placement", "shared-beats-top2-last2"]
+    assert table["claim"].tolist() == [i for i in ids for _ in range(2)]
+    first = table.iloc[::2]
+    assert (first["inside earlier interval"] == "yes").all() and (table.iloc[1::2]["inside earlier interval"] == "").all()
+    own = evaluate_claims(earlier).set_index("id")
+    assert first.set_index("claim")["verdict"].to_dict() == own.loc[ids, "verdict"].to_dict()
+    assert first.set_index("claim")["estimate"].to_dict() == own.loc[ids, "estimate"].to_dict()
+    later = regime.joint_claims(regime.load("upcycle_half_claim1"), earlier)  # only the claims both files hold
+    assert later["claim"].unique().tolist() == ids[:3]

@@ -11,8 +11,9 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.regions_by_block(s)    # segmentation: routing against ground-truth regions, per config and block
     regime.regions_premise(s)     # ... and claim 3's premise from it: blocks flagged per seed, the run rule
     regime.schedule_rule(regime.load("pilots/upcycle4_finetune8"))  # a schedule pilot's rule (1): adopt or not
+    regime.joint_claims(regime.load("upcycle_half_claim1"), regime.load("upcycle_half"))  # a replication's table
 
-Imports: this package's ``spec``, ``records`` and ``checks``; inside functions ``.analyse``, ``workbench.data`` and
+Imports: this package's ``spec``, ``records``, ``checks`` and ``claims``; inside functions ``.analyse``, ``workbench.data`` and
 ``workbench.models`` (the pixels a segmentation record keeps).
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from .checks import evaluate_checks
+from .claims import evaluate_claims
 from .records import cached_base, iou_groups, iter_records, load_regions, progress
 from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, load_study
 
@@ -359,3 +361,25 @@ def pixel_labels(study: dict) -> list[int]:
                                   model=model, augment=False, **options)
     rows, cols = patch_centres(test.masks.shape[-2:], model.patch_embed.grid_size)
     return test.masks[:PIXEL_SCENES][:, rows][:, :, cols].flatten().tolist()
+
+
+def joint_claims(study: dict, earlier: dict, results=None) -> pd.DataFrame:
+    """A replication's claims beside the study that prompted it (``regime/upcycle_half_claim1.yaml``'s reading rule
+    (c)): one row per (claim, study) for the claims both files share, with n, estimate, 95% interval, Holm p (each
+    within its own file) and verdict; the replication's rows say whether its estimate lies inside the earlier
+    file's interval.  Nothing is pooled.  The decision is the replication's verdict; the earlier one is shown as
+    recorded."""
+    later, before = evaluate_claims(study, results=results), evaluate_claims(earlier, results=results)
+    shared = [i for i in later["id"] if i in set(before["id"])]
+    rows = []
+    for claim in shared:
+        old = before.set_index("id").loc[claim]
+        for replication, name, table in ((True, study["name"], later), (False, earlier["name"], before)):
+            r = table.set_index("id").loc[claim]
+            inside = (bool(old["low"] <= r["estimate"] <= old["high"]) if replication and pd.notna(r["estimate"])
+                      else None)
+            rows.append({"claim": claim, "study": name, "n": r["n"], "estimate": r["estimate"], "low": r["low"],
+                         "high": r["high"], "p_holm": r["p_holm"], "verdict": r["verdict"],
+                         "inside earlier interval": {True: "yes", False: "no", None: ""}[inside]})
+    return pd.DataFrame(rows, columns=["claim", "study", "n", "estimate", "low", "high", "p_holm", "verdict",
+                                       "inside earlier interval"])
