@@ -11,7 +11,9 @@ The verdicts take minutes on a CPU, so they are computed once and cached as ``mo
 (written atomically; a folder that cannot be written caches in ``$TMPDIR/vimoe-model-cards/``), keyed by the
 SHA-256 of the weights file: changed weights are tested again.  A cached card tested with at least the requested
 draws and images serves a request for fewer.  :class:`ModelCards` runs the tests one at a time in a background
-thread on a model of its own, so the app stays responsive while a card is being made.
+thread on a model of its own, so the app stays responsive while a card is being made.  Long because a card's
+life is one piece: its facts (a pruned checkpoint's lineage among them), the test, the cache and the background
+runner the app polls; split, each part would import the others.
 
 Imports: ``workbench.atomic``, ``workbench.data``, ``workbench.moe``, ``workbench.train.checkpoint`` and this
 package's ``specialisation`` / ``regions`` / ``stats``.
@@ -229,8 +231,7 @@ def facts(model, config: dict) -> dict:
     out["dataset"] = train.get("dataset") or _guess_dataset(model)
     out["epochs"] = train.get("epochs")
     out["trained_with_val_size"] = train.get("val_size") or 0
-    if config.get("pruned"):
-        out["pruned"] = config["pruned"]
+    out["pruned"] = config.get("pruned")
     if (config.get("pretrain") or {}).get("from") or train.get("init_from"):
         pre = ((config.get("pretrain") or {}).get("metrics") or {}).get("test_acc")
         out["upcycled_from_dense"] = {"test_acc": pre}
@@ -315,15 +316,13 @@ def verdicts(model, config: dict, *, draws: int = DRAWS, max_images: int | None 
 
 
 def _chosen_on(pruned: dict | None, images: int) -> dict:
-    """A pruned model whose experts were chosen on validation images (``prune``'s calibration, the first N of the
-    split this test reads too): how many of the test's images that choice saw."""
-    if not pruned or pruned.get("method") == "reinit":
+    """How many of the test's images (the validation split's first ones) chose a pruned model's experts."""
+    method = (pruned or {}).get("method")
+    if method == "densify":  # the merge weighs experts by their use on the whole validation split
+        return {"chosen_on": images, "pruned_by": method}
+    if method in (None, "reinit") or not pruned.get("calibration_images"):
         return {}
-    if pruned.get("method") == "densify":  # the merge weighs experts by their use on the whole validation split
-        return {"chosen_on": images, "pruned_by": "densify"}
-    if not pruned.get("calibration_images"):
-        return {}
-    return {"chosen_on": min(int(pruned["calibration_images"]), images), "pruned_by": pruned.get("method")}
+    return {"chosen_on": min(int(pruned["calibration_images"]), images), "pruned_by": method}
 
 
 def _threads() -> int:
