@@ -266,3 +266,12 @@ def test_joint_claims_sets_a_replication_beside_its_earlier_study_without_poolin
     assert first.set_index("claim")["estimate"].to_dict() == own.loc[ids, "estimate"].to_dict()
     later = regime.joint_claims(regime.load("upcycle_half_claim1"), earlier)  # only the claims both files hold
     assert later["claim"].unique().tolist() == ids[:3]
+
+
+def test_learned_shows_status_checks_accuracy_and_class_group_shares():
+    h = regime.load("upcycle_half")
+    line, tables = regime.learned(h, {"old": [0, 1, 2, 3, 4], "new": [5, 6, 7, 8, 9]})
+    assert line == regime.status(h) and len(tables) == 3
+    assert tables[0].equals(regime.checks_table(h)) and tables[1].equals(regime.accuracy_table(h))
+    assert set(tables[2]["group"]) == {"old", "new"} and list(tables[2].columns) == ["config", "group", "mean", "min", "max"]
+    assert len(regime.learned(h)[1]) == 2

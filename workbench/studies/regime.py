@@ -6,6 +6,7 @@ curves, the pre-registered checks), and the placement x shared-expert grid that 
     regime.status(s)              # "7 of 56 planned runs recorded ..." or "complete"
     regime.curves(s)              # validation / test accuracy by epoch, one row per (config, seed, epoch)
     regime.checks_table(s)        # each check per config: median over seeds, rule, passes
+    regime.learned(s, groups)     # status, checks, accuracy and changed predictions by class group, as shown
     regime.placement_grid(s)      # the score per (placement, shared expert or not, seed)
     regime.placement_ranges(...)  # per seed: range across placements and the worst one, with and without shared
     regime.regions_by_block(s)    # segmentation: routing against ground-truth regions, per config and block
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .checks import evaluate_checks
+from .checks import evaluate_checks, shares_by_classes
 from .claims import evaluate_claims
 from .records import cached_base, iou_groups, iter_records, load_regions, progress
 from .spec import RESULTS, ROOT, StudyError, arm_model_kwargs, load_study
@@ -176,6 +177,17 @@ def checks_table(study: dict, results=None) -> pd.DataFrame:
     table = evaluate_checks(study, results)
     table["value"] = table["value"].round(4)
     return table.rename(columns={"id": "check", "n": "seeds", "value": "median over seeds"})
+
+
+def learned(study: dict, groups: dict | None = None, results=None) -> tuple[str, list[pd.DataFrame]]:
+    """Did the arms learn, as a notebook shows it: the status line, then the checks table, each run's test accuracy
+    and, with ``groups`` (name -> class labels), each config's shares of test predictions that differ from the same
+    seed's control per class group (mean, min and max over seeds)."""
+    tables = [checks_table(study, results), accuracy_table(study, results)]
+    if groups:
+        shares = shares_by_classes(study, groups, results=results)
+        tables.append(shares.groupby(["config", "group"])["share"].agg(["mean", "min", "max"]).round(4).reset_index())
+    return status(study, results), tables
 
 
 def placement_grid(study: dict, results=None) -> pd.DataFrame:
