@@ -49,6 +49,7 @@ from PIL import Image  # noqa: E402
 
 from workbench.analysis.card import (NOT_SPECIALISED, ModelCards, checkpoint_choices, checkpoint_name,  # noqa: E402
                                      config_summary, weights_file)
+from workbench.cli import Parser  # noqa: E402  (one line per usage error, flags spelled out)
 from workbench.train.checkpoint import CheckpointError  # noqa: E402
 from workbench.viz.class_palette import CLASS_COLORS, class_color, class_label  # noqa: E402
 from workbench.explorer import (CHECKPOINTS, DEFAULT_CHECKPOINT, BadImage, Explorer, example_images,  # noqa: E402
@@ -859,17 +860,6 @@ def build_app(checkpoint=None, allowed=None, start_example: bool = False) -> gr.
     return demo
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (no usage block); flags spelled out in full (no abbreviations)."""
-
-    def __init__(self, *a, **kw):
-        kw.setdefault("allow_abbrev", False)
-        super().__init__(*a, **kw)
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -896,7 +886,7 @@ def is_loopback(host: str) -> bool:
 def parse_args(argv=None):
     """The options, and the folders checkpoints may be loaded from: None (any, on loopback) or a list (restricted:
     served beyond loopback, or --restrict-checkpoints)."""
-    parser = _Parser(prog="app.py", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="app.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="model folder or checkpoint file")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1, this machine only); any other than a loopback "

@@ -561,3 +561,10 @@ def test_browser_page_opens_with_the_first_example_routed(checkpoints, tmp_path)
     finally:
         demo.close()
     assert panels == 2 and "%" in label  # the experts' panels of both MoE blocks and the top classes, no click
+
+
+def test_app_flags_are_spelled_out_with_the_workbench_parser(capsys):
+    """app.py parses with ``workbench.cli.Parser``: an abbreviated flag is refused in one line, with the flag it is
+    close to."""
+    code, err = _main_exit(["--prt", "7860"], capsys)
+    assert code == 2 and "unrecognized arguments: --prt 7860 (did you mean --port?) (see app.py --help)" in err

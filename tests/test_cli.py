@@ -179,6 +179,15 @@ def test_unknown_flag_exits_2(capsys):
     assert err.value.code == 2
 
 
+def _usage_error(argv, capsys) -> str:
+    """The one line ``main(argv)`` writes for a usage error (exit 2)."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    line = capsys.readouterr().err
+    assert err.value.code == 2 and line.count("\n") == 1, line
+    return line
+
+
 @pytest.mark.parametrize("argv, flag, meant, command", [
     (["prune", "--checkpoint", "x", "--method", "frequency", "--keep-expert", "4", "--output", "o"], "--keep-expert",
      "--keep-experts", "prune"),
@@ -189,18 +198,13 @@ def test_abbreviated_flags_are_refused_not_matched(argv, flag, meant, command, c
     """A shortened flag (``--keep-expert`` for ``--keep-experts``) is an error naming it, the flag it is close to and
     the subcommand's help, in one line; argparse would otherwise take it silently, and a flag added later could make
     the same command mean something else."""
-    with pytest.raises(SystemExit) as err:
-        main(argv)
-    line = capsys.readouterr().err
-    assert err.value.code == 2 and f"unrecognized arguments: {flag}" in line and line.count("\n") == 1
+    line = _usage_error(argv, capsys)
+    assert f"unrecognized arguments: {flag}" in line
     assert f"(did you mean {meant}?)" in line and f"(see python -m workbench {command} --help)" in line
 
 
 def test_a_mistyped_required_flag_is_named_beside_the_missing_one(capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["eval", "--checkpiont", "x"])
-    line = capsys.readouterr().err
-    assert err.value.code == 2 and line.count("\n") == 1
+    line = _usage_error(["eval", "--checkpiont", "x"], capsys)
     assert "required: --checkpoint; unrecognized: --checkpiont (did you mean --checkpoint?)" in line
     with pytest.raises(SystemExit):
         main(["train", "--frobnicate"])
@@ -428,8 +432,5 @@ def test_a_python_without_the_packages_gets_one_line_naming_the_venv():
 
 
 def test_a_study_file_missing_its_folder_is_pointed_to_the_ones_it_may_mean(capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["study", "claims", "experiments/studies/upcycle_half.yaml"])
-    line = capsys.readouterr().err
-    assert err.value.code == 2 and line.count("\n") == 1
+    line = _usage_error(["study", "claims", "experiments/studies/upcycle_half.yaml"], capsys)
     assert "did you mean experiments/studies/pilots/upcycle_half.yaml or experiments/studies/regime/upcycle_half.yaml?" in line

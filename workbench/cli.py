@@ -40,7 +40,7 @@ EXTENSIONS = {  # command -> (module with register_cli, one-line help); the modu
 def build_parser() -> argparse.ArgumentParser:
     from .train.cli import register_cli
 
-    parser = _Parser(prog="python -m workbench", description="ViMoE Workbench")
+    parser = Parser(prog="python -m workbench", description="ViMoE Workbench")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_cli(sub)
     plain = sub._parser_class
@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with its errors on one line (no usage block): the problem, and where the allowed values are.  Flags
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block): the problem, and where the allowed values are (app.py's
+    parser too).  Flags
     must be spelled out: an abbreviation (``--keep-expert`` for ``--keep-experts``) is an error naming the flag, not
     a silent match that a later flag could make ambiguous."""
 
@@ -91,7 +92,7 @@ class _Parser(argparse.ArgumentParser):
         return parser
 
 
-class _DeferredParser(_Parser):
+class _DeferredParser(Parser):
     """A subcommand whose module (bench, flops, study: torch, pandas ...) is imported only when the command runs:
     the first parse imports it, lets its ``register_cli`` build the real parser and hands the arguments over."""
 
@@ -102,7 +103,7 @@ class _DeferredParser(_Parser):
     def real(self) -> argparse.ArgumentParser:
         if self._real is None:
             name = self.prog.rsplit(" ", 1)[-1]
-            holder = _Parser(prog=self.prog.rsplit(" ", 1)[0])
+            holder = Parser(prog=self.prog.rsplit(" ", 1)[0])
             importlib.import_module(self._module).register_cli(holder.add_subparsers())
             self._real = holder._subparsers._group_actions[0].choices[name]
         return self._real

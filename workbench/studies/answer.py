@@ -348,9 +348,9 @@ def read_bench(name: str) -> dict:
 
 def _moe_setting(model) -> tuple[int, bool] | None:
     """(top_k, has a shared expert) of a model's MoE layers; None for a dense model."""
-    from ..moe import MoEMlp
+    from ..moe import moe_modules
 
-    layer = next((m for m in model.modules() if isinstance(m, MoEMlp)), None)
+    layer = next(iter(moe_modules(model).values()), None)
     return None if layer is None else (layer.top_k, layer.shared is not None)
 
 

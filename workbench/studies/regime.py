@@ -381,13 +381,13 @@ def joint_claims(study: dict, earlier: dict, results=None) -> pd.DataFrame:
     within its own file) and verdict; the replication's rows say whether its estimate lies inside the earlier
     file's interval.  Nothing is pooled.  The decision is the replication's verdict; the earlier one is shown as
     recorded."""
-    later, before = evaluate_claims(study, results=results), evaluate_claims(earlier, results=results)
-    shared = [i for i in later["id"] if i in set(before["id"])]
+    later = evaluate_claims(study, results=results).set_index("id")
+    before = evaluate_claims(earlier, results=results).set_index("id")
     rows = []
-    for claim in shared:
-        old = before.set_index("id").loc[claim]
+    for claim in [i for i in later.index if i in before.index]:
+        old = before.loc[claim]
         for replication, name, table in ((True, study["name"], later), (False, earlier["name"], before)):
-            r = table.set_index("id").loc[claim]
+            r = table.loc[claim]
             inside = (bool(old["low"] <= r["estimate"] <= old["high"]) if replication and pd.notna(r["estimate"])
                       else None)
             rows.append({"claim": claim, "study": name, "n": r["n"], "estimate": r["estimate"], "low": r["low"],
