@@ -284,16 +284,18 @@ def test_transfer_pilot_adopted_its_schedule_as_the_readme_says():
     assert "0.9457" in readme and "85.595%" in readme and "**adopted**" in readme
 
 
-def test_prune_study_all_runs_equal_the_regime_records():
-    """regime/upcycle_half_prune.yaml re-runs upcycle-half-regime's ``all`` arm from its own commit (adding the CLS
-    routing analysis): every recorded seed must equal the regime's record of that seed exactly (test predictions and
-    per-epoch history but its timings), which is what lets its new placements sit beside first-2, last-2 and dense from 6204652."""
-    prune = load_study(ROOT / "experiments/studies/regime/upcycle_half_prune.yaml")
+@pytest.mark.parametrize("file", ["upcycle_half_prune.yaml", "upcycle_half_keep.yaml"])
+def test_rerun_all_arms_equal_the_regime_records(file):
+    """regime/upcycle_half_prune.yaml and upcycle_half_keep.yaml re-run upcycle-half-regime's ``all`` arm from their
+    own commits (adding the CLS routing analysis): every recorded seed must equal the regime's record of that seed
+    exactly (test predictions and per-epoch history but its timings), which is what lets their new placements sit
+    beside first-2, last-2 and dense from 6204652."""
+    study = load_study(ROOT / "experiments/studies/regime" / file)
     regime = load_study(ROOT / "experiments/studies/regime/upcycle_half.yaml")
-    mine = {r["seed"]: r for r in _records(prune) if r["config"] == "all"}
+    mine = {r["seed"]: r for r in _records(study) if r["config"] == "all"}
     theirs = {r["seed"]: r for r in _records(regime) if r["config"] == "all"}
     if not mine:
-        pytest.skip("upcycle-half-prune: no records of its all arm yet")
+        pytest.skip(f"{study['name']}: no records of its all arm yet")
     for seed, r in mine.items():
         assert seed in theirs, f"upcycle-half-regime has no all seed {seed}"
         assert r["provenance"]["commit"] != theirs[seed]["provenance"]["commit"]
