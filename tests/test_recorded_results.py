@@ -304,6 +304,11 @@ def test_rerun_all_arms_equal_the_regime_records(file):
         same = [[{k: v for k, v in e.items() if k not in timing} for e in x["history"]] for x in (r, theirs[seed])]
         assert same[0] == same[1], f"all seed {seed}: history differs"
         assert r["expert_spread"] == theirs[seed]["expert_spread"]
+    if file == "upcycle_half_keep.yaml":  # the guide's picks are the ones its file disclosed from upcycle-half-prune
+        prune = load_study(ROOT / "experiments/studies/regime/upcycle_half_prune.yaml")
+        cls = {r["seed"]: r["routing_cls"] for r in _records(prune) if r["config"] == "all"}
+        for seed, r in mine.items():
+            assert r["routing_cls"] == cls[seed], f"all seed {seed}: CLS routing differs from upcycle-half-prune's"
 
 
 def test_transfer_regime_verdicts_are_the_ones_readme_and_notebooks_report():
