@@ -527,8 +527,8 @@ def _verdict_html(card_state, block: int | None, task: str = "classification") -
     draws = (card.get("test") or {}).get("draws", "the")
     if layer["specialised"]:
         return (f'<div class="verdict yes"><b>Block {block}: specialised.</b> Its routing follows {what} more '
-                f'than {draws} random routers of the same norm do (p = {layer["p_holm"]:.3g} after Holm).</div>')
-    return (f'<div class="verdict no"><b>Block {block}: not specialised</b> (p = {layer["p_holm"]:.2f} after Holm, '
+                f'than {draws} random routers of the same norm do (p = {layer["p_holm"]:.2g} after Holm).</div>')
+    return (f'<div class="verdict no"><b>Block {block}: not specialised</b> (p = {layer["p_holm"]:.2g} after Holm, '
             f'against {draws} random routers of the same norm): {NOT_SPECIALISED}.</div>')
 
 

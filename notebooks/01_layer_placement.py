@@ -304,7 +304,7 @@ display(answer.Table(joint.assign(width=joint["high"] - joint["low"]).round(3).a
 viz.forest_plot({f"{name} ({int(t['n'].iloc[0])} seeds)": t.rename(columns={"claim": "config", "estimate": "delta"})
                  for name, t in joint.groupby("study", sort=False)},
                 title="Claim 1 in the transfer regime: each claim's paired difference (95% CI), per study",
-                unit="test accuracy points")
+                unit="test accuracy points", margin=0.2, shared_x=True)
 
 # %% [markdown]
 # **What it shows.** Every arm moved by the file's checks (experts-moved 0.39-0.51, router-choices-moved

@@ -250,10 +250,12 @@ def test_the_verdict_beside_the_overlay_follows_the_card():
     import app
 
     card = cards.CardState({"facts": {"moe_blocks": [4, 5]}, "test": {"draws": 100},
-                            "layers": {"4": {"specialised": True, "p_holm": 0.01},
+                            "layers": {"4": {"specialised": True, "p_holm": 0.0198},
                                        "5": {"specialised": False, "p_holm": 0.89}}})
     assert "not specialised" in app._verdict_html(card, 5) and cards.NOT_SPECIALISED in app._verdict_html(card, 5)
     assert "verdict yes" in app._verdict_html(card, 4)
+    # the banner prints p as the card's table does (two significant figures), not a third digit the table lacks
+    assert "p = 0.02 after Holm" in app._verdict_html(card, 4) and "p = 0.89 after Holm" in app._verdict_html(card, 5)
     pending = cards.CardState({"facts": {"moe_blocks": [5]}, "layers": None}, pending=True)
     assert "is running" in app._verdict_html(pending, 5) and "do not read class structure" in \
         app._verdict_html(pending, 5)

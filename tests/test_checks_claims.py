@@ -287,6 +287,10 @@ def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_oth
         np.mean([acc["p01", s] * 100 for s in range(3)]))
     with pytest.raises(ValueError, match="no guided claim 'g-none'"):
         placement_ranking(study, "g-none", results)
+    from workbench.studies.pruning import gain_kept
+    kept = gain_kept(study, "g", "all", "dense", results)  # all 82%, dense 80%: a 2-point gain per seed
+    assert list(kept["guided"]) == ["p23", "p23", "p03"] and list(kept["full_gain"]) == pytest.approx([2, 2, 2])
+    assert kept.loc[2, "share_kept"] == pytest.approx((acc["p03", 2] * 100 - 80) / 2)
     # a placement list that is not every 2-of-4 placement once: refused when read
     short = _guided_study(tmp_path, places, [{**claim, "treatment": list(places)[:5]}])
     with pytest.raises(StudyError, match="must list every 2-of-4 placement"):

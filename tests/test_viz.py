@@ -55,6 +55,12 @@ def test_forest_plot_gives_each_protocol_its_own_panel_and_the_segmentation_pane
     fig = viz.forest_plot({"scratch": t, "upcycle": t}, unit="mIoU points")
     assert len(fig.data) == 2 and fig.data[0].xaxis != fig.data[1].xaxis
     assert "mIoU points" in fig.layout.xaxis.title.text
+    assert fig.layout.xaxis.range is None  # own scales by default
+    wide = t.assign(high=[0.3, 1.5])
+    shared = viz.forest_plot({"a": t, "b": wide}, margin=0.2, shared_x=True)
+    assert shared.layout.xaxis.range == shared.layout.xaxis2.range and shared.layout.xaxis.range[1] > 1.5
+    dotted = [s for s in shared.layout.shapes if s.line.dash == "dot"]
+    assert sorted({s.x0 for s in dotted}) == [-0.2, 0.2] and len(dotted) == 4 and "0.2 margin" in shared.layout.title.text
     rows = [{"image": np.zeros((28, 28)), "ground truth": np.zeros((28, 28), int),
              "block 3": np.array([[0, 1], [2, 1]])}]
     names = [d.name for d in viz.segmentation_panels(rows, ["background"]).data if d.name]

@@ -10,6 +10,7 @@ same way.
     pruning.expert_class_iou(study, "all", 4)               # segmentation: base and new classes' IoU per variant
     pruning.expert_claims_by(study, "test_acc", control="seg-transfer-regime/dense")  # another metric's view
     pruning.refit_table(study, "all")
+    pruning.gain_kept(study, "keep-keeps-all-moe-accuracy", "all", "upcycle-half-regime/dense")  # descriptive
 
 Imports: this package's ``records`` and ``claims`` (the guided picks) and ``workbench.analysis.stats``.
 """
@@ -144,6 +145,28 @@ def placement_ranking(study: dict, claim_id: str, results=None) -> pd.DataFrame:
         order = sorted((row[c.rpartition("/")[2]] for c in places), reverse=True)
         rows.append({**row, "guided": picked, "guided_rank": order.index(row[picked]) + 1,
                      "specialised_blocks": pick["specialised_blocks"]})
+    return pd.DataFrame(rows)
+
+
+def gain_kept(study: dict, claim_id: str, full: str, none: str, results=None) -> pd.DataFrame:
+    """Descriptive, per seed of a guided claim: the routing-picked placement's test accuracy beside ``full`` (MoE
+    everywhere) and ``none`` (the dense control), in %, and the share of that seed's (full - none) gain the pick
+    keeps: 1 keeps all of it, 0 none, below 0 worse than dense (undefined where full does not beat none).  A
+    reading aid beside a no_less claim's margin, never a test."""
+    from .records import config_values
+
+    ranks = placement_ranking(study, claim_id, results)
+    acc = {name: config_values(study, name, results) for name in (full, none)}
+    rows = []
+    for _, r in ranks.iterrows():
+        if r["seed"] not in acc[full].index or r["seed"] not in acc[none].index:
+            continue
+        picked = r[r["guided"]]
+        top, bottom = 100 * acc[full][r["seed"]], 100 * acc[none][r["seed"]]
+        gain = top - bottom
+        rows.append({"seed": r["seed"], "guided": r["guided"], "guided_acc": picked, full.rpartition("/")[2]: top,
+                     none.rpartition("/")[2]: bottom, "full_gain": gain,
+                     "share_kept": (picked - bottom) / gain if gain > 0 else float("nan")})
     return pd.DataFrame(rows)
 
 

@@ -122,11 +122,13 @@ def specialisation_by_depth(rows: pd.DataFrame, metric: str = "nmi", group: str 
 
 
 def forest_plot(tables: dict, title: str = "Paired difference from the control (95% CI)",
-                unit: str = "accuracy points") -> go.Figure:
+                unit: str = "accuracy points", margin: float | None = None, shared_x: bool = False) -> go.Figure:
     """Forest plot of paired differences: ``tables`` maps a panel name (e.g. a protocol) to a table with
     ``config``, ``delta``, ``low``, ``high`` (as ``study.contrasts`` returns; optional ``gmacs``, ``p_holm``).
-    One panel per table, each with its own rows and its own scale (protocols differ in effect size by an order of
-    magnitude); configs keep the study's order, top to bottom; the dashed zero line is the control."""
+    One panel per table, each with its own rows and by default its own scale (protocols differ in effect size by an
+    order of magnitude; ``shared_x`` puts every panel on one scale, for panels of the same claims); configs keep the
+    study's order, top to bottom; the dashed zero line is the control, and dotted lines at +/- ``margin`` mark the
+    claims' pre-registered margin."""
     from plotly.subplots import make_subplots
 
     tables = {k: t for k, t in tables.items() if len(t)}
@@ -147,8 +149,16 @@ def forest_plot(tables: dict, title: str = "Paired difference from the control (
                                  error_x=dict(type="data", symmetric=False, array=t["high"] - t["delta"],
                                               arrayminus=t["delta"] - t["low"])), row=i + 1, col=1)
         fig.add_vline(x=0, line=dict(color="#444", dash="dash"), row=i + 1, col=1)
+        for edge in ((-margin, margin) if margin else ()):
+            fig.add_vline(x=edge, line=dict(color="#999", dash="dot"), row=i + 1, col=1)
         fig.update_xaxes(title_text=f"difference from the control ({unit})" if i == len(tables) - 1 or many else
                          None, title_font=dict(size=11), row=i + 1, col=1)
+    if shared_x and tables:
+        ends = [v for t in tables.values() for v in (*t["low"], *t["high"])] + ([-margin, margin] if margin else [0])
+        pad = 0.05 * (max(ends) - min(ends) or 1)
+        fig.update_xaxes(range=[min(ends) - pad, max(ends) + pad])
+    if margin:
+        title += f" (dotted: the +/-{margin:g} margin)"
     fig.update_layout(**LAYOUT, title=title, height=height)
     return fig
 
