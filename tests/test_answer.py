@@ -27,6 +27,9 @@ def test_html_shows_each_claim_void_and_incomplete():
     assert page.count("<tr>") == 1 + 3  # header and one row per claim
     text = repr(answer.Answer(t, caption="c"))
     assert "early-moe-hurts" in text and "-> void" in text and "incomplete: 3 of 10 runs" in text
+    # a not-recorded study's missing count makes the column float: counts still print as integers
+    mixed = answer.verdict_text(_table(n=float("nan"), status="not recorded", runs=0).astype({"n": float}))
+    assert "(n=5)" in mixed and "(n=5.0)" not in mixed and "(n=-)" in mixed
 
 
 def test_verdict_table_reads_recorded_studies_with_their_project_verdict():

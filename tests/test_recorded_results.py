@@ -532,6 +532,8 @@ def test_readme_summary_table_quotes_each_verdict_as_its_study_prints_it():
             "routing-follows-position": ("+0.100 [+0.093, +0.107]", "agrees")},
         "regime/seg_transfer_experts.yaml": {"merge-beats-random": ("+1.40 [+0.64, +2.15]", "agrees"),
                                              "reap-beats-random": ("-4.23 [-5.82, -2.64]", "disagrees")},
+        "regime/upcycle_half_keep.yaml": {"keep-keeps-all-moe-accuracy": ("-0.268 [-0.606, +0.070]", "void"),
+                                          "keep-beats-dense": ("-0.008 [-0.229, +0.213]", "void")},
     }
     for file, claims in quoted.items():
         table = evaluate_claims(load_study(ROOT / "experiments/studies" / file)).set_index("id")
@@ -539,6 +541,30 @@ def test_readme_summary_table_quotes_each_verdict_as_its_study_prints_it():
             row, places = table.loc[claim], 3 if interval.index(".") + 4 == interval.index(" ") else 2
             assert f"{row['estimate']:+.{places}f} [{row['low']:+.{places}f}, {row['high']:+.{places}f}]" == interval
             assert row["verdict"] == verdict and interval in summary, (file, claim)
+
+
+def test_keep_study_is_void_by_its_single_block_arms_as_readme_and_notebook_04_say():
+    """upcycle-half-keep: 25 runs from one clean commit; the premise precondition and every movement check of the
+    MoE arms pass but predictions-moved, which every single-block arm fails (0.61-0.73), so the guided claims are
+    void and only dense-keeps-all-moe-accuracy has a verdict; the picks are the ones the file disclosed."""
+    from workbench.studies import evaluate_checks, evaluate_claims
+    from workbench.studies.claims import guided_picks
+
+    study = load_study(ROOT / "experiments/studies/regime/upcycle_half_keep.yaml")
+    runs = list(_records(study))
+    assert len(runs) == 25 and {r["provenance"]["commit"][:7] for r in runs} == {"f4a08b7"}
+    checks = evaluate_checks(study)
+    failed = checks[~checks["passed"]]
+    assert set(failed["id"]) == {"predictions-moved"} and set(failed["config"]) == {"b0", "b1", "b2", "b3"}
+    assert [round(v, 4) for v in failed["value"]] == [0.7339, 0.6112, 0.7071, 0.7094]
+    claims = evaluate_claims(study).set_index("id")
+    assert list(claims["verdict"]) == ["void", "void", "void", "inconclusive"]
+    picks = guided_picks(study, study["claims"][0])
+    assert [p[0] for p in picks["blocks"]] == [2, 3, 3, 3, 3] and list(picks["specialised_blocks"]) == [0, 1, 1, 1, 1]
+    readme = (ROOT / "README.md").read_text()
+    notebook = (ROOT / "notebooks/04_pruning.py").read_text()
+    for text in (readme, notebook):
+        assert "0.61-0.73" in text and "-0.194 [-0.425, +0.037]" in text
 
 
 def test_seg_transfer_routing_verdicts_and_premise_are_the_ones_readme_and_notebook_06_quote():

@@ -124,12 +124,17 @@ def _ci(r) -> str:
     return f"{r['estimate']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
 
 
+def _count(n) -> str:
+    """A seed count as an integer (a column holding a not-recorded study's NaN turns every count into a float)."""
+    return str(int(n)) if n == n else "-"
+
+
 def verdict_text(table: pd.DataFrame) -> str:
     """The table as plain lines (what a terminal, and nbval, read)."""
     lines = []
     for r in table.to_dict("records"):
         note = f" ({r['status']}: {r['runs']} of {r['planned']} runs)" if r["status"] != "complete" else ""
-        lines.append(f"{r['column']} | {r['study']} | {r['claim']}: {_ci(r)} {r['unit']} (n={r['n']}) -> "
+        lines.append(f"{r['column']} | {r['study']} | {r['claim']}: {_ci(r)} {r['unit']} (n={_count(r['n'])}) -> "
                      f"{r['verdict']}; project-wide {r['verdict_project']}{note}")
     return "\n".join(lines)
 

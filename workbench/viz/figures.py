@@ -158,7 +158,7 @@ def forest_plot(tables: dict, title: str = "Paired difference from the control (
         pad = 0.05 * (max(ends) - min(ends) or 1)
         fig.update_xaxes(range=[min(ends) - pad, max(ends) + pad])
     if margin:
-        title += f" (dotted: the +/-{margin:g} margin)"
+        title += f"<br><sup>dotted lines: the +/-{margin:g} margin</sup>"
     fig.update_layout(**LAYOUT, title=title, height=height)
     return fig
 
