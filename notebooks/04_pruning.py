@@ -145,14 +145,8 @@ done, planned = report.progress(prune_file)
 print(f"upcycle-half-prune: {done} of {planned} runs recorded" + ("" if done == planned else " (no table before all are in)"))
 if done == planned:
     from workbench.studies.checks import format_checks
-    from workbench.studies.claims import guided_picks
     print(format_checks(st.evaluate_checks(prune)))
-    guided = next(c for c in prune["claims"] if c["id"] == "guided-beats-other-placements")
-    picks = guided_picks(prune, guided)
-    cls = st.load_routing(prune, ["all"], tokens="cls")
-    picks["specialised"] = [sorted(g.loc[g["specialised"].astype(bool), "block"].astype(int)) for _, g in cls.groupby("seed")]
-    picks["excess_pick"] = list(guided_picks(prune, {**guided, "rank_by": "excess"})["blocks"])
-    display(answer.Table(picks))
+    display(answer.Table(st.picks_table(prune, "guided-beats-other-placements")))
     ranks = st.placement_ranking(prune, "guided-beats-other-placements")
     display(answer.Table(ranks.round(2)))
     all_moe = 100 * st.config_values(prune, "all").mean()
@@ -206,20 +200,13 @@ if done == planned:
 
 # %%
 from workbench.studies.checks import format_checks
-from workbench.studies.claims import guided_picks
 keep_file = os.path.join(ROOT, "experiments/studies/regime/upcycle_half_keep.yaml")
 keep = st.load_study(keep_file)
 done, planned = report.progress(keep_file)
 print(f"upcycle-half-keep: {done} of {planned} runs recorded" + ("" if done == planned else " (no table before all are in)"))
 if done == planned:
     print(format_checks(st.evaluate_checks(keep)))
-    guided = next(c for c in keep["claims"] if c["id"] == "keep-beats-other-placements")
-    picks = guided_picks(keep, guided)
-    cls = st.load_routing(keep, ["all"], tokens="cls")
-    picks["specialised"] = [sorted(g.loc[g["specialised"].astype(bool), "block"].astype(int)) for _, g in cls.groupby("seed")]
-    picks["pick_is_specialised"] = [set(b) <= set(s) for b, s in zip(picks["blocks"], picks["specialised"])]
-    picks["excess_pick"] = list(guided_picks(keep, {**guided, "rank_by": "excess"})["blocks"])
-    display(answer.Table(picks))
+    display(answer.Table(st.picks_table(keep, "keep-beats-other-placements")))
     ranks = st.placement_ranking(keep, "keep-beats-other-placements")
     display(answer.Table(ranks.round(2)))
     display(viz.guided_placements(ranks, reference=100 * st.config_values(keep, "all").mean(),

@@ -287,7 +287,10 @@ def test_guided_claim_pairs_the_placement_routing_picks_with_the_mean_of_the_oth
         np.mean([acc["p01", s] * 100 for s in range(3)]))
     with pytest.raises(ValueError, match="no guided claim 'g-none'"):
         placement_ranking(study, "g-none", results)
-    from workbench.studies.pruning import gain_kept
+    from workbench.studies.pruning import gain_kept, picks_table
+    table = picks_table(study, "g", results)  # block 3 passes on every seed; the unbalanced excess picks {1, 3}
+    assert list(table["placement"]) == ["p23", "p23", "p03"] and list(table["specialised"]) == [[3], [3], [3]]
+    assert not table["pick_is_specialised"].any() and list(table["excess_pick"]) == [[1, 3]] * 3
     kept = gain_kept(study, "g", "all", "dense", results)  # all 82%, dense 80%: a 2-point gain per seed
     assert list(kept["guided"]) == ["p23", "p23", "p03"] and list(kept["full_gain"]) == pytest.approx([2, 2, 2])
     assert kept.loc[2, "share_kept"] == pytest.approx((acc["p03", 2] * 100 - 80) / 2)

@@ -27,4 +27,5 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "summary": "claims", "contrasts": "claims", "evaluate_claims": "claims", "seeds_for_half_width": "claims",
     "format_claims": "claims", "format_summary": "claims", "format_contrasts": "claims",
     "project_claims": "claims", "evaluate_checks": "checks", "study_is_void": "checks",
-    "expert_pruning_table": "pruning", "refit_table": "pruning", "placement_ranking": "pruning", "gain_kept": "pruning"})
+    "expert_pruning_table": "pruning", "refit_table": "pruning", "placement_ranking": "pruning", "gain_kept": "pruning",
+    "picks_table": "pruning"})

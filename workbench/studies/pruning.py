@@ -10,6 +10,7 @@ same way.
     pruning.expert_class_iou(study, "all", 4)               # segmentation: base and new classes' IoU per variant
     pruning.expert_claims_by(study, "test_acc", control="seg-transfer-regime/dense")  # another metric's view
     pruning.refit_table(study, "all")
+    pruning.picks_table(study, "keep-beats-other-placements")  # each seed's pick beside the blocks that pass
     pruning.gain_kept(study, "keep-keeps-all-moe-accuracy", "all", "upcycle-half-regime/dense")  # descriptive
 
 Imports: this package's ``records`` and ``claims`` (the guided picks) and ``workbench.analysis.stats``.
@@ -19,7 +20,8 @@ from __future__ import annotations
 import pandas as pd
 
 from ..analysis.stats import paired, welch
-from .records import expert_cell, expert_pairs, expert_value, iou_groups, iter_records, load_refit, source_of
+from .records import (expert_cell, expert_pairs, expert_value, iou_groups, iter_records, load_refit, load_routing,
+                      source_of)
 
 METHOD_ORDER = ("frequency", "reap", "merge", "cluster", "random")
 
@@ -122,6 +124,31 @@ def refit_table(study: dict, config: str, results=None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["variant", "what", "seeds", "test_acc", "params", "gmacs", "vs_control"])
 
 
+def _guided_claim(study: dict, claim_id: str) -> dict:
+    claim = next((c for c in study["claims"] if c["id"] == claim_id and c.get("kind") == "guided"), None)
+    if claim is None:
+        raise ValueError(f"{study['name']} has no guided claim {claim_id!r}")
+    return claim
+
+
+def picks_table(study: dict, claim_id: str, results=None) -> pd.DataFrame:
+    """A guided claim's per-seed picks (``claims.guided_picks``) with, beside each, the guide's blocks that pass the
+    random-router test after Holm (``specialised``), whether the picked blocks are all among them, and the pick the
+    unbalanced excess would make (``excess_pick``: printed beside, never claimed)."""
+    from .claims import guided_picks
+
+    claim = _guided_claim(study, claim_id)
+    picks = guided_picks(study, claim, results)
+    source, guide = source_of(study, claim["guide"])
+    routing = load_routing(source, [guide], results, tokens=claim["tokens"])
+    passing = {seed: sorted(g.loc[g["specialised"].astype(bool), "block"].astype(int))
+               for seed, g in routing.groupby("seed")}
+    picks["specialised"] = [passing[seed] for seed in picks["seed"]]
+    picks["pick_is_specialised"] = [set(b) <= set(s) for b, s in zip(picks["blocks"], picks["specialised"])]
+    picks["excess_pick"] = list(guided_picks(study, {**claim, "rank_by": "excess"}, results)["blocks"])
+    return picks
+
+
 def placement_ranking(study: dict, claim_id: str, results=None) -> pd.DataFrame:
     """A guided claim's placements side by side: one row per seed with every placement's test accuracy (%), the
     placement the guide's routing picked (chosen on validation), its rank among them by test accuracy (1 = best;
@@ -130,9 +157,7 @@ def placement_ranking(study: dict, claim_id: str, results=None) -> pd.DataFrame:
     from .claims import guided_picks
     from .records import config_values
 
-    claim = next((c for c in study["claims"] if c["id"] == claim_id and c.get("kind") == "guided"), None)
-    if claim is None:
-        raise ValueError(f"{study['name']} has no guided claim {claim_id!r}")
+    claim = _guided_claim(study, claim_id)
     places = claim["treatment"]
     acc = {c: config_values(study, c, results) for c in places}
     rows = []
