@@ -301,3 +301,31 @@ def test_bench_train_reports_weight_bytes_and_cache(tmp_path):
     assert f"ViMoE {result['weights_mb_moe']:.1f} MB" in text and "last-level cache" in text
     old = {k: v for k, v in result.items() if not k.startswith(("weights_mb", "last_level"))}
     assert "last-level cache" not in bench.format_train(old)  # records saved before the keys existed
+
+
+def test_bench_split_times_each_piece_and_reports_the_increments(capsys, tmp_path):
+    from workbench.bench.split import PIECES, bench_split, format_split
+    from workbench.cli import main
+
+    r = bench_split(batch=2, tokens=5, dim=16, expert_hidden=32, num_experts=4, top_ks=(1, 2), threads=[1], reps=2,
+                    warmup=1)
+    assert [(row["threads"], row["top_k"]) for row in r["rows"]] == [(1, 1), (1, 2)]
+    for row in r["rows"]:
+        assert all(row[f"{p}_ms"] > 0 for p in PIECES)
+        ms = {p: row[f"{p}_ms"] for p in PIECES}
+        assert row["layer_ratio"] == pytest.approx(ms["layer"] / ms["dense"], abs=0.01)
+        # the three increments add up to the layer's excess over dense (each rounded to 0.001)
+        total = row["expert_matmuls"] + row["moving_rows"] + row["routing"]
+        assert total == pytest.approx(row["layer_ratio"] - 1, abs=0.004)
+    text = format_split(r)
+    assert "experts: the expert FFNs on rows already sorted by expert" in text and len(text.splitlines()) == 6
+    assert main(["bench", "split", "--batch", "2", "--tokens", "4", "--dim", "8", "--expert-hidden", "16",
+                 "--num-experts", "2", "--threads", "1", "--reps", "1", "--save", str(tmp_path)]) == 0
+    saved = json.loads(next(tmp_path.glob("split-*.json")).read_text())
+    assert saved["kind"] == "split" and saved["results"]["allocator"] and "provenance" in saved
+    capsys.readouterr()
+    for bad, message in ((["--top-k", "3", "--num-experts", "2"], "each top-k must be in 1..2"),
+                         (["--tokens", "0"], "--tokens 0 is invalid")):
+        with pytest.raises(SystemExit):
+            main(["bench", "split", *bad])
+        assert message in capsys.readouterr().err

@@ -299,3 +299,28 @@ def test_padded_threshold_counts_rows_per_expert(monkeypatch):
         image(torch.randn(1, 50, 16))  # 6.25 rows per expert, but all 50 in one: padding would run 8 x 50 rows
     assert calls == [1, 1]
     assert dispatch.PADDED_MAX_ROWS == 16 and MoEMlp.padded_max_rows is None
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_experts_on_sorted_rows_are_the_routed_ffn_without_its_gather_gates_and_return(k):
+    """``bench split``'s innermost piece computes what the loop path's experts compute: scattered back with the gates
+    it is the loop's output, and its gradients (weights and rows) are the loop's."""
+    torch.manual_seed(k)
+    layer = MoEMlp(12, 20, num_experts=4, top_k=k)
+    x = torch.randn(30, 12)
+    with torch.no_grad():
+        _, _, experts, gates = layer.router(x)
+    plan = SortedAssignments.of(experts, 4)
+    weights = (layer.w1, layer.b1, layer.w2, layer.b2)
+    xs = plan.gather(x).requires_grad_(True)
+    rows = dispatch.experts_on_sorted_rows(xs, *weights, plan, layer.act)
+    y = plan.scatter(rows * plan.sorted_gates(gates))
+    xr = x.clone().requires_grad_(True)
+    ref = dispatch.dispatch_loop(xr, experts, gates, *weights, layer.act, layer.drop)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(ref)
+    mine = torch.autograd.grad(y, [xs, *weights], g)
+    theirs = torch.autograd.grad(ref, [xr, *weights], g)
+    torch.testing.assert_close(plan.scatter(mine[0]), theirs[0])  # each token: the sum over its k rows
+    for a, b in zip(mine[1:], theirs[1:]):
+        torch.testing.assert_close(a, b)

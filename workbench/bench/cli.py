@@ -1,6 +1,6 @@
-"""``python -m workbench bench moe | peers | train | step | app``: the parsers and commands.
+"""``python -m workbench bench moe | peers | split | train | step | matmul | app``: the parsers and commands.
 
-Imports: this package's ``layers``, ``matmul``, ``models`` and ``timing``.
+Imports: this package's ``layers``, ``matmul``, ``models``, ``split`` and ``timing``.
 """
 
 import argparse
@@ -11,6 +11,7 @@ import torch
 
 from .matmul import bench_matmul, format_matmul
 from .layers import MOE_PRESETS, PRESET_RUN, bench_moe, bench_peers, format_moe_table, format_peers_table
+from .split import bench_split, format_split
 from .models import bench_app, bench_step, bench_train, format_step, format_train
 from .timing import PEERS_INSTALL, default_threads, load_note, steady_allocator, write_result
 
@@ -98,6 +99,20 @@ def register_cli(sub) -> None:
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     q.set_defaults(func=_cmd_peers)
+    sp = bsub.add_parser("split", help="where one MoE layer's fwd+bwd time goes beyond its dense FFN's: the expert "
+                                       "matmuls, moving rows, routing")
+    sp.add_argument("--batch", type=int, default=128, help="images (default: %(default)s)")
+    sp.add_argument("--tokens", type=int, default=50, help="tokens per image (default: %(default)s)")
+    sp.add_argument("--dim", type=int, default=192, help="token width d (default: %(default)s)")
+    sp.add_argument("--expert-hidden", type=int, default=768, help="hidden width of each expert (default: %(default)s)")
+    sp.add_argument("--num-experts", type=int, default=8, help="routed experts (default: %(default)s)")
+    sp.add_argument("--top-k", type=int, nargs="+", default=[1], help="experts per token (default: %(default)s)")
+    sp.add_argument("--threads", type=_thread_list, default=None,
+                    help="comma-separated CPU thread counts (default: 1 and all cores)")
+    sp.add_argument("--reps", type=int, default=15, help="timed rounds; the median is reported (default: %(default)s)")
+    sp.add_argument("--json", action="store_true", help="print the results as JSON")
+    sp.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
+    sp.set_defaults(func=_cmd_split)
     mm = bsub.add_parser("matmul", help="one expert's matmul per token row as the rows per expert shrink (what a "
                                         "small batch pays), per CPU matmul library")
     mm.add_argument("--rows", type=_row_list, default=[1, 2, 4, 6, 8, 16, 32, 50],
@@ -235,3 +250,17 @@ def _cmd_matmul(args) -> int:
     result.update(note)
     return _emit(args, "matmul", result, format_matmul(result))
 
+
+
+def _cmd_split(args) -> int:
+    note = {**load_note(), "allocator": steady_allocator()}
+    for name in ("batch", "tokens", "dim", "expert_hidden", "num_experts", "reps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: use an integer >= 1")
+    if any(not 1 <= k <= args.num_experts for k in args.top_k):
+        raise ValueError(f"--top-k {args.top_k} with --num-experts {args.num_experts} is invalid: each top-k must be "
+                         f"in 1..{args.num_experts}")
+    result = bench_split(batch=args.batch, tokens=args.tokens, dim=args.dim, expert_hidden=args.expert_hidden,
+                         num_experts=args.num_experts, top_ks=args.top_k, threads=args.threads, reps=args.reps)
+    result.update(note)
+    return _emit(args, "split", result, format_split(result))

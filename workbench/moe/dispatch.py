@@ -225,6 +225,33 @@ class _SortedExperts(torch.autograd.Function):
         return plan.scatter(gxs), dgates, gw1, gb1, gw2, gb2, None, None, None
 
 
+class _ExpertsOnSortedRows(torch.autograd.Function):
+    """The expert FFNs alone, on rows already in expert order: :class:`_SortedExperts` without its gather, gates and
+    return to token order, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, xs, w1, b1, w2, b2, plan: SortedAssignments, act: Act, backend: str = "blas"):
+        acts = []
+        out = _experts_forward(xs, w1, b1, w2, b2, plan, act, acts, backend)
+        ctx.save_for_backward(xs, w1, w2, *acts)
+        ctx.plan, ctx.act, ctx.bias, ctx.backend = plan, act, b1 is not None, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, w1, w2, *acts = ctx.saved_tensors
+        gxs, gw1, gb1, gw2, gb2 = _experts_backward(grad.contiguous(), xs, w1, w2, acts, ctx.plan, ctx.act, ctx.bias,
+                                                     ctx.backend)
+        return gxs, gw1, gb1, gw2, gb2, None, None, None
+
+
+def experts_on_sorted_rows(xs, w1, b1, w2, b2, plan: SortedAssignments, act: Act, backend: str = "blas"):
+    """(T*k, d) rows sorted by expert (``plan.gather(x)``) -> each row through its expert, in the same order; CPU,
+    autograd-aware.  The routed FFN's matmul work with nothing around it: ``bench split`` times it against the
+    dense FFN to separate what the experts cost from what moving rows and routing cost."""
+    return _ExpertsOnSortedRows.apply(xs, w1, b1, w2, b2, plan, act, backend)
+
+
 def _sorted_experts_inference(x, gates, w1, b1, w2, b2, plan: SortedAssignments, act: Act,
                               backend: str = "blas") -> torch.Tensor:
     """:class:`_SortedExperts`'s forward without autograd: nothing saved, the gates applied in place."""
