@@ -111,6 +111,8 @@ def _budget(argv: list[str]) -> list[str]:
         argv += ["--reps", "1"]
     elif argv[:2] == ["bench", "matmul"]:
         argv += ["--reps", "2", "--rows", "2,8"]
+    elif argv[:2] == ["bench", "split"]:
+        argv += ["--reps", "1", "--batch", "2", "--threads", "1"]
     return argv
 
 
