@@ -9,7 +9,7 @@ import timm
 import torch
 
 from workbench import bench
-from workbench.bench.layers import _output, bench_moe, bench_peers, format_peers_table
+from workbench.bench.layers import _backward, bench_moe, bench_peers, format_peers_table
 from workbench.bench.models import bench_train
 from workbench.bench.timing import saved_bytes, write_result
 from workbench.moe import moe_modules
@@ -181,17 +181,16 @@ def test_peer_layers_compute_finite_outputs_and_gradients():
     x = torch.randn(2, 8, 16, requires_grad=True)
     for c in contenders:
         layer = c.build(c.top_ks[-1])
-        y = _output(layer(x))
-        y.sum().backward()
+        y = _backward(layer(x), torch.ones(2, 8, 16))
         assert y.shape == x.shape and torch.isfinite(y).all(), c.name
         assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters()), c.name
     assert missing == [] and set(forms) == {"SwiGLU", "GEGLU", "GELU MLP, no biases"}
 
 
 def test_format_peers_table():
-    rows = [{"layer": "a", "top_k": k, "threads": n, "ratio": r, "dense": "GELU MLP 64", "ms": 1.0, "dense_ms": 1.0}
-            for (n, k), r in {(1, 1): 0.95, (1, 2): 0.9, (2, 1): 1.0, (2, 2): 0.875}.items()]
-    rows += [{"layer": "b", "top_k": 2, "threads": n, "ratio": 1.5, "dense": "GEGLU 64", "ms": 1.0, "dense_ms": 1.0}
+    rows = [{"layer": "a", "top_k": k, "threads": n, "ratio": r, "dense": "GELU MLP 64", "ms": 10 * r + n,
+             "dense_ms": 10.0 + n} for (n, k), r in {(1, 1): 0.95, (1, 2): 0.9, (2, 1): 1.0, (2, 2): 0.875}.items()]
+    rows += [{"layer": "b", "top_k": 2, "threads": n, "ratio": 1.5, "dense": "GEGLU 64", "ms": 30.0, "dense_ms": 20.0}
              for n in (1, 2)]
     result = {"rows": rows, "layers": ["a", "b"], "threads": [1, 2], "top_ks": [1, 2], "reps": 3, "batch": 4,
               "tokens": 50, "dim": 16, "expert_hidden": 32, "num_experts": 4, "machine": "CPU X, 2 cores",
@@ -202,8 +201,12 @@ def test_format_peers_table():
     assert lines[1] == "|---|---|---:|---:|---:|---:|"
     assert lines[2] == "| a | GELU MLP | 0.95x | 0.90x | 1.00x | 0.88x |"
     assert lines[3] == "| b | GEGLU | n/a | 1.50x | n/a | 1.50x |"
-    assert "T = 200 tokens" in lines[5] and "CPU X, 2 cores" in lines[5] and "load average 0.12" in lines[5]
-    assert "(quiet)" in lines[5] and len(lines) == 6
+    assert lines[5] == ("| layer: fwd+bwd ms (its dense reference's ms) | top-1, 1 thread | top-2, 1 thread "
+                        "| top-1, 2 threads | top-2, 2 threads |")
+    assert lines[7] == "| a | 10.5 (11.0) | 10.0 (11.0) | 12.0 (12.0) | 10.8 (12.0) |"
+    assert lines[8] == "| b | n/a | 30.0 (20.0) | n/a | 30.0 (20.0) |"
+    assert "T = 200 tokens" in lines[10] and "CPU X, 2 cores" in lines[10] and "load average 0.12" in lines[10]
+    assert "(quiet)" in lines[10] and len(lines) == 11
 
 
 def test_load_note_warns_under_load(monkeypatch, capsys):
@@ -317,8 +320,12 @@ def test_bench_split_times_each_piece_and_reports_the_increments(capsys, tmp_pat
         # the three increments add up to the layer's excess over dense (each rounded to 0.001)
         total = row["expert_matmuls"] + row["moving_rows"] + row["routing"]
         assert total == pytest.approx(row["layer_ratio"] - 1, abs=0.004)
+    for row in r["rows"]:
+        assert sum(row["rows_per_expert"]) == 2 * 5 * row["top_k"] and len(row["rows_per_expert"]) == 4
+        assert row["experts_vs_dispatch"] <= 1e-5 and row["dispatch_vs_layer"] <= 1e-5  # the pieces nest
     text = format_split(r)
-    assert "experts: the expert FFNs on rows already sorted by expert" in text and len(text.splitlines()) == 6
+    assert "experts: the expert FFNs on rows already sorted by expert" in text and len(text.splitlines()) == 9
+    assert "nested: each piece's output equals the next one's inner work" in text and "NOT NESTED" not in text
     assert main(["bench", "split", "--batch", "2", "--tokens", "4", "--dim", "8", "--expert-hidden", "16",
                  "--num-experts", "2", "--threads", "1", "--reps", "1", "--save", str(tmp_path)]) == 0
     saved = json.loads(next(tmp_path.glob("split-*.json")).read_text())
@@ -329,3 +336,35 @@ def test_bench_split_times_each_piece_and_reports_the_increments(capsys, tmp_pat
         with pytest.raises(SystemExit):
             main(["bench", "split", *bad])
         assert message in capsys.readouterr().err
+
+
+def test_a_timed_step_backpropagates_the_aux_loss_as_a_training_loss_does():
+    """``_step`` charges an MoE layer its router's aux-loss gradient, as a scalar added to the loss (not as a (T, d)
+    add): the gradients equal those of (y * grad).sum() + aux_loss."""
+    from workbench.bench.timing import _step
+    from workbench.moe import MoEMlp
+
+    torch.manual_seed(0)
+    layer = MoEMlp(8, 16, num_experts=4, top_k=2, balance_weight=0.5)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    grad = torch.randn(2, 5, 8)
+    y = _step(layer, x, grad, torch.float32)
+    mine = [p.grad.clone() for p in layer.parameters()] + [x.grad.clone()]
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    ((layer(x) * grad).sum() + layer.aux_loss).backward()
+    for a, b in zip(mine, [p.grad for p in layer.parameters()] + [x.grad]):
+        torch.testing.assert_close(a, b)
+    assert y.shape == x.shape and layer.aux_loss.requires_grad
+
+
+def test_bench_split_says_when_its_pieces_do_not_nest(monkeypatch):
+    """A dispatch piece that computed something other than the layer's inner work is flagged, not reported as a
+    split of the layer."""
+    from workbench.bench import split
+
+    real = split.dispatch_grouped
+    monkeypatch.setattr(split, "dispatch_grouped", lambda *a, **k: real(*a, **k) * 1.01)
+    r = split.bench_split(batch=2, tokens=5, dim=16, expert_hidden=32, num_experts=4, threads=[1], reps=1, warmup=0)
+    assert r["rows"][0]["experts_vs_dispatch"] > 1e-4 and r["rows"][0]["dispatch_vs_layer"] > 1e-4
+    assert "NOT NESTED: the split does not describe this layer" in split.format_split(r)

@@ -183,3 +183,22 @@ def test_readme_torchrun_runs_as_written_with_a_small_budget(fresh):
     result = subprocess.run(cmd, cwd=fresh, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("done: ") == 1  # the final line once, from the main process
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but hyphens and underscores dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/performance.md"])
+def test_markdown_links_resolve(name):
+    """Every in-page link names a heading of the page and every relative link names a file that is shipped."""
+    text = re.sub(r"```.*?```", "", (ROOT / name).read_text(), flags=re.S)  # a '#' in a code block is a comment
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links or name != "README.md"
+    for link in links:
+        if link.startswith("#"):
+            assert link[1:] in anchors, f"{name}: no heading for {link}"
+        elif not re.match(r"\w+://", link):
+            assert (ROOT / Path(name).parent / link.split("#")[0]).exists(), f"{name}: {link} does not exist"

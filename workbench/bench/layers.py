@@ -203,19 +203,23 @@ def peer_contenders(dim: int, hidden: int, num_experts: int) -> tuple[list, dict
     return contenders, forms, missing
 
 
-def _output(out) -> torch.Tensor:
-    """A layer's output tensor, plus 0 x its auxiliary loss where it returns one (the loss is part of its cost)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    y, aux = out[0], out[1]
-    return y + 0 * aux
+def _backward(out, grad: torch.Tensor) -> torch.Tensor:
+    """Backward from a layer's output with ``grad``; where the layer also returns an auxiliary loss, that loss enters
+    as the scalar a training loss adds (its gradient is part of the layer's cost), as :func:`.timing._step` does
+    for this project's layers.  Returns the output tensor."""
+    y, aux = (out, None) if isinstance(out, torch.Tensor) else (out[0], out[1])
+    if isinstance(aux, torch.Tensor) and aux.requires_grad:
+        torch.autograd.backward([y, aux], [grad, torch.ones_like(aux)])
+    else:
+        y.backward(grad)
+    return y
 
 
 def _peer_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
     if isinstance(module, MoEMlp):
         return _step(module, x, grad, torch.float32)
     _fresh_grads(module, x)
-    _output(module(x)).backward(grad)
+    _backward(module(x), grad)
 
 
 def _time_contenders(contenders: list, forms: dict, k: int, x, grad, reps: int, warmup: int, seed: int) -> list[dict]:
@@ -267,7 +271,8 @@ def bench_peers(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hi
 
 
 def format_peers_table(result: dict) -> str:
-    """A Markdown table: one row per layer, one column per (thread count, top-k), cells = time / dense reference."""
+    """Two Markdown tables, one row per layer, one column per (thread count, top-k): time / dense reference, then
+    the milliseconds behind each ratio (the layer's, its dense reference's)."""
     cols = [(n, k) for n in result["threads"] for k in result["top_ks"]]
     cell = {(r["layer"], r["threads"], r["top_k"]): r["ratio"] for r in result["rows"]}
     forms = {r["layer"]: r["dense"].rsplit(" ", 1)[0] for r in result["rows"]}
@@ -276,6 +281,14 @@ def format_peers_table(result: dict) -> str:
     for layer in result["layers"]:
         values = [f"{cell[(layer, n, k)]:.2f}x" if (layer, n, k) in cell else "n/a" for n, k in cols]
         lines.append(f"| {layer} | {forms.get(layer, '')} | " + " | ".join(values) + " |")
+    # the same runs in milliseconds: layers whose dense references differ in form compare here, not in the ratios
+    ms = {(r["layer"], r["threads"], r["top_k"]): (r["ms"], r["dense_ms"]) for r in result["rows"]}
+    lines += ["\n| layer: fwd+bwd ms (its dense reference's ms) | " + " | ".join(
+        f"top-{k}, {_plural(n, 'thread')}" for n, k in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for layer in result["layers"]:
+        values = [f"{ms[(layer, n, k)][0]:.1f} ({ms[(layer, n, k)][1]:.1f})" if (layer, n, k) in ms else "n/a"
+                  for n, k in cols]
+        lines.append(f"| {layer} | " + " | ".join(values) + " |")
     r = result
     lines.append(f"\nfwd+bwd time / a dense FFN of the same form and activated width, interleaved in one run (median "
                  f"of {r['reps']}); T = {r['batch'] * r['tokens']:,} tokens, d = {r['dim']}, h = {r['expert_hidden']}, "

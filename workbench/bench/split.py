@@ -23,13 +23,17 @@ from timm.layers import Mlp
 
 from ..moe import MoEMlp
 from ..moe.dispatch import SortedAssignments, dispatch_grouped, experts_on_sorted_rows
-from .timing import _step, default_threads, time_interleaved
+from .timing import _plural, _step, default_threads, time_interleaved
 
 PIECES = ("dense", "experts", "dispatch", "layer", "router")
+NESTED_TOL = 1e-4  # relative: fp32 rounding between the sorted path's pieces and the layer
 
 
-def _pieces(batch: int, tokens: int, dim: int, hidden: int, num_experts: int, top_k: int, seed: int) -> dict:
-    """The five callables of one setting (each one training step's forward + backward, fresh gradients)."""
+def _pieces(batch: int, tokens: int, dim: int, hidden: int, num_experts: int, top_k: int, seed: int):
+    """The five callables of one setting (each one training step's forward + backward, fresh gradients, returning
+    its forward output), the rows each expert gets, and ``nested()``: how far apart the pieces' outputs are (the
+    experts' rows gated and returned to token order against the dispatch piece; that against the whole layer),
+    which is 0 up to fp32 rounding when each piece is the next one's inner work."""
     torch.manual_seed(seed)
     dense = Mlp(dim, top_k * hidden)
     moe = MoEMlp(dim, hidden, num_experts=num_experts, top_k=top_k)
@@ -52,11 +56,15 @@ def _pieces(batch: int, tokens: int, dim: int, hidden: int, num_experts: int, to
 
     def experts_only():
         fresh(xs)
-        experts_on_sorted_rows(xs, *weights, plan, moe.act).backward(grad_rows)
+        rows = experts_on_sorted_rows(xs, *weights, plan, moe.act)
+        rows.backward(grad_rows)
+        return rows
 
     def dispatch():
         fresh(x, gates)
-        dispatch_grouped(x.reshape(-1, dim), experts, gates, *weights, moe.act, moe.drop).view_as(x).backward(grad)
+        y = dispatch_grouped(x.reshape(-1, dim), experts, gates, *weights, moe.act, moe.drop).view_as(x)
+        y.backward(grad)
+        return y
 
     def router():
         fresh(x)
@@ -64,8 +72,18 @@ def _pieces(batch: int, tokens: int, dim: int, hidden: int, num_experts: int, to
         moe._aux(r)
         torch.autograd.backward([r.gates, moe.aux_loss], [grad_gates, torch.ones(())])
 
-    return {"dense": lambda: _step(dense, x, grad, torch.float32), "experts": experts_only, "dispatch": dispatch,
-            "layer": lambda: _step(moe, x, grad, torch.float32), "router": router}
+    fns = {"dense": lambda: _step(dense, x, grad, torch.float32), "experts": experts_only, "dispatch": dispatch,
+           "layer": lambda: _step(moe, x, grad, torch.float32), "router": router}
+
+    def nested() -> dict:
+        rows, routed, whole = (f().detach() for f in (experts_only, dispatch, fns["layer"]))
+        returned = plan.scatter(rows * plan.sorted_gates(gates.detach())).view_as(x)
+
+        def apart(a, b):  # the largest difference, relative to the largest output
+            return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+        return {"experts_vs_dispatch": apart(returned, routed), "dispatch_vs_layer": apart(routed, whole)}
+
+    return fns, plan.counts, nested
 
 
 def bench_split(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hidden: int = 768,
@@ -79,10 +97,11 @@ def bench_split(*, batch: int = 128, tokens: int = 50, dim: int = 192, expert_hi
         for n in threads:
             torch.set_num_threads(n)
             for k in top_ks:
-                med = time_interleaved(_pieces(batch, tokens, dim, expert_hidden, num_experts, k, seed), reps, warmup,
-                                       torch.device("cpu"))
+                fns, counts, nested = _pieces(batch, tokens, dim, expert_hidden, num_experts, k, seed)
+                med = time_interleaved(fns, reps, warmup, torch.device("cpu"))
                 dense = med["dense"]
-                row = {"threads": n, "top_k": k, **{f"{p}_ms": round(med[p] * 1e3, 3) for p in PIECES}}
+                row = {"threads": n, "top_k": k, "rows_per_expert": counts, **nested(),
+                       **{f"{p}_ms": round(med[p] * 1e3, 3) for p in PIECES}}
                 row.update({f"{p}_ratio": round(med[p] / dense, 3) for p in PIECES if p != "dense"})
                 row.update({"expert_matmuls": round((med["experts"] - dense) / dense, 3),
                             "moving_rows": round((med["dispatch"] - med["experts"]) / dense, 3),
@@ -107,6 +126,12 @@ def format_split(result: dict) -> str:
                      f"{row['dispatch_ratio']:>8.3f}x {row['layer_ratio']:>6.3f}x {row['router_ratio']:>11.3f}x"
                      f"   {'':>18}{row['expert_matmuls']:>+8.3f} {row['moving_rows']:>+7.3f} {row['routing']:>+8.3f}")
     lines.append("  (experts: the expert FFNs on rows already sorted by expert; dispatch: + sort, gather, gates, "
-                 "return; layer: + router and balance loss;\n   excess: experts - dense, dispatch - experts, "
-                 "layer - dispatch, each / dense)")
+                 "return; layer: + router, balance loss and the layer's bookkeeping;\n   excess: experts - dense, "
+                 "dispatch - experts, layer - dispatch, each / dense)")
+    worst = max(max(row["experts_vs_dispatch"], row["dispatch_vs_layer"]) for row in r["rows"])
+    lines.append(f"  nested: each piece's output equals the next one's inner work (largest difference {worst:.1e} of the largest output"
+                 + ("; NOT NESTED: the split does not describe this layer)" if worst > NESTED_TOL else ")"))
+    for row in r["rows"]:
+        lines.append(f"  rows per expert, {_plural(row['threads'], 'thread')}, top-{row['top_k']}: "
+                     f"{', '.join(map(str, row['rows_per_expert']))}")
     return "\n".join(lines)

@@ -54,13 +54,21 @@ def _fresh_grads(module: nn.Module, x: torch.Tensor) -> None:
     x.grad = None
 
 
-def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype) -> None:
+def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype) -> torch.Tensor:
+    """One forward + backward with ``grad`` as the output's gradient; an MoE layer's aux loss enters the backward
+    as the scalar a training loss adds (its router gradient is part of the layer's real cost; records before
+    2026-12-08 added it as ``y + 0 * aux_loss``, which also charged the layer a (T, d) add and its reduction).
+    Returns the output."""
     _fresh_grads(module, x)
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         y = module(x)
-        if isinstance(module, MoEMlp):
-            y = y + 0 * module.aux_loss  # the aux loss is part of the layer's real cost
-    y.backward(grad.to(y.dtype))
+    outputs, grads = [y], [grad.to(y.dtype)]
+    aux = module.aux_loss if isinstance(module, MoEMlp) else None
+    if aux is not None and aux.requires_grad:
+        outputs.append(aux)
+        grads.append(torch.ones_like(aux))
+    torch.autograd.backward(outputs, grads)
+    return y
 
 
 def _memory(module, x, grad, dtype, device) -> int:
