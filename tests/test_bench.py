@@ -62,6 +62,13 @@ def test_bench_train_reports_ratio():
     assert result["throughput_ratio"] == pytest.approx(result["moe_img_s"] / result["dense_img_s"],
                                                        rel=0.01 + rounding)
     assert result["params_moe"] > result["params_dense"]
+    # the optimizer step is timed alone and taken out of both steps for the second ratio
+    t = result["training"][0]
+    assert 0 < t["moe_optimizer_ms"] < t["moe_step_ms"] and 0 < t["dense_optimizer_ms"] < t["dense_step_ms"]
+    moe, dense = t["moe_step_ms"] - t["moe_optimizer_ms"], t["dense_step_ms"] - t["dense_optimizer_ms"]
+    rounding = 0.06 / moe + 0.06 / dense + 0.001  # step ms are rounded to 0.1, optimizer ms to 0.01, the ratio to 0.001
+    assert t["ratio_without_optimizer"] == pytest.approx(dense / moe, rel=rounding)
+    assert "the optimizer alone takes" in bench.format_train(result)
 
 
 def test_bench_train_latency_per_thread_count_against_macs():
