@@ -375,3 +375,13 @@ def test_bench_split_says_when_its_pieces_do_not_nest(monkeypatch):
     r = split.bench_split(batch=2, tokens=5, dim=16, expert_hidden=32, num_experts=4, threads=[1], reps=1, warmup=0)
     assert r["rows"][0]["experts_vs_dispatch"] > 1e-4 and r["rows"][0]["dispatch_vs_layer"] > 1e-4
     assert "NOT NESTED: the split does not describe this layer" in split.format_split(r)
+
+
+def test_every_bench_command_says_what_it_measures_in_its_help(capsys):
+    from workbench.cli import main
+
+    for name, first in (("split", "Where one MoE layer's fwd+bwd time goes"), ("peers", "MoE layers a user would"),
+                        ("train", "Training img/s of the tiny ViMoE"), ("matmul", "One expert's matmul per token row")):
+        with pytest.raises(SystemExit):
+            main(["bench", name, "--help"])
+        assert first in " ".join(capsys.readouterr().out.split()), name

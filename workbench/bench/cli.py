@@ -16,10 +16,15 @@ from .models import bench_app, bench_step, bench_train, format_step, format_trai
 from .timing import PEERS_INSTALL, default_threads, load_note, steady_allocator, write_result
 
 
+def _parser(sub, name: str, help: str):
+    """A bench subcommand whose ``--help`` opens with the one line the command list shows."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
+
 def register_cli(sub) -> None:
     p = sub.add_parser("bench", help="speed and memory of MoE layers and ViMoE training vs dense equivalents")
     bsub = p.add_subparsers(dest="bench", required=True)
-    m = bsub.add_parser("moe", help="one MoE layer, forward + backward, vs a dense FFN of the activated width")
+    m = _parser(bsub, "moe", help="one MoE layer, forward + backward, vs a dense FFN of the activated width")
     m.add_argument("--preset", nargs="+", choices=sorted(MOE_PRESETS),
                    help="ViT-scale shapes: vit-s16 (d=384) and/or vit-b16 (d=768), 256 images x 197 tokens, h=4d, "
                         "E=8 and 16, top-1 and top-2, bf16, the grouped path only; flags given beside it override")
@@ -47,7 +52,7 @@ def register_cli(sub) -> None:
     m.add_argument("--quiet", action="store_true",
                    help="no progress bar (by default one on stderr, with the time the rest is expected to take)")
     m.set_defaults(func=_cmd_moe)
-    st = bsub.add_parser("step", help="one training step of a ViT-scale ViMoE (default ViMoE-S/16) vs the same model "
+    st = _parser(bsub, "step", help="one training step of a ViT-scale ViMoE (default ViMoE-S/16) vs the same model "
                                       "without MoE (ViT-S/16): img/s and peak memory, synthetic 224x224 inputs")
     st.add_argument("--model", default="vimoe_small_patch16_224", help="the timm model timed (default: %(default)s)")
     st.add_argument("--moe-layers", default="every-2", help="which blocks get experts (default: %(default)s)")
@@ -63,7 +68,7 @@ def register_cli(sub) -> None:
     st.add_argument("--json", action="store_true", help="print the results as JSON")
     st.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     st.set_defaults(func=_cmd_step)
-    t = bsub.add_parser("train", help="training img/s of the tiny ViMoE vs the dense tiny ViT; 1- and 8-image latency")
+    t = _parser(bsub, "train", help="training img/s of the tiny ViMoE vs the dense tiny ViT; 1- and 8-image latency")
     t.add_argument("--model", default="vimoe_tiny_patch4_28", help="the timm model timed (default: %(default)s)")
     t.add_argument("--dense-model", help="timm name of the dense reference (default: the same model, no MoE)")
     t.add_argument("--moe-layers", default="last-3", help="which blocks get experts (default: %(default)s)")
@@ -81,7 +86,7 @@ def register_cli(sub) -> None:
     t.add_argument("--json", action="store_true", help="print the results as JSON")
     t.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     t.set_defaults(func=_cmd_train)
-    q = bsub.add_parser("peers", help="MoE layers a user would otherwise pick (transformers, st-moe-pytorch, "
+    q = _parser(bsub, "peers", help="MoE layers a user would otherwise pick (transformers, st-moe-pytorch, "
                                       f"mixture-of-experts; {PEERS_INSTALL}) vs this project's dispatch paths")
     q.add_argument("--batch", type=int, default=128, help="images (or sequences) per step (default: %(default)s)")
     q.add_argument("--tokens", type=int, default=50, help="tokens per image (default: %(default)s)")
@@ -99,7 +104,7 @@ def register_cli(sub) -> None:
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     q.set_defaults(func=_cmd_peers)
-    sp = bsub.add_parser("split", help="where one MoE layer's fwd+bwd time goes beyond its dense FFN's: the expert "
+    sp = _parser(bsub, "split", help="where one MoE layer's fwd+bwd time goes beyond its dense FFN's: the expert "
                                        "matmuls, moving rows, routing")
     sp.add_argument("--batch", type=int, default=128, help="images (default: %(default)s)")
     sp.add_argument("--tokens", type=int, default=50, help="tokens per image (default: %(default)s)")
@@ -113,7 +118,7 @@ def register_cli(sub) -> None:
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     sp.set_defaults(func=_cmd_split)
-    mm = bsub.add_parser("matmul", help="one expert's matmul per token row as the rows per expert shrink (what a "
+    mm = _parser(bsub, "matmul", help="one expert's matmul per token row as the rows per expert shrink (what a "
                                         "small batch pays), per CPU matmul library")
     mm.add_argument("--rows", type=_row_list, default=[1, 2, 4, 6, 8, 16, 32, 50],
                     help="comma-separated row counts (default: 1,2,4,6,8,16,32,50)")
@@ -127,7 +132,7 @@ def register_cli(sub) -> None:
     mm.add_argument("--json", action="store_true", help="print the results as JSON")
     mm.add_argument("--save", metavar="DIR", nargs="?", const="experiments/results/bench", help="also write the results as JSON under DIR (default when given alone: %(const)s)")
     mm.set_defaults(func=_cmd_matmul)
-    a = bsub.add_parser("app", help="per-request latency of the routing explorer (preprocess, forward, overlay)")
+    a = _parser(bsub, "app", help="per-request latency of the routing explorer (preprocess, forward, overlay)")
     a.add_argument("--checkpoint", help="default: the shipped checkpoint")
     a.add_argument("--reps", type=int, default=30, help="timed repetitions; the median is reported (default: %(default)s)")
     a.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
