@@ -16,7 +16,7 @@ torch.manual_seed(0)
 torch.set_num_threads(2)
 pd.set_option("display.width", 120)
 ROOT = os.path.abspath("..")
-# a named record (the one the README quotes), so that a new `bench moe --save` adds a file and changes nothing here
+# a named record (quoted in docs/performance.md), so that a new `bench moe --save` adds a file and changes nothing here
 MOE_BENCH = answer.read_bench("moe-cpu-20261123-121853.json")
 answer.costs({name: timm.create_model("vimoe_tiny_patch4_28", num_experts=8, **kw) for name, kw in [
     ("dense", dict(moe_layers="none")), ("last-2 top-1", dict(moe_layers="last-2")),
@@ -84,7 +84,8 @@ print("max |einsum - loop|   < 1e-5:", bool((outs["einsum"] - outs["loop"]).abs(
 
 # %%
 import glob, json
-# named records (the ones the README quotes), so that a new `bench ... --save` adds a file and changes nothing here
+# named records (quoted in the README or docs/performance.md), so that a new `bench ... --save` adds a file and
+# changes nothing here
 record = MOE_BENCH
 bench = pd.DataFrame(record["results"])[["top_k", "shared", "dispatch", "ms", "dense_ms", "ratio", "mem_ratio"]]
 print(f"recorded {record['provenance']['date']} on {record['provenance']['device']}, commit {record['provenance']['commit'][:10]}")
@@ -98,6 +99,41 @@ path = os.path.join(ROOT, "experiments/results/bench/train-cpu-20261207-005818.j
 t = json.load(open(path))["results"]
 print(f"training img/s: ViMoE {t['moe_img_s']} vs dense {t['dense_img_s']} (ratio {t['throughput_ratio']}), "
       f"moe_layers={t['moe_layers']}, E={t['num_experts']}, top-{t['top_k']}, {t['threads']} thread(s)")
+
+# %% [markdown]
+# ## Where a top-1 layer's time goes
+#
+# `python -m workbench bench split --threads 1,2 --top-k 1 2` times three nested pieces of one MoE layer, forward +
+# backward, interleaved with the dense FFN of the activated width: the expert FFNs alone on rows already sorted by
+# expert; + the sort, gather, gates and return; + the router, balance loss and bookkeeping (the whole layer). Each
+# run checks that the pieces nest. Two quiet runs of the same commit, as recorded (descriptive; timings vary by
+# machine and run, so they are shown as recorded, not recomputed).
+
+# %%
+from workbench import viz
+SPLITS = {"run 1": answer.read_bench("split-cpu-20261207-235926.json"),
+          "run 2": answer.read_bench("split-cpu-20261208-000835.json")}
+for label, rec in SPLITS.items():
+    r = rec["results"]
+    print(f"{label}: recorded {rec['provenance']['date']} on {rec['provenance']['device']}, commit "
+          f"{rec['provenance']['commit'][:10]}, 1-min load {r['load_avg_1min']}; {r['batch']} images x {r['tokens']} "
+          f"tokens, d = {r['dim']}, E = {r['num_experts']}; pieces nest to "
+          f"{max(max(x['experts_vs_dispatch'], x['dispatch_vs_layer']) for x in r['rows']):.0e}")
+split_rows = pd.DataFrame([{"run": label, **{k: row[k] for k in ("threads", "top_k", "experts_ratio", "dispatch_ratio",
+                                                                     "layer_ratio", "router_ratio")}}
+                           for label, rec in SPLITS.items() for row in rec["results"]["rows"]])
+display(answer.Table(split_rows))
+top1 = split_rows[split_rows["top_k"] == 1]
+print(f"top-1: the expert FFNs alone {top1['experts_ratio'].min():.3f}-{top1['experts_ratio'].max():.3f}x the dense "
+      f"FFN; the whole layer {top1['layer_ratio'].min():.3f}-{top1['layer_ratio'].max():.3f}x; moving rows and routing "
+      f"add {(top1['layer_ratio'] - top1['experts_ratio']).min():.3f}-{(top1['layer_ratio'] - top1['experts_ratio']).max():.3f}")
+viz.time_split({label: rec["results"] for label, rec in SPLITS.items()})
+
+# %% [markdown]
+# Read each bar from the bottom: the experts' own matmuls, then what moving rows into expert order and back adds, then
+# routing; the label is the whole layer. At top-1 the experts alone sit at or near the dense FFN, so a top-1 layer's
+# excess over dense is the work a dense FFN does not do. At top-2 the experts run below their (twice as wide) dense
+# reference. The README's *Performance* section sets these beside the speed targets.
 
 # %% [markdown]
 # ## Finding

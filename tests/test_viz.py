@@ -184,3 +184,14 @@ def test_accuracy_by_epoch_draws_one_line_per_run_and_shades_its_last_third():
     assert [(s.x0, s.x1) for s in fig.layout.shapes] == [(4, 6), (80, 120)]  # what late_gain reads
     assert fig.layout.xaxis.dtick is None  # 120 epochs: automatic ticks, not one label per epoch
     assert viz.accuracy_by_epoch(rows[rows["pilot"] == "a"]).layout.xaxis.dtick == 1
+
+
+def test_time_split_stacks_each_part_to_the_whole_layers_ratio():
+    row = {"threads": 1, "top_k": 1, "experts_ratio": 0.98, "dispatch_ratio": 1.01, "layer_ratio": 1.05}
+    fig = viz.time_split({"run A": {"rows": [row, {**row, "top_k": 2, "experts_ratio": 0.8,
+                                                       "dispatch_ratio": 0.83, "layer_ratio": 0.85}]}})
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert [t.name.split(" (")[0] for t in bars] == ["expert FFNs alone", "+ moving rows", "+ routing"]
+    assert [round(sum(t.y[i] for t in bars), 3) for i in range(2)] == [1.05, 0.85]
+    assert list(bars[0].x) == ["run A<br>1 thr, top-1", "run A<br>1 thr, top-2"]
+    assert [t for t in fig.data if t.type == "scatter"][0].text == ("1.050x", "0.850x")

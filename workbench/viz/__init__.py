@@ -1,6 +1,6 @@
 """What people look at: the one expert palette (``palette``), the segmentation classes' colours
 (``class_palette``) and the plotly figures of the notebooks (``figures``; each is also a name here:
-``viz.forest_plot``).
+``viz.forest_plot``), with the benchmarks' in ``speed``.
 
 Imports: plotly, pandas, numpy, scipy; nothing else of ``workbench``.
 """
@@ -22,6 +22,7 @@ __getattr__, __dir__, __all__ = exports(__name__, {
     "segmentation_panels": "figures",
     "regions_by_depth": "figures",
     "accuracy_by_epoch": "figures",
+    "time_split": "speed",
     "placement_interaction": "interaction", "guided_placements": "interaction",
     "render_overlay": "overlay", "render_mask": "overlay",
     "EXPERT_COLORS": "palette",
