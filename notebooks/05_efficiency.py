@@ -101,7 +101,7 @@ print(f"training img/s: ViMoE {t['moe_img_s']} vs dense {t['dense_img_s']} (rati
       f"moe_layers={t['moe_layers']}, E={t['num_experts']}, top-{t['top_k']}, {t['threads']} thread(s)")
 
 # %% [markdown]
-# ## Where a top-1 layer's time goes
+# ## Where an MoE layer's time goes
 #
 # `python -m workbench bench split --threads 1,2 --top-k 1 2` times three nested pieces of one MoE layer, forward +
 # backward, interleaved with the dense FFN of the activated width: the expert FFNs alone on rows already sorted by
@@ -130,10 +130,11 @@ print(f"top-1: the expert FFNs alone {top1['experts_ratio'].min():.3f}-{top1['ex
 viz.time_split({label: rec["results"] for label, rec in SPLITS.items()})
 
 # %% [markdown]
-# Read each bar from the bottom: the experts' own matmuls, then what moving rows into expert order and back adds, then
-# routing; the label is the whole layer. At top-1 the experts alone sit at or near the dense FFN, so a top-1 layer's
-# excess over dense is the work a dense FFN does not do. At top-2 the experts run below their (twice as wide) dense
-# reference. The README's *Performance* section sets these beside the speed targets.
+# Read each bar from the bottom: the expert FFNs alone, then what moving rows into expert order and back adds, then
+# routing; the label is the whole layer. At top-1 the experts alone sit near the dense FFN (the range printed above),
+# and most of a top-1 layer's excess over dense is the work a dense FFN does not do; how it divides between moving
+# rows and routing changes from run to run. The top-2 bars are against a dense reference twice as wide. The README's
+# *Performance* section sets these beside the speed targets.
 
 # %% [markdown]
 # ## Finding

@@ -190,7 +190,7 @@ def _slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-@pytest.mark.parametrize("name", ["README.md", "docs/performance.md"])
+@pytest.mark.parametrize("name", ["README.md", "docs/performance.md", "docs/studies.md"])
 def test_markdown_links_resolve(name):
     """Every in-page link names a heading of the page and every relative link names a file that is shipped."""
     text = re.sub(r"```.*?```", "", (ROOT / name).read_text(), flags=re.S)  # a '#' in a code block is a comment

@@ -19,6 +19,13 @@ from pathlib import Path
 
 import pytest
 
+
+def _docs() -> str:
+    """What a reader is told about the recorded results: the README and its study pages (docs/studies.md)."""
+    root = Path(__file__).resolve().parents[1]
+    return (root / "README.md").read_text() + "\n" + (root / "docs" / "studies.md").read_text()
+
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from workbench.studies import report  # noqa: E402
@@ -263,7 +270,7 @@ def test_schedule_pilots_failed_their_rule_as_the_readme_says(pilot, line, value
     assert line in said and "fails outright" in said
     row = table[(table["check"] == "predictions-moved") & (table["config"] == "last-2")].iloc[0]
     assert round(row["value"], 4) == value and row["band"] == "fails"
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = _docs()
     assert f"{value:.4f}" in readme
 
 
@@ -280,7 +287,7 @@ def test_transfer_pilot_adopted_its_schedule_as_the_readme_says():
     assert round(last2["value"], 4) == 0.9457
     first = regime.floor_rule(dict(study, seeds=[940, 941]), 80.0)[1]
     assert "rule (1) borderline" in first
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = _docs()
     assert "0.9457" in readme and "85.595%" in readme and "**adopted**" in readme
 
 
@@ -326,7 +333,7 @@ def test_transfer_regime_verdicts_are_the_ones_readme_and_notebooks_report():
             "shared-narrows-placement-range": ("inconclusive", "+0.135 [-0.117, +0.387]"),
             "shared-lifts-worst-placement": ("disagrees", "-0.289 [-0.461, -0.116]"),
             "shared-beats-top2-last2": ("inconclusive", "-0.009 [-0.220, +0.202]")}
-    readme = (ROOT / "README.md").read_text().replace("\n", " ").replace(" points [", " [")
+    readme = _docs().replace("\n", " ").replace(" points [", " [")
     notebooks = ((ROOT / "notebooks/01_layer_placement.py").read_text() + (ROOT / "notebooks/02_shared_expert.py").read_text()
                  ).replace("\n# ", " ").replace(" points [", " [")
     for claim, (verdict, interval) in want.items():
@@ -352,7 +359,7 @@ def test_prune_study_premise_fails_and_voids_every_claim_as_readme_says():
     picks = guided_picks(study, study["claims"][0])
     assert list(picks["specialised_blocks"]) == [0, 1, 1, 1, 1]
     assert sum(p == "upcycle-half-regime/last-2" for p in picks["placement"]) == 4
-    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    readme = _docs().replace("\n", " ")
     for claim in ("guided-beats-other-placements", "merge-ft-keeps-accuracy", "least-beats-most"):
         row = table.loc[claim]
         assert f"[{row['low']:+.3f}, {row['high']:+.3f}]" in readme or f"[{row['low']:+.2f}, {row['high']:+.2f}]" in readme, claim
@@ -387,7 +394,7 @@ def test_upcycle_half_experts_verdicts_are_the_ones_readme_and_notebook_04_quote
               "reap-ft-beats-random-ft": ("+1.03 [+0.51, +1.55]", "agrees"),
               "reap-ft-keeps-accuracy": ("-1.18 [-1.41, -0.94]", "disagrees"),
               "merge-ft-keeps-accuracy": ("-1.01 [-1.23, -0.79]", "disagrees")}
-    readme = (ROOT / "README.md").read_text()
+    readme = _docs()
     for claim, (interval, verdict) in quoted.items():
         row = claims.loc[claim]
         assert f"{row['estimate']:+.2f} [{row['low']:+.2f}, {row['high']:+.2f}]" == interval
@@ -424,7 +431,7 @@ def test_seg_transfer_pilot_adopted_with_the_figures_notebook_06_and_readme_quot
     for quote in ("expert spread 0.147-0.332", "0.087-0.170", "1.010-1.998", "39.95 points", "floor of 29.37",
                   "0.775 times", "1.8-2.0%", "3.1-3.8%", "own 1.88%"):
         assert quote in text, quote
-    readme = (ROOT / "README.md").read_text()
+    readme = _docs()
     for quote in ("expert spread 0.147-0.332", "router-choices-moved 0.087-0.170", "predictions-moved 1.010-1.998",
                   "39.955 points (floor 29.37)", "0.775 times base-class", "0.5510", "0.2437"):
         assert quote in readme, quote
@@ -466,7 +473,7 @@ def test_seg_transfer_regime_verdicts_and_checks_as_notebook_06_and_readme_quote
     ranges = regime.placement_ranges(regime.placement_grid(study)).groupby("shared")["range"].mean().round(3)
     assert (ranges[False], ranges[True]) == (0.809, 0.770)
     text = " ".join((ROOT / "notebooks" / "06_segmentation.py").read_text().replace("\n# ", " ").split())
-    readme = " ".join((ROOT / "README.md").read_text().split())  # quotes may wrap across lines
+    readme = " ".join(_docs().split())  # quotes may wrap across lines
     for quote in ("0.148-0.332", "0.068-0.155", "0.987-2.001", "-0.071 points", "[-0.165, +0.022]",
                   "+0.809", "[+0.692, +0.926]", "+0.610 [+0.456, +0.763]", "-0.039 [-0.161, +0.084]",
                   "+0.092 [-0.003, +0.187]", "0.19-0.31 points"):
@@ -492,7 +499,7 @@ def test_seg_transfer_experts_verdicts_are_the_ones_readme_and_notebook_04_quote
               "reap-ft-beats-random-ft": ("-1.54 [-2.41, -0.68]", "disagrees"),
               "reap-ft-keeps-accuracy": ("-3.44 [-4.10, -2.78]", "disagrees"),
               "merge-ft-keeps-accuracy": ("-1.51 [-1.66, -1.37]", "disagrees")}
-    readme = " ".join((ROOT / "README.md").read_text().split())  # as read, across line breaks
+    readme = " ".join(_docs().split())  # as read, across line breaks
     notebook = " ".join((ROOT / "notebooks/04_pruning.py").read_text().replace("\n# ", " ").split())
     for claim, (interval, verdict) in quoted.items():
         row = claims.loc[claim]
@@ -510,7 +517,7 @@ def test_readme_summary_table_quotes_each_verdict_as_its_study_prints_it():
     """The 'What the studies found' table: every interval and verdict it quotes is evaluate_claims' on the records."""
     from workbench.studies import evaluate_claims
 
-    readme = (ROOT / "README.md").read_text()
+    readme = _docs()
     summary = readme[readme.index("## What the studies found"):readme.index("## Using it")]
     quoted = {  # study file -> claim id -> (interval as quoted, to 3 decimals or 2, verdict)
         "regime/upcycle_half.yaml": {"late-moe-helps": ("+0.136 [-0.011, +0.284]", "inconclusive"),
@@ -561,7 +568,7 @@ def test_keep_study_is_void_by_its_single_block_arms_as_readme_and_notebook_04_s
     assert list(claims["verdict"]) == ["void", "void", "void", "inconclusive"]
     picks = guided_picks(study, study["claims"][0])
     assert [p[0] for p in picks["blocks"]] == [2, 3, 3, 3, 3] and list(picks["specialised_blocks"]) == [0, 1, 1, 1, 1]
-    readme = (ROOT / "README.md").read_text()
+    readme = _docs()
     notebook = (ROOT / "notebooks/04_pruning.py").read_text()
     for text in (readme, notebook):
         assert "0.61-0.73" in text and "-0.194 [-0.425, +0.037]" in text
@@ -580,7 +587,7 @@ def test_seg_transfer_routing_verdicts_and_premise_are_the_ones_readme_and_noteb
               "last-block-balanced-class-routing-beats-random": ("-0.029 [-0.050, -0.007]", "disagrees"),
               "class-specialisation-rises-with-depth": ("-0.003 [-0.012, +0.005]", "inconclusive"),
               "routing-follows-position": ("+0.100 [+0.093, +0.107]", "agrees")}
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join(_docs().split())
     notebook = " ".join((ROOT / "notebooks/06_segmentation.py").read_text().replace("\n# ", " ").split())
     for claim, (interval, verdict) in quoted.items():
         row = claims.loc[claim]

@@ -11,6 +11,13 @@ from workbench.data.classification import DatasetNotFound, build_datasets
 from workbench.explorer import DEFAULT_CHECKPOINT, Explorer, example_images
 from workbench.train.metrics import evaluate
 
+
+def _docs() -> str:
+    """What a reader is told about the recorded results: the README and its study pages (docs/studies.md)."""
+    root = Path(__file__).resolve().parents[1]
+    return (root / "README.md").read_text() + "\n" + (root / "docs" / "studies.md").read_text()
+
+
 ROOT = Path(__file__).resolve().parents[1]
 REGIME = ROOT / "experiments" / "checkpoints" / "vimoe_micro4_fmnist"  # upcycle4-regime's last-2-shared, seed 301
 SHIPPED = [DEFAULT_CHECKPOINT, REGIME, ROOT / "experiments" / "checkpoints" / "vimoe_tiny_fmnist",
@@ -113,7 +120,7 @@ def test_regime_checkpoint_is_its_study_record_retrained_and_its_card_is_shipped
     assert card["weights_sha256"] == weights_hash(REGIME) and set(card["layers"]) == {"2", "3"}
     assert card["test"]["draws"] == 100 and card["test"]["images"] == 2000 and not card["test"]["seen_in_training"]
     # the README quotes the card: its numbers must be the card's
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join(_docs().split())
     two, three = card["layers"]["2"], card["layers"]["3"]
     assert (f"block 2 NMI {two['nmi']:.3f} against {two['random_nmi']:.3f} for random routers, Holm p "
             f"{two['p_holm']:.3f}; block 3 p {three['p_holm']:.3f}") in readme
@@ -131,7 +138,7 @@ def test_default_routing_beats_random_routers_in_its_shipped_card():
     assert card["weights_sha256"] == weights_hash(DEFAULT_CHECKPOINT) and config["train_config"]["val_size"] == 10000
     assert card["test"]["draws"] == 100 and card["test"]["images"] == 2000 and not card["test"]["seen_in_training"]
     assert {b: v["specialised"] for b, v in card["layers"].items()} == {"2": True, "3": True}
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join(_docs().split())
     two, three = card["layers"]["2"], card["layers"]["3"]
     assert (f"block 2 NMI {two['nmi']:.3f} against {two['random_nmi']:.3f}, block 3 {three['nmi']:.3f} against "
             f"{three['random_nmi']:.3f}, Holm p {two['p_holm']:.3f} each") in readme
