@@ -28,7 +28,7 @@ from timm.layers import Mlp
 from ..moe import MoEMlp, set_cpu_matmul
 
 from .timing import (PEER_DISTRIBUTIONS, PEERS_INSTALL, PROGRESS_FORMAT, _fresh_grads, _memory, _plural, _step,
-                     _versions, default_threads, load_note, machine, time_interleaved)
+                     _versions, backward_with_aux, default_threads, load_note, machine, time_interleaved)
 
 
 # ViT-scale layer shapes for ``bench moe --preset`` (the GPU check): a batch of 256 images of 197 tokens (224x224,
@@ -208,10 +208,7 @@ def _backward(out, grad: torch.Tensor) -> torch.Tensor:
     as the scalar a training loss adds (its gradient is part of the layer's cost), as :func:`.timing._step` does
     for this project's layers.  Returns the output tensor."""
     y, aux = (out, None) if isinstance(out, torch.Tensor) else (out[0], out[1])
-    if isinstance(aux, torch.Tensor) and aux.requires_grad:
-        torch.autograd.backward([y, aux], [grad, torch.ones_like(aux)])
-    else:
-        y.backward(grad)
+    backward_with_aux(y, aux, grad)
     return y
 
 

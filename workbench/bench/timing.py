@@ -62,13 +62,17 @@ def _step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor, dtype) -> torc
     _fresh_grads(module, x)
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         y = module(x)
-    outputs, grads = [y], [grad.to(y.dtype)]
-    aux = module.aux_loss if isinstance(module, MoEMlp) else None
-    if aux is not None and aux.requires_grad:
-        outputs.append(aux)
-        grads.append(torch.ones_like(aux))
-    torch.autograd.backward(outputs, grads)
+    backward_with_aux(y, module.aux_loss if isinstance(module, MoEMlp) else None, grad.to(y.dtype))
     return y
+
+
+def backward_with_aux(y: torch.Tensor, aux, grad: torch.Tensor) -> None:
+    """Backward from ``y`` with ``grad`` and, where ``aux`` is a loss with a graph, from ``aux`` as the scalar a
+    training loss adds to the task loss."""
+    if isinstance(aux, torch.Tensor) and aux.requires_grad:
+        torch.autograd.backward([y, aux], [grad, torch.ones_like(aux)])
+    else:
+        y.backward(grad)
 
 
 def _memory(module, x, grad, dtype, device) -> int:
